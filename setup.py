@@ -1,0 +1,61 @@
+"""Build the Cython extensions in _fast/ into the eembridge package.
+
+A missing compiler, Cython or libusb header is reported in one line naming the
+package to install, instead of a page of compiler output.
+"""
+
+import os
+import shutil
+import sys
+
+from setuptools import Extension, setup
+
+
+def _fail(message: str) -> None:
+    sys.stderr.write(f"eembridge build error: {message}\n")
+    raise SystemExit(1)
+
+
+try:
+    from Cython.Build import cythonize
+except ImportError:
+    _fail("Cython is not installed: pip install cython")
+
+try:
+    import numpy
+except ImportError:
+    _fail("numpy is not installed: pip install numpy")
+
+if not any(shutil.which(cc) for cc in (os.environ.get("CC", "cc"), "cc", "gcc", "clang")):
+    _fail("no C compiler found: apt-get install build-essential")
+
+LIBUSB_INCLUDE = "/usr/include/libusb-1.0"
+
+extensions = [
+    Extension("eembridge._ring", ["_fast/ring.pyx"]),
+    Extension("eembridge._eem", ["_fast/eem.pyx"], libraries=["z"]),
+]
+if os.path.exists(os.path.join("_fast", "usb.pyx")):
+    if not os.path.exists(os.path.join(LIBUSB_INCLUDE, "libusb.h")):
+        _fail(f"libusb.h not found in {LIBUSB_INCLUDE}: apt-get install libusb-1.0-0-dev")
+    extensions.append(
+        Extension(
+            "eembridge._usb",
+            ["_fast/usb.pyx"],
+            include_dirs=[LIBUSB_INCLUDE],
+            libraries=["usb-1.0"],
+        )
+    )
+
+for ext in extensions:
+    ext.include_dirs.append(numpy.get_include())
+    ext.extra_compile_args.extend(["-O3", "-Wno-unreachable-code"])
+    ext.define_macros.append(("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"))
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        language_level=3,
+        compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True},
+    )
+)
