@@ -37,6 +37,10 @@ extensions = [
 ]
 # Built only when their sources exist, so a partial checkout still builds.
 extensions = [ext for ext in extensions if os.path.exists(ext.sources[0])]
+# EEMBRIDGE_BUILD_ONLY=_ring,_eem builds a subset (handy while another is being edited).
+_only = os.environ.get("EEMBRIDGE_BUILD_ONLY")
+if _only:
+    extensions = [ext for ext in extensions if ext.name.split(".")[-1] in _only.split(",")]
 if os.path.exists(os.path.join("_fast", "usb.pyx")):
     if not os.path.exists(os.path.join(LIBUSB_INCLUDE, "libusb.h")):
         _fail(f"libusb.h not found in {LIBUSB_INCLUDE}: apt-get install libusb-1.0-0-dev")
