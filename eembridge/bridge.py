@@ -1,0 +1,576 @@
+"""The bridge: a claimed EEM device on one side, a TAP interface on the other.
+
+Theory of operation
+-------------------
+One thread runs one poll loop over three sources: the transport's completion fd, the
+TAP fd and a wake-up fd (stop requests, echo requests, stats). Everything that touches
+frames happens in the data path objects (eembridge.datapath or its Cython twin); this
+module only schedules transfers and decides what to do with their outcome.
+
+  device --bulk IN--> transport --completion--> RxPath (deframe, write to TAP)
+  TAP --readable--> TxPath (read, frame, batch) --OUT transfer--> transport --> device
+
+Invariants
+* `in_flight` IN transfers are always queued while the device is connected; each
+  completion is processed in submission order and its slot resubmitted.
+* The TAP is read only while TxPath has room for another batch. When OUT is slow or
+  stalled nothing more is read, the kernel's queue absorbs the burst and TCP slows down:
+  that is the backpressure. No frame is counted as sent before its OUT transfer
+  completed in full; every frame that is not sent is counted under a reason.
+* Commands are answered here: an Echo gets an Echo Response carrying the same data,
+  sent ahead of queued data. An Echo Response we did not ask for is counted and logged,
+  never acted on.
+* When the device goes (NO_DEVICE), carrier goes off, the TAP and its addresses stay,
+  and `connect()` is retried until the device is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import select
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import CODEC, Deframer, Framer
+from .events import Echo, EchoResponse, Event
+from .protocol import DEFAULT_MAX_LENGTH, DEFAULT_MAX_TRANSFER, MAX_ECHO_DATA
+from .transport import Completion, Direction, Status, Transport, TransportGone
+
+log = logging.getLogger("eembridge.bridge")
+
+BRIDGE_COUNTERS = (
+    "connects",  # device claimed (first time and after every replug)
+    "unplugs",  # device lost (NO_DEVICE)
+    "in_errors",  # IN transfers that ended in an error status
+    "in_stalls",  # IN endpoint stalls cleared
+    "out_stalls",  # OUT endpoint stalls cleared
+    "out_retries",  # OUT transfers resubmitted after a stall or timeout
+    "out_errors",  # OUT transfers that failed for good
+    "tx_transfers",  # OUT transfers completed in full
+    "tx_frames",  # frames in those transfers: really sent
+    "tx_bytes",  # bytes in those transfers
+    "tx_dropped",  # frames not sent, all reasons (see drop_reasons)
+    "backpressure",  # times the TAP stopped being read because OUT was full
+    "echo_answered",  # Echo Responses sent for the device's Echo
+    "echo_sent",  # our own Echo requests
+    "echo_matched",  # Echo Responses that answered one of ours
+    "unsolicited_echo_responses",  # Echo Responses nobody asked for: a symptom
+    "echo_timeouts",  # our Echo requests that got no answer in time
+)
+
+
+@dataclass
+class BridgeOptions:
+    """Everything a bridge can be told; the CLI and the config file fill this in."""
+
+    tap: str = "usb0"
+    addresses: list[str] = field(default_factory=list)  # e.g. ["169.254.7.2/24"]
+    peer: str | None = None  # peer IP for a static neighbour entry
+    peer_mac: str | None = None
+    mtu: int = 1500
+    mac: str | None = None
+    tx_crc: bool = True
+    max_transfer: int = DEFAULT_MAX_TRANSFER
+    in_transfer_size: int = 16384  # a multiple of every max packet size
+    in_flight: int = 8
+    out_in_flight: int = 4
+    keepalive: float | None = None  # seconds between our own Echo requests
+    persist: bool = False  # keep the TAP when the bridge exits
+    stats_socket: str | None = None  # path of the UNIX stats socket; None: no socket
+    reconnect_interval: float = 0.25
+
+    @property
+    def max_length(self) -> int:
+        """Longest bmLength accepted and sent: VLAN-tagged frame of this MTU plus check."""
+        return max(DEFAULT_MAX_LENGTH, self.mtu + 14 + 4 + 4)
+
+
+class Bridge:
+    """Bridge one EEM device to one TAP interface. Use as a context manager:
+
+        with Bridge(connect, BridgeOptions(tap="usb0", addresses=["169.254.7.2/24"])) as b:
+            ...
+            print(b.stats())
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], Transport],
+        options: BridgeOptions | None = None,
+        tap: Any = None,
+    ) -> None:
+        self.options = options or BridgeOptions()
+        self._connect = connect
+        self._tap = tap
+        self._own_tap = tap is None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._requests: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._counters = dict.fromkeys(BRIDGE_COUNTERS, 0)
+        self.drop_reasons: dict[str, int] = {}
+        self.in_errors: dict[str, int] = {}
+        self.connected = threading.Event()
+        self.error: BaseException | None = None
+        self.echo_rtt_last: float | None = None
+        # Our Echo requests by their data: (sent at, give up at, the caller's future).
+        self._echo_waiting: dict[bytes, tuple[float, float, Future[float]]] = {}
+        self._echo_seq = 0
+        self._transport: Transport | None = None
+        self._next_keepalive = 0.0
+        opts = self.options
+        self.deframer = Deframer(max_length=opts.max_length)
+        self.framer: Any = None  # made when the device's max packet is known
+        self.rx: Any = None
+        self.tx: Any = None
+        self.device_info = None
+        self._stats_server: Any = None
+
+    # -- life cycle ----------------------------------------------------------------
+
+    def __enter__(self) -> Bridge:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        if self._tap is None:
+            from .tap import Tap
+
+            self._tap = Tap(self.options.tap, mtu=self.options.mtu, mac=self.options.mac,
+                            persist=self.options.persist)
+        self._configure_link()
+        if self.options.stats_socket:
+            from .stats import StatsServer
+
+            self._stats_server = StatsServer(self.options.stats_socket, self.stats)
+        self._thread = threading.Thread(target=self._run_guarded, name=f"eembridge-{self.options.tap}",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("bridge thread did not stop within %.0f s", timeout)
+            self._thread = None
+        if self._stats_server is not None:
+            self._stats_server.close()
+            self._stats_server = None
+        if self._tap is not None and self._own_tap:
+            self._tap.close()
+            self._tap = None
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._wake_r = self._wake_w = -1
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the bridge stopped (or timeout); True if it stopped."""
+        thread = self._thread
+        if thread is None:
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
+
+    @property
+    def tap(self) -> Any:
+        return self._tap
+
+    # -- requests from other threads --------------------------------------------
+
+    def echo(self, data: bytes | None = None, timeout: float = 2.0) -> float:
+        """Send an EEM Echo to the device and return the round-trip time in seconds.
+
+        Raises TimeoutError if no matching Echo Response came back in time.
+        """
+        future: Future[float] = Future()
+        self._requests.put(lambda: self._send_echo(data, future, timeout))
+        self._wake()
+        return future.result(timeout + 1.0)
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of every counter, safe to call from any thread."""
+        future: Future[dict[str, Any]] = Future()
+        if self._thread is None or not self._thread.is_alive():
+            return self._snapshot()
+        self._requests.put(lambda: future.set_result(self._snapshot()))
+        self._wake()
+        try:
+            return future.result(2.0)
+        except TimeoutError:
+            return self._snapshot()
+
+    def _snapshot(self) -> dict[str, Any]:
+        snapshot: dict[str, Any] = {
+            "tap": self.options.tap,
+            "codec": CODEC,
+            "connected": self._transport is not None,
+            "device": asdict(self.device_info) if self.device_info else None,
+            "bridge": dict(self._counters),
+            "drop_reasons": dict(self.drop_reasons),
+            "in_errors": dict(self.in_errors),
+            "echo_rtt_last": self.echo_rtt_last,
+            "rx": self.deframer.counters(),
+            "tx": self.framer.counters() if self.framer else {},
+            "rx_path": self.rx.counters() if self.rx else {},
+            "tx_path": self.tx.counters() if self.tx else {},
+            "tx_bytes_in_flight": self.tx.bytes_in_flight if self.tx else 0,
+        }
+        if self._tap is not None and hasattr(self._tap, "kernel_counters"):
+            try:
+                snapshot["link"] = self._tap.kernel_counters()
+            except OSError as exc:
+                snapshot["link"] = {"error": str(exc)}
+        return snapshot
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass  # already awake, or shutting down
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def _run_guarded(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # the owner sees it through .error and the log
+            self.error = exc
+            log.exception("bridge stopped by an error: %s", exc)
+        finally:
+            self._disconnect(reason="stopped", close_quietly=True)
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        if self._stats_server is not None:
+            poller.register(self._stats_server.fileno(), select.POLLIN)
+        tap_fd = self._tap.fileno()
+        next_connect = 0.0
+        reading_tap = False
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if self._transport is None and now >= next_connect:
+                if self._try_connect(poller):
+                    reading_tap = False
+                else:
+                    next_connect = now + self.options.reconnect_interval
+            # Backpressure: poll the TAP only while there is room to send what we read.
+            want_tap = self._transport is not None and self.tx is not None and self.tx.has_room
+            if want_tap != reading_tap:
+                if want_tap:
+                    poller.register(tap_fd, select.POLLIN)
+                else:
+                    poller.unregister(tap_fd)
+                    if self._transport is not None:
+                        self._counters["backpressure"] += 1
+                reading_tap = want_tap
+            timeout = self._timeout_ms(now, next_connect)
+            for fd, _mask in poller.poll(timeout):
+                if fd == self._wake_r:
+                    self._drain_wake()
+                elif fd == tap_fd:
+                    self._send_from_tap()
+                elif self._stats_server is not None and fd == self._stats_server.fileno():
+                    self._stats_server.serve_one()
+                elif self._transport is not None and fd == self._transport.fileno():
+                    self._reap()
+            self._timers(time.monotonic())
+        if reading_tap:
+            poller.unregister(tap_fd)
+
+    def _timeout_ms(self, now: float, next_connect: float) -> int:
+        deadlines = [now + 1.0]
+        if self._transport is None:
+            deadlines.append(next_connect)
+        elif self.options.keepalive:
+            deadlines.append(self._next_keepalive)
+        for _sent, deadline, _future in self._echo_waiting.values():
+            deadlines.append(deadline)
+        return max(0, int((min(deadlines) - now) * 1000) + 1)
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                request = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            request()
+
+    def _timers(self, now: float) -> None:
+        for data, (_sent, deadline, future) in list(self._echo_waiting.items()):
+            if now >= deadline:
+                del self._echo_waiting[data]
+                self._counters["echo_timeouts"] += 1
+                if not future.done():
+                    future.set_exception(TimeoutError("no Echo Response from the device"))
+        if self._transport is not None and self.options.keepalive and now >= self._next_keepalive:
+            self._next_keepalive = now + self.options.keepalive
+            self._send_echo(None, Future(), timeout=max(1.0, self.options.keepalive))
+
+    # -- connection ----------------------------------------------------------------------
+
+    def _try_connect(self, poller: select.poll) -> bool:
+        from . import datapath_impl
+
+        try:
+            transport = self._connect()
+        except TransportGone:
+            return False
+        opts = self.options
+        info = transport.info
+        if opts.in_transfer_size % info.max_packet:
+            transport.close()
+            raise ValueError(
+                f"IN transfer size {opts.in_transfer_size} is not a multiple of the "
+                f"device's max packet size {info.max_packet}"
+            )
+        self.device_info = info
+        if self.framer is None or self.framer.max_packet != info.max_packet:
+            self.framer = Framer(crc=opts.tx_crc, max_transfer=opts.max_transfer,
+                                 max_packet=info.max_packet, max_length=opts.max_length)
+        tap_fd = self._tap.fileno()
+        if self.rx is None:
+            self.rx = datapath_impl.RxPath(self.deframer, tap_fd, opts.in_flight + 1,
+                                           opts.in_transfer_size)
+        self.rx.reset()
+        self.tx = datapath_impl.TxPath(self.framer, tap_fd,
+                                       opts.out_in_flight * opts.max_transfer)
+        self._in_submitted = 0
+        self._in_completed = 0
+        self._out: deque[Any] = deque()
+        self._transport = transport
+        poller.register(transport.fileno(), select.POLLIN)
+        self._poller = poller
+        try:
+            for _ in range(opts.in_flight):
+                self._submit_in()
+        except TransportGone:
+            self._disconnect(reason="gone while starting")
+            return False
+        self._counters["connects"] += 1
+        self._next_keepalive = time.monotonic() + (opts.keepalive or 0)
+        self._set_carrier(True)
+        self.connected.set()
+        log.info("connected: %s (max packet %d, %s speed)", info.description, info.max_packet,
+                 info.speed)
+        return True
+
+    def _disconnect(self, reason: str, close_quietly: bool = False) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        self._transport = None
+        self.connected.clear()
+        try:
+            self._poller.unregister(transport.fileno())
+        except (KeyError, ValueError, OSError):
+            pass
+        self._set_carrier(False)
+        try:
+            transport.close()
+        except Exception as exc:  # closing a vanished device may fail; say so, go on
+            log.warning("closing the transport failed: %s", exc)
+        dropped = sum(t.frames for t in self._out if not t.done)
+        self._drop("stopped" if close_quietly else "no_device", dropped)
+        self._out.clear()
+        if self.tx is not None:
+            self.tx.bytes_in_flight = 0
+        if not close_quietly:
+            log.warning("device disconnected (%s); waiting for it to return", reason)
+
+    def _set_carrier(self, on: bool) -> None:
+        if self._tap is not None and hasattr(self._tap, "set_carrier"):
+            try:
+                self._tap.set_carrier(on)
+            except OSError as exc:
+                log.warning("could not set carrier %s: %s", "on" if on else "off", exc)
+
+    def _configure_link(self) -> None:
+        tap, opts = self._tap, self.options
+        if not hasattr(tap, "add_address"):
+            return  # a bare fd-like object handed in by an embedding program
+        tap.set_carrier(False)
+        for address in opts.addresses:
+            tap.add_address(address)
+        tap.up()
+        if opts.peer and opts.peer_mac:
+            tap.add_neighbour(opts.peer, opts.peer_mac)
+
+    # -- transfers -------------------------------------------------------------------------
+
+    def _submit_in(self) -> None:
+        assert self._transport is not None
+        sequence = self._in_submitted
+        self._transport.submit_in(self.rx.slot_buffer(sequence), sequence)
+        self._in_submitted += 1
+
+    def _reap(self) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        for completion in transport.completions():
+            if self._transport is None:
+                return
+            if completion.status is Status.NO_DEVICE:
+                self._counters["unplugs"] += 1
+                self._disconnect(reason="unplugged")
+                return
+            if completion.direction is Direction.IN:
+                self._in_done(completion)
+            else:
+                self._out_done(completion)
+
+    def _in_done(self, completion: Completion) -> None:
+        status = completion.status
+        actual = completion.actual
+        if status is not Status.COMPLETED:
+            if status is Status.CANCELLED:
+                return
+            self._counters["in_errors"] += 1
+            self.in_errors[status.value] = self.in_errors.get(status.value, 0) + 1
+            if status is Status.STALL:
+                self._counters["in_stalls"] += 1
+                self._clear_halt(Direction.IN)
+            if status is not Status.TIMED_OUT:
+                actual = 0  # an error's data, if any, is not to be trusted
+        # Every non-normal end of a transfer also ends the EEM stream (short=True).
+        commands = self.rx.complete(completion.tag, actual, completion.short)
+        self._in_completed += 1
+        if commands:
+            self._commands(commands)
+        try:
+            self._submit_in()
+        except TransportGone:
+            self._counters["unplugs"] += 1
+            self._disconnect(reason="unplugged")
+
+    def _commands(self, commands: list[Event]) -> None:
+        for command in commands:
+            if isinstance(command, Echo):
+                self._submit_out_bytes(self.framer.echo_response(command.data))
+                self._counters["echo_answered"] += 1
+            elif isinstance(command, EchoResponse):
+                waiting = self._echo_waiting.pop(bytes(command.data), None)
+                if waiting is None:
+                    self._counters["unsolicited_echo_responses"] += 1
+                    log.warning("Echo Response nobody asked for (%d bytes): device or link fault",
+                                len(command.data))
+                else:
+                    sent, _deadline, future = waiting
+                    rtt = time.monotonic() - sent
+                    self.echo_rtt_last = rtt
+                    self._counters["echo_matched"] += 1
+                    if not future.done():
+                        future.set_result(rtt)
+            # Hints are advisory; the deframer already counted them.
+
+    def _send_echo(self, data: bytes | None, future: Future[float], timeout: float) -> None:
+        if self._transport is None or self.framer is None:
+            future.set_exception(ConnectionError("no device connected"))
+            return
+        if data is None:
+            self._echo_seq += 1
+            data = b"eembridge" + struct.pack("<Qd", self._echo_seq, time.time())
+        if len(data) > MAX_ECHO_DATA:
+            future.set_exception(ValueError(f"echo data longer than {MAX_ECHO_DATA} bytes"))
+            return
+        now = time.monotonic()
+        self._echo_waiting[bytes(data)] = (now, now + timeout, future)
+        self._counters["echo_sent"] += 1
+        self._submit_out_bytes(self.framer.echo(data))
+
+    def _submit_out_bytes(self, transfer: bytes) -> None:
+        """A command transfer: sent ahead of TAP data that is not submitted yet."""
+        from .datapath import OutTransfer
+
+        self._submit_out(OutTransfer(memoryview(transfer), frames=0), owned=False)
+
+    def _send_from_tap(self) -> None:
+        if self._transport is None:
+            return
+        for transfer in self.tx.fill():
+            self._submit_out(transfer, owned=True)
+            if self._transport is None:
+                return
+
+    def _submit_out(self, transfer: Any, owned: bool) -> None:
+        transfer.owned = owned
+        self._out.append(transfer)
+        try:
+            assert self._transport is not None
+            self._transport.submit_out(transfer.buffer, id(transfer))
+        except TransportGone:
+            self._counters["unplugs"] += 1
+            self._disconnect(reason="unplugged")
+
+    def _out_done(self, completion: Completion) -> None:
+        transfer = next((t for t in self._out if id(t) == completion.tag and not t.done), None)
+        if transfer is None:
+            log.error("OUT completion for an unknown transfer (tag %x)", completion.tag)
+            return
+        status = completion.status
+        if status is Status.COMPLETED and completion.actual == completion.requested:
+            self._counters["tx_transfers"] += 1
+            self._counters["tx_frames"] += transfer.frames
+            self._counters["tx_bytes"] += completion.actual
+            transfer.done = True
+        elif status in (Status.STALL, Status.TIMED_OUT) and transfer.retries < 3:
+            transfer.retries += 1
+            self._counters["out_retries"] += 1
+            if status is Status.STALL:
+                self._counters["out_stalls"] += 1
+                self._clear_halt(Direction.OUT)
+            # What the device took is not sent again: resend only the rest.
+            transfer.buffer = transfer.buffer[completion.actual :]
+            assert self._transport is not None
+            try:
+                self._transport.submit_out(transfer.buffer, id(transfer))
+            except TransportGone:
+                self._counters["unplugs"] += 1
+                self._disconnect(reason="unplugged")
+            return
+        else:
+            self._counters["out_errors"] += 1
+            self._drop(status.value if status is not Status.COMPLETED else "short_write",
+                       transfer.frames)
+            transfer.done = True
+        # Release in order: the TX ring is reused strictly first in, first out.
+        while self._out and self._out[0].done:
+            done = self._out.popleft()
+            if done.owned:
+                self.tx.release(done)
+
+    def _drop(self, reason: str, frames: int) -> None:
+        if frames:
+            self._counters["tx_dropped"] += frames
+            self.drop_reasons[reason] = self.drop_reasons.get(reason, 0) + frames
+
+    def _clear_halt(self, direction: Direction) -> None:
+        assert self._transport is not None
+        try:
+            self._transport.clear_halt(direction)
+        except TransportGone:
+            raise
+        except Exception as exc:
+            log.warning("clearing the %s stall failed: %s", direction.value, exc)

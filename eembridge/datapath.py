@@ -1,0 +1,149 @@
+"""Pure-Python data path: the readable reference and fallback of _fast/datapath.pyx.
+
+The bridge moves bytes through two objects and never touches frames itself:
+
+* RxPath owns the memory bulk IN transfers land in (one slot per transfer in
+  flight), deframes each completed transfer and writes its frames to the TAP.
+* TxPath reads frames from the TAP, frames and batches them into OUT transfers in
+  memory it owns, and releases that memory once the transfer completed.
+
+This version copies (bytearrays, os.read) for clarity; the Cython one works in place
+on mirrored ring buffers. Both count the same things under the same names.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+
+from .events import Event, Frame
+from .protocol import CHECK_SIZE, DATA_LENGTH_MASK, HEADER_SIZE, TYPE_COMMAND
+
+RX_COUNTERS = ("tap_frames_written", "tap_bytes_written", "tap_write_errors")
+TX_COUNTERS = (
+    "tap_frames_read",
+    "tap_read_errors",
+    "tx_oversize",  # frames longer than the EEM maximum: dropped
+    "tx_runts",  # frames shorter than an Ethernet header: dropped
+)
+
+
+@dataclass(slots=True)
+class OutTransfer:
+    """One bulk OUT transfer built from TAP frames, held until it completed."""
+
+    buffer: memoryview
+    frames: int
+    retries: int = 0
+    done: bool = False
+
+
+class RxPath:
+    def __init__(self, deframer, tap_fd: int, slots: int, slot_size: int) -> None:
+        self.deframer = deframer
+        self.tap_fd = tap_fd
+        self.slot_size = slot_size
+        self._slots = [bytearray(slot_size) for _ in range(slots)]
+        self._counters = dict.fromkeys(RX_COUNTERS, 0)
+        self.write_errors: dict[str, int] = {}
+
+    def counters(self) -> dict[str, int]:
+        return dict(self._counters)
+
+    def slot_buffer(self, sequence: int) -> memoryview:
+        """Where IN transfer number `sequence` lands."""
+        return memoryview(self._slots[sequence % len(self._slots)])
+
+    def complete(self, sequence: int, actual: int, short: bool) -> list[Event]:
+        """Deframe one completed transfer, write its frames; return the commands in it."""
+        events = self.deframer.feed(self.slot_buffer(sequence)[:actual], short)
+        commands: list[Event] = []
+        c = self._counters
+        for event in events:
+            if isinstance(event, Frame):
+                try:
+                    os.write(self.tap_fd, event.data)
+                except OSError as exc:
+                    # The kernel refused it (queue full, interface down): count, go on.
+                    c["tap_write_errors"] += 1
+                    name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+                    self.write_errors[name] = self.write_errors.get(name, 0) + 1
+                else:
+                    c["tap_frames_written"] += 1
+                    c["tap_bytes_written"] += len(event.data)
+            else:
+                commands.append(event)
+        return commands
+
+    def reset(self) -> None:
+        self.deframer.reset()
+
+
+def count_packets(transfer: bytes | memoryview) -> int:
+    """Data packets in a transfer the framer built (commands and ZLPs are not frames)."""
+    pos, frames = 0, 0
+    while pos + HEADER_SIZE <= len(transfer):
+        header = transfer[pos] | (transfer[pos + 1] << 8)
+        if header == 0:
+            pos += HEADER_SIZE
+        elif header & TYPE_COMMAND:
+            break
+        else:
+            frames += 1
+            pos += HEADER_SIZE + (header & DATA_LENGTH_MASK)
+    return frames
+
+
+class TxPath:
+    def __init__(self, framer, tap_fd: int, max_bytes_in_flight: int) -> None:
+        self.framer = framer
+        self.tap_fd = tap_fd
+        self.max_bytes_in_flight = max_bytes_in_flight
+        self.bytes_in_flight = 0
+        # One byte more than the longest frame we may send, to see oversize frames.
+        self.read_size = framer.max_length - CHECK_SIZE + 1
+        self._counters = dict.fromkeys(TX_COUNTERS, 0)
+        self.read_errors: dict[str, int] = {}
+
+    def counters(self) -> dict[str, int]:
+        return dict(self._counters)
+
+    @property
+    def has_room(self) -> bool:
+        """Whether another full batch fits: when not, the TAP is not read (backpressure)."""
+        return self.bytes_in_flight + self.framer.max_transfer <= self.max_bytes_in_flight
+
+    def fill(self) -> list[OutTransfer]:
+        """Read what the TAP has, up to the room left, and batch it into transfers."""
+        c = self._counters
+        frames: list[bytes] = []
+        room = self.max_bytes_in_flight - self.bytes_in_flight
+        pending = 0
+        while pending + self.framer.max_length + 2 * HEADER_SIZE <= room:
+            try:
+                frame = os.read(self.tap_fd, self.read_size)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                c["tap_read_errors"] += 1
+                name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+                self.read_errors[name] = self.read_errors.get(name, 0) + 1
+                break
+            c["tap_frames_read"] += 1
+            frames.append(frame)
+            pending += len(frame) + HEADER_SIZE + CHECK_SIZE
+        before = self.framer.counters()
+        transfers = [
+            OutTransfer(memoryview(t), count_packets(t)) for t in self.framer.pack(frames)
+        ]
+        after = self.framer.counters()
+        c["tx_oversize"] += after["oversize"] - before["oversize"]
+        c["tx_runts"] += after["runts"] - before["runts"]
+        for transfer in transfers:
+            self.bytes_in_flight += len(transfer.buffer)
+        return transfers
+
+    def release(self, transfer: OutTransfer) -> None:
+        """The transfer completed (sent or dropped): its memory may be reused."""
+        self.bytes_in_flight -= len(transfer.buffer)
