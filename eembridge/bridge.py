@@ -231,9 +231,9 @@ class Bridge:
             "tx_path": self.tx.counters() if self.tx else {},
             "tx_bytes_in_flight": self.tx.bytes_in_flight if self.tx else 0,
         }
-        if self._tap is not None and hasattr(self._tap, "kernel_counters"):
+        if self._tap is not None and hasattr(self._tap, "kernel_stats"):
             try:
-                snapshot["link"] = self._tap.kernel_counters()
+                snapshot["link"] = self._tap.kernel_stats().as_dict()
             except OSError as exc:
                 snapshot["link"] = {"error": str(exc)}
         return snapshot

@@ -253,3 +253,17 @@ def temporary_netns(prefix: str = "eemb-") -> Iterator[str]:
         yield name
     finally:
         delete_netns(name)
+
+
+def free_linklocal_subnet() -> ipaddress.IPv4Network:
+    """A 169.254.X.0/24 no interface in the root namespace uses (several bridges or tests may run at once)."""
+    used = set()
+    with iproute() as ipr:
+        for msg in ipr.addr("dump", family=socket.AF_INET):
+            used.add(ipaddress.ip_interface(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}").network)
+    for _ in range(100):
+        third = int.from_bytes(os.urandom(1), "big") % 254 + 1
+        net = ipaddress.IPv4Network(f"169.254.{third}.0/24")
+        if not any(net.overlaps(other) for other in used):
+            return net
+    raise RuntimeError("no free 169.254.X.0/24 subnet in the root namespace")

@@ -26,3 +26,6 @@ def load_codec(name: str):
 @pytest.fixture(params=IMPLEMENTATIONS)
 def codec(request):
     return load_codec(request.param)
+
+
+from netfixtures import netns, tap_pair_factory  # noqa: E402, F401  (shared network fixtures)

@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from eembridge import netns as nsmod
+from eembridge.netns import free_linklocal_subnet  # noqa: F401  (re-exported for tests)
 from eembridge.tap import Tap
 
 TAP_PREFIX = "eemt"  # test TAPs: eemt + 8 hex digits, well under IFNAMSIZ
@@ -139,20 +140,6 @@ class FrameCopier:
 
 
 # --- TAP pairs ----------------------------------------------------------------------------
-
-def free_linklocal_subnet() -> ipaddress.IPv4Network:
-    """A 169.254.X.0/24 no interface in the root namespace uses (tests may run at once)."""
-    used = set()
-    with nsmod.iproute() as ipr:
-        for msg in ipr.addr("dump", family=socket.AF_INET):
-            used.add(ipaddress.ip_interface(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}").network)
-    for _ in range(100):
-        third = int.from_bytes(os.urandom(1), "big") % 254 + 1
-        net = ipaddress.IPv4Network(f"169.254.{third}.0/24")
-        if not any(net.overlaps(other) for other in used):
-            return net
-    raise AssertionError("no free 169.254.X.0/24 subnet in the root namespace")
-
 
 @dataclass
 class TapPair:

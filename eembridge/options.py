@@ -1,0 +1,48 @@
+"""From command-line arguments to a bridge: options, the device to connect to."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from .bridge import BridgeOptions
+from .errors import UserError
+from .stats import socket_path
+from .transport import Transport
+
+
+def bridge_options(args: argparse.Namespace) -> BridgeOptions:
+    if not 576 <= args.mtu <= 9000:
+        raise UserError(f"--mtu {args.mtu} out of range (576..9000)")
+    if args.in_flight < 1:
+        raise UserError("--in-flight must be at least 1")
+    options = BridgeOptions(
+        tap=args.tap,
+        addresses=list(args.ip),
+        peer=args.peer,
+        peer_mac=args.peer_mac,
+        mtu=args.mtu,
+        mac=args.mac,
+        tx_crc=args.tx_crc,
+        max_transfer=args.max_transfer,
+        in_flight=args.in_flight,
+        keepalive=args.keepalive,
+        persist=args.persist,
+        stats_socket=args.stats_socket or socket_path(args.tap),
+    )
+    if options.max_transfer < options.max_length + 4:
+        raise UserError(
+            f"--max-transfer {options.max_transfer} cannot hold one full frame of MTU "
+            f"{options.mtu} (needs at least {options.max_length + 4})"
+        )
+    return options
+
+
+def usb_connector(args: argparse.Namespace) -> Callable[[], Transport]:
+    try:
+        from .usb import connector
+    except ImportError:
+        raise UserError(
+            "the libusb transport is not built in this version; use --sim for the simulated device"
+        ) from None
+    return connector(args)
