@@ -42,7 +42,7 @@ from typing import Any
 from . import CODEC, Deframer, Framer
 from .events import Echo, EchoResponse, Event
 from .protocol import DEFAULT_MAX_LENGTH, DEFAULT_MAX_TRANSFER, MAX_ECHO_DATA
-from .transport import Completion, Direction, Status, Transport, TransportGone
+from .transport import Completion, DeviceInfo, Direction, Status, Transport, TransportGone
 
 log = logging.getLogger("eembridge.bridge")
 
@@ -131,8 +131,8 @@ class Bridge:
         self.framer: Any = None  # made when the device's max packet is known
         self.rx: Any = None
         self.tx: Any = None
-        self.device_info = None
-        self._stats_server: Any = None
+        self.device_info: DeviceInfo | None = None
+        self._control: Any = None
 
     # -- life cycle ----------------------------------------------------------------
 
@@ -151,9 +151,9 @@ class Bridge:
                             persist=self.options.persist)
         self._configure_link()
         if self.options.stats_socket:
-            from .stats import StatsServer
+            from .stats import ControlServer
 
-            self._stats_server = StatsServer(self.options.stats_socket, self.stats)
+            self._control = ControlServer(self.options.stats_socket, self)
         self._thread = threading.Thread(target=self._run_guarded, name=f"eembridge-{self.options.tap}",
                                         daemon=True)
         self._thread.start()
@@ -166,9 +166,9 @@ class Bridge:
             if self._thread.is_alive():
                 log.error("bridge thread did not stop within %.0f s", timeout)
             self._thread = None
-        if self._stats_server is not None:
-            self._stats_server.close()
-            self._stats_server = None
+        if self._control is not None:
+            self._control.close()
+            self._control = None
         if self._tap is not None and self._own_tap:
             self._tap.close()
             self._tap = None
@@ -258,8 +258,6 @@ class Bridge:
     def _run(self) -> None:
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
-        if self._stats_server is not None:
-            poller.register(self._stats_server.fileno(), select.POLLIN)
         tap_fd = self._tap.fileno()
         next_connect = 0.0
         reading_tap = False
@@ -286,8 +284,6 @@ class Bridge:
                     self._drain_wake()
                 elif fd == tap_fd:
                     self._send_from_tap()
-                elif self._stats_server is not None and fd == self._stats_server.fileno():
-                    self._stats_server.serve_one()
                 elif self._transport is not None and fd == self._transport.fileno():
                     self._reap()
             self._timers(time.monotonic())
