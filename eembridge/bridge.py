@@ -500,18 +500,17 @@ class Bridge:
         """A command transfer: sent ahead of TAP data that is not submitted yet."""
         from .datapath import OutTransfer
 
-        self._submit_out(OutTransfer(memoryview(transfer), frames=0), owned=False)
+        self._submit_out(OutTransfer(memoryview(transfer), frames=0, owned=False))
 
     def _send_from_tap(self) -> None:
         if self._transport is None:
             return
         for transfer in self.tx.fill():
-            self._submit_out(transfer, owned=True)
+            self._submit_out(transfer)
             if self._transport is None:
                 return
 
-    def _submit_out(self, transfer: Any, owned: bool) -> None:
-        transfer.owned = owned
+    def _submit_out(self, transfer: Any) -> None:
         self._out.append(transfer)
         try:
             assert self._transport is not None

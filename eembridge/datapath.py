@@ -37,6 +37,7 @@ class OutTransfer:
     frames: int
     retries: int = 0
     done: bool = False
+    owned: bool = True  # built in TxPath memory (False: a command transfer of the bridge's)
 
 
 class RxPath:

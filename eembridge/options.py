@@ -46,3 +46,19 @@ def usb_connector(args: argparse.Namespace) -> Callable[[], Transport]:
             "the libusb transport is not built in this version; use --sim for the simulated device"
         ) from None
     return connector(args)
+
+
+def open_sim(args: argparse.Namespace, options: BridgeOptions):  # -> SimLink
+    """The simulated device the main job bridges with --sim."""
+    from .sim.link import SimLink
+
+    return SimLink(
+        address=args.sim_ip,
+        max_packet=args.sim_max_packet,
+        tx_crc=args.sim_tx == "crc",
+        batch=args.sim_batch,
+        loss=args.sim_loss,
+        flip=args.sim_flip,
+        mtu=options.mtu,
+        seed=args.sim_seed,
+    )
