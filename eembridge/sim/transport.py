@@ -1,0 +1,249 @@
+"""SimTransport: the host controller's side of the simulated device.
+
+Theory of operation
+-------------------
+USB at packet granularity, as a host controller sees it. Pending transfers wait in one
+queue per direction; only the head of a queue moves data, so completions come in
+submission order per direction. All state here is guarded by the device's bus lock
+(`SimDevice._bus`, a Condition); the device's IN and OUT threads call the `_offer_in`,
+`_take_out` and `_out_accepted` methods with that lock held.
+
+* IN: each packet the device sends (at most max_packet bytes) is written straight into
+  the caller's memoryview (the one copy a real controller makes by DMA). The transfer
+  completes when its buffer is full or a short packet / ZLP arrives. A packet longer
+  than the room left is babble: OVERFLOW.
+* OUT: the head transfer is cut into max_packet packets; each is handed to the device
+  and the transfer completes once the device accepted its last packet. No ZLP is added:
+  a transfer of a multiple of max_packet leaves the device waiting for the next one
+  (which is why the EEM framer appends a zero-length EEM packet).
+* A halted endpoint answers every transfer with STALL until clear_halt. Unplug
+  completes everything with NO_DEVICE and makes the transport gone for good; close
+  cancels everything. Once the bus lock is released after either, no device thread
+  touches the caller's buffers again.
+
+`fileno()` is an eventfd, non-zero exactly while completions are waiting.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+from typing import TYPE_CHECKING
+
+from ..transport import Completion, DeviceInfo, Direction, Status, Transport, TransportGone
+
+if TYPE_CHECKING:
+    from .device import SimDevice
+    from .faults import FaultInjector
+
+IN, OUT = Direction.IN, Direction.OUT
+
+
+class _Transfer:
+    __slots__ = ("direction", "tag", "buffer", "length", "offset", "packets", "armed", "timeout_after")
+
+    def __init__(self, direction: Direction, tag: int, buffer: memoryview) -> None:
+        self.direction = direction
+        self.tag = tag
+        self.buffer: memoryview | None = buffer
+        self.length = len(buffer)
+        self.offset = 0  # bytes moved
+        self.packets = 0  # packets moved
+        self.armed = False  # per-transfer fault decisions made (when it reaches the head)
+        self.timeout_after: int | None = None
+
+
+class SimTransport(Transport):
+    """Bulk IN/OUT of one simulated device; get one from `SimDevice.connect()`."""
+
+    def __init__(self, device: SimDevice, bus: threading.Condition, info: DeviceInfo) -> None:
+        self.info = info
+        self.device = device
+        self._bus = bus
+        self._max_packet = info.max_packet
+        self._queues: dict[Direction, deque[_Transfer]] = {IN: deque(), OUT: deque()}
+        self._halted = {IN: False, OUT: False}
+        self.out_halts = 0  # the device flushes its OUT request when this changes
+        self._done: list[Completion] = []
+        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._gone = False
+        self._closed = False
+
+    # -- Transport API ------------------------------------------------------------
+
+    def fileno(self) -> int:
+        if self._closed:
+            raise ValueError("SimTransport is closed")
+        return self._fd
+
+    def submit_in(self, buffer: memoryview, tag: int) -> None:
+        view = memoryview(buffer).cast("B")
+        if view.readonly:
+            raise ValueError("an IN buffer must be writable")
+        if not view:
+            raise ValueError("an IN transfer needs room for at least one byte")
+        self._submit(_Transfer(IN, tag, view))
+
+    def submit_out(self, buffer: memoryview, tag: int) -> None:
+        # An empty OUT transfer is legal: it goes out as one USB ZLP.
+        self._submit(_Transfer(OUT, tag, memoryview(buffer).cast("B")))
+
+    def completions(self) -> list[Completion]:
+        with self._bus:
+            done, self._done = self._done, []
+            if done and not self._closed:
+                os.eventfd_read(self._fd)
+        return done
+
+    def clear_halt(self, direction: Direction) -> None:
+        with self._bus:
+            self._check_usable()
+            self._halted[direction] = False
+            self._bus.notify_all()
+
+    def close(self) -> None:
+        with self._bus:
+            if self._closed:
+                return
+            self._fail_all(IN, Status.CANCELLED)
+            self._fail_all(OUT, Status.CANCELLED)
+            self._closed = True
+            self.device._detach(self)
+            self._bus.notify_all()
+        os.close(self._fd)
+
+    # -- extras -------------------------------------------------------------------
+
+    def fault_counters(self) -> dict[str, int]:
+        return self.device.fault_counters()
+
+    @property
+    def gone(self) -> bool:
+        return self._gone
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "gone" if self._gone else "open"
+        return f"<SimTransport {self.info.description} {state}>"
+
+    # -- the bus (called by the device with the bus lock held) ---------------------
+
+    def _submit(self, transfer: _Transfer) -> None:
+        with self._bus:
+            self._check_usable()
+            if self._halted[transfer.direction]:
+                self._complete(transfer, Status.STALL, 0)
+            else:
+                self._queues[transfer.direction].append(transfer)
+                self._bus.notify_all()
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise ValueError("SimTransport is closed")
+        if self._gone:
+            raise TransportGone(f"{self.info.description}: unplugged")
+
+    def _has(self, direction: Direction) -> bool:
+        return bool(self._queues[direction])
+
+    def _complete(self, transfer: _Transfer, status: Status, actual: int) -> None:
+        transfer.buffer = None  # the caller owns its memory again
+        self._done.append(Completion(transfer.direction, transfer.tag, transfer.length, actual, status))
+        if len(self._done) == 1:
+            os.eventfd_write(self._fd, 1)
+
+    def _fail_all(self, direction: Direction, status: Status) -> None:
+        queue = self._queues[direction]
+        while queue:
+            transfer = queue.popleft()
+            self._complete(transfer, status, transfer.offset)
+
+    def _halt(self, direction: Direction) -> None:
+        """The endpoint halts: everything pending and submitted until clear_halt STALLs."""
+        self._halted[direction] = True
+        self.out_halts += direction is OUT
+        self._fail_all(direction, Status.STALL)
+        self.device._fault_counters.add(f"{direction.value}_stalls")
+
+    def _unplugged(self) -> None:
+        self._fail_all(IN, Status.NO_DEVICE)
+        self._fail_all(OUT, Status.NO_DEVICE)
+        self._gone = True
+
+    def _head(self, direction: Direction, faults: FaultInjector) -> _Transfer | None:
+        """The transfer now on the bus, after its stall/timeout decisions; None if none."""
+        queue = self._queues[direction]
+        while queue:
+            transfer = queue[0]
+            if not transfer.armed:
+                transfer.armed = True
+                if faults.stall():
+                    self._halt(direction)
+                    return None
+                packets = -(-transfer.length // self._max_packet)
+                transfer.timeout_after = faults.timeout_after(packets)
+            if transfer.timeout_after is not None and transfer.packets >= transfer.timeout_after:
+                queue.popleft()
+                self._complete(transfer, Status.TIMED_OUT, transfer.offset)
+                self.device._fault_counters.add(f"{direction.value}_timeouts")
+                continue
+            return transfer
+        return None
+
+    def _offer_in(self, packet: bytes, faults: FaultInjector) -> bool:
+        """The device sends one packet on bulk IN: True if it left the device.
+
+        False means no IN transfer was ready to take it (the device was NAKed and keeps
+        the packet). A lost packet left the device but lands nowhere, and a lost short
+        packet does not end the transfer.
+        """
+        transfer = self._head(IN, faults)
+        if transfer is None:
+            return False
+        if faults.packet():
+            return True
+        view = transfer.buffer
+        assert view is not None
+        start, n = transfer.offset, len(packet)
+        room = transfer.length - start
+        if n > room:  # babble: the device sent more than the host asked for
+            view[start:] = packet[:room]
+            self._queues[IN].popleft()
+            self._complete(transfer, Status.OVERFLOW, transfer.length)
+            return True
+        view[start : start + n] = packet
+        faults.flip(view[start : start + n])  # corrupt what lands, as the wire would
+        transfer.offset += n
+        transfer.packets += 1
+        if n < self._max_packet or transfer.offset == transfer.length:
+            self._queues[IN].popleft()
+            self._complete(transfer, Status.COMPLETED, transfer.offset)
+        return True
+
+    def _take_out(self, faults: FaultInjector) -> tuple[_Transfer, bytearray | None, int] | None:
+        """The next OUT packet: (transfer, what reaches the device or None if lost, size).
+
+        The caller hands the data to the device without the bus lock and then reports
+        `_out_accepted`; the transfer advances only then.
+        """
+        transfer = self._head(OUT, faults)
+        if transfer is None:
+            return None
+        view = transfer.buffer
+        assert view is not None
+        data = bytearray(view[transfer.offset : transfer.offset + self._max_packet])
+        size = len(data)
+        if faults.packet():
+            return transfer, None, size
+        faults.flip(data)
+        return transfer, data, size
+
+    def _out_accepted(self, transfer: _Transfer, size: int) -> None:
+        queue = self._queues[OUT]
+        if not queue or queue[0] is not transfer:
+            return  # stalled, unplugged or cancelled meanwhile
+        transfer.offset += size
+        transfer.packets += 1
+        if transfer.offset >= transfer.length:
+            queue.popleft()
+            self._complete(transfer, Status.COMPLETED, transfer.length)
