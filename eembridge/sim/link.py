@@ -56,7 +56,7 @@ class TapNetworkSide(NetworkSide):
             self._drained.wait(0.2)
 
     def next_frames(self, max_frames: int) -> list[bytes]:
-        frames = []
+        frames: list[bytes] = []
         while len(frames) < max_frames:
             n = self.tap.read_into(self._buffer)
             if n == 0:
