@@ -1,0 +1,171 @@
+"""TCP throughput through bridge + simulated device vs the kernel-only veth ceiling.
+
+Both links join the root namespace to a fresh namespace with the same MTU and no
+offloads (TAP devices have none unless asked; veth's are turned off with ethtool), so
+the ratio says what the userspace bridge costs relative to the kernel moving the same
+frames. Prints one table; run as root:
+
+    python3 bench/bridge.py [--mb 64] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import socket
+import subprocess
+import threading
+import time
+
+from eembridge import CODEC
+from eembridge.bridge import Bridge, BridgeOptions
+from eembridge.netns import (
+    configure_link,
+    create_netns,
+    delete_netns,
+    free_linklocal_subnet,
+    run_in_netns,
+    unique_name,
+)
+from eembridge.sim.link import SimLink
+
+CHUNK = bytes(1 << 16)
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def tcp_download(server_ns: str, server_ip: str, nbytes: int) -> float:
+    """Seconds to stream nbytes from a server in server_ns to a client here."""
+    listener = run_in_netns(server_ns, socket.create_server, (server_ip, 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            left = nbytes
+            while left > 0:
+                left -= conn.send(CHUNK[: min(len(CHUNK), left)])
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    start = time.perf_counter()
+    with socket.create_connection((server_ip, port), timeout=60) as client:
+        buffer = bytearray(1 << 16)
+        got = 0
+        while got < nbytes:
+            n = client.recv_into(buffer)
+            if not n:
+                break
+            got += n
+    elapsed = time.perf_counter() - start
+    thread.join()
+    listener.close()
+    if got != nbytes:
+        raise RuntimeError(f"short transfer: {got} of {nbytes}")
+    return elapsed
+
+
+def udp_small_frames(server_ns: str, server_ip: str, seconds: float) -> float:
+    """Frames per second delivered for 64-byte Ethernet frames (22-byte UDP payload)."""
+    receiver = run_in_netns(server_ns, socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind((server_ip, 0))
+    receiver.settimeout(0.5)
+    port = receiver.getsockname()[1]
+    received = [0]
+
+    def count() -> None:
+        while True:
+            try:
+                receiver.recv(64)
+            except (TimeoutError, OSError):
+                return
+            received[0] += 1
+
+    thread = threading.Thread(target=count)
+    thread.start()
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    payload = bytes(22)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(100):
+            try:
+                sender.sendto(payload, (server_ip, port))
+            except OSError:
+                pass  # queue full: that is the point of a flood
+    thread.join()
+    sender.close()
+    receiver.close()
+    return received[0] / seconds
+
+
+def measure(namespace: str, server_ip: str, nbytes: int) -> dict[str, float]:
+    tcp_download(namespace, server_ip, 1 << 20)  # warm up: ARP, slow start
+    cpu = cpu_seconds()
+    seconds = tcp_download(namespace, server_ip, nbytes)
+    cpu = cpu_seconds() - cpu
+    return {
+        "mb_per_s": nbytes / seconds / 1e6,
+        "cpu_s_per_gb": cpu / (nbytes / 1e9),
+        "small_frames_per_s": udp_small_frames(namespace, server_ip, 2.0),
+    }
+
+
+def run_veth(nbytes: int, mtu: int) -> dict[str, float]:
+    namespace = create_netns("eembench-")
+    near, far = unique_name("vb"), unique_name("vb")
+    subnet = free_linklocal_subnet()
+    try:
+        subprocess.run(["ip", "link", "add", near, "mtu", str(mtu), "type", "veth", "peer", "name", far,
+                        "mtu", str(mtu), "netns", namespace], check=True)
+        for name, ns in ((near, None), (far, namespace)):
+            prefix = [] if ns is None else ["ip", "netns", "exec", ns]
+            subprocess.run(prefix + ["ethtool", "-K", name, "tso", "off", "gso", "off", "gro", "off",
+                                     "tx", "off", "rx", "off"], check=True, capture_output=True)
+        configure_link(None, near, [f"{subnet[2]}/24"])
+        configure_link(namespace, far, [f"{subnet[1]}/24"])
+        return measure(namespace, str(subnet[1]), nbytes)
+    finally:
+        subprocess.run(["ip", "link", "del", near], capture_output=True)
+        delete_netns(namespace)
+
+
+def run_bridge(nbytes: int, mtu: int, max_packet: int) -> dict[str, float]:
+    subnet = free_linklocal_subnet()
+    with SimLink(f"{subnet[1]}/24", max_packet=max_packet, mtu=mtu, batch=True) as sim:
+        options = BridgeOptions(tap=unique_name("eembench"), addresses=[f"{subnet[2]}/24"],
+                                peer=str(subnet[1]), peer_mac=sim.mac, mtu=mtu, stats_socket=None)
+        with Bridge(sim.connect, options) as bridge:
+            if not bridge.connected.wait(10):
+                raise RuntimeError("bridge did not connect")
+            return measure(sim.namespace, str(subnet[1]), nbytes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=float, default=64.0, help="MB per TCP transfer")
+    parser.add_argument("--mtu", type=int, default=1500)
+    parser.add_argument("--max-packet", type=int, default=512, choices=(64, 512, 1024))
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    nbytes = int(args.mb * 1e6)
+    veth = run_veth(nbytes, args.mtu)
+    bridge = run_bridge(nbytes, args.mtu, args.max_packet)
+    rows = {"veth (kernel ceiling)": veth, f"eembridge + sim (codec {CODEC})": bridge}
+    ratio = bridge["mb_per_s"] / veth["mb_per_s"]
+    if args.json:
+        print(json.dumps({"rows": rows, "ratio_tcp": ratio}, indent=2))
+        return
+    print(f"TCP {args.mb:g} MB, MTU {args.mtu}, device max packet {args.max_packet}, batch device")
+    print(f"{'link':<34}{'TCP MB/s':>10}{'CPU s/GB':>10}{'64B frames/s':>14}")
+    for name, row in rows.items():
+        print(f"{name:<34}{row['mb_per_s']:>10.1f}{row['cpu_s_per_gb']:>10.1f}"
+              f"{row['small_frames_per_s']:>14.0f}")
+    print(f"ratio eembridge/veth (TCP): {ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()
