@@ -1,0 +1,77 @@
+"""The command line as a user runs it: demo, the main job on --sim, stats, echo, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from eembridge.netns import free_linklocal_subnet, link_names, unique_name
+
+from netfixtures import require_tun_and_root
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def eembridge(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "eembridge", *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=timeout)
+
+
+def test_demo_streams_a_verified_trace_over_a_lossy_link():
+    require_tun_and_root()
+    result = eembridge("demo", "--size", "3", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["ok"] and summary["bytes_received"] == 3_000_000
+    assert summary["usb_faults"]["in_packets_lost"] > 0  # 1% of 64-byte packets by default
+    assert summary["eem_rx"]["frames"] > 0 and len(summary["echo_rtt_ms"]) == 5
+
+
+def test_main_job_on_sim_with_stats_echo_and_clean_stop(tmp_path):
+    require_tun_and_root()
+    subnet = free_linklocal_subnet()
+    tap = unique_name("eemcli")
+    sock = str(tmp_path / "bridge.sock")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eembridge", "--sim", "--tap", tap, "--ip", f"{subnet[2]}/24",
+         "--sim-ip", f"{subnet[1]}/24", "--stats-socket", sock, "--sim-loss", "0.01"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(sock):
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "control socket never appeared"
+            time.sleep(0.1)
+        assert oct(os.stat(sock).st_mode & 0o777) == "0o600"
+        time.sleep(0.5)
+        stats = eembridge("stats", "--socket", sock, "--json")
+        assert stats.returncode == 0, stats.stderr
+        snapshot = next(iter(json.loads(stats.stdout).values()))
+        assert snapshot["connected"] and snapshot["tap"] == tap
+        assert tap in link_names(None)
+        echo = eembridge("echo", "--socket", sock, "-c", "3", "--json")
+        assert echo.returncode == 0, echo.stderr
+        assert json.loads(echo.stdout)["received"] == 3
+        table = eembridge("stats", "--socket", sock)
+        assert table.returncode == 0 and "frames" in table.stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert tap not in link_names(None)  # not persistent: removed on exit
+    assert not os.path.exists(sock)
+
+
+def test_bad_input_is_one_line_without_traceback(tmp_path):
+    bad = eembridge("--sim", "--mtu", "100")
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert "--mtu 100" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    missing = eembridge("stats", "--socket", str(tmp_path / "none.sock"))
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+    assert "no bridge control socket" in missing.stderr
