@@ -97,18 +97,25 @@ def test_sentinel_tx_mode(rig_factory):
     assert rig.bridge.stats()["tx"]["frames"] > 0
 
 
-def test_busy_out_endpoint_applies_backpressure_without_loss(rig_factory):
-    rig = rig_factory(max_packet=512)
-    result = {}
+def in_background(rig: Rig, up: int, down: int) -> tuple[threading.Thread, dict]:
+    """Start a checked TCP transfer; return once it is under way."""
+    result: dict = {}
 
     def run():
-        result["t"] = rig.transfer(4_000_000, 100_000, timeout=60)
+        result["t"] = rig.transfer(up, down, timeout=90)
 
     worker = threading.Thread(target=run)
     worker.start()
-    time.sleep(0.3)
+    time.sleep(0.2)
+    assert worker.is_alive(), "the transfer ended before the fault could hit it mid-way"
+    return worker, result
+
+
+def test_busy_out_endpoint_applies_backpressure_without_loss(rig_factory):
+    rig = rig_factory(max_packet=512)
+    worker, result = in_background(rig, 30_000_000, 100_000)
     rig.sim.device.busy_out_for(2.0)  # OUT refuses everything for 2 s mid-transfer
-    worker.join(60)
+    worker.join(90)
     assert "t" in result, "transfer did not finish"
     stats = rig.bridge.stats()
     assert stats["bridge"]["backpressure"] >= 1
@@ -118,21 +125,14 @@ def test_busy_out_endpoint_applies_backpressure_without_loss(rig_factory):
 
 def test_unplug_and_replug_mid_transfer(rig_factory):
     rig = rig_factory(max_packet=512)
-    result = {}
-
-    def run():
-        result["t"] = rig.transfer(3_000_000, 3_000_000, timeout=60)
-
-    worker = threading.Thread(target=run)
-    worker.start()
-    time.sleep(0.3)
+    worker, result = in_background(rig, 10_000_000, 10_000_000)
     rig.sim.device.unplug()
     time.sleep(1.0)
     assert not rig.bridge.connected.is_set()
     assert rig.bridge.tap.carrier is False  # carrier off, TAP and address kept
     rig.sim.device.replug()
     assert rig.bridge.connected.wait(5)
-    worker.join(60)
+    worker.join(90)
     assert "t" in result, "TCP did not resume after replug"
     stats = rig.bridge.stats()
     assert stats["bridge"]["unplugs"] >= 1 and stats["bridge"]["connects"] >= 2
