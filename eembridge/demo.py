@@ -93,23 +93,27 @@ def run(args: argparse.Namespace) -> int:
             server.start()
             started = time.monotonic()
             deadline = started + args.timeout
-            client = socket.create_connection((str(subnet[1]), PORT), timeout=30,
-                                              source_address=(str(subnet[2]), 0))
-            with client:
-                if args.json:
-                    received, digest = _receive(client, size, None, None, deadline)
-                else:
-                    from rich.progress import (
-                        BarColumn,
-                        DownloadColumn,
-                        Progress,
-                        TransferSpeedColumn,
-                    )
+            try:
+                client = socket.create_connection((str(subnet[1]), PORT), timeout=30,
+                                                  source_address=(str(subnet[2]), 0))
+                with client:
+                    if args.json:
+                        received, digest = _receive(client, size, None, None, deadline)
+                    else:
+                        from rich.progress import (
+                            BarColumn,
+                            DownloadColumn,
+                            Progress,
+                            TransferSpeedColumn,
+                        )
 
-                    with Progress("[progress.description]{task.description}", BarColumn(),
-                                  DownloadColumn(), TransferSpeedColumn()) as progress:
-                        task = progress.add_task("OTDR trace", total=size)
-                        received, digest = _receive(client, size, progress, task, deadline)
+                        with Progress("[progress.description]{task.description}", BarColumn(),
+                                      DownloadColumn(), TransferSpeedColumn()) as progress:
+                            task = progress.add_task("OTDR trace", total=size)
+                            received, digest = _receive(client, size, progress, task, deadline)
+            except OSError as exc:
+                cause = f" (bridge: {bridge.error})" if bridge.error else ""
+                raise UserError(f"the trace transfer failed: {exc}{cause}") from None
             elapsed = time.monotonic() - started
             server.join_and_raise(10)
             listener.close()
