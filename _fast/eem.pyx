@@ -10,11 +10,15 @@ in C on a pointer into the buffer, and counters are C integers. Events, constant
 option validation come from the pure-Python modules, so both implementations emit the
 same classes and raise the same errors.
 
-Not done yet: the zero-copy entry point that deframes in place on ring memory with the
-carried bytes before the transfer; feed() copies carry + transfer into one bytes object
-(one memcpy per transfer) exactly as the reference does.
+Two entry points share that one state machine (_run): feed() keeps the reference's API
+(copies carry + transfer into one bytes object, one Frame object per frame), and
+deframe_into() works in place on caller memory, a mirrored ring whose carried bytes lie
+right before the new transfer, recording frames as (offset, length) with no per-frame
+Python object, for the bridge's data path.
 """
 
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp
 
 from eembridge.codec import validate_framer_options, validate_max_length
@@ -104,6 +108,17 @@ cdef class Deframer:
     cdef bint _scanning
     cdef list _waiting
     cdef Py_ssize_t _waiting_bytes
+    # Where the unfinished tail starts in the buffer being parsed (-1: none).
+    cdef Py_ssize_t _carry_at
+    # In-place mode (deframe_into): frames are recorded as (offset, length, crc) in
+    # these C arrays instead of becoming Frame objects, and the carried tail stays in
+    # the caller's memory, _carried bytes before the next transfer.
+    cdef bint _record
+    cdef Py_ssize_t _carried
+    cdef Py_ssize_t* _rec_offset
+    cdef Py_ssize_t* _rec_length
+    cdef Py_ssize_t _nrecords
+    cdef Py_ssize_t _capacity
 
     def __init__(self, int max_length=DEFAULT_MAX_LENGTH):
         validate_max_length(max_length)
@@ -113,8 +128,13 @@ cdef class Deframer:
             self.c[i] = 0
         self.reset()
 
+    def __dealloc__(self):
+        free(self._rec_offset)
+        free(self._rec_length)
+
     def reset(self):
         self._carry = b""
+        self._carried = 0
         self._scanning = False
         self._waiting = []
         self._waiting_bytes = 0
@@ -124,27 +144,75 @@ cdef class Deframer:
 
     @property
     def carried(self):
-        return len(self._carry)
+        return self._carried if self._record else len(self._carry)
 
     @property
     def waiting_commands(self):
         return len(self._waiting)
 
     def feed(self, transfer, bint short):
+        """Deframe one bulk IN transfer; return its events (see eembridge/codec.py)."""
+        if self._record:
+            raise RuntimeError("this Deframer deframes in place (deframe_into); use another")
         cdef bytes data = self._carry + bytes(transfer)
-        cdef const unsigned char* d = data
-        cdef Py_ssize_t end = len(data)
+        cdef list events = []
+        self.c[C_BYTES_IN] += len(data) - len(self._carry)
+        self._carry = b""
+        self._run(data, len(data), short, events)
+        if self._carry_at >= 0:
+            self._carry = data[self._carry_at:]
+        return events
+
+    def deframe_into(self, buffer, Py_ssize_t offset, Py_ssize_t n, bint short):
+        """Deframe in place: `n` new bytes at buffer[offset:], with the bytes this deframer
+        carried over lying right before them in the same buffer (a mirrored ring makes that
+        so). Frames are recorded, not copied: read them with frame_records() or, from
+        Cython, through the record arrays. Returns the commands (rare) as events.
+        """
+        cdef const unsigned char[::1] view = buffer
+        if offset - self._carried < 0 or offset + n > view.shape[0]:
+            raise ValueError("the transfer and its carried bytes do not lie within the buffer")
+        self._record = True
+        self._ensure_capacity(self._carried + n)
+        cdef list commands = []
+        cdef Py_ssize_t start = offset - self._carried
+        self.c[C_BYTES_IN] += n
+        self._nrecords = 0
+        self._run(&view[start] if view.shape[0] else NULL, self._carried + n, short, commands)
+        for i in range(self._nrecords):
+            self._rec_offset[i] += start
+        self._carried = (self._carried + n - self._carry_at) if self._carry_at >= 0 else 0
+        return commands
+
+    def frame_records(self):
+        """(offset, length) of each frame the last deframe_into found, in order."""
+        return [(self._rec_offset[i], self._rec_length[i]) for i in range(self._nrecords)]
+
+    cdef int _ensure_capacity(self, Py_ssize_t nbytes) except -1:
+        cdef Py_ssize_t needed = nbytes // (HEADER_SIZE + MIN_DATA_LENGTH) + 1
+        if needed <= self._capacity:
+            return 0
+        free(self._rec_offset)
+        free(self._rec_length)
+        self._rec_offset = <Py_ssize_t*>malloc(needed * sizeof(Py_ssize_t))
+        self._rec_length = <Py_ssize_t*>malloc(needed * sizeof(Py_ssize_t))
+        if self._rec_offset is NULL or self._rec_length is NULL:
+            self._capacity = 0
+            raise MemoryError()
+        self._capacity = needed
+        return 0
+
+    cdef int _run(self, const unsigned char* d, Py_ssize_t end, bint short, list events) except -1:
+        """The state machine of codec.Deframer.feed over d[0:end] (carry included)."""
         cdef Py_ssize_t pos = 0
         cdef Py_ssize_t size
         cdef unsigned int header
-        cdef list events = []
         self.c[C_TRANSFERS] += 1
         self.c[C_SHORT_TRANSFERS] += short
-        self.c[C_BYTES_IN] += end - len(self._carry)
-        self._carry = b""
+        self._carry_at = -1
         while True:
             if self._scanning:
-                pos = self._scan(data, d, pos, end, short)
+                pos = self._scan(d, pos, end, short)
                 if self._scanning:
                     break
             if pos == end:
@@ -153,7 +221,7 @@ cdef class Deframer:
                 if short:
                     self._cut_off(end - pos)
                 else:
-                    self._carry = data[pos:]
+                    self._carry_at = pos
                 break
             header = le16(d + pos)
             if header == 0:
@@ -161,9 +229,9 @@ cdef class Deframer:
                 pos += HEADER_SIZE
                 continue
             if header & TYPE_COMMAND:
-                size = self._command(data, d, pos, end, header, short)
+                size = self._command(d, pos, end, header, short)
             else:
-                size = self._data(data, d, pos, end, header, short, events)
+                size = self._data(d, pos, end, header, short, events)
             if size == STOP:
                 break
             if size == GARBAGE:
@@ -171,18 +239,18 @@ cdef class Deframer:
             else:
                 pos += size
         if short:
-            if not self._carry and not self._scanning:
+            if self._carry_at < 0 and not self._scanning:
                 self._confirm(events)
             elif self._scanning:
                 self.c[C_RESYNCS] += 1
             self._drop_waiting()
             self._scanning = False
-            self._carry = b""
-        return events
+            self._carry_at = -1
+        return 0
 
     # -- in sync -----------------------------------------------------------------
 
-    cdef Py_ssize_t _data(self, bytes data, const unsigned char* d, Py_ssize_t pos,
+    cdef Py_ssize_t _data(self, const unsigned char* d, Py_ssize_t pos,
                           Py_ssize_t end, unsigned int header, bint short, list events) except -2:
         cdef Py_ssize_t length = header & DATA_LENGTH_MASK
         cdef Py_ssize_t size
@@ -195,20 +263,26 @@ cdef class Deframer:
             return GARBAGE
         size = HEADER_SIZE + length
         if pos + size > end:
-            self._incomplete(data, pos, end, short)
+            self._incomplete(pos, end, short)
             return STOP
         crc = (header & DATA_CRC) != 0
         if not check_ok(d + pos + HEADER_SIZE, length, crc):
             self.c[C_CRC_ERRORS if crc else C_SENTINEL_ERRORS] += 1
             return GARBAGE
         self._confirm(events)
-        events.append(Frame(data[pos + HEADER_SIZE : pos + size - CHECK_SIZE], crc))
+        if self._record:
+            self._rec_offset[self._nrecords] = pos + HEADER_SIZE
+            self._rec_length[self._nrecords] = length - CHECK_SIZE
+            self._nrecords += 1
+        else:
+            events.append(Frame(PyBytes_FromStringAndSize(<const char*>d + pos + HEADER_SIZE,
+                                                          length - CHECK_SIZE), crc))
         self.c[C_FRAMES] += 1
         self.c[C_BYTES] += length - CHECK_SIZE
         self.c[C_CRC_FRAMES] += crc
         return size
 
-    cdef Py_ssize_t _command(self, bytes data, const unsigned char* d, Py_ssize_t pos,
+    cdef Py_ssize_t _command(self, const unsigned char* d, Py_ssize_t pos,
                              Py_ssize_t end, unsigned int header, bint short) except -2:
         cdef unsigned int command = (header >> COMMAND_SHIFT) & COMMAND_MASK
         cdef unsigned int param = header & COMMAND_PARAM_MASK
@@ -219,9 +293,9 @@ cdef class Deframer:
         if command == CMD_ECHO or command == CMD_ECHO_RESPONSE:
             size += param
             if pos + size > end:
-                self._incomplete(data, pos, end, short)
+                self._incomplete(pos, end, short)
                 return STOP
-            payload = data[pos + HEADER_SIZE : pos + size]
+            payload = PyBytes_FromStringAndSize(<const char*>d + pos + HEADER_SIZE, param)
             event = Echo(payload) if command == CMD_ECHO else EchoResponse(payload)
         else:
             event = Hint(command, param)
@@ -233,12 +307,12 @@ cdef class Deframer:
         self._waiting_bytes += size
         return size
 
-    cdef int _incomplete(self, bytes data, Py_ssize_t pos, Py_ssize_t end, bint short) except -1:
+    cdef int _incomplete(self, Py_ssize_t pos, Py_ssize_t end, bint short) except -1:
         if short:
             self.c[C_TRUNCATED] += 1
             self._cut_off(end - pos)
         else:
-            self._carry = data[pos:]
+            self._carry_at = pos
         return 0
 
     cdef int _cut_off(self, Py_ssize_t nbytes) except -1:
@@ -277,7 +351,7 @@ cdef class Deframer:
         self.c[C_BYTES_SKIPPED] += 1
         return pos + 1
 
-    cdef Py_ssize_t _scan(self, bytes data, const unsigned char* d, Py_ssize_t pos,
+    cdef Py_ssize_t _scan(self, const unsigned char* d, Py_ssize_t pos,
                           Py_ssize_t end, bint short) except -1:
         cdef Py_ssize_t start = pos
         cdef Py_ssize_t stop, length
@@ -305,7 +379,8 @@ cdef class Deframer:
         if short:
             pos = end
         self.c[C_BYTES_SKIPPED] += pos - start
-        self._carry = data[pos:]
+        if pos < end:
+            self._carry_at = pos
         return end
 
 

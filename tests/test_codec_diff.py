@@ -105,3 +105,30 @@ def test_framers_agree(seed, crc, max_packet, max_transfer, sizes, echo):
     for frame in frames[:3]:
         assert fast.packet(frame) == ref.packet(frame)
     assert fast.counters() == ref.counters()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    corruption=st.integers(0, 4),
+    cuts=st.lists(st.integers(0, 4000), max_size=12),
+    shorts=st.lists(st.booleans(), min_size=1, max_size=12),
+)
+def test_in_place_deframing_equals_feed(seed, corruption, cuts, shorts):
+    """deframe_into on one contiguous buffer (as a mirrored ring presents it, carried
+    bytes right before each transfer) finds the frames feed() finds, with equal counters."""
+    data = stream_from(seed, True, corruption)
+    buffer = bytearray(data) + bytearray(8)
+    by_feed, in_place = FAST.Deframer(), FAST.Deframer()
+    pos = 0
+    for i, cut in enumerate(cuts + [len(data)]):
+        n = min(cut, len(data) - pos) if i < len(cuts) else len(data) - pos
+        short = shorts[i % len(shorts)] if i < len(cuts) else True
+        events = by_feed.feed(data[pos : pos + n], short)
+        commands = in_place.deframe_into(buffer, pos, n, short)
+        frames = [bytes(buffer[o : o + length]) for o, length in in_place.frame_records()]
+        assert frames == [e.data for e in events if type(e).__name__ == "Frame"]
+        assert commands == [e for e in events if type(e).__name__ != "Frame"]
+        assert in_place.counters() == by_feed.counters()
+        assert in_place.carried == by_feed.carried
+        pos += n
