@@ -148,3 +148,50 @@ class TxPath:
     def release(self, transfer: OutTransfer) -> None:
         """The transfer completed (sent or dropped): its memory may be reused."""
         self.bytes_in_flight -= len(transfer.buffer)
+
+
+class RingRxPath(RxPath):
+    """RX on a mirrored ring: IN transfers land in ring slots, the Cython deframer works
+    in place (deframe_into) and each frame goes to the TAP straight from ring memory.
+
+    The ring holds one slot per transfer in flight plus one: the tail an unfinished
+    packet leaves in slot k is still needed while slot k+1 is deframed, and the mirror
+    mapping keeps that tail contiguous with slot k+1 even across the end of the ring.
+    Frame offsets still cross into Python (one os.write per frame), but no frame is
+    copied on its way from USB to the kernel.
+    """
+
+    def __init__(self, deframer, tap_fd: int, slots: int, slot_size: int) -> None:
+        from ._ring import Ring
+
+        self.deframer = deframer
+        self.tap_fd = tap_fd
+        self.slot_size = slot_size
+        self.ring = Ring(slots * slot_size)
+        if self.ring.size % slot_size:
+            raise ValueError(f"slot size {slot_size} must divide the ring ({self.ring.size})")
+        self._whole = memoryview(self.ring)  # both copies: 2 * size bytes
+        self._counters = dict.fromkeys(RX_COUNTERS, 0)
+        self.write_errors = {}
+
+    def slot_buffer(self, sequence: int) -> memoryview:
+        start = (sequence * self.slot_size) % self.ring.size
+        return self._whole[start : start + self.slot_size]
+
+    def complete(self, sequence: int, actual: int, short: bool) -> list[Event]:
+        offset = (sequence * self.slot_size) % self.ring.size
+        if offset < self.deframer.carried:
+            offset += self.ring.size  # the carried tail sits at the end of the first copy
+        commands = self.deframer.deframe_into(self._whole, offset, actual, short)
+        whole, fd, c = self._whole, self.tap_fd, self._counters
+        for start, length in self.deframer.frame_records():
+            try:
+                os.write(fd, whole[start : start + length])
+            except OSError as exc:
+                c["tap_write_errors"] += 1
+                name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+                self.write_errors[name] = self.write_errors.get(name, 0) + 1
+            else:
+                c["tap_frames_written"] += 1
+                c["tap_bytes_written"] += length
+        return commands

@@ -29,7 +29,9 @@ def test_demo_streams_a_verified_trace_over_a_lossy_link():
     summary = json.loads(result.stdout)
     assert summary["ok"] and summary["bytes_received"] == 3_000_000
     assert summary["usb_faults"]["in_packets_lost"] > 0  # 1% of 64-byte packets by default
-    assert summary["eem_rx"]["frames"] > 0 and len(summary["echo_rtt_ms"]) == 5
+    assert summary["eem_rx"]["frames"] > 0
+    # Echoes cross the same lossy link: some may be lost, and are reported as such.
+    assert len(summary["echo_rtt_ms"]) + summary["echo_lost"] == 5 and summary["echo_rtt_ms"]
 
 
 def test_main_job_on_sim_with_stats_echo_and_clean_stop(tmp_path):
