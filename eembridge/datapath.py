@@ -60,22 +60,25 @@ class RxPath:
         """Deframe one completed transfer, write its frames; return the commands in it."""
         events = self.deframer.feed(self.slot_buffer(sequence)[:actual], short)
         commands: list[Event] = []
-        c = self._counters
         for event in events:
             if isinstance(event, Frame):
-                try:
-                    os.write(self.tap_fd, event.data)
-                except OSError as exc:
-                    # The kernel refused it (queue full, interface down): count, go on.
-                    c["tap_write_errors"] += 1
-                    name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-                    self.write_errors[name] = self.write_errors.get(name, 0) + 1
-                else:
-                    c["tap_frames_written"] += 1
-                    c["tap_bytes_written"] += len(event.data)
+                self._write(event.data)
             else:
                 commands.append(event)
         return commands
+
+    def _write(self, frame: bytes | memoryview) -> None:
+        c = self._counters
+        try:
+            os.write(self.tap_fd, frame)
+        except OSError as exc:
+            # The kernel refused it (queue full, interface down): count, go on.
+            c["tap_write_errors"] += 1
+            name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+            self.write_errors[name] = self.write_errors.get(name, 0) + 1
+        else:
+            c["tap_frames_written"] += 1
+            c["tap_bytes_written"] += len(frame)
 
     def reset(self) -> None:
         self.deframer.reset()
@@ -183,15 +186,7 @@ class RingRxPath(RxPath):
         if offset < self.deframer.carried:
             offset += self.ring.size  # the carried tail sits at the end of the first copy
         commands = self.deframer.deframe_into(self._whole, offset, actual, short)
-        whole, fd, c = self._whole, self.tap_fd, self._counters
+        whole = self._whole
         for start, length in self.deframer.frame_records():
-            try:
-                os.write(fd, whole[start : start + length])
-            except OSError as exc:
-                c["tap_write_errors"] += 1
-                name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-                self.write_errors[name] = self.write_errors.get(name, 0) + 1
-            else:
-                c["tap_frames_written"] += 1
-                c["tap_bytes_written"] += length
+            self._write(whole[start : start + length])
         return commands

@@ -128,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
     ok = received == size and digest == expected
     summary = {
         "ok": ok,
+        "codec": stats["codec"],
         "bytes_expected": size,
         "bytes_received": received,
         "sha256_expected": expected,

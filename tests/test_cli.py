@@ -77,3 +77,16 @@ def test_bad_input_is_one_line_without_traceback(tmp_path):
     missing = eembridge("stats", "--socket", str(tmp_path / "none.sock"))
     assert missing.returncode != 0 and "Traceback" not in missing.stderr
     assert "no bridge control socket" in missing.stderr
+
+
+def test_demo_on_the_pure_python_codec_and_data_path():
+    """The fallback (EEMBRIDGE_PUREPYTHON=1) carries the same traffic end to end."""
+    require_tun_and_root()
+    result = subprocess.run(
+        [sys.executable, "-m", "eembridge", "demo", "--size", "1", "--json", "--max-packet", "512"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        env={**os.environ, "EEMBRIDGE_PUREPYTHON": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["ok"] and summary["codec"] == "python"
