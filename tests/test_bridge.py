@@ -37,13 +37,14 @@ def rig_factory():
     require_tun_and_root()
     made = []
 
-    def make(host_crc: bool = True, mtu: int = 1500, **sim_options) -> Rig:
+    def make(host_crc: bool = True, mtu: int = 1500, keepalive: float | None = None,
+             **sim_options) -> Rig:
         subnet = free_linklocal_subnet()
         device_ip, host_ip = str(subnet[1]), str(subnet[2])
         sim = SimLink(f"{device_ip}/24", mtu=mtu, **sim_options)
         made.append(sim)
         options = BridgeOptions(tap=unique_name("eemb"), addresses=[f"{host_ip}/24"],
-                                peer=device_ip, peer_mac=sim.mac, tx_crc=host_crc, mtu=mtu,
+                                peer=device_ip, peer_mac=sim.mac, tx_crc=host_crc, mtu=mtu, keepalive=keepalive,
                                 stats_socket=None)
         bridge = Bridge(sim.connect, options)
         bridge.start()
@@ -174,3 +175,13 @@ def test_memory_stays_flat_over_a_long_lossy_run(rig_factory):
         rig.transfer(2_000_000, 2_000_000)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     assert after - before < 20_000, f"max RSS grew by {after - before} KB"
+
+
+def test_keepalive_echoes_the_device_and_counts_silence(rig_factory):
+    rig = rig_factory(max_packet=512, keepalive=0.1)
+    time.sleep(0.8)
+    bridge = rig.bridge.stats()["bridge"]
+    assert bridge["echo_sent"] >= 4 and bridge["echo_matched"] >= bridge["echo_sent"] - 1
+    rig.sim.device.busy_out_for(1.5)  # the device stops taking anything: echoes go unanswered
+    time.sleep(1.4)
+    assert rig.bridge.stats()["bridge"]["echo_timeouts"] >= 1
