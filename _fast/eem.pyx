@@ -1,480 +1,1107 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""Cython EEM codec: the same rules as eembridge/codec.py, with the byte loops in C.
+# cython: language_level=3, auto_pickle=False
+"""Cython EEM codec: the rules of the reference eembridge/codec.py, in C.
 
-The reference (eembridge/codec.py) is the specification; this module is a line-for-line
-port of its state machine, so every event and counter agrees (tests/test_codec.py runs
-the behaviour tests over both, including the split-invariance and accounting property).
-What changes is only where the work happens: headers, lengths, the scan for a packet
-that verifies and the CRC-32 (zlib's C crc32, the same library Python's zlib wraps) run
-in C on a pointer into the buffer, and counters are C integers. Events, constants and
-option validation come from the pure-Python modules, so both implementations emit the
-same classes and raise the same errors.
+How the C core maps to the reference's theory of operation
+-----------------------------------------------------------
+* One implementation of the rules, on a C struct (eem_deframer, eem.pxd): ``_run``
+  walks ``data[0:end]`` exactly as ``codec.Deframer.feed`` walks ``carry + transfer``;
+  ``_data``, ``_command``, ``_incomplete``, ``_cut_off``, ``_confirm``,
+  ``_drop_waiting``, ``_start_scan`` and ``_scan`` are the reference methods of the
+  same names, line for line, on C integers. In sync / scanning is ``d.scanning``.
+* The carry is a count, not bytes: the ``d.carry`` bytes held over always sit right
+  before the next transfer. In place (``eem_deframe``, the bridge) the caller's
+  mirrored ring keeps them there and nothing is copied; ``feed()`` keeps them in its
+  own buffer and copies a transfer behind them only when there is a carry.
+* Delivered frames are records (offset, length, crc) into that memory, so no Python
+  object is made per frame in place; ``feed()`` turns them into the very
+  ``events.Frame`` objects the reference emits.
+* Commands awaiting confirmation are copied into a bounded buffer in the struct
+  (MAX_PENDING_COMMANDS, MAX_PENDING_COMMAND_BYTES), because they may outlive the
+  memory they came from; once confirmed they join the command output, each marked with
+  the frame record it precedes, so the order of events is the reference's.
+* Memory stays bounded as the reference's: the records are sized from the transfer
+  size (a frame takes at least 20 bytes), the carry is shorter than one packet, and
+  the command output of one call is bounded by its bytes plus what waited.
+* Counters are C structs in protocol.DEFRAMER_COUNTERS / FRAMER_COUNTERS order.
+* The framer's rules (header, CRC or sentinel, refusals, _fits, _close with its ZLP)
+  are ``_seal``, ``_frame_in_place``, ``_fits`` and ``_close_transfer`` on an
+  eem_framer; ``pack()``, ``packet()`` and ``echo()`` use them.
 
-Two entry points share that one state machine (_run): feed() keeps the reference's API
-(copies carry + transfer into one bytes object, one Frame object per frame), and
-deframe_into() works in place on caller memory, a mirrored ring whose carried bytes lie
-right before the new transfer, recording frames as (offset, length) with no per-frame
-Python object, for the bridge's data path.
+Constants, events and option validation come from the pure-Python modules, so both
+implementations raise the same errors and emit the same objects. The C entry points
+are reached from other Cython modules through eem.pxd (why there: see its header).
 """
 
-from cpython.bytes cimport PyBytes_FromStringAndSize
-from libc.stdlib cimport free, malloc
-from libc.string cimport memcmp
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.mem cimport PyMem_RawFree, PyMem_RawRealloc
+from cpython.pycapsule cimport PyCapsule_New
+from libc.stdint cimport int32_t, int64_t, uint32_t
+from libc.string cimport memcmp, memcpy, memmove, memset
 
-from eembridge.codec import validate_framer_options, validate_max_length
-from eembridge.events import Echo, EchoResponse, Frame, Hint
-from eembridge.protocol import (
-    DEFAULT_MAX_LENGTH,
-    DEFAULT_MAX_TRANSFER,
-    DEFRAMER_COUNTERS,
-    FRAMER_COUNTERS,
-    MAX_ECHO_DATA,
-    SENTINEL,
+from eem cimport (
+    DEFRAME_BAD_CARRY,
+    DEFRAME_NO_MEMORY,
+    DEFRAME_OVER_CAPACITY,
+    DEFRAME_WRONG_MODE,
+    EEM_DEFRAMER_CAPSULE,
+    EEM_FRAMER_CAPSULE,
+    EEM_MODE_FEED,
+    EEM_MODE_IN_PLACE,
+    EEM_MODE_NONE,
+    EEM_WAIT_BYTES_LIMIT,
+    EEM_WAIT_LIMIT,
+    eem_command_record,
+    eem_deframer,
+    eem_deframer_counters,
+    eem_frame_record,
+    eem_framer,
+    eem_framer_counters,
+    eem_waiting,
 )
 
+from . import protocol as _protocol
+from .codec import validate_framer_options, validate_max_length
+from .events import Echo, EchoResponse, Frame, Hint
+
+__all__ = ["Deframer", "Framer", "FRAME_RECORD_DTYPE"]
+
 cdef extern from "zlib.h" nogil:
-    unsigned long crc32(unsigned long crc, const unsigned char* buf, unsigned int len)
+    unsigned long crc32(unsigned long crc, const unsigned char* buf, unsigned int length)
 
-# Protocol constants as C values (the same numbers as eembridge/protocol.py).
-DEF HEADER_SIZE = 2
-DEF CHECK_SIZE = 4
-DEF TYPE_COMMAND = 0x8000
-DEF DATA_CRC = 0x4000
-DEF DATA_LENGTH_MASK = 0x3FFF
-DEF COMMAND_SHIFT = 11
-DEF COMMAND_MASK = 0x7
-DEF COMMAND_PARAM_MASK = 0x07FF
-DEF CMD_ECHO = 0
-DEF CMD_ECHO_RESPONSE = 1
-DEF CMD_TICKLE = 5
-DEF MIN_DATA_LENGTH = 18
-DEF MAX_PENDING_COMMANDS = 16
-DEF MAX_PENDING_COMMAND_BYTES = 4 * (0x07FF + 2)
-DEF ETH_HEADER = 14
 
-# Counter slots, in DEFRAMER_COUNTERS order (checked at import below).
-DEF C_TRANSFERS = 0
-DEF C_SHORT_TRANSFERS = 1
-DEF C_BYTES_IN = 2
-DEF C_FRAMES = 3
-DEF C_BYTES = 4
-DEF C_CRC_FRAMES = 5
-DEF C_ZLPS = 6
-DEF C_CRC_ERRORS = 7
-DEF C_SENTINEL_ERRORS = 8
-DEF C_OVERSIZE = 9
-DEF C_RUNTS = 10
-DEF C_TRUNCATED = 11
-DEF C_RESERVED_COMMANDS = 12
-DEF C_UNCONFIRMED_COMMANDS = 13
-DEF C_RESYNCS = 14
-DEF C_BYTES_SKIPPED = 15
-DEF C_ECHO = 16
-DEF C_ECHO_RESPONSE = 17
-DEF C_HINTS = 18
-DEF N_DEFRAMER_COUNTERS = 19
-
-assert len(DEFRAMER_COUNTERS) == N_DEFRAMER_COUNTERS
-assert DEFRAMER_COUNTERS[C_BYTES_SKIPPED] == "bytes_skipped" and DEFRAMER_COUNTERS[C_HINTS] == "hints"
+# The protocol facts the C core needs as C constants; checked against protocol.py below.
+cdef enum:
+    HEADER_SIZE = 2
+    CHECK_SIZE = 4
+    TYPE_COMMAND = 0x8000
+    DATA_CRC = 0x4000
+    DATA_LENGTH_MASK = 0x3FFF
+    COMMAND_SHIFT = 11
+    COMMAND_MASK = 0x7
+    COMMAND_PARAM_MASK = 0x07FF
+    CMD_ECHO = 0
+    CMD_ECHO_RESPONSE = 1
+    CMD_TICKLE = 5
+    ETH_HEADER = 14
+    MIN_DATA_LENGTH = 18
+    MAX_ECHO_DATA = 0x07FF
+    # Every delivered frame occupies at least this many distinct input bytes.
+    MIN_PACKET = HEADER_SIZE + MIN_DATA_LENGTH
+    # Transfer size deframe() takes before set_capacity() (the bridge's IN buffers).
+    DEFAULT_CAPACITY = 16384
 
 cdef const unsigned char* SENTINEL_BYTES = b"\xde\xad\xbe\xef"
 
-# Returns of the packet parsers, as in the reference: size > 0, garbage, or stop.
-DEF GARBAGE = 0
-DEF STOP = -1
+_DEFRAMER_FIELDS = (
+    "transfers", "short_transfers", "bytes_in", "frames", "bytes", "crc_frames", "zlps",
+    "crc_errors", "sentinel_errors", "oversize", "runts", "truncated", "reserved_commands",
+    "unconfirmed_commands", "resyncs", "bytes_skipped", "echo", "echo_response", "hints",
+)
+_FRAMER_FIELDS = (
+    "frames", "bytes", "transfers", "transfer_bytes", "zlps", "oversize", "runts", "echo",
+    "echo_response",
+)
 
 
-cdef inline unsigned int le16(const unsigned char* p) noexcept nogil:
-    return p[0] | (p[1] << 8)
+def _check_protocol() -> None:
+    """Fail the import, not the data, if protocol.py and these C constants drift apart."""
+    p = _protocol
+    expected = {
+        "HEADER_SIZE": HEADER_SIZE, "CHECK_SIZE": CHECK_SIZE, "TYPE_COMMAND": TYPE_COMMAND,
+        "DATA_CRC": DATA_CRC, "DATA_LENGTH_MASK": DATA_LENGTH_MASK,
+        "COMMAND_SHIFT": COMMAND_SHIFT, "COMMAND_MASK": COMMAND_MASK,
+        "COMMAND_PARAM_MASK": COMMAND_PARAM_MASK, "CMD_ECHO": CMD_ECHO,
+        "CMD_ECHO_RESPONSE": CMD_ECHO_RESPONSE, "CMD_TICKLE": CMD_TICKLE,
+        "ETH_HEADER": ETH_HEADER, "MIN_DATA_LENGTH": MIN_DATA_LENGTH,
+        "MAX_ECHO_DATA": MAX_ECHO_DATA, "MAX_PENDING_COMMANDS": EEM_WAIT_LIMIT,
+        "MAX_PENDING_COMMAND_BYTES": EEM_WAIT_BYTES_LIMIT, "SENTINEL": SENTINEL_BYTES[:4],
+        "DEFRAMER_COUNTERS": _DEFRAMER_FIELDS, "FRAMER_COUNTERS": _FRAMER_FIELDS,
+    }
+    for name, value in expected.items():
+        if getattr(p, name) != value:
+            raise ImportError(f"eembridge._eem is out of date: protocol.{name} changed; rebuild it")
+    if sizeof(eem_deframer_counters) != 8 * len(_DEFRAMER_FIELDS) or (
+        sizeof(eem_framer_counters) != 8 * len(_FRAMER_FIELDS)
+    ):
+        raise ImportError("eembridge._eem counter structs do not match protocol.py")
 
 
-cdef inline bint check_ok(const unsigned char* body, Py_ssize_t length, bint crc) noexcept nogil:
-    """Whether a packet body of `length` bytes (frame + 4-byte check) verifies."""
-    cdef const unsigned char* check = body + length - CHECK_SIZE
-    cdef unsigned long stored
+_check_protocol()
+
+
+# -- building Frame events fast ---------------------------------------------------------
+# Frame is a frozen, slotted dataclass. Calling it costs ~0.6 us, which would dominate
+# feed() for small frames, so the object is allocated and its two slots are set through
+# their member descriptors directly: the same class and field values, without the
+# Python-level __init__. Used only if an import-time check shows the result is equal to
+# Frame(...) (a __post_init__ or a non-slotted Frame would turn it off).
+cdef extern from *:
+    """
+    static PyObject* eem_new_slotted2(PyObject* type, PyObject* d1, PyObject* v1,
+                                      PyObject* d2, PyObject* v2) {
+        PyTypeObject* tp = (PyTypeObject*)type;
+        PyObject* obj = tp->tp_alloc(tp, 0);
+        if (obj == NULL) return NULL;
+        if (Py_TYPE(d1)->tp_descr_set(d1, obj, v1) < 0 ||
+                Py_TYPE(d2)->tp_descr_set(d2, obj, v2) < 0) {
+            Py_DECREF(obj);
+            return NULL;
+        }
+        return obj;
+    }
+    """
+    object eem_new_slotted2(object type, object d1, object v1, object d2, object v2)
+
+cdef object _frame_data_slot = None
+cdef object _frame_crc_slot = None
+cdef bint _fast_frames = False
+
+
+cdef inline object _new_frame(const unsigned char* data, Py_ssize_t length, bint crc):
+    cdef bytes payload = PyBytes_FromStringAndSize(<const char*>data, length)
+    if _fast_frames:
+        return eem_new_slotted2(Frame, _frame_data_slot, payload, _frame_crc_slot,
+                                True if crc else False)
+    return Frame(payload, True if crc else False)
+
+
+def _enable_fast_frames() -> None:
+    global _frame_data_slot, _frame_crc_slot, _fast_frames
+    slot_type = type(Echo.__dict__.get("data"))
+    data_slot = Frame.__dict__.get("data")
+    crc_slot = Frame.__dict__.get("crc")
+    if (
+        hasattr(Frame, "__post_init__")
+        or slot_type.__name__ != "member_descriptor"
+        or type(data_slot) is not slot_type
+        or type(crc_slot) is not slot_type
+    ):
+        return
+    _frame_data_slot, _frame_crc_slot, _fast_frames = data_slot, crc_slot, True
+    probe = _new_frame(b"probe", 5, True)
+    if not (type(probe) is Frame and probe == Frame(b"probe", True) and hash(probe) == hash(Frame(b"probe", True))):
+        _fast_frames = False
+
+
+_enable_fast_frames()
+
+
+# -- little helpers ---------------------------------------------------------------------
+
+cdef inline unsigned int _le16(const unsigned char* p) noexcept nogil:
+    return p[0] | (<unsigned int>p[1] << 8)
+
+
+cdef inline uint32_t _le32(const unsigned char* p) noexcept nogil:
+    return p[0] | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16) | (<uint32_t>p[3] << 24)
+
+
+cdef inline bint _check_ok(const unsigned char* packet, Py_ssize_t length, bint crc) noexcept nogil:
+    """codec.check_ok on packet[0:length] (frame + 4-byte check)."""
+    cdef Py_ssize_t n = length - CHECK_SIZE
     if crc:
-        stored = (<unsigned long>check[0] | (<unsigned long>check[1] << 8)
-                  | (<unsigned long>check[2] << 16) | (<unsigned long>check[3] << 24))
-        return crc32(0, body, <unsigned int>(length - CHECK_SIZE)) == stored
-    return memcmp(check, SENTINEL_BYTES, CHECK_SIZE) == 0
+        return crc32(0, packet, <unsigned int>n) == _le32(packet + n)
+    return memcmp(packet + n, SENTINEL_BYTES, CHECK_SIZE) == 0
+
+
+cdef inline Py_ssize_t _records_for(Py_ssize_t total_bytes) noexcept nogil:
+    """Most frames total_bytes of input can hold (each takes MIN_PACKET bytes or more)."""
+    return total_bytes // MIN_PACKET + 1
+
+
+cdef inline Py_ssize_t _max_carry(int max_length) noexcept nogil:
+    """The carry is shorter than one packet: max(max_length, MAX_ECHO_DATA) + 2 bytes."""
+    return (max_length if max_length > MAX_ECHO_DATA else MAX_ECHO_DATA) + HEADER_SIZE - 1
+
+
+cdef object _acquire(object obj, Py_buffer* view, int flags):
+    """Get a contiguous buffer of obj's bytes; returns the object that owns it.
+
+    Anything else the reference accepts through bytes(obj) (a non-contiguous memoryview,
+    an iterable of ints) goes through bytes() too.
+    """
+    try:
+        PyObject_GetBuffer(obj, view, flags)
+        return obj
+    except (BufferError, TypeError):
+        if flags & PyBUF_WRITABLE:
+            raise
+    obj = bytes(obj)
+    PyObject_GetBuffer(obj, view, flags)
+    return obj
+
+
+FRAME_RECORD_DTYPE = None  # numpy dtype of eem_frame_record, made on first feed_buffer()
+
+
+def _frame_record_dtype():
+    global FRAME_RECORD_DTYPE
+    if FRAME_RECORD_DTYPE is None:
+        import numpy as np
+
+        dtype = np.dtype([("offset", np.intp), ("length", np.int32), ("crc", np.int32)])
+        if dtype.itemsize != sizeof(eem_frame_record):
+            raise RuntimeError("eem_frame_record layout does not match FRAME_RECORD_DTYPE")
+        FRAME_RECORD_DTYPE = dtype
+    return FRAME_RECORD_DTYPE
+
+
+# -- the deframer core: codec.Deframer's rules on an eem_deframer -----------------------
+
+cdef Py_ssize_t _deframe(eem_deframer* d, const unsigned char* start, Py_ssize_t carried,
+                         Py_ssize_t n, bint short) noexcept nogil:
+    """eem_deframe(): the n bytes at start, the carried bytes held over just before it.
+
+    Returns the number of frame records (d.frames, offsets counted from start - carried),
+    or DEFRAME_WRONG_MODE / DEFRAME_BAD_CARRY / DEFRAME_OVER_CAPACITY (nothing done) /
+    DEFRAME_NO_MEMORY (done, but commands lost: reset()).
+    """
+    if d.mode == EEM_MODE_FEED:
+        return DEFRAME_WRONG_MODE
+    if carried != d.carry:
+        return DEFRAME_BAD_CARRY
+    if n < 0 or _records_for(carried + n) > d.frame_capacity:
+        return DEFRAME_OVER_CAPACITY
+    d.mode = EEM_MODE_IN_PLACE
+    d.c.transfers += 1
+    d.c.short_transfers += short
+    d.c.bytes_in += n
+    return _run(d, start - carried, carried + n, short)
+
+
+cdef Py_ssize_t _run(eem_deframer* d, const unsigned char* data, Py_ssize_t end,
+                     bint short) noexcept nogil:
+    """codec.Deframer.feed after its transfer counters, on data[0:end] (carry included)."""
+    cdef Py_ssize_t pos = 0
+    cdef Py_ssize_t size
+    cdef unsigned int header
+    d.n_frames = 0
+    d.n_commands = 0
+    d.command_data_len = 0
+    d.failed = False
+    d.carry = 0
+    while True:
+        if d.scanning:
+            pos = _scan(d, data, pos, end, short)
+            if d.scanning:  # ran out of bytes while still looking
+                break
+        if pos == end:
+            break
+        if end - pos < HEADER_SIZE:
+            if short:
+                _cut_off(d, end - pos)
+            else:
+                d.carry = end - pos
+            break
+        header = _le16(data + pos)
+        if header == 0:
+            d.c.zlps += 1
+            pos += HEADER_SIZE
+            continue
+        if header & TYPE_COMMAND:
+            size = _command(d, data, pos, end, header, short)
+        else:
+            size = _data(d, data, pos, end, header, short)
+        if size < 0:  # carried or cut off
+            break
+        if size == 0:  # garbage
+            pos = _start_scan(d, pos)
+        else:
+            pos += size
+    if short:
+        if d.carry == 0 and not d.scanning:
+            _confirm(d)  # the transfer ended exactly after them
+        elif d.scanning:
+            d.c.resyncs += 1
+        _drop_waiting(d)
+        d.scanning = False
+        d.carry = 0
+    if d.failed:
+        return DEFRAME_NO_MEMORY
+    return d.n_frames
+
+
+# in sync
+
+cdef Py_ssize_t _data(eem_deframer* d, const unsigned char* data, Py_ssize_t pos,
+                      Py_ssize_t end, unsigned int header, bint short) noexcept nogil:
+    """A data packet at pos: its size, 0 for garbage, -1 if carried or cut off."""
+    cdef Py_ssize_t length = header & DATA_LENGTH_MASK
+    cdef Py_ssize_t size
+    cdef bint crc
+    cdef eem_frame_record* record
+    if length > d.max_length:
+        d.c.oversize += 1
+        return 0
+    if length < MIN_DATA_LENGTH:
+        d.c.runts += 1
+        return 0
+    size = HEADER_SIZE + length
+    if pos + size > end:
+        _incomplete(d, pos, end, short)
+        return -1
+    crc = (header & DATA_CRC) != 0
+    if not _check_ok(data + pos + HEADER_SIZE, length, crc):
+        if crc:
+            d.c.crc_errors += 1
+        else:
+            d.c.sentinel_errors += 1
+        return 0
+    if d.n_waiting:
+        _confirm(d)
+    # Room: frames never outnumber _records_for(end), checked before _run.
+    record = &d.frames[d.n_frames]
+    record.offset = pos + HEADER_SIZE
+    record.length = <int32_t>(length - CHECK_SIZE)
+    record.crc = crc
+    d.n_frames += 1
+    d.c.frames += 1
+    d.c.bytes += length - CHECK_SIZE
+    d.c.crc_frames += crc
+    return size
+
+
+cdef Py_ssize_t _command(eem_deframer* d, const unsigned char* data, Py_ssize_t pos,
+                         Py_ssize_t end, unsigned int header, bint short) noexcept nogil:
+    """A command at pos, queued for confirmation (same returns as _data)."""
+    cdef int command = (header >> COMMAND_SHIFT) & COMMAND_MASK
+    cdef int param = header & COMMAND_PARAM_MASK
+    cdef Py_ssize_t size = HEADER_SIZE
+    cdef Py_ssize_t payload = 0
+    cdef eem_waiting* entry
+    if command > CMD_TICKLE or header & DATA_CRC:
+        d.c.reserved_commands += 1
+        return 0
+    if command == CMD_ECHO or command == CMD_ECHO_RESPONSE:
+        payload = param
+        size += param
+        if pos + size > end:
+            _incomplete(d, pos, end, short)
+            return -1
+    if d.n_waiting >= EEM_WAIT_LIMIT or d.waiting_bytes + size > EEM_WAIT_BYTES_LIMIT:
+        d.c.unconfirmed_commands += 1  # this one; the waiting ones are dropped next
+        return 0
+    entry = &d.waiting[d.n_waiting]
+    entry.command = command
+    entry.param = param
+    entry.size = size
+    entry.data_offset = d.wait_data_len
+    # Payloads add up to less than waiting_bytes, which stays within EEM_WAIT_BYTES_LIMIT.
+    memcpy(d.wait_data + d.wait_data_len, data + pos + HEADER_SIZE, payload)
+    d.wait_data_len += payload
+    d.n_waiting += 1
+    d.waiting_bytes += size
+    return size
+
+
+cdef void _incomplete(eem_deframer* d, Py_ssize_t pos, Py_ssize_t end, bint short) noexcept nogil:
+    if short:
+        d.c.truncated += 1
+        _cut_off(d, end - pos)
+    else:
+        d.carry = end - pos
+
+
+cdef void _cut_off(eem_deframer* d, Py_ssize_t nbytes) noexcept nogil:
+    """The short transfer ended inside a packet: drop its bytes and what waited."""
+    d.c.bytes_skipped += nbytes
+    _drop_waiting(d)
+
+
+cdef void _confirm(eem_deframer* d) noexcept nogil:
+    cdef int i
+    cdef eem_waiting* entry
+    for i in range(d.n_waiting):
+        entry = &d.waiting[i]
+        if entry.command == CMD_ECHO:
+            d.c.echo += 1
+        elif entry.command == CMD_ECHO_RESPONSE:
+            d.c.echo_response += 1
+        else:
+            d.c.hints += 1
+        _push_command(d, entry.command, entry.param, d.wait_data + entry.data_offset,
+                      entry.size - HEADER_SIZE)
+    d.n_waiting = 0
+    d.waiting_bytes = 0
+    d.wait_data_len = 0
+
+
+cdef void _push_command(eem_deframer* d, int command, int param, const unsigned char* payload,
+                        Py_ssize_t length) noexcept nogil:
+    """Append a confirmed command to the output, grown on demand (commands are rare, and
+    a transfer's worth is bounded by its bytes plus what waited)."""
+    cdef void* mem
+    cdef Py_ssize_t capacity
+    cdef eem_command_record* record
+    if d.n_commands == d.command_capacity:
+        capacity = 2 * d.command_capacity + EEM_WAIT_LIMIT
+        mem = PyMem_RawRealloc(d.commands, capacity * sizeof(eem_command_record))
+        if mem == NULL:
+            d.failed = True
+            return
+        d.commands = <eem_command_record*>mem
+        d.command_capacity = capacity
+    if d.command_data_len + length > d.command_data_capacity:
+        capacity = 2 * d.command_data_capacity + EEM_WAIT_BYTES_LIMIT
+        mem = PyMem_RawRealloc(d.command_data, capacity)
+        if mem == NULL:
+            d.failed = True
+            return
+        d.command_data = <unsigned char*>mem
+        d.command_data_capacity = capacity
+    record = &d.commands[d.n_commands]
+    record.command = command
+    record.param = param
+    record.data_offset = d.command_data_len
+    record.before_frame = d.n_frames
+    memcpy(d.command_data + d.command_data_len, payload, length)
+    d.command_data_len += length
+    d.n_commands += 1
+
+
+cdef void _drop_waiting(eem_deframer* d) noexcept nogil:
+    if d.n_waiting:
+        d.c.unconfirmed_commands += d.n_waiting
+        d.c.bytes_skipped += d.waiting_bytes
+        d.n_waiting = 0
+        d.waiting_bytes = 0
+        d.wait_data_len = 0
+
+
+# scanning
+
+cdef Py_ssize_t _start_scan(eem_deframer* d, Py_ssize_t pos) noexcept nogil:
+    """Garbage at pos: drop what waited, skip one byte, and look for a packet."""
+    _drop_waiting(d)
+    d.scanning = True
+    d.c.bytes_skipped += 1
+    return pos + 1
+
+
+cdef Py_ssize_t _scan(eem_deframer* d, const unsigned char* data, Py_ssize_t pos,
+                      Py_ssize_t end, bint short) noexcept nogil:
+    """The first offset >= pos holding a data packet that verifies (scanning ends), or
+    end when the bytes run out first (the rest is carried, or skipped if short)."""
+    cdef Py_ssize_t start = pos
+    cdef Py_ssize_t length, stop
+    cdef unsigned int header
+    cdef Py_ssize_t max_length = d.max_length
+    while pos + HEADER_SIZE <= end:
+        header = _le16(data + pos)
+        length = header & DATA_LENGTH_MASK
+        if not header & TYPE_COMMAND and MIN_DATA_LENGTH <= length <= max_length:
+            stop = pos + HEADER_SIZE + length
+            if stop > end:
+                if not short:
+                    break  # this candidate decides; wait for the rest of it
+            elif _check_ok(data + pos + HEADER_SIZE, length, (header & DATA_CRC) != 0):
+                d.c.bytes_skipped += pos - start
+                d.c.resyncs += 1
+                d.scanning = False
+                return pos
+        pos += 1
+    if short:
+        pos = end
+    d.c.bytes_skipped += pos - start
+    d.carry = end - pos
+    return end
+
+
+# -- the framer core: codec.Framer's rules on an eem_framer -----------------------------
+
+cdef void _seal(eem_framer* f, unsigned char* slot, Py_ssize_t frame_len) noexcept nogil:
+    """Header at slot[0:2] and the CRC or sentinel after the frame at slot + 2."""
+    cdef unsigned int header = (DATA_CRC if f.crc else 0) | <unsigned int>(frame_len + CHECK_SIZE)
+    cdef unsigned char* check = slot + HEADER_SIZE + frame_len
+    cdef uint32_t value
+    slot[0] = header & 0xFF
+    slot[1] = (header >> 8) & 0xFF
+    if f.crc:
+        value = <uint32_t>crc32(0, slot + HEADER_SIZE, <unsigned int>frame_len)
+        check[0] = value & 0xFF
+        check[1] = (value >> 8) & 0xFF
+        check[2] = (value >> 16) & 0xFF
+        check[3] = (value >> 24) & 0xFF
+    else:
+        memcpy(check, SENTINEL_BYTES, CHECK_SIZE)
+
+
+cdef Py_ssize_t _frame_in_place(eem_framer* f, unsigned char* slot,
+                                Py_ssize_t frame_len) noexcept nogil:
+    """eem_frame_in_place(): pack()'s checks and counters, then _seal."""
+    if frame_len + CHECK_SIZE > f.max_length:
+        f.c.oversize += 1
+        return 0
+    if frame_len < ETH_HEADER:
+        f.c.runts += 1
+        return 0
+    _seal(f, slot, frame_len)
+    f.c.frames += 1
+    f.c.bytes += frame_len
+    return HEADER_SIZE + frame_len + CHECK_SIZE
+
+
+cdef bint _fits(eem_framer* f, Py_ssize_t length) noexcept nogil:
+    """codec.Framer._fits."""
+    if length % f.max_packet == 0:
+        length += HEADER_SIZE
+    return length <= f.max_transfer
+
+
+cdef Py_ssize_t _close_transfer(eem_framer* f, unsigned char* transfer,
+                                Py_ssize_t length) noexcept nogil:
+    """codec.Framer._close, in place."""
+    if length % f.max_packet == 0:
+        transfer[length] = 0
+        transfer[length + 1] = 0
+        length += HEADER_SIZE
+        f.c.zlps += 1
+    f.c.transfers += 1
+    f.c.transfer_bytes += length
+    return length
+
+
+# -- Python objects ---------------------------------------------------------------------
+
+cdef class Deframer
+
+
+cdef class _FrameRecords:
+    """Buffer export of a Deframer's frame records (for feed_buffer's numpy view); the
+    Deframer cannot reallocate them while an export is alive."""
+
+    cdef Deframer owner
+    cdef Py_ssize_t nbytes
+    cdef Py_ssize_t shape[1]
+
+    def __getbuffer__(self, Py_buffer* view, int flags):
+        if flags & PyBUF_WRITABLE:
+            raise BufferError("frame records are read-only")
+        self.shape[0] = self.nbytes
+        view.buf = <void*>self.owner.d.frames
+        view.obj = self
+        view.len = self.nbytes
+        view.readonly = 1
+        view.itemsize = 1
+        view.format = "B"
+        view.ndim = 1
+        view.shape = self.shape
+        view.strides = NULL
+        view.suboffsets = NULL
+        view.internal = NULL
+        self.owner.exports += 1
+
+    def __releasebuffer__(self, Py_buffer* view):
+        self.owner.exports -= 1
 
 
 cdef class Deframer:
-    """EEM bulk IN stream to events (see eembridge/codec.py for the rules)."""
+    """EEM bulk IN stream to events: codec.Deframer's rules and API, plus in place.
 
-    cdef readonly int max_length
-    cdef long long c[N_DEFRAMER_COUNTERS]
-    cdef bytes _carry
-    cdef bint _scanning
-    cdef list _waiting
-    cdef Py_ssize_t _waiting_bytes
-    # Where the unfinished tail starts in the buffer being parsed (-1: none).
-    cdef Py_ssize_t _carry_at
-    # In-place mode (deframe_into): frames are recorded as (offset, length, crc) in
-    # these C arrays instead of becoming Frame objects, and the carried tail stays in
-    # the caller's memory, _carried bytes before the next transfer.
-    cdef bint _record
-    cdef Py_ssize_t _carried
-    cdef Py_ssize_t* _rec_offset
-    cdef Py_ssize_t* _rec_length
-    cdef Py_ssize_t _nrecords
-    cdef Py_ssize_t _capacity
+    The reference API: feed(transfer, short), counters(), reset(), carried,
+    waiting_commands, max_length. In place (the bridge): eem_deframe() from Cython
+    (eem.pxd, via `capsule`), feed_buffer() and deframe_into() from Python, sized by
+    set_capacity(). A stream uses feed() or in place, not both (reset() in between):
+    feed() keeps carried bytes itself, in place expects them in the caller's memory.
+    """
 
-    def __init__(self, int max_length=DEFAULT_MAX_LENGTH):
+    cdef eem_deframer d
+    cdef readonly Py_ssize_t capacity  # transfer size in-place calls are sized for
+    cdef unsigned char* carry_mem  # feed(): the carried bytes, then a transfer behind them
+    cdef Py_ssize_t carry_mem_size
+    cdef int exports  # buffer exports of the frame records alive (block reallocation)
+    cdef object records_view  # feed_buffer(): numpy view of all records, sliced per call
+    cdef bint busy  # inside the core with the GIL released
+    cdef Py_ssize_t last_base  # deframe_into(): buffer offset the last records count from
+
+    def __cinit__(self):
+        memset(&self.d, 0, sizeof(self.d))
+        self.d.deframe = _deframe
+        self.carry_mem = NULL
+
+    def __init__(self, max_length=_protocol.DEFAULT_MAX_LENGTH):
         validate_max_length(max_length)
-        self.max_length = max_length
-        cdef int i
-        for i in range(N_DEFRAMER_COUNTERS):
-            self.c[i] = 0
+        self.d.max_length = max_length
+        memset(&self.d.c, 0, sizeof(self.d.c))
         self.reset()
+        self.set_capacity(DEFAULT_CAPACITY)
 
     def __dealloc__(self):
-        free(self._rec_offset)
-        free(self._rec_length)
-
-    def reset(self):
-        self._carry = b""
-        self._carried = 0
-        self._scanning = False
-        self._waiting = []
-        self._waiting_bytes = 0
-
-    def counters(self):
-        return {name: self.c[i] for i, name in enumerate(DEFRAMER_COUNTERS)}
+        PyMem_RawFree(self.d.frames)
+        PyMem_RawFree(self.d.commands)
+        PyMem_RawFree(self.d.command_data)
+        PyMem_RawFree(self.carry_mem)
 
     @property
-    def carried(self):
-        return self._carried if self._record else len(self._carry)
+    def capsule(self):
+        """PyCapsule EEM_DEFRAMER_CAPSULE holding the eem_deframer* (eem.pxd: deframer_of);
+        valid while this Deframer is alive."""
+        return PyCapsule_New(&self.d, EEM_DEFRAMER_CAPSULE, NULL)
 
     @property
-    def waiting_commands(self):
-        return len(self._waiting)
+    def max_length(self) -> int:
+        return self.d.max_length
 
-    def feed(self, transfer, bint short):
-        """Deframe one bulk IN transfer; return its events (see eembridge/codec.py)."""
-        if self._record:
-            raise RuntimeError("this Deframer deframes in place (deframe_into); use another")
-        cdef bytes data = self._carry + bytes(transfer)
+    @max_length.setter
+    def max_length(self, value) -> None:
+        self._check_idle()
+        validate_max_length(value)
+        self.d.max_length = value
+        self._reserve(_max_carry(self.d.max_length) + self.capacity)
+
+    @property
+    def carried(self) -> int:
+        """Bytes held over to the next transfer (always less than one packet)."""
+        return self.d.carry
+
+    @property
+    def waiting_commands(self) -> int:
+        return self.d.n_waiting
+
+    def reset(self) -> None:
+        """Forget the stream (device reconnected); counters are kept."""
+        self._check_idle()
+        self.d.carry = 0
+        self.d.scanning = False
+        self.d.n_waiting = 0
+        self.d.waiting_bytes = 0
+        self.d.wait_data_len = 0
+        self.d.n_frames = 0
+        self.d.n_commands = 0
+        self.d.command_data_len = 0
+        self.d.failed = False
+        self.d.mode = EEM_MODE_NONE
+
+    def counters(self) -> dict:
+        cdef const int64_t* values = <const int64_t*>&self.d.c
+        return {name: values[i] for i, name in enumerate(_DEFRAMER_FIELDS)}
+
+    def set_capacity(self, Py_ssize_t max_transfer) -> None:
+        """Size the frame records for in-place transfers of up to max_transfer bytes (plus
+        a carry); eem_deframe() refuses longer ones (DEFRAME_OVER_CAPACITY)."""
+        self._check_idle()
+        if max_transfer < 0:
+            raise ValueError(f"max_transfer {max_transfer} is negative")
+        self._reserve(_max_carry(self.d.max_length) + max_transfer)
+        self.capacity = max_transfer
+
+    cdef int _check_idle(self) except -1:
+        if self.busy:
+            raise RuntimeError("this Deframer is in use by another thread")
+        return 0
+
+    cdef int _reserve(self, Py_ssize_t total_bytes) except -1:
+        """Room for the frame records of total_bytes of input, and for feed()'s carry."""
+        cdef Py_ssize_t records = _records_for(total_bytes)
+        cdef Py_ssize_t carry_size = _max_carry(self.d.max_length)
+        cdef void* mem
+        if records > self.d.frame_capacity:
+            self.records_view = None  # our own export; the caller's block reallocation
+            if self.exports:
+                raise BufferError("frame records cannot grow while a view of them exists")
+            mem = PyMem_RawRealloc(self.d.frames, records * sizeof(eem_frame_record))
+            if mem == NULL:
+                raise MemoryError()
+            self.d.frames = <eem_frame_record*>mem
+            self.d.frame_capacity = records
+        if carry_size > self.carry_mem_size:
+            self._grow_carry_mem(carry_size)
+        return 0
+
+    cdef int _grow_carry_mem(self, Py_ssize_t size) except -1:
+        cdef void* mem = PyMem_RawRealloc(self.carry_mem, size)
+        if mem == NULL:
+            raise MemoryError()
+        self.carry_mem = <unsigned char*>mem
+        self.carry_mem_size = size
+        return 0
+
+    # -- events -------------------------------------------------------------------------
+
+    cdef object _command_event(self, Py_ssize_t j):
+        cdef eem_command_record* record = &self.d.commands[j]
+        cdef bytes payload
+        if record.command == CMD_ECHO or record.command == CMD_ECHO_RESPONSE:
+            payload = PyBytes_FromStringAndSize(
+                <const char*>self.d.command_data + record.data_offset, record.param
+            )
+            return Echo(payload) if record.command == CMD_ECHO else EchoResponse(payload)
+        return Hint(record.command, record.param)
+
+    cdef list _events(self, const unsigned char* base):
+        """The last run's output as the reference's events, in the reference's order."""
         cdef list events = []
-        self.c[C_BYTES_IN] += len(data) - len(self._carry)
-        self._carry = b""
-        self._run(data, len(data), short, events)
-        if self._carry_at >= 0:
-            self._carry = data[self._carry_at:]
+        cdef Py_ssize_t i, j = 0
+        cdef eem_frame_record* record
+        for i in range(self.d.n_frames):
+            while j < self.d.n_commands and self.d.commands[j].before_frame == i:
+                events.append(self._command_event(j))
+                j += 1
+            record = &self.d.frames[i]
+            events.append(_new_frame(base + record.offset, record.length, record.crc))
+        while j < self.d.n_commands:
+            events.append(self._command_event(j))
+            j += 1
         return events
 
-    def deframe_into(self, buffer, Py_ssize_t offset, Py_ssize_t n, bint short):
-        """Deframe in place: `n` new bytes at buffer[offset:], with the bytes this deframer
-        carried over lying right before them in the same buffer (a mirrored ring makes that
-        so). Frames are recorded, not copied: read them with frame_records() or, from
-        Cython, through the record arrays. Returns the commands (rare) as events.
+    # -- the reference API --------------------------------------------------------------
+
+    def feed(self, transfer, object short) -> list:
+        """codec.Deframer.feed: one bulk IN transfer in, the events it completes out."""
+        cdef Py_buffer view
+        cdef bint is_short
+        cdef Py_ssize_t n, total, result
+        cdef const unsigned char* base
+        cdef list events
+        self._check_idle()
+        if self.d.mode == EEM_MODE_IN_PLACE:
+            raise RuntimeError("this stream is deframed in place (eem_deframe, feed_buffer, "
+                               "deframe_into); reset() before feeding it with feed()")
+        self.d.mode = EEM_MODE_FEED
+        self.d.c.transfers += 1
+        is_short = bool(short)
+        self.d.c.short_transfers += is_short
+        self.d.c.bytes_in += len(transfer)  # as the reference: len(), not nbytes
+        _acquire(transfer, &view, PyBUF_SIMPLE)
+        try:
+            n = view.len
+            total = self.d.carry + n
+            self._reserve(total)
+            if self.d.carry:
+                # Make carry + transfer contiguous, behind the carried bytes.
+                if total > self.carry_mem_size:
+                    self._grow_carry_mem(total)
+                memcpy(self.carry_mem + self.d.carry, view.buf, n)
+                base = self.carry_mem
+            else:
+                base = <const unsigned char*>view.buf  # deframe the caller's bytes in place
+            result = _run(&self.d, base, total, is_short)
+            try:
+                events = self._events(base)
+            finally:
+                # Keep the new carry (the tail of base[0:total]) for the next transfer.
+                if self.d.carry:
+                    memmove(self.carry_mem, base + total - self.d.carry, self.d.carry)
+        finally:
+            PyBuffer_Release(&view)
+        if result == DEFRAME_NO_MEMORY:
+            raise MemoryError("no memory for the deframer's command output")
+        return events
+
+    # -- in place, from Python ----------------------------------------------------------
+
+    cdef Py_ssize_t _in_place(self, object buffer, Py_ssize_t offset, Py_ssize_t carried,
+                              Py_ssize_t n, bint short, bint grow) except? -9:
+        """eem_deframe() on buffer[offset:offset+n] with the GIL released; errors raised."""
+        cdef Py_buffer view
+        cdef Py_ssize_t result
+        self._check_idle()
+        PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE)
+        try:
+            if not (0 <= carried <= offset and n >= 0 and offset + n <= view.len):
+                raise ValueError(
+                    f"transfer [{offset}:{offset + n}] with {carried} carried bytes before it "
+                    f"does not lie in a buffer of {view.len} bytes"
+                )
+            if grow and n > self.capacity:
+                self.set_capacity(n)
+            self.busy = True
+            with nogil:
+                result = _deframe(&self.d, <const unsigned char*>view.buf + offset, carried, n,
+                                  short)
+            self.busy = False
+        finally:
+            PyBuffer_Release(&view)
+        if result == DEFRAME_WRONG_MODE:
+            raise RuntimeError("this stream is fed through feed(); reset() before deframing "
+                               "it in place")
+        if result == DEFRAME_BAD_CARRY:
+            raise ValueError(f"carried={carried}, but the deframer holds over {self.d.carry} bytes")
+        if result == DEFRAME_OVER_CAPACITY:
+            raise ValueError(f"{carried} carried + {n} new bytes exceed the capacity "
+                             f"(set_capacity({self.capacity})): set_capacity({n}) first")
+        if result == DEFRAME_NO_MEMORY:
+            raise MemoryError("no memory for the deframer's command output")
+        self.last_base = offset - carried
+        return result
+
+    def feed_buffer(self, buffer, Py_ssize_t offset, Py_ssize_t carried, Py_ssize_t n,
+                    object short):
+        """eem_deframe() from Python (tests, benchmarks), GIL released.
+
+        The transfer is buffer[offset:offset+n]; the `carried` bytes held over from the
+        previous call must be buffer[offset-carried:offset] (as in the bridge's mirrored
+        ring). Returns (frames, commands): frames is a read-only numpy view of the frame
+        records (FRAME_RECORD_DTYPE: offset counted from offset - carried, length, crc),
+        valid until the next call; commands is a list of (before_frame, event), the event
+        going just before frames[before_frame]. A transfer beyond set_capacity() is a
+        ValueError, as eem_deframe() refuses it.
         """
-        cdef const unsigned char[::1] view = buffer
-        if offset - self._carried < 0 or offset + n > view.shape[0]:
-            raise ValueError("the transfer and its carried bytes do not lie within the buffer")
-        self._record = True
-        self._ensure_capacity(self._carried + n)
-        cdef list commands = []
-        cdef Py_ssize_t start = offset - self._carried
-        self.c[C_BYTES_IN] += n
-        self._nrecords = 0
-        self._run(&view[start] if view.shape[0] else NULL, self._carried + n, short, commands)
-        for i in range(self._nrecords):
-            self._rec_offset[i] += start
-        self._carried = (self._carried + n - self._carry_at) if self._carry_at >= 0 else 0
-        return commands
+        cdef Py_ssize_t count = self._in_place(buffer, offset, carried, n, bool(short), False)
+        cdef _FrameRecords records
+        if self.records_view is None:
+            import numpy as np
 
-    def frame_records(self):
-        """(offset, length) of each frame the last deframe_into found, in order."""
-        return [(self._rec_offset[i], self._rec_length[i]) for i in range(self._nrecords)]
+            records = _FrameRecords()
+            records.owner = self
+            records.nbytes = self.d.frame_capacity * sizeof(eem_frame_record)
+            self.records_view = np.frombuffer(records, dtype=_frame_record_dtype())
+        frames = self.records_view[:count]
+        commands = [(self.d.commands[j].before_frame, self._command_event(j))
+                    for j in range(self.d.n_commands)]
+        return frames, commands
 
-    cdef int _ensure_capacity(self, Py_ssize_t nbytes) except -1:
-        cdef Py_ssize_t needed = nbytes // (HEADER_SIZE + MIN_DATA_LENGTH) + 1
-        if needed <= self._capacity:
-            return 0
-        free(self._rec_offset)
-        free(self._rec_length)
-        self._rec_offset = <Py_ssize_t*>malloc(needed * sizeof(Py_ssize_t))
-        self._rec_length = <Py_ssize_t*>malloc(needed * sizeof(Py_ssize_t))
-        if self._rec_offset is NULL or self._rec_length is NULL:
-            self._capacity = 0
-            raise MemoryError()
-        self._capacity = needed
-        return 0
+    def deframe_into(self, buffer, Py_ssize_t offset, Py_ssize_t n, object short) -> list:
+        """In place, as datapath.RingRxPath uses it: n new bytes at buffer[offset:], the
+        carried bytes right before them. Returns the commands as events, in order;
+        frame_records() gives the frames. Grows the capacity as needed."""
+        self._in_place(buffer, offset, self.d.carry, n, bool(short), True)
+        return [self._command_event(j) for j in range(self.d.n_commands)]
 
-    cdef int _run(self, const unsigned char* d, Py_ssize_t end, bint short, list events) except -1:
-        """The state machine of codec.Deframer.feed over d[0:end] (carry included)."""
-        cdef Py_ssize_t pos = 0
-        cdef Py_ssize_t size
-        cdef unsigned int header
-        self.c[C_TRANSFERS] += 1
-        self.c[C_SHORT_TRANSFERS] += short
-        self._carry_at = -1
-        while True:
-            if self._scanning:
-                pos = self._scan(d, pos, end, short)
-                if self._scanning:
-                    break
-            if pos == end:
-                break
-            if end - pos < HEADER_SIZE:
-                if short:
-                    self._cut_off(end - pos)
-                else:
-                    self._carry_at = pos
-                break
-            header = le16(d + pos)
-            if header == 0:
-                self.c[C_ZLPS] += 1
-                pos += HEADER_SIZE
-                continue
-            if header & TYPE_COMMAND:
-                size = self._command(d, pos, end, header, short)
-            else:
-                size = self._data(d, pos, end, header, short, events)
-            if size == STOP:
-                break
-            if size == GARBAGE:
-                pos = self._start_scan(pos)
-            else:
-                pos += size
-        if short:
-            if self._carry_at < 0 and not self._scanning:
-                self._confirm(events)
-            elif self._scanning:
-                self.c[C_RESYNCS] += 1
-            self._drop_waiting()
-            self._scanning = False
-            self._carry_at = -1
-        return 0
-
-    # -- in sync -----------------------------------------------------------------
-
-    cdef Py_ssize_t _data(self, const unsigned char* d, Py_ssize_t pos,
-                          Py_ssize_t end, unsigned int header, bint short, list events) except -2:
-        cdef Py_ssize_t length = header & DATA_LENGTH_MASK
-        cdef Py_ssize_t size
-        cdef bint crc
-        if length > self.max_length:
-            self.c[C_OVERSIZE] += 1
-            return GARBAGE
-        if length < MIN_DATA_LENGTH:
-            self.c[C_RUNTS] += 1
-            return GARBAGE
-        size = HEADER_SIZE + length
-        if pos + size > end:
-            self._incomplete(pos, end, short)
-            return STOP
-        crc = (header & DATA_CRC) != 0
-        if not check_ok(d + pos + HEADER_SIZE, length, crc):
-            self.c[C_CRC_ERRORS if crc else C_SENTINEL_ERRORS] += 1
-            return GARBAGE
-        self._confirm(events)
-        if self._record:
-            self._rec_offset[self._nrecords] = pos + HEADER_SIZE
-            self._rec_length[self._nrecords] = length - CHECK_SIZE
-            self._nrecords += 1
-        else:
-            events.append(Frame(PyBytes_FromStringAndSize(<const char*>d + pos + HEADER_SIZE,
-                                                          length - CHECK_SIZE), crc))
-        self.c[C_FRAMES] += 1
-        self.c[C_BYTES] += length - CHECK_SIZE
-        self.c[C_CRC_FRAMES] += crc
-        return size
-
-    cdef Py_ssize_t _command(self, const unsigned char* d, Py_ssize_t pos,
-                             Py_ssize_t end, unsigned int header, bint short) except -2:
-        cdef unsigned int command = (header >> COMMAND_SHIFT) & COMMAND_MASK
-        cdef unsigned int param = header & COMMAND_PARAM_MASK
-        cdef Py_ssize_t size = HEADER_SIZE
-        if command > CMD_TICKLE or header & DATA_CRC:
-            self.c[C_RESERVED_COMMANDS] += 1
-            return GARBAGE
-        if command == CMD_ECHO or command == CMD_ECHO_RESPONSE:
-            size += param
-            if pos + size > end:
-                self._incomplete(pos, end, short)
-                return STOP
-            payload = PyBytes_FromStringAndSize(<const char*>d + pos + HEADER_SIZE, param)
-            event = Echo(payload) if command == CMD_ECHO else EchoResponse(payload)
-        else:
-            event = Hint(command, param)
-        if (len(self._waiting) >= MAX_PENDING_COMMANDS
-                or self._waiting_bytes + size > MAX_PENDING_COMMAND_BYTES):
-            self.c[C_UNCONFIRMED_COMMANDS] += 1
-            return GARBAGE
-        self._waiting.append((event, size))
-        self._waiting_bytes += size
-        return size
-
-    cdef int _incomplete(self, Py_ssize_t pos, Py_ssize_t end, bint short) except -1:
-        if short:
-            self.c[C_TRUNCATED] += 1
-            self._cut_off(end - pos)
-        else:
-            self._carry_at = pos
-        return 0
-
-    cdef int _cut_off(self, Py_ssize_t nbytes) except -1:
-        self.c[C_BYTES_SKIPPED] += nbytes
-        self._drop_waiting()
-        return 0
-
-    cdef int _confirm(self, list events) except -1:
-        if not self._waiting:
-            return 0
-        for event, _size in self._waiting:
-            if type(event) is Echo:
-                self.c[C_ECHO] += 1
-            elif type(event) is EchoResponse:
-                self.c[C_ECHO_RESPONSE] += 1
-            else:
-                self.c[C_HINTS] += 1
-            events.append(event)
-        self._waiting = []
-        self._waiting_bytes = 0
-        return 0
-
-    cdef int _drop_waiting(self) except -1:
-        if self._waiting:
-            self.c[C_UNCONFIRMED_COMMANDS] += len(self._waiting)
-            self.c[C_BYTES_SKIPPED] += self._waiting_bytes
-            self._waiting = []
-            self._waiting_bytes = 0
-        return 0
-
-    # -- scanning ------------------------------------------------------------------
-
-    cdef Py_ssize_t _start_scan(self, Py_ssize_t pos) except -1:
-        self._drop_waiting()
-        self._scanning = True
-        self.c[C_BYTES_SKIPPED] += 1
-        return pos + 1
-
-    cdef Py_ssize_t _scan(self, const unsigned char* d, Py_ssize_t pos,
-                          Py_ssize_t end, bint short) except -1:
-        cdef Py_ssize_t start = pos
-        cdef Py_ssize_t stop, length
-        cdef unsigned int header
-        cdef int max_length = self.max_length
-        cdef bint found = False
-        with nogil:
-            while pos + HEADER_SIZE <= end:
-                header = le16(d + pos)
-                length = header & DATA_LENGTH_MASK
-                if not (header & TYPE_COMMAND) and MIN_DATA_LENGTH <= length <= max_length:
-                    stop = pos + HEADER_SIZE + length
-                    if stop > end:
-                        if not short:
-                            break  # this candidate decides; wait for the rest of it
-                    elif check_ok(d + pos + HEADER_SIZE, length, (header & DATA_CRC) != 0):
-                        found = True
-                        break
-                pos += 1
-        if found:
-            self.c[C_BYTES_SKIPPED] += pos - start
-            self.c[C_RESYNCS] += 1
-            self._scanning = False
-            return pos
-        if short:
-            pos = end
-        self.c[C_BYTES_SKIPPED] += pos - start
-        if pos < end:
-            self._carry_at = pos
-        return end
+    def frame_records(self) -> list:
+        """(buffer offset, length) of each frame the last deframe_into() found, in order."""
+        return [(self.last_base + self.d.frames[i].offset, self.d.frames[i].length)
+                for i in range(self.d.n_frames)]
 
 
 cdef class Framer:
-    """Ethernet frames to bulk OUT transfers (see eembridge/codec.py)."""
+    """Ethernet frames to bulk OUT transfers: codec.Framer's rules and API, plus in place
+    (eem_frame_in_place, eem_fits, eem_close_transfer from Cython via eem.pxd; the
+    frame_buffer, fits and close_buffer wrappers from Python)."""
 
-    cdef readonly bint crc
-    cdef readonly Py_ssize_t max_transfer
-    cdef readonly Py_ssize_t max_packet
-    cdef readonly int max_length
-    cdef dict _counters
+    cdef eem_framer f
+    cdef unsigned char* transfer_mem  # pack(): the transfer being assembled
+    cdef Py_ssize_t transfer_size
 
-    def __init__(self, bint crc=True, Py_ssize_t max_transfer=DEFAULT_MAX_TRANSFER,
-                 Py_ssize_t max_packet=512, int max_length=DEFAULT_MAX_LENGTH):
+    def __cinit__(self):
+        memset(&self.f, 0, sizeof(self.f))
+        self.f.frame_in_place = _frame_in_place
+        self.f.fits = _fits
+        self.f.close_transfer = _close_transfer
+        self.transfer_mem = NULL
+
+    def __init__(self, crc=True, max_transfer=_protocol.DEFAULT_MAX_TRANSFER, max_packet=512,
+                 max_length=_protocol.DEFAULT_MAX_LENGTH):
         validate_framer_options(max_transfer, max_packet, max_length)
-        self.crc = crc
-        self.max_transfer = max_transfer
-        self.max_packet = max_packet
-        self.max_length = max_length
-        self._counters = dict.fromkeys(FRAMER_COUNTERS, 0)
+        self.f.crc = crc
+        self.f.max_transfer = max_transfer
+        self.f.max_packet = max_packet
+        self.f.max_length = max_length
+        memset(&self.f.c, 0, sizeof(self.f.c))
 
-    def counters(self):
-        return dict(self._counters)
+    def __dealloc__(self):
+        PyMem_RawFree(self.transfer_mem)
 
-    cdef int _append_packet(self, bytearray out, const unsigned char[:] frame) except -1:
-        cdef Py_ssize_t n = frame.shape[0]
-        cdef unsigned long value
-        cdef unsigned int header = (DATA_CRC if self.crc else 0) | (n + CHECK_SIZE)
-        out.append(header & 0xFF)
-        out.append(header >> 8)
-        out += frame
-        if self.crc:
-            value = crc32(0, &frame[0], <unsigned int>n) if n else 0
-            out += bytes((value & 0xFF, (value >> 8) & 0xFF, (value >> 16) & 0xFF, (value >> 24) & 0xFF))
-        else:
-            out += SENTINEL
+    @property
+    def capsule(self):
+        """PyCapsule EEM_FRAMER_CAPSULE holding the eem_framer* (eem.pxd: framer_of);
+        valid while this Framer is alive."""
+        return PyCapsule_New(&self.f, EEM_FRAMER_CAPSULE, NULL)
+
+    @property
+    def crc(self) -> bool:
+        return self.f.crc
+
+    @crc.setter
+    def crc(self, value) -> None:
+        self.f.crc = value
+
+    @property
+    def max_transfer(self) -> int:
+        return self.f.max_transfer
+
+    @max_transfer.setter
+    def max_transfer(self, value) -> None:
+        validate_framer_options(value, self.f.max_packet, self.f.max_length)
+        self.f.max_transfer = value
+
+    @property
+    def max_packet(self) -> int:
+        return self.f.max_packet
+
+    @max_packet.setter
+    def max_packet(self, value) -> None:
+        validate_framer_options(self.f.max_transfer, value, self.f.max_length)
+        self.f.max_packet = value
+
+    @property
+    def max_length(self) -> int:
+        return self.f.max_length
+
+    @max_length.setter
+    def max_length(self, value) -> None:
+        validate_framer_options(self.f.max_transfer, self.f.max_packet, value)
+        self.f.max_length = value
+
+    def counters(self) -> dict:
+        cdef const int64_t* values = <const int64_t*>&self.f.c
+        return {name: values[i] for i, name in enumerate(_FRAMER_FIELDS)}
+
+    cdef int _reserve(self, Py_ssize_t size) except -1:
+        cdef void* mem
+        if size > self.transfer_size:
+            mem = PyMem_RawRealloc(self.transfer_mem, size)
+            if mem == NULL:
+                raise MemoryError()
+            self.transfer_mem = <unsigned char*>mem
+            self.transfer_size = size
         return 0
 
-    def packet(self, frame):
-        cdef bytearray out = bytearray()
-        self._append_packet(out, bytes(frame))
-        return bytes(out)
+    # -- the reference API --------------------------------------------------------------
 
-    cdef bint _fits(self, Py_ssize_t length):
-        if length % self.max_packet == 0:
-            length += HEADER_SIZE
-        return length <= self.max_transfer
+    def packet(self, frame) -> bytes:
+        """One EEM data packet (header, frame, check); no length validation."""
+        cdef Py_buffer view
+        cdef bytes packet
+        cdef unsigned char* p
+        _acquire(frame, &view, PyBUF_SIMPLE)
+        try:
+            _check_header_fits(self.f.crc, view.len)
+            packet = PyBytes_FromStringAndSize(NULL, HEADER_SIZE + view.len + CHECK_SIZE)
+            p = <unsigned char*>PyBytes_AS_STRING(packet)
+            memcpy(p + HEADER_SIZE, view.buf, view.len)
+            _seal(&self.f, p, view.len)
+        finally:
+            PyBuffer_Release(&view)
+        return packet
 
-    cdef bytes _close(self, bytearray transfer):
-        if len(transfer) % self.max_packet == 0:
-            transfer += b"\x00\x00"
-            self._counters["zlps"] += 1
-        self._counters["transfers"] += 1
-        self._counters["transfer_bytes"] += len(transfer)
-        return bytes(transfer)
-
-    def pack(self, frames):
-        c = self._counters
+    def pack(self, frames) -> list:
+        """Frame and batch; frames that cannot be sent are counted and left out."""
         cdef list transfers = []
-        cdef bytearray current = bytearray()
-        cdef Py_ssize_t n, size
+        cdef Py_ssize_t current = 0  # bytes of the transfer being assembled
+        cdef Py_ssize_t n
+        cdef Py_buffer view
         for frame in frames:
-            frame = bytes(frame)
-            n = len(frame)
-            if n + CHECK_SIZE > self.max_length:
-                c["oversize"] += 1
+            n = len(frame)  # as the reference: len(), checked before the bytes are taken
+            if n + CHECK_SIZE > self.f.max_length:
+                self.f.c.oversize += 1
                 continue
             if n < ETH_HEADER:
-                c["runts"] += 1
+                self.f.c.runts += 1
                 continue
-            size = HEADER_SIZE + n + CHECK_SIZE
-            if current and not self._fits(len(current) + size):
-                transfers.append(self._close(current))
-                current = bytearray()
-            self._append_packet(current, frame)
-            c["frames"] += 1
-            c["bytes"] += n
+            if current and not _fits(&self.f, current + HEADER_SIZE + n + CHECK_SIZE):
+                transfers.append(self._close_bytes(current))
+                current = 0
+            _acquire(frame, &view, PyBUF_SIMPLE)
+            try:
+                _check_header_fits(self.f.crc, view.len)
+                # Room for this packet and the zero-length packet that may close it.
+                self._reserve(current + HEADER_SIZE + view.len + CHECK_SIZE + HEADER_SIZE)
+                memcpy(self.transfer_mem + current + HEADER_SIZE, view.buf, view.len)
+                _seal(&self.f, self.transfer_mem + current, view.len)
+                current += HEADER_SIZE + view.len + CHECK_SIZE
+            finally:
+                PyBuffer_Release(&view)
+            self.f.c.frames += 1
+            self.f.c.bytes += n
         if current:
-            transfers.append(self._close(current))
+            transfers.append(self._close_bytes(current))
         return transfers
 
-    def echo(self, data):
-        self._counters["echo"] += 1
+    cdef bytes _close_bytes(self, Py_ssize_t length):
+        length = _close_transfer(&self.f, self.transfer_mem, length)  # room: pack()
+        return PyBytes_FromStringAndSize(<const char*>self.transfer_mem, length)
+
+    def echo(self, data) -> bytes:
+        self.f.c.echo += 1  # counted before the check, as the reference does
         return self._command_transfer(CMD_ECHO, data)
 
-    def echo_response(self, data):
-        self._counters["echo_response"] += 1
+    def echo_response(self, data) -> bytes:
+        self.f.c.echo_response += 1
         return self._command_transfer(CMD_ECHO_RESPONSE, data)
 
-    cdef bytes _command_transfer(self, unsigned int command, data):
-        data = bytes(data)
-        if len(data) > MAX_ECHO_DATA:
-            raise ValueError(f"echo data of {len(data)} bytes exceeds {MAX_ECHO_DATA}")
-        cdef unsigned int header = TYPE_COMMAND | (command << COMMAND_SHIFT) | len(data)
-        cdef bytearray out = bytearray((header & 0xFF, header >> 8))
-        out += data
-        return self._close(out)
+    cdef bytes _command_transfer(self, int command, object data):
+        cdef Py_ssize_t n = len(data)
+        cdef Py_ssize_t length
+        cdef Py_buffer view
+        cdef bytes transfer
+        cdef unsigned char* p
+        cdef unsigned int header
+        if n > MAX_ECHO_DATA:
+            raise ValueError(f"echo data of {n} bytes exceeds {MAX_ECHO_DATA}")
+        header = TYPE_COMMAND | (command << COMMAND_SHIFT) | n
+        _acquire(data, &view, PyBUF_SIMPLE)
+        try:
+            length = HEADER_SIZE + view.len
+            transfer = PyBytes_FromStringAndSize(
+                NULL, length + (HEADER_SIZE if length % self.f.max_packet == 0 else 0)
+            )
+            p = <unsigned char*>PyBytes_AS_STRING(transfer)
+            p[0] = header & 0xFF
+            p[1] = (header >> 8) & 0xFF
+            memcpy(p + HEADER_SIZE, view.buf, view.len)
+            _close_transfer(&self.f, p, length)
+        finally:
+            PyBuffer_Release(&view)
+        return transfer
+
+    # -- in place, from Python (tests, benchmarks) --------------------------------------
+
+    def fits(self, Py_ssize_t length) -> bool:
+        """eem_fits(): whether a transfer of length bytes, once closed, is within limits."""
+        return _fits(&self.f, length)
+
+    def frame_buffer(self, buffer, Py_ssize_t offset, Py_ssize_t frame_len) -> int:
+        """eem_frame_in_place() on buffer[offset:], the frame at offset + 2: the packet
+        size, or 0 if the frame was refused (counted)."""
+        cdef Py_buffer view
+        cdef Py_ssize_t size
+        PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
+        try:
+            if not (offset >= 0 and frame_len >= 0
+                    and offset + HEADER_SIZE + frame_len + CHECK_SIZE <= view.len):
+                raise ValueError(f"the packet of a {frame_len}-byte frame at {offset} does not "
+                                 f"fit in a buffer of {view.len} bytes")
+            with nogil:
+                size = _frame_in_place(&self.f, <unsigned char*>view.buf + offset, frame_len)
+        finally:
+            PyBuffer_Release(&view)
+        return size
+
+    def close_buffer(self, buffer, Py_ssize_t offset, Py_ssize_t length) -> int:
+        """eem_close_transfer() on the transfer buffer[offset:offset+length]: its final
+        length (2 more if a zero-length packet was appended)."""
+        cdef Py_ssize_t room
+        cdef Py_buffer view
+        PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
+        try:
+            room = HEADER_SIZE if length % self.f.max_packet == 0 else 0
+            if not (offset >= 0 and length >= 0 and offset + length + room <= view.len):
+                raise ValueError(f"a transfer of {length} bytes at {offset} (+{room} for the "
+                                 f"zero-length packet) does not fit in {view.len} bytes")
+            length = _close_transfer(&self.f, <unsigned char*>view.buf + offset, length)
+        finally:
+            PyBuffer_Release(&view)
+        return length
+
+
+cdef int _check_header_fits(bint crc, Py_ssize_t frame_len) except -1:
+    """codec.Framer.packet does no length check, but int.to_bytes(2) refuses a header
+    above 0xFFFF; fail the same way rather than write a wrapped header."""
+    if ((DATA_CRC if crc else 0) | (frame_len + CHECK_SIZE)) > 0xFFFF:
+        raise OverflowError("int too big to convert")
+    return 0
+
+
+def _crc32_blocks(buffer, Py_ssize_t block) -> int:
+    """Benchmark bound (bench/codec.py): zlib's crc32 over buffer in consecutive blocks of
+    `block` bytes, in C with the GIL released, as a deframer checking frames of that size
+    must at least do. Returns the XOR of the CRCs (so the work is not optimised away)."""
+    cdef Py_buffer view
+    cdef Py_ssize_t pos
+    cdef uint32_t result = 0
+    cdef const unsigned char* data
+    if block <= 0:
+        raise ValueError("block must be positive")
+    PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE)
+    data = <const unsigned char*>view.buf
+    try:
+        with nogil:
+            pos = 0
+            while pos + block <= view.len:
+                result ^= <uint32_t>crc32(0, data + pos, <unsigned int>block)
+                pos += block
+    finally:
+        PyBuffer_Release(&view)
+    return result
