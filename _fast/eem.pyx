@@ -218,8 +218,8 @@ cdef inline Py_ssize_t _max_carry(int max_length) noexcept nogil:
 cdef object _acquire(object obj, Py_buffer* view, int flags):
     """Get a contiguous buffer of obj's bytes; returns the object that owns it.
 
-    Anything else the reference accepts through bytes(obj) (a non-contiguous memoryview,
-    an iterable of ints) goes through bytes() too.
+    A non-contiguous buffer is copied through memoryview(obj).tobytes(), as the
+    reference does; what is not a buffer at all raises TypeError there.
     """
     try:
         PyObject_GetBuffer(obj, view, flags)
@@ -227,7 +227,7 @@ cdef object _acquire(object obj, Py_buffer* view, int flags):
     except (BufferError, TypeError):
         if flags & PyBUF_WRITABLE:
             raise
-    obj = bytes(obj)
+    obj = memoryview(obj).tobytes()
     PyObject_GetBuffer(obj, view, flags)
     return obj
 
@@ -762,10 +762,10 @@ cdef class Deframer:
         self.d.c.transfers += 1
         is_short = bool(short)
         self.d.c.short_transfers += is_short
-        self.d.c.bytes_in += len(transfer)  # as the reference: len(), not nbytes
         _acquire(transfer, &view, PyBUF_SIMPLE)
         try:
             n = view.len
+            self.d.c.bytes_in += n
             total = self.d.carry + n
             self._reserve(total)
             if self.d.carry:
@@ -951,13 +951,13 @@ cdef class Framer:
     # -- the reference API --------------------------------------------------------------
 
     def packet(self, frame) -> bytes:
-        """One EEM data packet (header, frame, check); no length validation."""
+        """One EEM data packet (header, frame, check); ValueError beyond bmLength's range."""
         cdef Py_buffer view
         cdef bytes packet
         cdef unsigned char* p
         _acquire(frame, &view, PyBUF_SIMPLE)
         try:
-            _check_header_fits(self.f.crc, view.len)
+            _check_header_fits(view.len)
             packet = PyBytes_FromStringAndSize(NULL, HEADER_SIZE + view.len + CHECK_SIZE)
             p = <unsigned char*>PyBytes_AS_STRING(packet)
             memcpy(p + HEADER_SIZE, view.buf, view.len)
@@ -973,7 +973,9 @@ cdef class Framer:
         cdef Py_ssize_t n
         cdef Py_buffer view
         for frame in frames:
-            n = len(frame)  # as the reference: len(), checked before the bytes are taken
+            _acquire(frame, &view, PyBUF_SIMPLE)
+            n = view.len
+            PyBuffer_Release(&view)
             if n + CHECK_SIZE > self.f.max_length:
                 self.f.c.oversize += 1
                 continue
@@ -985,7 +987,6 @@ cdef class Framer:
                 current = 0
             _acquire(frame, &view, PyBUF_SIMPLE)
             try:
-                _check_header_fits(self.f.crc, view.len)
                 # Room for this packet and the zero-length packet that may close it.
                 self._reserve(current + HEADER_SIZE + view.len + CHECK_SIZE + HEADER_SIZE)
                 memcpy(self.transfer_mem + current + HEADER_SIZE, view.buf, view.len)
@@ -1004,25 +1005,26 @@ cdef class Framer:
         return PyBytes_FromStringAndSize(<const char*>self.transfer_mem, length)
 
     def echo(self, data) -> bytes:
-        self.f.c.echo += 1  # counted before the check, as the reference does
-        return self._command_transfer(CMD_ECHO, data)
+        transfer = self._command_transfer(CMD_ECHO, data)
+        self.f.c.echo += 1  # counted only once it is built, as the reference does
+        return transfer
 
     def echo_response(self, data) -> bytes:
+        transfer = self._command_transfer(CMD_ECHO_RESPONSE, data)
         self.f.c.echo_response += 1
-        return self._command_transfer(CMD_ECHO_RESPONSE, data)
+        return transfer
 
     cdef bytes _command_transfer(self, int command, object data):
-        cdef Py_ssize_t n = len(data)
         cdef Py_ssize_t length
         cdef Py_buffer view
         cdef bytes transfer
         cdef unsigned char* p
         cdef unsigned int header
-        if n > MAX_ECHO_DATA:
-            raise ValueError(f"echo data of {n} bytes exceeds {MAX_ECHO_DATA}")
-        header = TYPE_COMMAND | (command << COMMAND_SHIFT) | n
         _acquire(data, &view, PyBUF_SIMPLE)
         try:
+            if view.len > MAX_ECHO_DATA:
+                raise ValueError(f"echo data of {view.len} bytes exceeds {MAX_ECHO_DATA}")
+            header = TYPE_COMMAND | (command << COMMAND_SHIFT) | view.len
             length = HEADER_SIZE + view.len
             transfer = PyBytes_FromStringAndSize(
                 NULL, length + (HEADER_SIZE if length % self.f.max_packet == 0 else 0)
@@ -1076,11 +1078,10 @@ cdef class Framer:
         return length
 
 
-cdef int _check_header_fits(bint crc, Py_ssize_t frame_len) except -1:
-    """codec.Framer.packet does no length check, but int.to_bytes(2) refuses a header
-    above 0xFFFF; fail the same way rather than write a wrapped header."""
-    if ((DATA_CRC if crc else 0) | (frame_len + CHECK_SIZE)) > 0xFFFF:
-        raise OverflowError("int too big to convert")
+cdef int _check_header_fits(Py_ssize_t frame_len) except -1:
+    """As codec.Framer.packet: refuse a frame bmLength cannot describe."""
+    if frame_len + CHECK_SIZE > DATA_LENGTH_MASK:
+        raise ValueError(f"frame of {frame_len} bytes does not fit an EEM data header")
     return 0
 
 

@@ -48,6 +48,7 @@ from .protocol import (
     CMD_ECHO_RESPONSE,
     CMD_TICKLE,
     COMMAND_MASK,
+    COMMAND_NAMES,
     COMMAND_PARAM_MASK,
     COMMAND_SHIFT,
     DATA_CRC,
@@ -129,8 +130,10 @@ class Deframer:
         c = self._counters
         c["transfers"] += 1
         c["short_transfers"] += bool(short)
+        # Bytes, whatever the buffer's format (a cast memoryview's len() counts items).
+        transfer = memoryview(transfer).tobytes()
         c["bytes_in"] += len(transfer)
-        data = self._carry + bytes(transfer)
+        data = self._carry + transfer
         self._carry = b""
         end = len(data)
         events: list[Event] = []
@@ -332,8 +335,14 @@ class Framer:
         return dict(self._counters)
 
     def packet(self, frame: bytes | bytearray | memoryview) -> bytes:
-        """One EEM data packet (header, frame, check); no length validation."""
+        """One EEM data packet (header, frame, check).
+
+        Only the header's 14-bit bmLength limits it (ValueError beyond); pack() applies
+        the configured maximum and counts what it refuses.
+        """
         frame = bytes(frame)
+        if len(frame) + CHECK_SIZE > DATA_LENGTH_MASK:
+            raise ValueError(f"frame of {len(frame)} bytes does not fit an EEM data header")
         check = zlib.crc32(frame).to_bytes(CHECK_SIZE, "little") if self.crc else SENTINEL
         header = data_header(len(frame) + CHECK_SIZE, self.crc)
         return header.to_bytes(HEADER_SIZE, "little") + frame + check
@@ -344,7 +353,7 @@ class Framer:
         transfers: list[bytes] = []
         current = bytearray()
         for frame in frames:
-            n = len(frame)
+            n = memoryview(frame).nbytes  # bytes, also for a cast memoryview
             if n + CHECK_SIZE > self.max_length:
                 c["oversize"] += 1
                 continue
@@ -363,16 +372,16 @@ class Framer:
         return transfers
 
     def echo(self, data: bytes | bytearray | memoryview) -> bytes:
-        self._counters["echo"] += 1
         return self._command_transfer(CMD_ECHO, data)
 
     def echo_response(self, data: bytes | bytearray | memoryview) -> bytes:
-        self._counters["echo_response"] += 1
         return self._command_transfer(CMD_ECHO_RESPONSE, data)
 
     def _command_transfer(self, command: int, data: bytes | bytearray | memoryview) -> bytes:
+        data = bytes(data)
         if len(data) > MAX_ECHO_DATA:
             raise ValueError(f"echo data of {len(data)} bytes exceeds {MAX_ECHO_DATA}")
+        self._counters[COMMAND_NAMES[command]] += 1  # counted only once it is built
         header = command_header(command, len(data)).to_bytes(HEADER_SIZE, "little")
         return self._close(bytearray(header + bytes(data)))
 

@@ -229,21 +229,39 @@ def test_feed_takes_what_the_reference_takes(wrap):
         run_both(transfers + [(b"", True)], wrap=wrap)
 
 
-def test_odd_inputs_match_the_reference_quirks():
-    """Where the reference takes len() as the byte count, the Cython codec does too (see
-    the report: bytes_in counts items of a multi-byte memoryview)."""
+def test_odd_inputs_are_counted_in_bytes():
+    """A multi-byte memoryview is taken as the bytes it holds, by both; anything that
+    is not a buffer is refused."""
     packet = data_packet(ethernet_frame(random.Random(1), 46), True)
-    for transfer in (memoryview(packet).cast("H"), list(packet)):
+    for transfer in (memoryview(packet).cast("H"), bytearray(packet)):
         fast, ref = FAST.Deframer(), REF.Deframer()
-        assert fast.feed(transfer, True) == ref.feed(transfer, True)
+        assert fast.feed(transfer, True) == ref.feed(transfer, True) == [
+            Frame(packet[2:-4], True)
+        ]
         assert_same_state(fast, ref)
-    for bad in (5, "text", None):
+        assert ref.counters()["bytes_in"] == len(packet)
+    for bad in (5, "text", None, list(packet)):
         fast, ref = FAST.Deframer(), REF.Deframer()
         with pytest.raises(TypeError):
             ref.feed(bad, True)
         with pytest.raises(TypeError):
             fast.feed(bad, True)
         assert_same_state(fast, ref)
+
+
+def test_framer_counts_bytes_and_only_what_it_built():
+    frame = ethernet_frame(random.Random(3), 100)[:112]  # a multiple of 4 bytes
+    for impl in (REF, FAST):
+        framer = impl.Framer(crc=True)
+        (transfer,) = framer.pack([memoryview(frame).cast("I")])
+        assert transfer[2:-4] == frame and framer.counters()["bytes"] == len(frame)
+        with pytest.raises(ValueError, match="exceeds"):
+            framer.echo(bytes(MAX_ECHO_DATA + 1))
+        with pytest.raises(ValueError, match="exceeds"):
+            framer.echo_response(memoryview(bytes(MAX_ECHO_DATA + 1)))
+        assert framer.counters()["echo"] == framer.counters()["echo_response"] == 0
+        framer.echo(memoryview(b"abcd").cast("H"))
+        assert framer.counters()["echo"] == 1
 
 
 def test_frame_events_are_real_frames():
@@ -476,17 +494,18 @@ def test_framing_in_place_equals_pack(seed, crc, max_packet, max_transfer, sizes
     assert fast.counters() == ref.counters()
 
 
-def test_packet_matches_the_reference_beyond_the_header_range():
-    """packet() does no length check; a frame too long for bmLength gives the same
-    (wrapped) header in both, and both refuse one beyond 16 bits."""
+def test_packet_refuses_what_bmlength_cannot_describe():
+    """packet() applies no configured maximum, only the 14-bit bmLength: both agree up
+    to it and both refuse one byte more."""
     for crc in (True, False):
         ref, fast = REF.Framer(crc=crc), FAST.Framer(crc=crc)
-        for n in (0, 13, 16379, 16380, 16384):
+        for n in (0, 13, 1514, 16379):
             assert fast.packet(bytes(n)) == ref.packet(bytes(n))
-        with pytest.raises(OverflowError):
-            ref.packet(bytes(0x10000))
-        with pytest.raises(OverflowError):
-            fast.packet(bytes(0x10000))
+        for n in (16380, 0x10000):
+            with pytest.raises(ValueError, match="does not fit"):
+                ref.packet(bytes(n))
+            with pytest.raises(ValueError, match="does not fit"):
+                fast.packet(bytes(n))
 
 
 def test_framer_in_place_refusals_and_bytes():
