@@ -321,7 +321,9 @@ class SimDevice:
 
     def _in_loop(self) -> None:
         generation = -1
-        packet: bytes | None = None
+        packet: bytes | None = None  # one USB packet, or (burst) a run of full packets
+        burst = False
+        fast = not self._in_faults.per_packet
         bus = self._bus
         while True:
             with bus:
@@ -336,13 +338,26 @@ class SimDevice:
                         bus.wait()
                     elif packet is None:
                         break
+                    elif host is not None and burst:
+                        sent = host._offer_in_burst(memoryview(packet), self._in_faults)
+                        if sent == len(packet):
+                            packet = None
+                            break
+                        if sent:
+                            packet = packet[sent:]  # the rest goes in the next IN transfer
+                        elif not host._has(Direction.IN):
+                            bus.wait()
                     elif host is not None and host._offer_in(packet, self._in_faults):
                         packet = None
                         break
                     elif host is None or not host._has(Direction.IN):
                         bus.wait()  # NAK until the host asks again
                 self._tx_signal = False
-            packet = self._tx.next_packet()  # without the lock: it pulls from the network side
+            # Without the lock: it pulls from the network side.
+            if fast:
+                packet, burst = self._tx.next_burst()
+            else:
+                packet, burst = self._tx.next_packet(), False
             if packet is None:
                 with bus:
                     while not (self._tx_signal or self._stopping or self._generation != generation):
@@ -351,6 +366,7 @@ class SimDevice:
     def _out_loop(self) -> None:
         generation = -1
         flushed: tuple[SimTransport | None, int] = (None, 0)
+        fast = not self._out_faults.per_packet
         bus = self._bus
         while True:
             with bus:
@@ -371,9 +387,20 @@ class SimDevice:
                     if flushed != (host, host.out_halts):  # new transport, or a halt
                         flushed = (host, host.out_halts)
                         self._flush_rx()
-                    taken = host._take_out(self._out_faults)
-                    if taken is not None:
-                        break
+                    if fast:
+                        whole = host._take_out_transfer(self._out_faults)
+                        if whole is not None:
+                            break
+                    else:
+                        taken = host._take_out(self._out_faults)
+                        if taken is not None:
+                            break
+            if fast:
+                transfer, data = whole
+                packets = self._receive_transfer(data)
+                with bus:
+                    host._out_accepted(transfer, len(data), packets)
+                continue
             transfer, data, size = taken
             if data is not None:
                 self._receive_packet(data)
@@ -391,6 +418,25 @@ class SimDevice:
             self._deframe(short=True)
         elif len(self._rx) >= self._rx_buffer:
             self._deframe(short=False)
+
+    def _receive_transfer(self, data: bytearray) -> int:
+        """The rest of an OUT transfer at once (fast path): the same as its packets one
+        by one through _receive_packet. Returns how many packets that was."""
+        mp, n = self.max_packet, len(data)
+        if n == 0:
+            self._receive_packet(data)  # a USB ZLP
+            return 1
+        view, pos = memoryview(data), 0
+        full = n - n % mp
+        while pos < full:
+            take = min(full - pos, self._rx_buffer - len(self._rx))
+            self._rx += view[pos : pos + take]
+            pos += take
+            if len(self._rx) >= self._rx_buffer:
+                self._deframe(short=False)
+        if pos < n:
+            self._receive_packet(bytearray(view[pos:]))  # the short packet ends it
+        return -(-n // mp)
 
     def _deframe(self, short: bool) -> None:
         request, self._rx = self._rx, bytearray()
@@ -450,6 +496,26 @@ class _TxStream:
         if self._pos == len(self._buf):
             self._buf, self._pos = bytearray(), 0
         return packet
+
+    def next_burst(self) -> tuple[bytes | None, bool]:
+        """Fast path of next_packet: (a run of full packets, True), or (what next_packet
+        gives, False) when the next packet is short, a ZLP or nothing. The packets are
+        the very ones next_packet would give one by one: it refills only when less than
+        a packet is left (batch) or nothing (one EEM packet per transfer)."""
+        mp = self.max_packet
+        avail = len(self._buf) - self._pos
+        if avail < mp and self.device.batch or avail == 0 and not self._mid:
+            self._refill()
+            avail = len(self._buf) - self._pos
+        n = avail - avail % mp
+        if n <= mp:
+            return self.next_packet(), False
+        packets = bytes(self._buf[self._pos : self._pos + n])
+        self._pos += n
+        self._mid = True
+        if self._pos == len(self._buf):
+            self._buf, self._pos = bytearray(), 0
+        return packets, True
 
     def _refill(self) -> None:
         if self._pos:
