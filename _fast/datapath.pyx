@@ -12,17 +12,18 @@ no batched write (writev would glue frames together; sendmmsg needs a socket). A
 refused write is counted under its errno name; nothing is retried, as the kernel
 would drop the frame itself on a full queue.
 
-TX (TxPath): OUT transfers are built in fixed slots of TX memory, one slot per
-transfer in flight (max_bytes_in_flight // max_transfer of them). With the GIL
-released, the TAP is read(2) straight into a slot at `pos + 2` (room for the EEM
-header), eem_frame_in_place writes the header in front and the CRC/sentinel behind,
-and the next frame is read right after it. A frame is read only if the longest frame
-the TAP may give would still fit the transfer once framed and closed (eem_fits), so
-framing never writes beyond the slot and never over the next one; the slot has
-max_transfer + 8 bytes for the check and the closing 0x0000 of the ZLP rule, which
-eem_close_transfer appends when the transfer ends on a max-packet boundary (the one
-ZLP mechanism, the framer's, as in Framer.pack). Slots are released strictly in
-order (the bridge releases OUT transfers first in, first out).
+TX (TxPath): OUT transfers are built one after the other in TX memory that wraps like
+a ring, as many as fit max_bytes_in_flight (as in the Python TxPath: a lone TCP ACK
+makes a transfer of 70 bytes, not a 16 KB slot). With the GIL released, the TAP is
+read(2) straight into the transfer at `pos + 2` (room for the EEM header),
+eem_frame_in_place writes the header in front and the CRC/sentinel behind, and the
+next frame is read right after it. A frame is read only if the longest frame the TAP
+may give would still fit the transfer once framed and closed (eem_fits), so framing
+never writes beyond the transfer's place and never over a transfer in flight; the
+closing 0x0000 of the ZLP rule is appended by eem_close_transfer when a transfer ends
+on a max-packet boundary (the one ZLP mechanism, the framer's, as in Framer.pack).
+Memory is released strictly in order (the bridge releases OUT transfers first in,
+first out).
 
 Commands never pass through here: the bridge submits Echo / Echo Response transfers
 of its own, ahead of TAP data not yet submitted.
@@ -147,22 +148,21 @@ cdef class RxPath:
 
 
 cdef class TxPath:
-    """TAP reads framed in place in TX slots, batched into OUT transfers."""
+    """TAP reads framed in place in TX memory, batched into OUT transfers."""
 
     cdef readonly object framer
     cdef readonly int tap_fd
     cdef readonly Py_ssize_t max_bytes_in_flight
     cdef readonly Py_ssize_t read_size
-    cdef readonly Py_ssize_t slots
     cdef readonly Py_ssize_t slot_size
+    cdef readonly Py_ssize_t size
     cdef object _memory
     cdef object _whole
     cdef unsigned char* _base
     cdef Py_buffer _view
     cdef bint _have_view
-    cdef Py_ssize_t _next  # slot the next transfer is built in
-    cdef Py_ssize_t _used  # slots held by transfers not released yet
-    cdef object _sizes  # their lengths, oldest first
+    cdef Py_ssize_t _head  # where the next transfer may start
+    cdef object _held  # (start, length) of transfers not released yet, oldest first
     cdef Py_ssize_t _in_flight
     cdef int64_t frames_read, read_errors_total, oversize, runts
     cdef int64_t errno_counts[ERRNO_SLOTS]
@@ -174,15 +174,20 @@ cdef class TxPath:
         self.max_bytes_in_flight = max_bytes_in_flight
         # One byte more than the longest frame we may send, to see oversize frames.
         self.read_size = framer.max_length - CHECK_SIZE + 1
-        self.slots = max(1, max_bytes_in_flight // framer.max_transfer)
-        # Room beyond max_transfer: a refused oversize read and the closing 0x0000.
-        self.slot_size = framer.max_transfer + 2 * HEADER_SIZE + CHECK_SIZE + 8
-        self._memory = bytearray(self.slots * self.slot_size)
+        # Room a transfer may take while being built: max_transfer, plus what a refused
+        # oversize read and the closing 0x0000 may touch beyond it.
+        self.slot_size = framer.max_transfer + framer.max_length + 2 * HEADER_SIZE + 8
+        # Transfers are laid out one after the other and wrap like a ring. With two
+        # slots to spare, a place for the next one always exists while has_room is
+        # true: the free bytes (at least 2 slots, or 1 beyond a wrap gap shorter than a
+        # slot) cannot all be split into pieces shorter than a slot.
+        self.size = max_bytes_in_flight + 2 * self.slot_size
+        self._memory = bytearray(self.size)
         self._whole = memoryview(self._memory)
         PyObject_GetBuffer(self._whole, &self._view, PyBUF_SIMPLE | PyBUF_WRITABLE)
         self._have_view = True
         self._base = <unsigned char*>self._view.buf
-        self._sizes = deque()
+        self._held = deque()
         memset(self.errno_counts, 0, sizeof(self.errno_counts))
 
     def __dealloc__(self):
@@ -203,31 +208,48 @@ cdef class TxPath:
 
     @bytes_in_flight.setter
     def bytes_in_flight(self, value) -> None:
-        # The bridge zeroes it when the device went: every slot is free again.
+        # The bridge zeroes it when the device went: all memory is free again.
         if value != 0:
             raise ValueError("bytes_in_flight can only be reset to 0")
         self._in_flight = 0
-        self._used = 0
-        self._sizes.clear()
+        self._head = 0
+        self._held.clear()
 
     @property
     def has_room(self) -> bool:
-        """Whether another batch fits: when not, the TAP is not read (backpressure)."""
-        return self._used < self.slots
+        """Whether another full batch fits: when not, the TAP is not read (backpressure)."""
+        return self._in_flight + self.framer.max_transfer <= self.max_bytes_in_flight
+
+    cdef Py_ssize_t _place(self) except -1:
+        """Where a transfer of up to slot_size bytes can be built now."""
+        cdef Py_ssize_t tail, p = self._head
+        if not self._held:
+            self._head = 0
+            return 0
+        tail = self._held[0][0]
+        if p >= tail:  # free: [p, size) and [0, tail)
+            if p + self.slot_size <= self.size:
+                return p
+            if self.slot_size <= tail:
+                return 0  # wrap; [p, size) stays unused this round
+        elif p + self.slot_size <= tail:  # free: [p, tail)
+            return p
+        raise AssertionError("TX memory has no room although has_room said so")
 
     def fill(self) -> list:
-        """Read what the TAP has into free slots, framed in place, one transfer per slot."""
+        """Read what the TAP has, framed in place, into transfers of up to max_transfer."""
         cdef eem_framer* f = framer_of(self.framer)
         cdef int fd = self.tap_fd
         cdef Py_ssize_t read_size = self.read_size
         cdef Py_ssize_t longest = read_size - 1 + HEADER_SIZE + CHECK_SIZE
         cdef unsigned char* slot
-        cdef Py_ssize_t pos, n, size, frames, length
+        cdef Py_ssize_t start, pos, n, size, frames, length
         cdef bint drained = False
         cdef int64_t oversize0, runts0
         transfers = []
-        while not drained and self._used < self.slots:
-            slot = self._base + self._next * self.slot_size
+        while not drained and self.has_room:
+            start = self._place()
+            slot = self._base + start
             pos = 0
             frames = 0
             oversize0, runts0 = f.c.oversize, f.c.runts
@@ -252,18 +274,15 @@ cdef class TxPath:
             self.oversize += f.c.oversize - oversize0
             self.runts += f.c.runts - runts0
             if frames == 0:
-                continue  # nothing (or only refused frames) read: the slot stays free
+                continue  # nothing (or only refused frames) read: the memory stays free
             length = eem_close_transfer(f, slot, pos)
-            start = self._next * self.slot_size
             transfers.append(OutTransfer(self._whole[start : start + length], frames))
-            self._sizes.append(length)
+            self._held.append((start, length))
+            self._head = start + length
             self._in_flight += length
-            self._used += 1
-            self._next = (self._next + 1) % self.slots
         return transfers
 
     def release(self, transfer) -> None:
-        """The oldest transfer completed (sent or dropped): its slot may be reused."""
-        if self._used:
-            self._in_flight -= self._sizes.popleft()
-            self._used -= 1
+        """The oldest transfer completed (sent or dropped): its memory may be reused."""
+        if self._held:
+            self._in_flight -= self._held.popleft()[1]

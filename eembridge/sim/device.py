@@ -36,6 +36,7 @@ from typing import Any
 from .. import Deframer, EchoResponse, Frame, Framer
 from ..events import Echo, Hint
 from ..protocol import (
+    CHECK_SIZE,
     COMMAND_PARAM_MASK,
     DEFAULT_MAX_LENGTH,
     DEFAULT_MAX_TRANSFER,
@@ -561,18 +562,18 @@ class _TxStream:
         framer = self.device._framer
         if kind == "hint":
             return command_header(*arg).to_bytes(HEADER_SIZE, "little")
-        zlps = framer.counters()["zlps"]
         if kind == "frame":
             transfers = framer.pack([arg])
             if not transfers:
                 return b""  # runt or oversize: the framer counted it
             out = transfers[0]
-        elif kind == "echo":
-            out = framer.echo(arg)
+            size = len(arg) + HEADER_SIZE + CHECK_SIZE
         else:
-            out = framer.echo_response(arg)
-        # The framer closes each packet as a transfer of its own; the ZLP rule is applied
-        # per device transfer in next_packet instead, so take its zero-length packet off.
-        if framer.counters()["zlps"] != zlps:
-            out = out[:-HEADER_SIZE]
+            out = framer.echo(arg) if kind == "echo" else framer.echo_response(arg)
+            size = len(arg) + HEADER_SIZE
+        # The framer closes each packet as a transfer of its own, appending a zero-length
+        # EEM packet when it ends on a max-packet boundary; the ZLP rule is applied per
+        # device transfer in next_packet instead, so take that one off.
+        if size % self.max_packet == 0:
+            out = out[:size]
         return bytes(out)
