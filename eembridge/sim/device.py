@@ -397,11 +397,13 @@ class SimDevice:
                         if taken is not None:
                             break
             if fast:
-                transfer, data = whole
-                packets = self._receive_transfer(data)
+                assert whole is not None
+                transfer, whole_data = whole
+                packets = self._receive_transfer(whole_data)
                 with bus:
-                    host._out_accepted(transfer, len(data), packets)
+                    host._out_accepted(transfer, len(whole_data), packets)
                 continue
+            assert taken is not None
             transfer, data, size = taken
             if data is not None:
                 self._receive_packet(data)
