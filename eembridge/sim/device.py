@@ -55,6 +55,27 @@ INJECTED_COUNTER = {"echo": "injected_echo", "echo_response": "injected_echo_res
                     "hint": "injected_hints", "garbage": "injected_garbage"}
 
 
+class _Bus(threading.Condition):
+    """The bus lock, with one wait queue per device thread: a host submitting an IN
+    transfer wakes the IN thread only, an OUT transfer the OUT thread only (`notify`),
+    while state changes everyone must see (plug, stall, close) wake both (notify_all).
+    One queue for both woke a thread for nothing at every transfer: a lock and GIL
+    hand-off per transfer that the bridge's process paid for."""
+
+    def __init__(self) -> None:
+        lock = threading.Lock()
+        super().__init__(lock)
+        self.queues = {Direction.IN: threading.Condition(lock), Direction.OUT: threading.Condition(lock)}
+
+    def notify_all(self) -> None:
+        super().notify_all()
+        for queue in self.queues.values():
+            queue.notify_all()
+
+    def notify_direction(self, direction: Direction) -> None:
+        self.queues[direction].notify_all()
+
+
 class NetworkSide(ABC):
     """Where the device's frames come from and go to. Methods may be called from any thread."""
 
@@ -148,7 +169,7 @@ class SimDevice:
         self._fault_counters = FaultCounters()
         self._in_faults = FaultInjector(self.faults, Direction.IN, self._fault_counters)
         self._out_faults = FaultInjector(self.faults, Direction.OUT, self._fault_counters)
-        self._bus = threading.Condition()
+        self._bus = _Bus()
         self._host: SimTransport | None = None
         self._plugged = True
         self._generation = 0
@@ -318,7 +339,7 @@ class SimDevice:
     def _wake(self) -> None:
         with self._bus:
             self._tx_signal = True
-            self._bus.notify_all()
+            self._bus.notify_direction(Direction.IN)
 
     def _in_loop(self) -> None:
         generation = -1
@@ -326,6 +347,7 @@ class SimDevice:
         burst = False
         fast = not self._in_faults.per_packet
         bus = self._bus
+        wait = bus.queues[Direction.IN].wait
         while True:
             with bus:
                 while True:
@@ -336,7 +358,7 @@ class SimDevice:
                         self._tx.reset()
                     host = self._host
                     if not self._plugged:
-                        bus.wait()
+                        wait()
                     elif packet is None:
                         break
                     elif host is not None and burst:
@@ -347,12 +369,12 @@ class SimDevice:
                         if sent:
                             packet = packet[sent:]  # the rest goes in the next IN transfer
                         elif not host._has(Direction.IN):
-                            bus.wait()
+                            wait()
                     elif host is not None and host._offer_in(packet, self._in_faults):
                         packet = None
                         break
                     elif host is None or not host._has(Direction.IN):
-                        bus.wait()  # NAK until the host asks again
+                        wait()  # NAK until the host asks again
                 self._tx_signal = False
             # Without the lock: it pulls from the network side.
             if fast:
@@ -362,13 +384,14 @@ class SimDevice:
             if packet is None:
                 with bus:
                     while not (self._tx_signal or self._stopping or self._generation != generation):
-                        bus.wait()
+                        wait()
 
     def _out_loop(self) -> None:
         generation = -1
         flushed: tuple[SimTransport | None, int] = (None, 0)
         fast = not self._out_faults.per_packet
         bus = self._bus
+        wait = bus.queues[Direction.OUT].wait
         while True:
             with bus:
                 while True:
@@ -379,11 +402,11 @@ class SimDevice:
                         self._flush_rx()
                     host = self._host
                     if not self._plugged or host is None or not host._has(Direction.OUT):
-                        bus.wait()
+                        wait()
                         continue
                     busy = self._busy_until - time.monotonic()
                     if busy > 0:
-                        bus.wait(busy)
+                        wait(busy)
                         continue
                     if flushed != (host, host.out_halts):  # new transport, or a halt
                         flushed = (host, host.out_halts)

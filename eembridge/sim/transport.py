@@ -32,14 +32,13 @@ submission order per direction. All state here is guarded by the device's bus lo
 from __future__ import annotations
 
 import os
-import threading
 from collections import deque
 from typing import TYPE_CHECKING
 
 from ..transport import Completion, DeviceInfo, Direction, Status, Transport, TransportGone
 
 if TYPE_CHECKING:
-    from .device import SimDevice
+    from .device import SimDevice, _Bus
     from .faults import FaultInjector
 
 IN, OUT = Direction.IN, Direction.OUT
@@ -62,7 +61,7 @@ class _Transfer:
 class SimTransport(Transport):
     """Bulk IN/OUT of one simulated device; get one from `SimDevice.connect()`."""
 
-    def __init__(self, device: SimDevice, bus: threading.Condition, info: DeviceInfo) -> None:
+    def __init__(self, device: SimDevice, bus: _Bus, info: DeviceInfo) -> None:
         self.info = info
         self.device = device
         self._bus = bus
@@ -140,7 +139,7 @@ class SimTransport(Transport):
                 self._complete(transfer, Status.STALL, 0)
             else:
                 self._queues[transfer.direction].append(transfer)
-                self._bus.notify_all()
+                self._bus.notify_direction(transfer.direction)
 
     def _check_usable(self) -> None:
         if self._closed:
