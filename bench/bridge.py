@@ -16,12 +16,17 @@ import os
 import resource
 import socket
 import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
-from eembridge import CODEC
-from eembridge.bridge import Bridge, BridgeOptions
-from eembridge.netns import (
+# This checkout's eembridge, not an installed one (the script's own directory is bench/).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from eembridge import CODEC  # noqa: E402
+from eembridge.bridge import Bridge, BridgeOptions  # noqa: E402
+from eembridge.netns import (  # noqa: E402
     configure_link,
     create_netns,
     delete_netns,
@@ -29,7 +34,7 @@ from eembridge.netns import (
     run_in_netns,
     unique_name,
 )
-from eembridge.sim.link import SimLink
+from eembridge.sim.link import SimLink  # noqa: E402
 
 CHUNK = bytes(1 << 16)
 
@@ -107,37 +112,47 @@ def tcp_download(server_ns: str, server_ip: str, nbytes: int) -> float:
     return elapsed
 
 
+_UDP_RECEIVER = """
+import socket, sys
+r = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+r.bind((sys.argv[1], 0))
+r.settimeout(0.5)
+print(r.getsockname()[1], flush=True)
+n = 0
+while True:
+    try:
+        r.recv(64)
+    except OSError:
+        break
+    n += 1
+print(n, flush=True)
+"""
+
+_UDP_SENDER = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+address, payload = (sys.argv[1], int(sys.argv[2])), bytes(22)
+end = time.perf_counter() + float(sys.argv[3])
+while time.perf_counter() < end:
+    for _ in range(100):
+        try:
+            s.sendto(payload, address)
+        except OSError:
+            pass  # queue full: that is the point of a flood
+"""
+
+
 def udp_small_frames(server_ns: str, server_ip: str, seconds: float) -> float:
-    """Frames per second delivered for 64-byte Ethernet frames (22-byte UDP payload)."""
-    receiver = run_in_netns(server_ns, socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
-    receiver.bind((server_ip, 0))
-    receiver.settimeout(0.5)
-    port = receiver.getsockname()[1]
-    received = [0]
-
-    def count() -> None:
-        while True:
-            try:
-                receiver.recv(64)
-            except (TimeoutError, OSError):
-                return
-            received[0] += 1
-
-    thread = threading.Thread(target=count)
-    thread.start()
-    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    payload = bytes(22)
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        for _ in range(100):
-            try:
-                sender.sendto(payload, (server_ip, port))
-            except OSError:
-                pass  # queue full: that is the point of a flood
-    thread.join()
-    sender.close()
-    receiver.close()
-    return received[0] / seconds
+    """Frames per second delivered for 64-byte Ethernet frames (22-byte UDP payload).
+    Sender and receiver are processes of their own, not threads sharing the GIL."""
+    receiver = subprocess.Popen(["ip", "netns", "exec", server_ns, sys.executable, "-c", _UDP_RECEIVER,
+                                 server_ip], stdout=subprocess.PIPE, text=True)
+    assert receiver.stdout is not None
+    port = receiver.stdout.readline().strip()
+    subprocess.run([sys.executable, "-c", _UDP_SENDER, server_ip, port, str(seconds)], check=True)
+    received = int(receiver.stdout.readline())
+    receiver.wait()
+    return received / seconds
 
 
 def measure(namespace: str, server_ip: str, nbytes: int) -> dict[str, float]:
@@ -205,6 +220,9 @@ def main() -> None:
         print(json.dumps({"rows": rows, "ratio_tcp": ratio, "ratio_tcp_iperf3": ratio_iperf,
                           "ratio_64b_frames": ratio_small}, indent=2))
         return
+    import eembridge
+
+    print(f"eembridge from {Path(eembridge.__file__).parent}")
     print(f"TCP {args.mb:g} MB, MTU {args.mtu}, device max packet {args.max_packet}, batch device")
     print("TCP in-process: Python TCP ends as threads of the bridge's process; iperf3: TCP ends"
           " in processes of their own")
