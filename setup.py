@@ -34,6 +34,7 @@ LIBUSB_INCLUDE = "/usr/include/libusb-1.0"
 extensions = [
     Extension("eembridge._ring", ["_fast/ring.pyx"]),
     Extension("eembridge._eem", ["_fast/eem.pyx"], libraries=["z"]),
+    Extension("eembridge._datapath", ["_fast/datapath.pyx"]),
 ]
 # Built only when their sources exist, so a partial checkout still builds.
 extensions = [ext for ext in extensions if os.path.exists(ext.sources[0])]

@@ -1,10 +1,18 @@
-"""Chooses the data path along with the codec (see __init__): with the Cython codec, RX
-deframes in place on a mirrored ring; with the reference, everything is plain Python."""
+"""Chooses the data path along with the codec (see __init__): with the Cython codec, the
+C data path of _fast/datapath.pyx (RX in place on a mirrored ring, TX framed in place,
+TAP I/O in C loops); with the reference, everything is plain Python (datapath.py)."""
 
 from . import CODEC
-from .datapath import RingRxPath, RxPath, TxPath
+from .datapath import RxPath, TxPath
 
 if CODEC == "cython":
-    RxPath = RingRxPath  # type: ignore[misc]
+    try:
+        from ._datapath import RxPath, TxPath  # type: ignore[assignment, no-redef]
+    except ImportError:
+        import os
+
+        if os.environ.get("EEMBRIDGE_REQUIRE_CYTHON"):
+            raise
+        from .datapath import RingRxPath as RxPath  # type: ignore[assignment, misc]
 
 __all__ = ["RxPath", "TxPath"]

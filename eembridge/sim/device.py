@@ -36,6 +36,7 @@ from typing import Any
 from .. import Deframer, EchoResponse, Frame, Framer
 from ..events import Echo, Hint
 from ..protocol import (
+    CHECK_SIZE,
     COMMAND_PARAM_MASK,
     DEFAULT_MAX_LENGTH,
     DEFAULT_MAX_TRANSFER,
@@ -52,6 +53,27 @@ ZLP_MODES = ("eem", "usb", "none")
 SPEEDS = {64: "full", 512: "high", 1024: "super"}
 INJECTED_COUNTER = {"echo": "injected_echo", "echo_response": "injected_echo_response",
                     "hint": "injected_hints", "garbage": "injected_garbage"}
+
+
+class _Bus(threading.Condition):
+    """The bus lock, with one wait queue per device thread: a host submitting an IN
+    transfer wakes the IN thread only, an OUT transfer the OUT thread only (`notify`),
+    while state changes everyone must see (plug, stall, close) wake both (notify_all).
+    One queue for both woke a thread for nothing at every transfer: a lock and GIL
+    hand-off per transfer that the bridge's process paid for."""
+
+    def __init__(self) -> None:
+        lock = threading.Lock()
+        super().__init__(lock)
+        self.queues = {Direction.IN: threading.Condition(lock), Direction.OUT: threading.Condition(lock)}
+
+    def notify_all(self) -> None:
+        super().notify_all()
+        for queue in self.queues.values():
+            queue.notify_all()
+
+    def notify_direction(self, direction: Direction) -> None:
+        self.queues[direction].notify_all()
 
 
 class NetworkSide(ABC):
@@ -147,7 +169,7 @@ class SimDevice:
         self._fault_counters = FaultCounters()
         self._in_faults = FaultInjector(self.faults, Direction.IN, self._fault_counters)
         self._out_faults = FaultInjector(self.faults, Direction.OUT, self._fault_counters)
-        self._bus = threading.Condition()
+        self._bus = _Bus()
         self._host: SimTransport | None = None
         self._plugged = True
         self._generation = 0
@@ -317,12 +339,15 @@ class SimDevice:
     def _wake(self) -> None:
         with self._bus:
             self._tx_signal = True
-            self._bus.notify_all()
+            self._bus.notify_direction(Direction.IN)
 
     def _in_loop(self) -> None:
         generation = -1
-        packet: bytes | None = None
+        packet: bytes | None = None  # one USB packet, or (burst) a run of full packets
+        burst = False
+        fast = not self._in_faults.per_packet
         bus = self._bus
+        wait = bus.queues[Direction.IN].wait
         while True:
             with bus:
                 while True:
@@ -333,25 +358,40 @@ class SimDevice:
                         self._tx.reset()
                     host = self._host
                     if not self._plugged:
-                        bus.wait()
+                        wait()
                     elif packet is None:
                         break
+                    elif host is not None and burst:
+                        sent = host._offer_in_burst(memoryview(packet), self._in_faults)
+                        if sent == len(packet):
+                            packet = None
+                            break
+                        if sent:
+                            packet = packet[sent:]  # the rest goes in the next IN transfer
+                        elif not host._has(Direction.IN):
+                            wait()
                     elif host is not None and host._offer_in(packet, self._in_faults):
                         packet = None
                         break
                     elif host is None or not host._has(Direction.IN):
-                        bus.wait()  # NAK until the host asks again
+                        wait()  # NAK until the host asks again
                 self._tx_signal = False
-            packet = self._tx.next_packet()  # without the lock: it pulls from the network side
+            # Without the lock: it pulls from the network side.
+            if fast:
+                packet, burst = self._tx.next_burst()
+            else:
+                packet, burst = self._tx.next_packet(), False
             if packet is None:
                 with bus:
                     while not (self._tx_signal or self._stopping or self._generation != generation):
-                        bus.wait()
+                        wait()
 
     def _out_loop(self) -> None:
         generation = -1
         flushed: tuple[SimTransport | None, int] = (None, 0)
+        fast = not self._out_faults.per_packet
         bus = self._bus
+        wait = bus.queues[Direction.OUT].wait
         while True:
             with bus:
                 while True:
@@ -362,18 +402,31 @@ class SimDevice:
                         self._flush_rx()
                     host = self._host
                     if not self._plugged or host is None or not host._has(Direction.OUT):
-                        bus.wait()
+                        wait()
                         continue
                     busy = self._busy_until - time.monotonic()
                     if busy > 0:
-                        bus.wait(busy)
+                        wait(busy)
                         continue
                     if flushed != (host, host.out_halts):  # new transport, or a halt
                         flushed = (host, host.out_halts)
                         self._flush_rx()
-                    taken = host._take_out(self._out_faults)
-                    if taken is not None:
-                        break
+                    if fast:
+                        whole = host._take_out_transfer(self._out_faults)
+                        if whole is not None:
+                            break
+                    else:
+                        taken = host._take_out(self._out_faults)
+                        if taken is not None:
+                            break
+            if fast:
+                assert whole is not None
+                transfer, whole_data = whole
+                packets = self._receive_transfer(whole_data)
+                with bus:
+                    host._out_accepted(transfer, len(whole_data), packets)
+                continue
+            assert taken is not None
             transfer, data, size = taken
             if data is not None:
                 self._receive_packet(data)
@@ -391,6 +444,25 @@ class SimDevice:
             self._deframe(short=True)
         elif len(self._rx) >= self._rx_buffer:
             self._deframe(short=False)
+
+    def _receive_transfer(self, data: bytearray) -> int:
+        """The rest of an OUT transfer at once (fast path): the same as its packets one
+        by one through _receive_packet. Returns how many packets that was."""
+        mp, n = self.max_packet, len(data)
+        if n == 0:
+            self._receive_packet(data)  # a USB ZLP
+            return 1
+        view, pos = memoryview(data), 0
+        full = n - n % mp
+        while pos < full:
+            take = min(full - pos, self._rx_buffer - len(self._rx))
+            self._rx += view[pos : pos + take]
+            pos += take
+            if len(self._rx) >= self._rx_buffer:
+                self._deframe(short=False)
+        if pos < n:
+            self._receive_packet(bytearray(view[pos:]))  # the short packet ends it
+        return -(-n // mp)
 
     def _deframe(self, short: bool) -> None:
         request, self._rx = self._rx, bytearray()
@@ -451,6 +523,26 @@ class _TxStream:
             self._buf, self._pos = bytearray(), 0
         return packet
 
+    def next_burst(self) -> tuple[bytes | None, bool]:
+        """Fast path of next_packet: (a run of full packets, True), or (what next_packet
+        gives, False) when the next packet is short, a ZLP or nothing. The packets are
+        the very ones next_packet would give one by one: it refills only when less than
+        a packet is left (batch) or nothing (one EEM packet per transfer)."""
+        mp = self.max_packet
+        avail = len(self._buf) - self._pos
+        if avail < mp and self.device.batch or avail == 0 and not self._mid:
+            self._refill()
+            avail = len(self._buf) - self._pos
+        n = avail - avail % mp
+        if n <= mp:
+            return self.next_packet(), False
+        packets = bytes(self._buf[self._pos : self._pos + n])
+        self._pos += n
+        self._mid = True
+        if self._pos == len(self._buf):
+            self._buf, self._pos = bytearray(), 0
+        return packets, True
+
     def _refill(self) -> None:
         if self._pos:
             del self._buf[: self._pos]
@@ -495,18 +587,18 @@ class _TxStream:
         framer = self.device._framer
         if kind == "hint":
             return command_header(*arg).to_bytes(HEADER_SIZE, "little")
-        zlps = framer.counters()["zlps"]
         if kind == "frame":
             transfers = framer.pack([arg])
             if not transfers:
                 return b""  # runt or oversize: the framer counted it
             out = transfers[0]
-        elif kind == "echo":
-            out = framer.echo(arg)
+            size = len(arg) + HEADER_SIZE + CHECK_SIZE
         else:
-            out = framer.echo_response(arg)
-        # The framer closes each packet as a transfer of its own; the ZLP rule is applied
-        # per device transfer in next_packet instead, so take its zero-length packet off.
-        if framer.counters()["zlps"] != zlps:
-            out = out[:-HEADER_SIZE]
+            out = framer.echo(arg) if kind == "echo" else framer.echo_response(arg)
+            size = len(arg) + HEADER_SIZE
+        # The framer closes each packet as a transfer of its own, appending a zero-length
+        # EEM packet when it ends on a max-packet boundary; the ZLP rule is applied per
+        # device transfer in next_packet instead, so take that one off.
+        if size % self.max_packet == 0:
+            out = out[:size]
         return bytes(out)

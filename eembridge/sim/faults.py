@@ -86,6 +86,11 @@ class FaultInjector:
         self.counters = counters
         self.rng = random.Random(f"{faults.seed}/{direction.value}")
 
+    @property
+    def per_packet(self) -> bool:
+        """Whether any fault acts on single packets (then the device moves packet by packet)."""
+        return bool(self.loss or self.flip_p or self.timeout_p)
+
     def packet(self) -> bool:
         """Count one USB packet; True if it is lost."""
         self.counters.add(self.prefix + "packets")

@@ -16,6 +16,11 @@ submission order per direction. All state here is guarded by the device's bus lo
   and the transfer completes once the device accepted its last packet. No ZLP is added:
   a transfer of a multiple of max_packet leaves the device waiting for the next one
   (which is why the EEM framer appends a zero-length EEM packet).
+* Fast path: when no per-packet fault (loss, bit flips, timeouts) is configured for a
+  direction, the device moves runs of full packets (IN) or the rest of a transfer (OUT)
+  in one call. What reaches the other side, the packet counts and every per-transfer
+  decision (stalls) are the same as packet by packet; only the Python work per packet
+  (and the bus lock and GIL hand-offs that came with it) is gone.
 * A halted endpoint answers every transfer with STALL until clear_halt. Unplug
   completes everything with NO_DEVICE and makes the transport gone for good; close
   cancels everything. Once the bus lock is released after either, no device thread
@@ -27,14 +32,13 @@ submission order per direction. All state here is guarded by the device's bus lo
 from __future__ import annotations
 
 import os
-import threading
 from collections import deque
 from typing import TYPE_CHECKING
 
 from ..transport import Completion, DeviceInfo, Direction, Status, Transport, TransportGone
 
 if TYPE_CHECKING:
-    from .device import SimDevice
+    from .device import SimDevice, _Bus
     from .faults import FaultInjector
 
 IN, OUT = Direction.IN, Direction.OUT
@@ -57,7 +61,7 @@ class _Transfer:
 class SimTransport(Transport):
     """Bulk IN/OUT of one simulated device; get one from `SimDevice.connect()`."""
 
-    def __init__(self, device: SimDevice, bus: threading.Condition, info: DeviceInfo) -> None:
+    def __init__(self, device: SimDevice, bus: _Bus, info: DeviceInfo) -> None:
         self.info = info
         self.device = device
         self._bus = bus
@@ -135,7 +139,7 @@ class SimTransport(Transport):
                 self._complete(transfer, Status.STALL, 0)
             else:
                 self._queues[transfer.direction].append(transfer)
-                self._bus.notify_all()
+                self._bus.notify_direction(transfer.direction)
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -220,6 +224,42 @@ class SimTransport(Transport):
             self._complete(transfer, Status.COMPLETED, transfer.offset)
         return True
 
+    def _offer_in_burst(self, data: memoryview, faults: FaultInjector) -> int:
+        """Fast path of `_offer_in` for a run of full packets (no per-packet fault is
+        configured): as many as the head IN transfer has room for, in one copy. Returns
+        the bytes that left the device (0: no IN transfer ready, the device keeps them)."""
+        transfer = self._head(IN, faults)
+        if transfer is None:
+            return 0
+        mp = self._max_packet
+        room = transfer.length - transfer.offset
+        n = min(len(data), room - room % mp)
+        if n == 0:  # less room than one packet: babble, as _offer_in handles it
+            return mp if self._offer_in(bytes(data[:mp]), faults) else 0
+        view = transfer.buffer
+        assert view is not None
+        start = transfer.offset
+        view[start : start + n] = data[:n]
+        faults.counters.add(faults.prefix + "packets", n // mp)
+        transfer.offset += n
+        transfer.packets += n // mp
+        if transfer.offset == transfer.length:
+            self._queues[IN].popleft()
+            self._complete(transfer, Status.COMPLETED, transfer.offset)
+        return n
+
+    def _take_out_transfer(self, faults: FaultInjector) -> tuple[_Transfer, bytearray] | None:
+        """Fast path of `_take_out` (no per-packet fault configured): the rest of the
+        head OUT transfer at once; the caller reports `_out_accepted` with its size."""
+        transfer = self._head(OUT, faults)
+        if transfer is None:
+            return None
+        view = transfer.buffer
+        assert view is not None
+        data = bytearray(view[transfer.offset :])
+        faults.counters.add(faults.prefix + "packets", max(1, -(-len(data) // self._max_packet)))
+        return transfer, data
+
     def _take_out(self, faults: FaultInjector) -> tuple[_Transfer, bytearray | None, int] | None:
         """The next OUT packet: (transfer, what reaches the device or None if lost, size).
 
@@ -238,12 +278,12 @@ class SimTransport(Transport):
         faults.flip(data)
         return transfer, data, size
 
-    def _out_accepted(self, transfer: _Transfer, size: int) -> None:
+    def _out_accepted(self, transfer: _Transfer, size: int, packets: int = 1) -> None:
         queue = self._queues[OUT]
         if not queue or queue[0] is not transfer:
             return  # stalled, unplugged or cancelled meanwhile
         transfer.offset += size
-        transfer.packets += 1
+        transfer.packets += packets
         if transfer.offset >= transfer.length:
             queue.popleft()
             self._complete(transfer, Status.COMPLETED, transfer.length)
