@@ -84,7 +84,8 @@ def test_replay_reports_garbage_resync_echo_and_hints(tmp_path, capsys):
     assert [e["name"] for e in events if e["event"] == "hint"] == ["tickle"]
     assert summary["echo_answered"] == 1
     assert summary["echo_responses_matched"] == 1 and summary["echo_responses_unsolicited"] == 1
-    assert summary["in"]["crc_errors"] == 1 and summary["in"]["frames"] == 4
+    assert summary["in"]["frames"] == 4
+    assert summary["in"]["crc_errors"] == sum(e["why"].get("crc_errors", 0) for e in dropped) >= 1
     # Every counter of the deframer that says something was thrown away shows as an event.
     assert sum(e["why"].get("bytes_skipped", 0) for e in dropped) == summary["in"]["bytes_skipped"]
     assert main(["replay", str(capture)]) == 0
