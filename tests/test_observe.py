@@ -204,3 +204,51 @@ def test_bad_metrics_address_and_rotate_are_one_line(tmp_path):
         bad = eembridge("--sim", *args)
         assert bad.returncode != 0 and "Traceback" not in bad.stderr, bad.stderr
         assert expected in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_stats_watch_rates_and_rendering_on_real_snapshots(tmp_path):
+    from rich.console import Console
+
+    from eembridge.statscmd import bridge_row, watch_table
+
+    job = MainJob(tmp_path, "--pcap", str(tmp_path / "eth.pcap"))
+    try:
+        first, t0 = stats_json(job.sock), time.monotonic()
+        tcp_transfer(job.sim_ip, server_netns=job.namespace, upload_bytes=512 << 10,
+                     download_bytes=512 << 10).assert_intact()
+        echo = eembridge("echo", "--socket", job.sock, "-c", "2", "--interval", "0.05")
+        assert echo.returncode == 0, echo.stderr
+        second, t1 = stats_json(job.sock), time.monotonic()
+        row = bridge_row(first, second, t1 - t0)
+        assert row["tap"] == job.tap and row["connected"] and row["serial"] == "SIM0001"
+        moved_in = second["rx"]["bytes"] - first["rx"]["bytes"]
+        moved_out = second["bridge"]["tx_bytes"] - first["bridge"]["tx_bytes"]
+        assert moved_in > 512 << 10 and moved_out > 512 << 10  # both ways, headers included
+        assert row["in_bytes_per_s"] == moved_in / (t1 - t0)
+        assert row["out_frames_per_s"] == (second["bridge"]["tx_frames"] - first["bridge"]["tx_frames"]) / (t1 - t0)
+        assert row["in_transfers_in_flight"] == 8 and row["echo_rtt_ms"] > 0
+        assert row["in_dropped"] == 0 and row["resyncs"] == 0 and row["capture_drops"] == 0
+        assert bridge_row(None, second, 0.0)["in_bytes_per_s"] is None  # no rate from one snapshot
+        console = Console(record=True, width=250)
+        console.print(watch_table([row], gone=["/run/eembridge/old.sock"]))
+        text = console.export_text()
+        assert job.tap in text and "connected SIM0001" in text and " ms" in text
+        assert "old.sock" in text and "not answering" in text
+
+        # The command itself, as scripts use it: JSON lines, one per refresh, rates from the 2nd.
+        lines = eembridge("stats", "--socket", job.sock, "--watch", "--json", "--interval", "0.2",
+                          "--count", "2")
+        assert lines.returncode == 0, lines.stderr
+        refreshes = [json.loads(line) for line in lines.stdout.splitlines()]
+        assert [len(r["bridges"]) for r in refreshes] == [1, 1]
+        assert refreshes[0]["bridges"][0]["in_frames_per_s"] is None
+        assert refreshes[1]["bridges"][0]["in_frames_per_s"] is not None
+        live = subprocess.run([sys.executable, "-m", "eembridge", "stats", "--socket", job.sock, "--watch",
+                               "--interval", "0.1", "--count", "2"], capture_output=True, text=True,
+                              cwd=ROOT, timeout=60, env={**os.environ, "COLUMNS": "250"})
+        assert live.returncode == 0 and job.tap in live.stdout, live.stderr
+    finally:
+        job.stop()
+    # Once the bridge is gone its socket is too, and --watch shows an empty view, no error.
+    empty = eembridge("stats", "--run-dir", str(tmp_path), "--watch", "--json", "--count", "1")
+    assert empty.returncode == 0 and json.loads(empty.stdout)["bridges"] == []
