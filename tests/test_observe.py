@@ -252,3 +252,27 @@ def test_stats_watch_rates_and_rendering_on_real_snapshots(tmp_path):
     # Once the bridge is gone its socket is too, and --watch shows an empty view, no error.
     empty = eembridge("stats", "--run-dir", str(tmp_path), "--watch", "--json", "--count", "1")
     assert empty.returncode == 0 and json.loads(empty.stdout)["bridges"] == []
+
+
+def test_pcap_rotation_keeps_count_files_of_the_newest_frames(tmp_path):
+    from eembridge.tapcapture import RotatingPcap, parse_rotate
+
+    max_bytes, files = parse_rotate("0.01:3")  # 10 kB, three files
+    assert (max_bytes, files) == (10_000, 3)
+    path = tmp_path / "cap.pcap"
+    out = RotatingPcap(str(path), max_bytes, files)
+    frames = [bytes([i % 256]) * 1000 + i.to_bytes(4, "big") for i in range(100)]
+    for i, frame in enumerate(frames):
+        out.write(frame, 1_700_000_000_000_000_000 + i * 1000)
+    out.close()
+    assert out.rotations > 3
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["cap.pcap", "cap.pcap.1", "cap.pcap.2"]
+    # Oldest first: .2, .1, then the current file; together the newest frames, in order.
+    kept = [f for name in ("cap.pcap.2", "cap.pcap.1", "cap.pcap") for f in read_frames(tmp_path / name)]
+    assert kept == frames[len(frames) - len(kept):] and len(kept) > 10
+    tcpdump = shutil.which("tcpdump")
+    assert tcpdump, "tcpdump is not installed (apt-get install tcpdump)"
+    for name in names:
+        check = subprocess.run([tcpdump, "-r", str(tmp_path / name)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
