@@ -133,6 +133,8 @@ class Bridge:
         self.tx: Any = None
         self.device_info: DeviceInfo | None = None
         self._control: Any = None
+        # Extra snapshot sections from observers (e.g. the --pcap capture): name -> counters.
+        self.observers: dict[str, Callable[[], dict[str, Any]]] = {}
 
     # -- life cycle ----------------------------------------------------------------
 
@@ -230,7 +232,13 @@ class Bridge:
             "rx_path": self.rx.counters() if self.rx else {},
             "tx_path": self.tx.counters() if self.tx else {},
             "tx_bytes_in_flight": self.tx.bytes_in_flight if self.tx else 0,
+            # Queue depth gauges (eembridge stats --watch, --metrics).
+            "in_transfers_in_flight": (self._in_submitted - self._in_completed)
+            if self._transport is not None else 0,
+            "out_transfers_queued": len(self._out) if self._transport is not None else 0,
         }
+        if self.observers:
+            snapshot["capture"] = {name: get() for name, get in self.observers.items()}
         if self._tap is not None and hasattr(self._tap, "kernel_stats"):
             try:
                 snapshot["link"] = self._tap.kernel_stats().as_dict()

@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 
-from . import CODEC, __version__
+from . import CODEC, __version__, observe
 from .errors import UserError
 
 # Subcommand name -> module with add_arguments(parser) and run(args) -> int.
@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "demo": ("eembridge.demo", "stream a trace over a lossy simulated device and verify it"),
     "stats": ("eembridge.statscmd", "show the counters of running bridges"),
     "echo": ("eembridge.echocmd", "EEM-level ping of the device through a running bridge"),
+    "replay": ("eembridge.replay", "run a usbmon capture through the codec, event by event"),
 }
 
 log = logging.getLogger("eembridge")
@@ -95,6 +96,7 @@ def main_parser() -> argparse.ArgumentParser:
                         help="bridge a simulated EEM device instead of real hardware")
     add_bridge_arguments(parser)
     add_sim_arguments(parser)
+    observe.add_arguments(parser)
     return parser
 
 
@@ -131,15 +133,18 @@ def run_bridge(args: argparse.Namespace) -> int:
 
     setup_logging(args.verbose)
     options = bridge_options(args)
-    if args.sim:
-        with open_sim(args, options) as sim:
-            log.info("simulated device up: its network side is %s in namespace %s",
-                     sim.address, sim.namespace)
-            with Bridge(sim.connect, options) as bridge:
-                return run_until_signalled(bridge)
-    connect = usb_connector(args)
-    with Bridge(connect, options) as bridge:
-        return run_until_signalled(bridge)
+    with observe.observing(args) as observers:
+        if args.sim:
+            with open_sim(args, options) as sim:
+                log.info("simulated device up: its network side is %s in namespace %s",
+                         sim.address, sim.namespace)
+                with Bridge(observers.wrap(sim.connect, options.tap), options) as bridge:
+                    observers.attach(bridge)
+                    return run_until_signalled(bridge)
+        connect = usb_connector(args)
+        with Bridge(observers.wrap(connect, options.tap), options) as bridge:
+            observers.attach(bridge)
+            return run_until_signalled(bridge)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,7 @@ from typing import Any, BinaryIO, NamedTuple
 
 from . import Deframer
 from .errors import CaptureError, UserError
-from .events import Frame
+from .events import Event, Frame
 from .pcap import LINKTYPE_ETHERNET, PcapWriter, linktype_name
 from .protocol import DATA_LENGTH_MASK, DEFAULT_MAX_LENGTH, DEFRAMER_COUNTERS, MIN_DATA_LENGTH
 from .usbmon import (
@@ -219,9 +219,12 @@ class CaptureDecoder:
         sink: Callable[[bytes, int], None],
         max_length: int = DEFAULT_MAX_LENGTH,
         in_requested: dict[int, int] | None = None,
+        on_transfer: Callable[[str, UsbRecord, bool, list[Event], Any], None] | None = None,
     ) -> None:
         self.selection = selection
         self._sink = sink
+        # Sees every transfer with all its events (eembridge replay); frames still go to sink.
+        self._on_transfer = on_transfer
         self.deframers = {d: Deframer(max_length) for d in DIRECTIONS}
         self.frames_written = dict.fromkeys(DIRECTIONS, 0)
         self._pending: OrderedDict[int, int] = OrderedDict()  # URB id -> length submitted
@@ -280,7 +283,12 @@ class CaptureDecoder:
             short = True
         timestamp = r.timestamp_ns
         written = 0
-        for event in self.deframers[direction].feed(r.data, short):
+        deframer = self.deframers[direction]
+        events = deframer.feed(r.data, short)
+        if self._on_transfer is not None:
+            events = list(events)
+            self._on_transfer(direction, r, short, events, deframer)
+        for event in events:
             if isinstance(event, Frame):
                 self._sink(event.data, timestamp)
                 written += 1
@@ -310,23 +318,48 @@ def decode_capture(
     selection = choose_device(survey, device)
     if os.path.exists(output) and os.path.samefile(path, output):
         raise UserError(f"{output}: the output would overwrite the capture")
-    key = (selection.bus, selection.device)
     try:
         out = open(output, "wb", buffering=1 << 20)
     except OSError as exc:
         raise UserError(f"{output}: {exc.strerror or exc}") from None
-    with out, open_capture(path) as stream:
+    with out:
         writer = PcapWriter(out, LINKTYPE_ETHERNET)
-        decoder = CaptureDecoder(selection, writer.write, max_length, survey.devices[key].in_requested)
+        decoder, reader = run_decoder(path, survey, selection, writer.write, max_length)
+    return {
+        **capture_summary(path, survey, selection, decoder, reader),
+        "output": output,
+        "frames_written": writer.packets,
+    }
+
+
+def run_decoder(
+    path: str,
+    survey: Survey,
+    selection: Selection,
+    sink: Callable[[bytes, int], None],
+    max_length: int = DEFAULT_MAX_LENGTH,
+    on_transfer: Callable[[str, UsbRecord, bool, list[Event], Any], None] | None = None,
+) -> tuple[CaptureDecoder, UsbmonReader]:
+    """Pass 2 over the whole capture (shared by decode and replay)."""
+    key = (selection.bus, selection.device)
+    with open_capture(path) as stream:
+        decoder = CaptureDecoder(selection, sink, max_length, survey.devices[key].in_requested,
+                                 on_transfer)
         reader = UsbmonReader(stream, path)
         for record in reader:
             decoder.feed(record)
         decoder.finish()
+    return decoder, reader
+
+
+def capture_summary(
+    path: str, survey: Survey, selection: Selection, decoder: CaptureDecoder, reader: UsbmonReader
+) -> dict[str, Any]:
+    key = (selection.bus, selection.device)
     return {
         "capture": path,
         "format": survey.format,
         "linktypes": survey.linktypes,
-        "output": output,
         "device": device_name(key),
         "endpoint_in": selection.endpoint_in,
         "endpoint_out": selection.endpoint_out,
@@ -339,7 +372,6 @@ def decode_capture(
         "capture_truncated": decoder.capture_truncated,
         "errors": dict(sorted(decoder.errors.items())),
         "submit_errors": dict(sorted(decoder.submit_errors.items())),
-        "frames_written": writer.packets,
         "in": decoder.direction_counters("in"),
         "out": decoder.direction_counters("out"),
     }
