@@ -271,6 +271,12 @@ class CaptureReader:
         timestamp_ns = 0
         if ts is not None:
             timestamp_ns = ts * 1_000_000_000 // iface.units_per_second + iface.offset_ns
+        if not 0 <= timestamp_ns < 2**32 * 1_000_000_000:
+            # Outside what any pcap (32-bit seconds) or usbmon record can hold.
+            raise CaptureError(
+                f"{self.name}: packet at offset {start} has timestamp {timestamp_ns} ns, "
+                f"outside 1970..2106: the file is corrupt"
+            )
         self.packets += 1
         return Packet(iface.linktype, timestamp_ns, body[data_at : data_at + caplen], length, order, iface_id)
 
