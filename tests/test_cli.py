@@ -59,7 +59,10 @@ def test_main_job_on_sim_with_stats_echo_and_clean_stop(tmp_path):
         assert tap in link_names(None)
         echo = eembridge("echo", "--socket", sock, "-c", "3", "--json")
         assert echo.returncode == 0, echo.stderr
-        assert json.loads(echo.stdout)["received"] == 3
+        result = json.loads(echo.stdout)
+        # 1% of USB packets are lost, so an echo may be too; it is then reported as lost.
+        assert result["sent"] == 3 and result["received"] >= 1
+        assert result["loss"] == (3 - result["received"]) / 3
         table = eembridge("stats", "--socket", sock)
         assert table.returncode == 0 and "frames" in table.stdout
     finally:

@@ -144,7 +144,17 @@ def test_metrics_pcap_and_usb_pcap_of_one_run(tmp_path):
         assert metric("eembridge_eem_rx_frames_total") > 100
         assert metric("eembridge_bridge_echo_matched_total") >= 3
         assert metric("eembridge_echo_rtt_last_seconds") == after["echo_rtt_last"] > 0
-        capture = after["capture"]["pcap"]
+        # The capture thread may still be reading the last frames: wait for it to settle.
+        deadline = time.monotonic() + 5
+        while True:
+            settled = stats_json(job.sock)
+            capture, link = settled["capture"]["pcap"], settled["link"]
+            caught_up = (capture["frames_out"] == link["tx_packets"] + link["tx_dropped"]
+                         and capture["frames_in"] == link["rx_packets"])
+            if caught_up or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        after = settled
         assert capture["drops"] == 0 and capture["errors"] == 0
         assert capture["frames_in"] == after["link"]["rx_packets"]  # what the bridge wrote
         # What the host sent: the packet socket sees it before the TAP's queue, which
