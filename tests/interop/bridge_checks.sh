@@ -59,7 +59,7 @@ listening() { ip netns exec "$PEER_NS" ss -Hltn "sport = :$1" | grep -q .; }
 # xfer NAME PORT MB: MB of random bytes one way over TCP (nc), each end hashing what it
 # saw: NAME.sent / NAME.recv hold the two digests, NAME.seconds the wall time.
 xfer() {
-    local name=$1 port=$2 mb=$3 srv t0
+    local name=$1 port=$2 mb=$3 srv t0 rc
     head -c $((mb * 1048576)) /dev/urandom > "/tmp/$name.bin"
     sha256sum < "/tmp/$name.bin" | cut -d' ' -f1 > "$RW/$name.sent"
     t0=$(date +%s.%N)
@@ -74,7 +74,10 @@ xfer() {
         wait_until 10 listening "$port"
         timeout 120 nc -d "$PEER_IP" "$port" | sha256sum | cut -d' ' -f1 > "$RW/$name.recv"
     fi
-    echo $? > "$RW/$name.rc"
+    rc=$?
+    echo $rc > "$RW/$name.rc"
+    # A failed client leaves the server waiting for ever: stop it at once.
+    if [ $rc != 0 ]; then kill $srv 2>/dev/null; fi
     timeout 30 tail --pid=$srv -f /dev/null || kill $srv 2>/dev/null
     awk -v a="$(date +%s.%N)" -v b="$t0" 'BEGIN {printf "%.3f\n", a - b}' > "$RW/$name.seconds"
 }
