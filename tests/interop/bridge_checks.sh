@@ -161,7 +161,7 @@ elif [ "$LEVEL" = full ]; then
 fi
 
 # 5. SIGTERM: a clean exit, and cdc_eem has the interface again.
-kill -TERM $BRIDGE
+kill -TERM $BRIDGE 2>/dev/null  # (already gone if it failed at start)
 if timeout 30 tail --pid=$BRIDGE -f /dev/null; then
     wait $BRIDGE
     echo $? > "$RW/bridge_exit.rc"
