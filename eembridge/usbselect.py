@@ -47,7 +47,7 @@ class Selector:
         if self.vid_pid:
             parts.append("device {:04x}:{:04x}".format(*self.vid_pid))
         if self.bus_addr:
-            parts.append("bus %d addr %d" % self.bus_addr)
+            parts.append("bus {} addr {}".format(*self.bus_addr))
         if self.serial is not None:
             parts.append(f"serial {self.serial}")
         if self.port is not None:
