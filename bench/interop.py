@@ -43,6 +43,7 @@ measure() {{
 measure kernel
 if [ {kernel_only} = 0 ]; then
     ip addr flush dev $HOST_IF
+    [ -e /dev/net/tun ] || modprobe tun
     python3 -m eembridge --tap eem0 --ip $HOST_IP/24 --mac $HOST_MAC --serial $SERIAL \
         --stats-socket /tmp/eem0.sock {bridge_args} > $RW/bridge.log 2>&1 &
     BRIDGE=$!

@@ -88,6 +88,7 @@ interfaces > "$RW/interfaces_before.txt"
 # 2. eembridge takes it over: it detaches cdc_eem itself. The cdc_eem netdev goes with
 #    the unbind; drop its address first so the TAP can take the same one.
 ip addr flush dev "$HOST_IF"
+[ -e /dev/net/tun ] || modprobe tun  # a module in the guest's Debian kernel
 python3 -m eembridge --tap "$TAP" --ip "$HOST_IP/24" --mac "$HOST_MAC" --serial "$SERIAL" \
     --stats-socket "$SOCK" -v > "$RW/bridge.log" 2>&1 &
 BRIDGE=$!
