@@ -103,6 +103,8 @@ class ClaimedDevice(Transport):
                 log.info("re-attached %s to %s", self.record.driver or "kernel driver", where)
             elif step == "released":
                 log.info("released %s", where)
+            elif "NO_DEVICE" in step:  # unplugged: the kernel already dropped both
+                log.info("%s: device gone, nothing to %s", where, step.split(":")[0].split()[0])
             else:
                 log.warning("%s: %s", where, step)
 
