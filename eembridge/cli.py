@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "stats": ("eembridge.statscmd", "show the counters of running bridges"),
     "echo": ("eembridge.echocmd", "EEM-level ping of the device through a running bridge"),
     "replay": ("eembridge.replay", "run a usbmon capture through the codec, event by event"),
+    "list": ("eembridge.listcmd", "list USB CDC-EEM devices and who holds them"),
 }
 
 log = logging.getLogger("eembridge")
@@ -67,6 +68,16 @@ def add_bridge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="count", default=0)
 
 
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    usb = parser.add_argument_group("USB device (see `eembridge list`)")
+    usb.add_argument("--device", metavar="VID:PID|BUS:ADDR",
+                     help="the EEM device by vendor:product (hex) or bus:address (decimal)")
+    usb.add_argument("--serial", metavar="S", help="the EEM device with this serial number")
+    usb.add_argument("--port", metavar="PORT", help="the EEM device on this port path, e.g. 1-2.3")
+    usb.add_argument("--wait", action="store_true",
+                     help="wait for the device if it is not plugged in yet")
+
+
 def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
     sim = parser.add_argument_group("simulated device (--sim)")
     sim.add_argument("--sim-loss", type=float, default=0.0, metavar="P",
@@ -95,6 +106,7 @@ def main_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sim", action="store_true",
                         help="bridge a simulated EEM device instead of real hardware")
     add_bridge_arguments(parser)
+    add_device_arguments(parser)
     add_sim_arguments(parser)
     observe.add_arguments(parser)
     return parser

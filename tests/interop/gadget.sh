@@ -2,8 +2,11 @@
 # The kernel's own CDC-EEM gadget on dummy_hcd, run INSIDE the real-peer guest
 # (tests/interop/guest.py boots it). Source it for the functions, or call it:
 #
-#   gadget.sh up [high|super|full]   load modules, create + bind the gadget, make the
-#                                    peer netns, wait for cdc_eem; prints KEY=VALUE lines
+#   gadget.sh up [high|super|full] [acm]
+#                                    load modules, create + bind the gadget, make the
+#                                    peer netns, wait for cdc_eem; prints KEY=VALUE lines.
+#                                    "acm": a composite gadget, an ACM serial function
+#                                    (interfaces 0-1) before EEM (interface 2)
 #   gadget.sh unplug | replug        write "" / the UDC name to the gadget's UDC file
 #   gadget.sh down                   unbind, remove gadget and netns, unload dummy_hcd
 #   gadget.sh host-setup IFNAME      address the (re)appeared cdc_eem netdev again
@@ -44,10 +47,12 @@ gadget_load() {
     modprobe libcomposite
     modprobe usb_f_eem
     modprobe cdc_eem
+    if [ "${2:-}" = acm ]; then modprobe usb_f_acm; modprobe cdc_acm; fi
     mountpoint -q /sys/kernel/config || mount -t configfs none /sys/kernel/config
 }
 
 gadget_create() {
+    local composite=${1:-}
     mkdir -p "$GADGET_DIR"
     cd "$GADGET_DIR"
     echo "$ID_VENDOR" > idVendor
@@ -61,6 +66,15 @@ gadget_create() {
     mkdir -p configs/c.1/strings/0x409
     echo "EEM" > configs/c.1/strings/0x409/configuration
     echo 250 > configs/c.1/MaxPower
+    if [ "$composite" = acm ]; then
+        # ACM first, so the EEM interface is number 2: discovery must look at class
+        # codes, not at interface 0. ACM uses an IAD: device class EF/02/01.
+        echo 0xef > bDeviceClass
+        echo 0x02 > bDeviceSubClass
+        echo 0x01 > bDeviceProtocol
+        mkdir -p functions/acm.GS0
+        [ -e configs/c.1/acm.GS0 ] || ln -s functions/acm.GS0 configs/c.1/
+    fi
     mkdir -p functions/eem.usb0
     echo "$DEV_MAC" > functions/eem.usb0/dev_addr
     # host_addr is not set: EEM has no MAC descriptor, cdc_eem picks a random
@@ -122,10 +136,22 @@ host_setup() {
     ip link set "$ifn" up
 }
 
+# The interface (e.g. 1-1:1.2) with class 02/0c/07 under the device $1.
+eem_interface() {
+    local i
+    for i in "$1"/*:*; do
+        if [ "$(cat "$i/bInterfaceClass")/$(cat "$i/bInterfaceSubClass")/$(cat "$i/bInterfaceProtocol")" = 02/0c/07 ]; then
+            basename "$i"
+            return 0
+        fi
+    done
+    return 1
+}
+
 gadget_up() {
-    local speed=${1:-high} host_if usb
-    gadget_load "$speed"
-    gadget_create
+    local speed=${1:-high} composite=${2:-} host_if usb
+    gadget_load "$speed" "$composite"
+    gadget_create "$composite"
     # f_eem registers its netdev only when the gadget binds to a UDC (before that
     # ifname reads "(unnamed net_device)"), so bind first, then move it.
     gadget_bind
@@ -145,6 +171,10 @@ gadget_up() {
     echo "USB_SPEED=$(cat "$usb/speed")"
     echo "BUSNUM=$(cat "$usb/busnum")"
     echo "DEVNUM=$(cat "$usb/devnum")"
+    echo "EEM_INTF=$(eem_interface "$usb")"
+    echo "COMPOSITE=${composite:-none}"
+    echo "SERIAL=eembridge-interop-0001"
+    echo "HOST_MAC=$HOST_MAC"
 }
 
 gadget_down() {
@@ -152,7 +182,8 @@ gadget_down() {
         [ -z "$(cat "$GADGET_DIR/UDC")" ] || gadget_unplug
         # Bring the netdev home first so that removing the function frees it.
         ip -n "$PEER_NS" link set "$(gadget_ifname)" netns 1 2>/dev/null || true
-        rm -f "$GADGET_DIR/configs/c.1/eem.usb0"
+        rm -f "$GADGET_DIR/configs/c.1/eem.usb0" "$GADGET_DIR/configs/c.1/acm.GS0"
+        [ ! -d "$GADGET_DIR/functions/acm.GS0" ] || rmdir "$GADGET_DIR/functions/acm.GS0"
         rmdir "$GADGET_DIR/configs/c.1/strings/0x409" "$GADGET_DIR/configs/c.1" \
             "$GADGET_DIR/functions/eem.usb0" "$GADGET_DIR/strings/0x409" "$GADGET_DIR"
     fi
@@ -170,6 +201,7 @@ if [ "${BASH_SOURCE[0]}" = "$0" ]; then
         down) gadget_down ;;
         host-setup) host_setup "$1" ;;
         wait-host) host_netdev_wait "${1:-20}" ;;
-        *) echo "usage: $0 up [high|super|full] | unplug | replug | down | host-setup IF | wait-host [S]" >&2; exit 2 ;;
+        eem-interface) eem_interface "$(gadget_usb_path)" ;;
+        *) echo "usage: $0 up [high|super|full] [acm] | unplug | replug | down | host-setup IF | wait-host [S]" >&2; exit 2 ;;
     esac
 fi

@@ -1,0 +1,156 @@
+"""Find CDC-EEM interfaces on every USB device (pyusb descriptors + sysfs).
+
+One record per EEM interface (class 0x02, subclass 0x0C, protocol 0x07), wherever it
+sits in the device (composite CDC-ACM + EEM devices put it at interface 2). Reading
+descriptors needs no access to /dev/bus/usb: libusb takes them from sysfs, and so do we
+for the serial number and the driver bound to the interface.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+
+SYSFS = "/sys/bus/usb/devices"
+CLAIMS_DIR = "/run/eembridge/claims"
+EEM_CLASS = (0x02, 0x0C, 0x07)
+SPEEDS = {1: "low", 2: "full", 3: "high", 4: "super", 5: "super+"}
+
+
+@dataclass(frozen=True)
+class EemInterface:
+    bus: int
+    address: int
+    port: str  # sysfs port path, e.g. "1-2.3"
+    vid: int
+    pid: int
+    serial: str | None
+    speed: str
+    configuration: int
+    interface: int
+    alt_setting: int
+    ep_in: int
+    ep_out: int
+    max_packet: int
+    driver: str | None  # kernel driver bound to the interface ("cdc_eem", "usbfs", ...)
+    held_by: str  # "kernel:cdc_eem", "eembridge:TAP (pid N)", "usbfs" or "nobody"
+
+    @property
+    def vid_pid(self) -> str:
+        return f"{self.vid:04x}:{self.pid:04x}"
+
+    @property
+    def node(self) -> str:
+        return f"/dev/bus/usb/{self.bus:03d}/{self.address:03d}"
+
+    @property
+    def sysfs_interface(self) -> str:
+        return f"{self.port}:{self.configuration}.{self.interface}"
+
+    def describe(self) -> str:
+        serial = f" serial {self.serial}" if self.serial else ""
+        return (f"{self.vid_pid} bus {self.bus} addr {self.address} port {self.port} "
+                f"interface {self.interface}{serial}")
+
+    def as_json(self) -> dict[str, object]:
+        record: dict[str, object] = asdict(self)
+        record["vid_pid"] = self.vid_pid
+        record["node"] = self.node
+        return record
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def interface_driver(sysfs_interface: str, sysfs: str = SYSFS) -> str | None:
+    link = os.path.join(sysfs, sysfs_interface, "driver")
+    try:
+        return os.path.basename(os.readlink(link))
+    except OSError:
+        return None
+
+
+def claim_path(port: str, interface: int, claims_dir: str = CLAIMS_DIR) -> str:
+    return os.path.join(claims_dir, f"{port}:{interface}.json")
+
+
+def read_claim(port: str, interface: int, claims_dir: str = CLAIMS_DIR) -> dict | None:
+    """The running bridge that holds this interface, if its process is still alive."""
+    text = _read(claim_path(port, interface, claims_dir))
+    if text is None:
+        return None
+    try:
+        claim = json.loads(text)
+        os.kill(int(claim["pid"]), 0)
+    except (ValueError, KeyError, TypeError, ProcessLookupError):
+        return None
+    except PermissionError:
+        pass  # alive, someone else's
+    return claim
+
+
+def holder(driver: str | None, claim: dict | None) -> str:
+    if claim is not None:
+        return f"eembridge:{claim.get('tap')} (pid {claim.get('pid')})"
+    if driver is None:
+        return "nobody"
+    if driver == "usbfs":
+        return "usbfs (another userspace program)"
+    return f"kernel:{driver}"
+
+
+def _port_path(device) -> str | None:
+    numbers = device.port_numbers
+    if not numbers:
+        return None  # a root hub
+    return f"{device.bus}-" + ".".join(str(n) for n in numbers)
+
+
+def find_eem_interfaces(sysfs: str = SYSFS, claims_dir: str = CLAIMS_DIR) -> list[EemInterface]:
+    import usb.core
+
+    records = []
+    for device in usb.core.find(find_all=True):
+        port = _port_path(device)
+        if port is None:
+            continue
+        active = _read(os.path.join(sysfs, port, "bConfigurationValue"))
+        serial = _read(os.path.join(sysfs, port, "serial"))
+        for config in device:
+            if active and active.isdigit() and config.bConfigurationValue != int(active):
+                continue
+            for intf in config:
+                if (intf.bInterfaceClass, intf.bInterfaceSubClass,
+                        intf.bInterfaceProtocol) != EEM_CLASS:
+                    continue
+                ep_in = ep_out = None
+                for ep in intf:
+                    if ep.bmAttributes & 0x03 != 0x02:
+                        continue  # bulk only
+                    if ep.bEndpointAddress & 0x80:
+                        ep_in = ep_in or ep
+                    else:
+                        ep_out = ep_out or ep
+                if ep_in is None or ep_out is None:
+                    continue  # an alt setting without endpoints
+                number = intf.bInterfaceNumber
+                sys_intf = f"{port}:{config.bConfigurationValue}.{number}"
+                driver = interface_driver(sys_intf, sysfs)
+                claim = read_claim(port, number, claims_dir)
+                records.append(EemInterface(
+                    bus=device.bus, address=device.address, port=port,
+                    vid=device.idVendor, pid=device.idProduct, serial=serial,
+                    speed=SPEEDS.get(device.speed or 0, "unknown"),
+                    configuration=config.bConfigurationValue, interface=number,
+                    alt_setting=intf.bAlternateSetting,
+                    ep_in=ep_in.bEndpointAddress, ep_out=ep_out.bEndpointAddress,
+                    max_packet=ep_in.wMaxPacketSize & 0x7FF,
+                    driver=driver, held_by=holder(driver, claim),
+                ))
+    return sorted(records, key=lambda r: (r.bus, r.port, r.interface))
