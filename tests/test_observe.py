@@ -172,14 +172,12 @@ def test_metrics_pcap_and_usb_pcap_of_one_run(tmp_path):
     def split(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
         return ([f for f in frames if f[6:12] != host_mac], [f for f in frames if f[6:12] == host_mac])
 
-    # tcpdump started later: what it saw is one contiguous stretch of ours, in the same
-    # order, in each direction (across directions two packet sockets may interleave
-    # differently: the two directions reach them from different CPUs).
+    # tcpdump started later, and on a loaded machine its own socket may drop frames (ours
+    # counted none, asserted above): what it saw is in ours, in the same order, in each
+    # direction (across directions two packet sockets may interleave differently).
     for mine, its in zip(split(ours), split(theirs), strict=True):
-        assert its, "tcpdump saw nothing in one direction"
-        # (the first frame may have identical twins, e.g. repeated IPv6 MLD reports)
-        starts = [i for i, frame in enumerate(mine) if frame == its[0]]
-        assert any(mine[i : i + len(its)] == its for i in starts), (len(mine), len(its), starts)
+        assert len(its) > 50, "tcpdump saw almost nothing in one direction"
+        assert is_subsequence(its, mine), (len(mine), len(its))
     check = subprocess.run([tcpdump, "-r", str(eth), "-nn"], capture_output=True, text=True, timeout=60)
     assert check.returncode == 0 and len(check.stdout.splitlines()) == len(ours), check.stderr
 
