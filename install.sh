@@ -12,7 +12,8 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 echo "eembridge install: system packages"
 $SUDO apt-get update -qq
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
-    build-essential libusb-1.0-0-dev zlib1g-dev iproute2 tcpdump kmod usbutils >/dev/null
+    build-essential libusb-1.0-0-dev zlib1g-dev iproute2 tcpdump kmod usbutils \
+    systemd udev util-linux >/dev/null
 
 if [ -x tests/interop/setup_guest.sh ] && [ "${EEMBRIDGE_NO_GUEST:-0}" != 1 ]; then
     echo "eembridge install: QEMU guest for the real-peer tests (EEMBRIDGE_NO_GUEST=1 skips)"

@@ -41,6 +41,7 @@ from typing import Any
 
 from . import CODEC, Deframer, Framer
 from .events import Echo, EchoResponse, Event
+from .logsetup import GarbageSummary, event
 from .protocol import DEFAULT_MAX_LENGTH, DEFAULT_MAX_TRANSFER, MAX_ECHO_DATA
 from .transport import Completion, DeviceInfo, Direction, Status, Transport, TransportGone
 
@@ -86,6 +87,7 @@ class BridgeOptions:
     persist: bool = False  # keep the TAP when the bridge exits
     stats_socket: str | None = None  # path of the UNIX stats socket; None: no socket
     reconnect_interval: float = 0.25
+    garbage_log_interval: float = 5.0  # at most one "resync: ..." summary line per interval
 
     @property
     def max_length(self) -> int:
@@ -133,6 +135,8 @@ class Bridge:
         self.tx: Any = None
         self.device_info: DeviceInfo | None = None
         self._control: Any = None
+        self._garbage = GarbageSummary(log, opts.garbage_log_interval)
+        self._next_garbage_check = 0.0
 
     # -- life cycle ----------------------------------------------------------------
 
@@ -157,8 +161,13 @@ class Bridge:
         self._thread = threading.Thread(target=self._run_guarded, name=f"eembridge-{self.options.tap}",
                                         daemon=True)
         self._thread.start()
+        opts = self.options
+        log.info("started: TAP %s (mtu %d, addresses %s)", opts.tap, opts.mtu,
+                 ", ".join(opts.addresses) or "none",
+                 extra=event("started", tap=opts.tap, mtu=opts.mtu, addresses=opts.addresses))
 
     def stop(self, timeout: float = 10.0) -> None:
+        started = self._thread is not None
         self._stop.set()
         self._wake()
         if self._thread is not None:
@@ -178,6 +187,11 @@ class Bridge:
             except OSError:
                 pass
         self._wake_r = self._wake_w = -1
+        if started:
+            c = self._counters
+            log.info("stopped: TAP %s (%d connects, %d unplugs, %d frames sent, %d dropped)",
+                     self.options.tap, c["connects"], c["unplugs"], c["tx_frames"], c["tx_dropped"],
+                     extra=event("stopped", tap=self.options.tap, **c))
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the bridge stopped (or timeout); True if it stopped."""
@@ -320,6 +334,9 @@ class Bridge:
                 self._counters["echo_timeouts"] += 1
                 if not future.done():
                     future.set_exception(TimeoutError("no Echo Response from the device"))
+        if now >= self._next_garbage_check:  # not per wake-up: once a second is enough
+            self._next_garbage_check = now + 1.0
+            self._garbage.update(now, self.deframer.counters())
         if self._transport is not None and self.options.keepalive and now >= self._next_keepalive:
             self._next_keepalive = now + self.options.keepalive
             self._send_echo(None, Future(), timeout=max(1.0, self.options.keepalive))
@@ -368,8 +385,10 @@ class Bridge:
         self._next_keepalive = time.monotonic() + (opts.keepalive or 0)
         self._set_carrier(True)
         self.connected.set()
-        log.info("connected: %s (max packet %d, %s speed)", info.description, info.max_packet,
-                 info.speed)
+        name = "claimed" if self._counters["connects"] == 1 else "reconnected"
+        log.info("%s: %s (max packet %d, %s speed)", name, info.description, info.max_packet,
+                 info.speed, extra=event(name, tap=opts.tap, device=info.description,
+                                         serial=info.serial, max_packet=info.max_packet))
         return True
 
     def _disconnect(self, reason: str, close_quietly: bool = False) -> None:
@@ -393,7 +412,10 @@ class Bridge:
         if self.tx is not None:
             self.tx.bytes_in_flight = 0
         if not close_quietly:
-            log.warning("device disconnected (%s); waiting for it to return", reason)
+            name = "unplugged" if reason == "unplugged" else "disconnected"
+            log.warning("%s: device gone (%s), %d frames dropped; waiting for it to return", name,
+                        reason, dropped, extra=event(name, tap=self.options.tap, reason=reason,
+                                                     dropped=dropped))
 
     def _set_carrier(self, on: bool) -> None:
         if self._tap is not None and hasattr(self._tap, "set_carrier"):

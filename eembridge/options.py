@@ -29,7 +29,10 @@ def bridge_options(args: argparse.Namespace) -> BridgeOptions:
         keepalive=args.keepalive,
         persist=args.persist,
         stats_socket=args.stats_socket or socket_path(args.tap),
+        garbage_log_interval=getattr(args, "garbage_log_interval", 5.0),
     )
+    if options.garbage_log_interval <= 0:
+        raise UserError("--garbage-log-interval must be more than 0 seconds")
     if options.max_transfer < options.max_length + 4:
         raise UserError(
             f"--max-transfer {options.max_transfer} cannot hold one full frame of MTU "
