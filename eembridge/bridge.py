@@ -188,6 +188,7 @@ class Bridge:
                 pass
         self._wake_r = self._wake_w = -1
         if started:
+            self._garbage.update(time.monotonic(), self.deframer.counters(), final=True)
             c = self._counters
             log.info("stopped: TAP %s (%d connects, %d unplugs, %d frames sent, %d dropped)",
                      self.options.tap, c["connects"], c["unplugs"], c["tx_frames"], c["tx_dropped"],

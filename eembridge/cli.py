@@ -97,6 +97,8 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
                      help="probability that a USB packet is lost (each direction)")
     sim.add_argument("--sim-flip", type=float, default=0.0, metavar="P",
                      help="probability that a USB packet has one bit flipped")
+    sim.add_argument("--sim-garbage", type=float, default=0.0, metavar="P",
+                     help="probability that garbage (a reserved command) precedes a packet on IN")
     sim.add_argument("--sim-max-packet", type=int, choices=(64, 512, 1024), default=512)
     sim.add_argument("--sim-tx", choices=("crc", "sentinel"), default="sentinel",
                      help="how the simulated device checks its frames (default sentinel, as f_eem)")

@@ -143,11 +143,14 @@ class GarbageSummary:
         self._since = 0.0
         self.lines = 0  # summaries logged (tests and stats can compare)
 
-    def update(self, now: float, counters: dict[str, int]) -> bool:
+    def update(self, now: float, counters: dict[str, int], final: bool = False) -> bool:
+        """Log a summary if the interval is over (or `final`: the bridge is stopping)."""
         if self._last is None:
             self._last, self._since = dict(counters), now
-            return False
-        if now - self._since < self.interval:
+            if not final:
+                return False
+            self._last = {}
+        if now - self._since < self.interval and not final:
             return False
         delta = {name: counters.get(name, 0) - self._last.get(name, 0)
                  for name in (*GARBAGE_COUNTERS, "bytes_skipped", "resyncs")}
