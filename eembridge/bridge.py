@@ -137,6 +137,7 @@ class Bridge:
         self._control: Any = None
         self._garbage = GarbageSummary(log, opts.garbage_log_interval)
         self._next_garbage_check = 0.0
+        self._keepalive_lost = False
 
     # -- life cycle ----------------------------------------------------------------
 
@@ -340,7 +341,22 @@ class Bridge:
             self._garbage.update(now, self.deframer.counters())
         if self._transport is not None and self.options.keepalive and now >= self._next_keepalive:
             self._next_keepalive = now + self.options.keepalive
-            self._send_echo(None, Future(), timeout=max(1.0, self.options.keepalive))
+            keepalive: Future[float] = Future()
+            keepalive.add_done_callback(self._keepalive_done)  # runs here, in this thread
+            self._send_echo(None, keepalive, timeout=max(1.0, self.options.keepalive))
+
+    def _keepalive_done(self, future: Future[float]) -> None:
+        """One line when the device stops answering keepalives, one when it answers again."""
+        if isinstance(future.exception(), ConnectionError):
+            return  # no device: the unplug was logged already
+        lost = future.exception() is not None
+        if lost != self._keepalive_lost:
+            self._keepalive_lost = lost
+            name = "keepalive_lost" if lost else "keepalive_back"
+            (log.warning if lost else log.info)(
+                "%s: the device %s", name,
+                "does not answer EEM Echo" if lost else "answers EEM Echo again",
+                extra=event(name, tap=self.options.tap))
 
     # -- connection ----------------------------------------------------------------------
 

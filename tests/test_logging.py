@@ -159,3 +159,41 @@ def test_bridge_events_and_rate_limited_garbage_under_a_flood(tmp_path):
     assert sum(e["garbage_packets"] for e in resyncs) == garbage
     starts = [e["ts"] for e in resyncs]
     assert starts == sorted(starts)
+
+
+def test_unplug_replug_and_silence_are_one_line_each():
+    """In process, on the simulated device: the bridge's life as events, nothing repeated."""
+    require_tun_and_root()
+    from eembridge.bridge import Bridge, BridgeOptions
+    from eembridge.sim.link import SimLink
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    bridge_log = logging.getLogger("eembridge.bridge")
+    bridge_log.addHandler(handler)
+    old_level = bridge_log.level
+    bridge_log.setLevel(logging.INFO)
+    subnet = free_linklocal_subnet()
+    try:
+        with SimLink(f"{subnet[1]}/24") as sim:
+            options = BridgeOptions(tap=unique_name("eemev"), addresses=[f"{subnet[2]}/24"],
+                                    keepalive=0.2, stats_socket=None)
+            with Bridge(sim.connect, options) as bridge:
+                assert bridge.connected.wait(10)
+                time.sleep(0.5)
+                sim.device.busy_out_for(1.5)  # echoes go unanswered for a while ...
+                time.sleep(2.5)  # ... and then are answered again
+                sim.device.unplug()
+                time.sleep(0.5)
+                sim.device.replug()
+                assert bridge.connected.wait(10)
+                time.sleep(0.3)
+    finally:
+        bridge_log.removeHandler(handler)
+        bridge_log.setLevel(old_level)
+    # (Echo Responses that come back after their request timed out are logged as
+    # unsolicited, without an event name: not part of this sequence.)
+    names = [e["event"] for e in map(json.loads, stream.getvalue().splitlines()) if "event" in e]
+    assert names == ["started", "claimed", "keepalive_lost", "keepalive_back", "unplugged",
+                     "reconnected", "stopped"], names
