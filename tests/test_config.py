@@ -206,3 +206,13 @@ def test_config_and_flag_overrides_on_a_running_bridge(tmp_path):
     started = next(e for e in events if e.get("event") == "started")
     assert started["tap"] == tap and started["mtu"] == 1400
     assert tap not in link_names(None)
+
+
+def test_the_readme_example_is_a_valid_config(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    example = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    config = load([write(tmp_path, "readme.toml", example)])
+    values, section = config.values_for(DeviceIdentity(serial="E66138528361BD2F"))
+    assert section is not None and values["tap"] == "otdr1" and values["keepalive"] == 5.0
+    values, section = config.values_for(DeviceIdentity(port="1-2.3"))
+    assert section is not None and values["tap"] == "slot3" and values["tx_crc"] is True
