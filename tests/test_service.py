@@ -210,11 +210,14 @@ def udev_events(tmp_path: Path, rules_dir: Path, events: list[tuple[str, str]]) 
     tool("unshare"), tool("udevadm")
     if os.geteuid() != 0:
         pytest.fail("udev rule tests need root (mount namespace, bind mounts)")
+    # A fresh /run (udev's database, and our rules as the only ones), other rule
+    # directories hidden; all of it only in this mount namespace.
     lines = ["set -e", f"mount --bind {shlex.quote(str(tmp_path / 'sys'))} /sys",
-             "mount -t tmpfs none /run/udev",
-             f"mount --bind {shlex.quote(str(rules_dir))} /etc/udev/rules.d",
-             "for d in /usr/lib/udev/rules.d /lib/udev/rules.d /run/udev/rules.d; do",
-             "  [ -d $d ] && mount -t tmpfs none $d || true; done",
+             "for d in /etc/udev/rules.d /usr/lib/udev/rules.d /usr/local/lib/udev/rules.d \\",
+             "         /lib/udev/rules.d; do",
+             "  if [ -d $d ]; then mount -t tmpfs none $d; fi; done",
+             "mount -t tmpfs none /run", "mkdir -p /run/udev/rules.d",
+             f"mount --bind {shlex.quote(str(rules_dir))} /run/udev/rules.d",
              "export SYSTEMD_DEVICE_VERIFY_SYSFS=0"]
     for action, syspath in events:
         if action == "remove":  # the device is gone: its attributes with it
@@ -230,7 +233,7 @@ def udev_events(tmp_path: Path, rules_dir: Path, events: list[tuple[str, str]]) 
         properties, runs, errors = {}, [], []
         in_properties = False
         for line in block.splitlines()[1:]:
-            if line.startswith("/etc/udev/rules.d/"):
+            if line.startswith("/run/udev/rules.d/"):
                 errors.append(line)
             elif line.startswith("run: "):
                 runs.append(line[5:].strip("'"))
