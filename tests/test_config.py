@@ -151,7 +151,7 @@ def test_a_config_mistake_is_one_line_from_the_command_line(tmp_path):
 
 
 def test_config_and_flag_overrides_on_a_running_bridge(tmp_path):
-    """--sim --config F --serial S: TAP name, address and neighbour come from the section,
+    """--sim --config F --instance serial:S: TAP name, address and neighbour come from the section,
     the MTU from [defaults] is overridden by --mtu; checked on the live TAP."""
     require_tun_and_root()
     subnet = free_linklocal_subnet()
@@ -174,7 +174,8 @@ def test_config_and_flag_overrides_on_a_running_bridge(tmp_path):
         tap = "wrong0"
         """)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "eembridge", "--sim", "--config", path, "--serial", "SIM-A",
+        # As the unit passes it: the instance, escaped as `systemd-escape serial:SIM-A` does.
+        [sys.executable, "-m", "eembridge", "--sim", "--config", path, "--instance", r"serial:SIM\x2dA",
          "--mtu", "1400", "--sim-ip", f"{subnet[1]}/24", "--stats-socket", sock,
          "--log-format", "json"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

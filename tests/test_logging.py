@@ -197,3 +197,32 @@ def test_unplug_replug_and_silence_are_one_line_each():
     names = [e["event"] for e in map(json.loads, stream.getvalue().splitlines()) if "event" in e]
     assert names == ["started", "claimed", "keepalive_lost", "keepalive_back", "unplugged",
                      "reconnected", "stopped"], names
+
+
+def test_under_systemd_lines_have_priority_prefixes_and_no_timestamps(tmp_path):
+    """JOURNAL_STREAM naming our stderr (as systemd sets it) selects the journal format."""
+    require_tun_and_root()
+    subnet = free_linklocal_subnet()
+    sock = str(tmp_path / "bridge.sock")
+    with open(tmp_path / "stderr", "w+") as stderr:
+        st = os.fstat(stderr.fileno())
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "eembridge", "--sim", "--tap", unique_name("eemjr"),
+             "--ip", f"{subnet[2]}/24", "--sim-ip", f"{subnet[1]}/24", "--stats-socket", sock],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr,
+            env={**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"},
+        )
+        try:
+            deadline = time.monotonic() + 20
+            while not os.path.exists(sock):
+                assert proc.poll() is None and time.monotonic() < deadline, "bridge did not start"
+                time.sleep(0.1)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(20)
+        stderr.seek(0)
+        lines = stderr.read().splitlines()
+    assert proc.returncode == 0, lines
+    assert lines and all(line[:3] in ("<3>", "<4>", "<6>", "<7>") for line in lines), lines
+    assert any(line.startswith("<6>eembridge.bridge: claimed: ") for line in lines), lines
+    assert not any(line[3:7].isdigit() for line in lines)  # no "2026-..." timestamps
