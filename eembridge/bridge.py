@@ -342,13 +342,15 @@ class Bridge:
         if self._transport is not None and self.options.keepalive and now >= self._next_keepalive:
             self._next_keepalive = now + self.options.keepalive
             keepalive: Future[float] = Future()
-            keepalive.add_done_callback(self._keepalive_done)  # runs here, in this thread
+            connection = self._counters["connects"]
+            # Runs here, in this thread, when the Echo is answered or times out.
+            keepalive.add_done_callback(lambda future: self._keepalive_done(future, connection))
             self._send_echo(None, keepalive, timeout=max(1.0, self.options.keepalive))
 
-    def _keepalive_done(self, future: Future[float]) -> None:
+    def _keepalive_done(self, future: Future[float], connection: int) -> None:
         """One line when the device stops answering keepalives, one when it answers again."""
-        if isinstance(future.exception(), ConnectionError):
-            return  # no device: the unplug was logged already
+        if self._transport is None or connection != self._counters["connects"]:
+            return  # sent before an unplug: its loss is the unplug, logged already
         lost = future.exception() is not None
         if lost != self._keepalive_lost:
             self._keepalive_lost = lost
