@@ -115,13 +115,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
     if not live:
         return 0
-    if not os.path.isdir("/run/systemd/system"):
+    systemd_running = os.path.isdir("/run/systemd/system")
+    if args.dry_run:
+        for command in _live_commands():
+            print("would run: " + shlex.join(command))
+        if not systemd_running:
+            print("(systemd is not running here: these would be skipped)")
+        return 0
+    if not systemd_running:
         print("systemd is not running here: skipped daemon-reload and udev reload")
         return 0
     for command in _live_commands():
-        if args.dry_run:
-            print("would run: " + shlex.join(command))
-            continue
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise UserError(f"{shlex.join(command)} failed: {result.stderr.strip()}")
