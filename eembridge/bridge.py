@@ -41,6 +41,7 @@ from typing import Any
 
 from . import CODEC, Deframer, Framer
 from .events import Echo, EchoResponse, Event
+from .logsetup import GarbageSummary, event
 from .protocol import DEFAULT_MAX_LENGTH, DEFAULT_MAX_TRANSFER, MAX_ECHO_DATA
 from .transport import Completion, DeviceInfo, Direction, Status, Transport, TransportGone
 
@@ -86,6 +87,7 @@ class BridgeOptions:
     persist: bool = False  # keep the TAP when the bridge exits
     stats_socket: str | None = None  # path of the UNIX stats socket; None: no socket
     reconnect_interval: float = 0.25
+    garbage_log_interval: float = 5.0  # at most one "resync: ..." summary line per interval
 
     @property
     def max_length(self) -> int:
@@ -135,6 +137,9 @@ class Bridge:
         self._control: Any = None
         # Extra snapshot sections from observers (e.g. the --pcap capture): name -> counters.
         self.observers: dict[str, Callable[[], dict[str, Any]]] = {}
+        self._garbage = GarbageSummary(log, opts.garbage_log_interval)
+        self._next_garbage_check = 0.0
+        self._keepalive_lost = False
 
     # -- life cycle ----------------------------------------------------------------
 
@@ -156,11 +161,17 @@ class Bridge:
             from .stats import ControlServer
 
             self._control = ControlServer(self.options.stats_socket, self)
-        self._thread = threading.Thread(target=self._run_guarded, name=f"eembridge-{self.options.tap}",
+        opts = self.options
+        # Logged before the thread starts, so "started" always precedes "claimed".
+        log.info("started: TAP %s (mtu %d, addresses %s)", opts.tap, opts.mtu,
+                 ", ".join(opts.addresses) or "none",
+                 extra=event("started", tap=opts.tap, mtu=opts.mtu, addresses=opts.addresses))
+        self._thread = threading.Thread(target=self._run_guarded, name=f"eembridge-{opts.tap}",
                                         daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        started = self._thread is not None
         self._stop.set()
         self._wake()
         if self._thread is not None:
@@ -180,6 +191,12 @@ class Bridge:
             except OSError:
                 pass
         self._wake_r = self._wake_w = -1
+        if started:
+            self._garbage.update(time.monotonic(), self.deframer.counters(), final=True)
+            c = self._counters
+            log.info("stopped: TAP %s (%d connects, %d unplugs, %d frames sent, %d dropped)",
+                     self.options.tap, c["connects"], c["unplugs"], c["tx_frames"], c["tx_dropped"],
+                     extra=event("stopped", tap=self.options.tap, **c))
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the bridge stopped (or timeout); True if it stopped."""
@@ -328,9 +345,29 @@ class Bridge:
                 self._counters["echo_timeouts"] += 1
                 if not future.done():
                     future.set_exception(TimeoutError("no Echo Response from the device"))
+        if now >= self._next_garbage_check:  # not per wake-up: once a second is enough
+            self._next_garbage_check = now + 1.0
+            self._garbage.update(now, self.deframer.counters())
         if self._transport is not None and self.options.keepalive and now >= self._next_keepalive:
             self._next_keepalive = now + self.options.keepalive
-            self._send_echo(None, Future(), timeout=max(1.0, self.options.keepalive))
+            keepalive: Future[float] = Future()
+            connection = self._counters["connects"]
+            # Runs here, in this thread, when the Echo is answered or times out.
+            keepalive.add_done_callback(lambda future: self._keepalive_done(future, connection))
+            self._send_echo(None, keepalive, timeout=max(1.0, self.options.keepalive))
+
+    def _keepalive_done(self, future: Future[float], connection: int) -> None:
+        """One line when the device stops answering keepalives, one when it answers again."""
+        if self._transport is None or connection != self._counters["connects"]:
+            return  # sent before an unplug: its loss is the unplug, logged already
+        lost = future.exception() is not None
+        if lost != self._keepalive_lost:
+            self._keepalive_lost = lost
+            name = "keepalive_lost" if lost else "keepalive_back"
+            (log.warning if lost else log.info)(
+                "%s: the device %s", name,
+                "does not answer EEM Echo" if lost else "answers EEM Echo again",
+                extra=event(name, tap=self.options.tap))
 
     # -- connection ----------------------------------------------------------------------
 
@@ -376,8 +413,10 @@ class Bridge:
         self._next_keepalive = time.monotonic() + (opts.keepalive or 0)
         self._set_carrier(True)
         self.connected.set()
-        log.info("connected: %s (max packet %d, %s speed)", info.description, info.max_packet,
-                 info.speed)
+        name = "claimed" if self._counters["connects"] == 1 else "reconnected"
+        log.info("%s: %s (max packet %d, %s speed)", name, info.description, info.max_packet,
+                 info.speed, extra=event(name, tap=opts.tap, device=info.description,
+                                         serial=info.serial, max_packet=info.max_packet))
         return True
 
     def _disconnect(self, reason: str, close_quietly: bool = False) -> None:
@@ -401,7 +440,10 @@ class Bridge:
         if self.tx is not None:
             self.tx.bytes_in_flight = 0
         if not close_quietly:
-            log.warning("device disconnected (%s); waiting for it to return", reason)
+            name = "unplugged" if reason == "unplugged" else "disconnected"
+            log.warning("%s: device gone (%s), %d frames dropped; waiting for it to return", name,
+                        reason, dropped, extra=event(name, tap=self.options.tap, reason=reason,
+                                                     dropped=dropped))
 
     def _set_carrier(self, on: bool) -> None:
         if self._tap is not None and hasattr(self._tap, "set_carrier"):

@@ -15,6 +15,7 @@ import threading
 
 from . import CODEC, __version__, observe
 from .errors import UserError
+from .logsetup import FORMATS, setup_logging
 
 # Subcommand name -> module with add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS = {
@@ -24,6 +25,8 @@ SUBCOMMANDS = {
     "echo": ("eembridge.echocmd", "EEM-level ping of the device through a running bridge"),
     "replay": ("eembridge.replay", "run a usbmon capture through the codec, event by event"),
     "list": ("eembridge.listcmd", "list USB CDC-EEM devices and who holds them"),
+    "install-service": ("eembridge.service",
+                        "install the systemd unit and udev rule: one bridge per EEM device"),
 }
 
 log = logging.getLogger("eembridge")
@@ -66,16 +69,28 @@ def add_bridge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stats-socket", metavar="PATH",
                         help="UNIX socket for `eembridge stats` (default /run/eembridge/TAP.sock)")
     parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("--log-format", choices=FORMATS, default="auto",
+                        help="journal (<N> priority prefixes, no time), text, or json (one "
+                             "object per line); auto: journal under systemd, else text")
+    parser.add_argument("--garbage-log-interval", type=float, default=5.0, metavar="SECONDS",
+                        help="at most one line per interval summarising dropped garbage (default 5)")
 
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
-    usb = parser.add_argument_group("USB device (see `eembridge list`)")
-    usb.add_argument("--device", metavar="VID:PID|BUS:ADDR",
-                     help="the EEM device by vendor:product (hex) or bus:address (decimal)")
-    usb.add_argument("--serial", metavar="S", help="the EEM device with this serial number")
-    usb.add_argument("--port", metavar="PORT", help="the EEM device on this port path, e.g. 1-2.3")
-    usb.add_argument("--wait", action="store_true",
-                     help="wait for the device if it is not plugged in yet")
+    """Which real device to bridge (--sim ignores them, except to pick a config section)."""
+    dev = parser.add_argument_group("USB device (see `eembridge list`)")
+    dev.add_argument("--device", metavar="VID:PID|BUS:ADDR",
+                     help="the device by vendor:product id (hex) or bus:address (decimal)")
+    dev.add_argument("--serial", metavar="S", help="the device with this serial number")
+    dev.add_argument("--port", metavar="1-2.3", help="the device at this USB port path")
+    dev.add_argument("--wait", action="store_true",
+                     help="wait for the device to appear instead of failing")
+    service = parser.add_argument_group("service and configuration")
+    service.add_argument("--config", action="append", metavar="FILE",
+                         help="TOML configuration (repeatable; default /etc/eembridge/*.toml)")
+    service.add_argument("--instance", metavar="NAME",
+                         help="systemd instance: a port path (1-2.3) or serial:SERIAL "
+                              "(\\xNN escapes as systemd-escape writes them)")
 
 
 def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,6 +99,8 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
                      help="probability that a USB packet is lost (each direction)")
     sim.add_argument("--sim-flip", type=float, default=0.0, metavar="P",
                      help="probability that a USB packet has one bit flipped")
+    sim.add_argument("--sim-garbage", type=float, default=0.0, metavar="P",
+                     help="probability that garbage (a reserved command) precedes a packet on IN")
     sim.add_argument("--sim-max-packet", type=int, choices=(64, 512, 1024), default=512)
     sim.add_argument("--sim-tx", choices=("crc", "sentinel"), default="sentinel",
                      help="how the simulated device checks its frames (default sentinel, as f_eem)")
@@ -112,9 +129,40 @@ def main_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_logging(verbose: int) -> None:
-    level = logging.DEBUG if verbose > 1 else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def explicit_dests(argv: list[str]) -> set[str]:
+    """The options given on the command line (they override the config file)."""
+    parser = main_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    given, _rest = parser.parse_known_args(argv)
+    return set(vars(given))
+
+
+def apply_config(args: argparse.Namespace, argv: list[str]) -> None:
+    """Fill in options from the config file's section for this device; flags win."""
+    from .config import SYSFS_USB, config_files, identify, load
+    from .service import parse_instance
+
+    if args.instance:
+        kind, value = parse_instance(args.instance)
+        if getattr(args, kind) not in (None, value):
+            raise UserError(f"--instance {args.instance} contradicts --{kind} {getattr(args, kind)}")
+        setattr(args, kind, value)
+    paths = config_files(args.config)
+    if not paths:
+        return
+    config = load(paths)
+    identity = identify(args.serial, args.port, args.device, sysfs=None if args.sim else SYSFS_USB)
+    values, section = config.values_for(identity)
+    explicit = explicit_dests(argv)
+    for dest, value in values.items():
+        if dest not in explicit:
+            setattr(args, dest, value)
+    if section is None:
+        log.info("config %s: no section for %s; [defaults] only", ", ".join(config.files),
+                 identity.describe())
+    else:
+        log.info("config %s for %s", section.where, identity.describe())
 
 
 def run_until_signalled(bridge) -> int:
@@ -139,11 +187,12 @@ def run_until_signalled(bridge) -> int:
     return 0
 
 
-def run_bridge(args: argparse.Namespace) -> int:
+def run_bridge(args: argparse.Namespace, argv: list[str]) -> int:
     from .bridge import Bridge
     from .options import bridge_options, open_sim, usb_connector
 
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, args.log_format)
+    apply_config(args, argv)
     options = bridge_options(args)
     with observe.observing(args) as observers:
         if args.sim:
@@ -167,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             args = parser.parse_args(argv[1:])
             return int(module.run(args) or 0)  # type: ignore[attr-defined]
         args = main_parser().parse_args(argv)
-        return run_bridge(args)
+        return run_bridge(args, argv)
     except UserError as exc:
         print(f"eembridge: error: {exc}", file=sys.stderr)
         return exc.exit_code

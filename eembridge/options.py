@@ -29,7 +29,10 @@ def bridge_options(args: argparse.Namespace) -> BridgeOptions:
         keepalive=args.keepalive,
         persist=args.persist,
         stats_socket=args.stats_socket or socket_path(args.tap),
+        garbage_log_interval=getattr(args, "garbage_log_interval", 5.0),
     )
+    if options.garbage_log_interval <= 0:
+        raise UserError("--garbage-log-interval must be more than 0 seconds")
     if options.max_transfer < options.max_length + 4:
         raise UserError(
             f"--max-transfer {options.max_transfer} cannot hold one full frame of MTU "
@@ -50,15 +53,19 @@ def usb_connector(args: argparse.Namespace) -> Callable[[], Transport]:
 
 def open_sim(args: argparse.Namespace, options: BridgeOptions):  # -> SimLink
     """The simulated device the main job bridges with --sim."""
+    from .sim.faults import Faults
     from .sim.link import SimLink
 
+    try:
+        faults = Faults(loss=args.sim_loss, flip=args.sim_flip,
+                        garbage=getattr(args, "sim_garbage", 0.0), seed=args.sim_seed)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     return SimLink(
         address=args.sim_ip,
         max_packet=args.sim_max_packet,
         tx_crc=args.sim_tx == "crc",
         batch=args.sim_batch,
-        loss=args.sim_loss,
-        flip=args.sim_flip,
         mtu=options.mtu,
-        seed=args.sim_seed,
+        faults=faults,
     )
