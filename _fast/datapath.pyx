@@ -29,28 +29,30 @@ Commands never pass through here: the bridge submits Echo / Echo Response transf
 of its own, ahead of TAP data not yet submitted.
 """
 
-from libc.errno cimport EAGAIN, errno
-from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 from libc.stdint cimport int64_t
-from posix.unistd cimport read, write
+
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 
-from eem cimport (eem_deframer, eem_framer, deframer_of, framer_of, eem_frame_in_place,
-                  eem_fits, eem_close_transfer)
+from cpython.pycapsule cimport PyCapsule_New
+
+from eem cimport deframer_of, framer_of
+from rxdeliver cimport rx_state, rx_write_frames, rx_slot_offset, RX_STATE_CAPSULE
+from txfill cimport (tx_state, tx_has_room, tx_fill_one, tx_release_oldest, tx_reset,
+                     TX_STATE_CAPSULE)
 
 import errno as _errno
-from collections import deque
 
 from .datapath import RX_COUNTERS, TX_COUNTERS, OutTransfer
 from .protocol import CHECK_SIZE, HEADER_SIZE
 
 DEF ERRNO_SLOTS = 256
 
-cdef enum:
-    HEADER = 2  # protocol.HEADER_SIZE (checked at import)
+from txfill cimport TX_HEADER, TX_CHECK, TX_ERRNO_SLOTS
+from rxdeliver cimport RX_ERRNO_SLOTS
 
-assert HEADER == HEADER_SIZE
+assert TX_HEADER == HEADER_SIZE and TX_CHECK == CHECK_SIZE
+assert TX_ERRNO_SLOTS == RX_ERRNO_SLOTS == ERRNO_SLOTS
 
 
 cdef dict _errno_names(int64_t* counts):
@@ -60,10 +62,6 @@ cdef dict _errno_names(int64_t* counts):
         if counts[i]:
             out[_errno.errorcode.get(i, str(i))] = counts[i]
     return out
-
-
-cdef inline void _count_errno(int64_t* counts, int e) noexcept nogil:
-    counts[e if 0 <= e < ERRNO_SLOTS else 0] += 1
 
 
 cdef class RxPath:
@@ -81,8 +79,7 @@ cdef class RxPath:
     cdef object _whole
     cdef Py_buffer _view
     cdef bint _have_view
-    cdef int64_t frames_written, bytes_written, write_errors_total
-    cdef int64_t errno_counts[ERRNO_SLOTS]
+    cdef rx_state state  # ring, TAP and counters, shared with the libusb transport (capsule)
 
     def __init__(self, deframer, int tap_fd, Py_ssize_t slots, Py_ssize_t slot_size):
         from ._ring import Ring
@@ -97,24 +94,38 @@ cdef class RxPath:
         self._whole = memoryview(self.ring)  # both copies: 2 * size bytes
         PyObject_GetBuffer(self._whole, &self._view, PyBUF_SIMPLE)
         self._have_view = True
-        memset(self.errno_counts, 0, sizeof(self.errno_counts))
+        memset(&self.state, 0, sizeof(self.state))
+        self.state.d = deframer_of(deframer)
+        self.state.ring = <const unsigned char*>self._view.buf
+        self.state.size = self.ring.size
+        self.state.slot_size = slot_size
+        self.state.tap_fd = tap_fd
+        # A whole slot deframes in place without growing (the transport's event thread
+        # cannot grow it).
+        deframer.set_capacity(slot_size)
+
+    @property
+    def capsule(self):
+        """PyCapsule RX_STATE_CAPSULE holding the rx_state* (rxdeliver.pxd); valid while
+        this RxPath is alive. Whoever delivers through it must be the only one to."""
+        return PyCapsule_New(&self.state, RX_STATE_CAPSULE, NULL)
 
     def __dealloc__(self):
         if self._have_view:
             PyBuffer_Release(&self._view)
 
     def counters(self) -> dict:
-        return dict(zip(RX_COUNTERS, (self.frames_written, self.bytes_written,
-                                      self.write_errors_total)))
+        return dict(zip(RX_COUNTERS, (self.state.frames_written, self.state.bytes_written,
+                                      self.state.write_errors)))
 
     @property
     def write_errors(self) -> dict:
         """Refused TAP writes by errno name (EAGAIN/ENOBUFS: queue full; EIO: link down)."""
-        return _errno_names(self.errno_counts)
+        return _errno_names(self.state.errno_counts)
 
     def slot_buffer(self, Py_ssize_t sequence):
         """Where IN transfer number `sequence` lands."""
-        cdef Py_ssize_t start = (sequence * self.slot_size) % self.ring.size
+        cdef Py_ssize_t start = rx_slot_offset(&self.state, sequence)
         return self._whole[start : start + self.slot_size]
 
     def complete(self, Py_ssize_t sequence, Py_ssize_t actual, is_short) -> list:
@@ -125,22 +136,10 @@ cdef class RxPath:
         if offset < carried:
             offset += size  # the carried tail sits at the end of the first copy
         commands = self.deframer.deframe_into(self._whole, offset, actual, is_short)
-        cdef eem_deframer* d = deframer_of(self.deframer)
-        cdef const unsigned char* base = <const unsigned char*>self._view.buf + offset - carried
-        cdef Py_ssize_t i, length
-        cdef Py_ssize_t n = d.n_frames
-        cdef int fd = self.tap_fd
-        if n:
+        cdef const unsigned char* base = self.state.ring + offset - carried
+        if self.state.d.n_frames:
             with nogil:
-                for i in range(n):
-                    length = d.frames[i].length
-                    if write(fd, base + d.frames[i].offset, length) == length:
-                        self.frames_written += 1
-                        self.bytes_written += length
-                    else:
-                        # The kernel refused it (queue full, link down): count, go on.
-                        self.write_errors_total += 1
-                        _count_errno(self.errno_counts, errno)
+                rx_write_frames(&self.state, base)
         return commands
 
     def reset(self) -> None:
@@ -158,17 +157,11 @@ cdef class TxPath:
     cdef readonly Py_ssize_t size
     cdef object _memory
     cdef object _whole
-    cdef unsigned char* _base
     cdef Py_buffer _view
     cdef bint _have_view
-    cdef Py_ssize_t _head  # where the next transfer may start
-    cdef object _held  # (start, length) of transfers not released yet, oldest first
-    cdef Py_ssize_t _in_flight
-    cdef int64_t frames_read, read_errors_total, oversize, runts
-    cdef int64_t errno_counts[ERRNO_SLOTS]
+    cdef tx_state state  # memory, held transfers, counters; shared with the libusb transport
 
     def __init__(self, framer, int tap_fd, Py_ssize_t max_bytes_in_flight):
-        framer_of(framer)
         self.framer = framer
         self.tap_fd = tap_fd
         self.max_bytes_in_flight = max_bytes_in_flight
@@ -186,103 +179,64 @@ cdef class TxPath:
         self._whole = memoryview(self._memory)
         PyObject_GetBuffer(self._whole, &self._view, PyBUF_SIMPLE | PyBUF_WRITABLE)
         self._have_view = True
-        self._base = <unsigned char*>self._view.buf
-        self._held = deque()
-        memset(self.errno_counts, 0, sizeof(self.errno_counts))
+        memset(&self.state, 0, sizeof(self.state))
+        self.state.f = framer_of(framer)
+        self.state.base = <unsigned char*>self._view.buf
+        self.state.size = self.size
+        self.state.slot_size = self.slot_size
+        self.state.read_size = self.read_size
+        self.state.max_bytes_in_flight = max_bytes_in_flight
+        self.state.tap_fd = tap_fd
+
+    @property
+    def capsule(self):
+        """PyCapsule TX_STATE_CAPSULE holding the tx_state* (txfill.pxd); valid while this
+        TxPath is alive. Whoever fills and releases through it must be the only one to."""
+        return PyCapsule_New(&self.state, TX_STATE_CAPSULE, NULL)
 
     def __dealloc__(self):
         if self._have_view:
             PyBuffer_Release(&self._view)
 
     def counters(self) -> dict:
-        return dict(zip(TX_COUNTERS, (self.frames_read, self.read_errors_total, self.oversize,
-                                      self.runts)))
+        return dict(zip(TX_COUNTERS, (self.state.frames_read, self.state.read_errors,
+                                      self.state.oversize, self.state.runts)))
 
     @property
     def read_errors(self) -> dict:
-        return _errno_names(self.errno_counts)
+        return _errno_names(self.state.errno_counts)
 
     @property
     def bytes_in_flight(self) -> int:
-        return self._in_flight
+        return self.state.in_flight
 
     @bytes_in_flight.setter
     def bytes_in_flight(self, value) -> None:
         # The bridge zeroes it when the device went: all memory is free again.
         if value != 0:
             raise ValueError("bytes_in_flight can only be reset to 0")
-        self._in_flight = 0
-        self._head = 0
-        self._held.clear()
+        tx_reset(&self.state)
 
     @property
     def has_room(self) -> bool:
         """Whether another full batch fits: when not, the TAP is not read (backpressure)."""
-        return self._in_flight + self.framer.max_transfer <= self.max_bytes_in_flight
-
-    cdef Py_ssize_t _place(self) except -1:
-        """Where a transfer of up to slot_size bytes can be built now."""
-        cdef Py_ssize_t tail, p = self._head
-        if not self._held:
-            self._head = 0
-            return 0
-        tail = self._held[0][0]
-        if p >= tail:  # free: [p, size) and [0, tail)
-            if p + self.slot_size <= self.size:
-                return p
-            if self.slot_size <= tail:
-                return 0  # wrap; [p, size) stays unused this round
-        elif p + self.slot_size <= tail:  # free: [p, tail)
-            return p
-        raise AssertionError("TX memory has no room although has_room said so")
+        return tx_has_room(&self.state)
 
     def fill(self) -> list:
         """Read what the TAP has, framed in place, into transfers of up to max_transfer."""
-        cdef eem_framer* f = framer_of(self.framer)
-        cdef int fd = self.tap_fd
-        cdef Py_ssize_t read_size = self.read_size
-        cdef Py_ssize_t longest = read_size - 1 + HEADER_SIZE + CHECK_SIZE
-        cdef unsigned char* slot
-        cdef Py_ssize_t start, pos, n, size, frames, length
+        cdef Py_ssize_t start, length
+        cdef int frames
         cdef bint drained = False
-        cdef int64_t oversize0, runts0
         transfers = []
-        while not drained and self.has_room:
-            start = self._place()
-            slot = self._base + start
-            pos = 0
-            frames = 0
-            oversize0, runts0 = f.c.oversize, f.c.runts
+        while not drained and tx_has_room(&self.state):
             with nogil:
-                # Read only while the longest possible frame would still fit once framed.
-                while pos == 0 or eem_fits(f, pos + longest):
-                    n = read(fd, slot + pos + HEADER, read_size)
-                    if n < 0:
-                        if errno != EAGAIN:  # EAGAIN: drained (== EWOULDBLOCK on Linux)
-                            self.read_errors_total += 1
-                            _count_errno(self.errno_counts, errno)
-                        drained = True
-                        break
-                    if n == 0:
-                        drained = True
-                        break
-                    self.frames_read += 1
-                    size = eem_frame_in_place(f, slot + pos, n)
-                    if size:
-                        pos += size
-                        frames += 1
-            self.oversize += f.c.oversize - oversize0
-            self.runts += f.c.runts - runts0
-            if frames == 0:
-                continue  # nothing (or only refused frames) read: the memory stays free
-            length = eem_close_transfer(f, slot, pos)
-            transfers.append(OutTransfer(self._whole[start : start + length], frames))
-            self._held.append((start, length))
-            self._head = start + length
-            self._in_flight += length
+                length = tx_fill_one(&self.state, &start, &frames, &drained)
+            if length < 0:
+                raise AssertionError("TX memory has no room although has_room said so")
+            if length:
+                transfers.append(OutTransfer(self._whole[start : start + length], frames))
         return transfers
 
     def release(self, transfer) -> None:
         """The oldest transfer completed (sent or dropped): its memory may be reused."""
-        if self._held:
-            self._in_flight -= self._held.popleft()[1]
+        tx_release_oldest(&self.state)

@@ -12,12 +12,21 @@ and the device is exactly the one discovery matched (no second enumeration here)
 """
 
 from libc.stdlib cimport malloc, free
-from libc.string cimport memset
+from libc.string cimport memset, memcpy
+from libc.stdint cimport int64_t
+from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.errno cimport errno
 from posix.unistd cimport write, close, read
 import os
 import threading
 
+from eem cimport eem_deframer, eem_command_record
+from rxdeliver cimport rx_state, rx_deliver, rx_slot_offset, RX_STATE_CAPSULE
+from txfill cimport (tx_state, tx_has_room, tx_fill_one, tx_release_oldest, tx_unhold_newest,
+                     TX_STATE_CAPSULE, TX_HELD_MAX)
+
+from eembridge.events import Echo, EchoResponse, Hint
+from eembridge.protocol import CMD_ECHO, CMD_ECHO_RESPONSE
 from eembridge.transport import Completion, DeviceInfo, Direction, Status, TransportGone
 
 
@@ -62,6 +71,7 @@ cdef extern from "libusb.h" nogil:
     int LIBUSB_TRANSFER_CANCELLED, LIBUSB_TRANSFER_STALL, LIBUSB_TRANSFER_NO_DEVICE
     int LIBUSB_TRANSFER_OVERFLOW
     int LIBUSB_ERROR_NO_DEVICE, LIBUSB_ERROR_NOT_FOUND, LIBUSB_ERROR_ACCESS, LIBUSB_ERROR_BUSY
+    int LIBUSB_ERROR_NO_MEM
     int LIBUSB_OPTION_NO_DEVICE_DISCOVERY
     int libusb_init(libusb_context** ctx)
     void libusb_exit(libusb_context* ctx)
@@ -107,6 +117,80 @@ cdef object _STATUS = {
 }
 
 DEF QUEUE_SIZE = 1024  # more than the bridge ever keeps in flight
+DEF MAX_IN = 64  # native IN transfers in flight, at most
+DEF CMD_QUEUE = 32  # commands waiting for the bridge thread; beyond: dropped, counted
+DEF CMD_DATA = 2048  # room for the longest Echo payload (11-bit length)
+DEF N_STATUS = 8  # libusb_transfer_status values
+
+
+cdef struct QueuedCommand:
+    int command
+    int param
+    int length
+    unsigned char data[CMD_DATA]
+
+
+cdef struct NativeIn:
+    # The native IN path (start_rx): the event thread deframes and writes every IN
+    # transfer to the TAP from the callback and resubmits it; the bridge thread only
+    # sees commands, stalls and the device going (rx_poll). All under Shared.lock.
+    rx_state* rx
+    bint on
+    bint closing
+    bint gone
+    int in_flight  # transfers to keep submitted
+    int length  # bytes per transfer (the ring's slot size)
+    int64_t head  # sequence number of the oldest transfer not yet delivered
+    int64_t next  # sequence number of the next transfer to submit
+    libusb_transfer* by_slot[MAX_IN]  # sequence % in_flight -> its transfer
+    int done[MAX_IN]
+    int status[MAX_IN]
+    int actual[MAX_IN]
+    libusb_transfer* spare[MAX_IN]  # allocated, not submitted
+    int n_spare
+    int pending  # submitted, callback not run yet
+    int stalls  # stalls not yet handed to the bridge (it clears the halt, then rx_resume)
+    bint halted  # a stall is being cleared: do not resubmit until rx_resume
+    int64_t completed
+    int64_t status_counts[N_STATUS]
+    int64_t submit_errors
+    int64_t commands_dropped
+    QueuedCommand commands[CMD_QUEUE]
+    int n_commands
+
+
+cdef struct NativeOut:
+    # The native OUT path (start_tx): TAP frames are read, batched and submitted from C,
+    # by the bridge thread when the TAP is readable (tx_kick) and by the event thread
+    # whenever an OUT transfer completes and frees room. All under Shared.lock.
+    tx_state* tx
+    libusb_device_handle* handle
+    unsigned char endpoint
+    bint on
+    bint closing
+    bint gone
+    bint halted  # a stall is being cleared: submit nothing until tx_resume
+    bint wants_tap  # room left and the TAP drained: the bridge thread should poll it
+    # Data transfers in flight, in submission order (they complete in that order).
+    libusb_transfer* fifo[TX_HELD_MAX]
+    int frames[TX_HELD_MAX]
+    int done[TX_HELD_MAX]
+    int first
+    int count
+    libusb_transfer* spare[TX_HELD_MAX]
+    int n_spare
+    int pending  # submitted, callback not run yet
+    int stalls  # stalls not yet handed to the bridge (it clears the halt, then tx_resume)
+    int64_t transfers  # completed in full: their frames were really sent
+    int64_t frames_sent
+    int64_t bytes_sent
+    int64_t dropped_by_status[N_STATUS]  # frames of transfers that ended badly
+    int64_t errors_by_status[N_STATUS]  # those transfers
+    int64_t short_writes  # transfers the device took only part of (frames dropped)
+    int64_t short_write_frames
+    int64_t closing_frames  # frames in flight when the transport closed
+    int64_t submit_errors
+    int64_t submit_error_frames
 
 
 cdef struct Shared:
@@ -116,6 +200,8 @@ cdef struct Shared:
     int head
     int count
     int efd
+    NativeIn nin
+    NativeOut nout
 
 
 cdef void _on_transfer(libusb_transfer* transfer) noexcept nogil:
@@ -127,6 +213,231 @@ cdef void _on_transfer(libusb_transfer* transfer) noexcept nogil:
     shared.count += 1
     pthread_mutex_unlock(&shared.lock)
     write(shared.efd, &one, 8)
+
+
+cdef inline void _notify(Shared* shared) noexcept nogil:
+    cdef unsigned long long one = 1
+    write(shared.efd, &one, 8)
+
+
+cdef int _rx_submit(Shared* shared, libusb_device_handle* handle,
+                    unsigned char endpoint) noexcept nogil:
+    """Submit a spare transfer for the next sequence number. Caller holds the lock."""
+    cdef NativeIn* n = &shared.nin
+    cdef libusb_transfer* t
+    cdef int slot, rc
+    if n.n_spare == 0 or n.next - n.head >= n.in_flight:
+        return 0
+    n.n_spare -= 1
+    t = n.spare[n.n_spare]
+    libusb_fill_bulk_transfer(t, handle, endpoint,
+                              <unsigned char*>n.rx.ring + rx_slot_offset(n.rx, n.next),
+                              n.length, _on_in_native, shared, 0)
+    rc = libusb_submit_transfer(t)
+    if rc < 0:
+        n.spare[n.n_spare] = t
+        n.n_spare += 1
+        if rc == LIBUSB_ERROR_NO_DEVICE:
+            n.gone = True
+        else:
+            n.submit_errors += 1
+        return rc
+    slot = n.next % n.in_flight
+    n.by_slot[slot] = t
+    n.done[slot] = 0
+    n.next += 1
+    n.pending += 1
+    return 0
+
+
+cdef void _queue_commands(NativeIn* n) noexcept nogil:
+    """Copy the commands of the last deframe for the bridge thread (rx_poll)."""
+    cdef eem_deframer* d = n.rx.d
+    cdef eem_command_record* record
+    cdef QueuedCommand* q
+    cdef Py_ssize_t j
+    cdef int length
+    for j in range(d.n_commands):
+        if n.n_commands >= CMD_QUEUE:
+            n.commands_dropped += 1
+            continue
+        record = &d.commands[j]
+        q = &n.commands[n.n_commands]
+        q.command = record.command
+        q.param = record.param
+        length = 0
+        if record.command == 0 or record.command == 1:  # Echo / Echo Response carry data
+            length = record.param if record.param <= CMD_DATA else CMD_DATA
+            memcpy(q.data, d.command_data + record.data_offset, length)
+        q.length = length
+        n.n_commands += 1
+
+
+cdef void _on_in_native(libusb_transfer* transfer) noexcept nogil:
+    """An IN transfer of the native path ended: deliver, in order, what is ready."""
+    cdef Shared* shared = <Shared*>transfer.user_data
+    cdef NativeIn* n = &shared.nin
+    cdef int slot, status, actual
+    cdef int64_t seq
+    cdef bint tell = False
+    cdef Py_ssize_t commands
+    pthread_mutex_lock(&shared.lock)
+    n.pending -= 1
+    for seq in range(n.head, n.next):
+        slot = seq % n.in_flight
+        if n.by_slot[slot] == transfer:
+            n.done[slot] = 1
+            n.status[slot] = transfer.status
+            n.actual[slot] = transfer.actual_length
+            break
+    # Completions come back in order on one endpoint; delivering strictly by sequence
+    # number keeps the deframer's stream right even if they did not.
+    while n.head < n.next and n.done[n.head % n.in_flight]:
+        slot = n.head % n.in_flight
+        status = n.status[slot]
+        actual = n.actual[slot]
+        n.spare[n.n_spare] = n.by_slot[slot]
+        n.n_spare += 1
+        n.by_slot[slot] = NULL
+        seq = n.head
+        n.head += 1
+        if status == LIBUSB_TRANSFER_CANCELLED or n.closing:
+            continue
+        if status == LIBUSB_TRANSFER_NO_DEVICE:
+            n.gone = True
+            tell = True
+            continue
+        if status != LIBUSB_TRANSFER_COMPLETED:
+            n.status_counts[status if <unsigned int>status < N_STATUS else 1] += 1  # 1: ERROR
+            if status != LIBUSB_TRANSFER_TIMED_OUT:
+                actual = 0  # an error's data, if any, is not to be trusted
+            if status == LIBUSB_TRANSFER_STALL:
+                n.stalls += 1
+                n.halted = True
+            tell = True
+        # Every non-normal end of a transfer also ends the EEM stream (short).
+        commands = rx_deliver(n.rx, seq, actual,
+                              status != LIBUSB_TRANSFER_COMPLETED or actual < n.length)
+        n.completed += 1
+        if commands > 0:
+            _queue_commands(n)
+            tell = True
+    if not (n.halted or n.gone or n.closing):
+        while n.n_spare and n.next - n.head < n.in_flight:
+            if _rx_submit(shared, transfer.dev_handle, transfer.endpoint) < 0:
+                tell = True
+                break
+    pthread_mutex_unlock(&shared.lock)
+    if tell:
+        _notify(shared)
+
+
+cdef bint _tx_pump(Shared* shared) noexcept nogil:
+    """Fill and submit OUT transfers while there is room and the TAP has frames.
+
+    Caller holds the lock. Returns True if the bridge thread must be told (it should
+    poll the TAP again, or a submission failed).
+    """
+    cdef NativeOut* o = &shared.nout
+    cdef tx_state* tx = o.tx
+    cdef libusb_transfer* t
+    cdef Py_ssize_t start, length
+    cdef int frames, rc, k
+    cdef bint drained = False
+    while not (o.halted or o.closing or o.gone):
+        if not tx_has_room(tx):
+            o.wants_tap = False  # backpressure: completions refill from here
+            return False
+        length = tx_fill_one(tx, &start, &frames, &drained)
+        if length > 0:
+            if o.n_spare:
+                o.n_spare -= 1
+                t = o.spare[o.n_spare]
+            else:
+                t = libusb_alloc_transfer(0)
+            if t != NULL:
+                libusb_fill_bulk_transfer(t, o.handle, o.endpoint, tx.base + start, length,
+                                          _on_out_native, shared, 0)
+                # No LIBUSB_TRANSFER_ADD_ZERO_PACKET: the framer closed a transfer that
+                # ends on a max-packet boundary with a zero-length EEM packet already.
+                rc = libusb_submit_transfer(t)
+            else:
+                rc = LIBUSB_ERROR_NO_MEM
+            if rc < 0:
+                tx_unhold_newest(tx)
+                if t != NULL:
+                    o.spare[o.n_spare] = t
+                    o.n_spare += 1
+                if rc == LIBUSB_ERROR_NO_DEVICE:
+                    o.gone = True
+                o.submit_errors += 1
+                o.submit_error_frames += frames
+                return True
+            k = (o.first + o.count) % TX_HELD_MAX
+            o.fifo[k] = t
+            o.frames[k] = frames
+            o.done[k] = 0
+            o.count += 1
+            o.pending += 1
+        if drained or length < 0:
+            if not o.wants_tap:
+                o.wants_tap = True
+                return True
+            return False
+    return False
+
+
+cdef void _on_out_native(libusb_transfer* transfer) noexcept nogil:
+    """A data OUT transfer ended: count it, free its memory in order, refill."""
+    cdef Shared* shared = <Shared*>transfer.user_data
+    cdef NativeOut* o = &shared.nout
+    cdef libusb_transfer* t
+    cdef int i, k, status, frames
+    cdef bint tell = False
+    pthread_mutex_lock(&shared.lock)
+    o.pending -= 1
+    for i in range(o.count):
+        k = (o.first + i) % TX_HELD_MAX
+        if o.fifo[k] == transfer:
+            o.done[k] = 1
+            break
+    while o.count and o.done[o.first]:
+        t = o.fifo[o.first]
+        frames = o.frames[o.first]
+        status = t.status
+        if o.closing or status == LIBUSB_TRANSFER_CANCELLED:
+            o.closing_frames += frames
+        elif status == LIBUSB_TRANSFER_COMPLETED and t.actual_length == t.length:
+            o.transfers += 1
+            o.frames_sent += frames
+            o.bytes_sent += t.actual_length
+        elif status == LIBUSB_TRANSFER_COMPLETED:
+            o.short_writes += 1  # part of it went: its frames may be cut, count them lost
+            o.short_write_frames += frames
+        else:
+            # Not resent: a stalled or timed-out batch is dropped and counted, and TCP
+            # resends what mattered; resending it after the halt is cleared could
+            # duplicate what the device already took.
+            k = status if <unsigned int>status < N_STATUS else 1
+            o.errors_by_status[k] += 1
+            o.dropped_by_status[k] += frames
+            if status == LIBUSB_TRANSFER_STALL:
+                o.stalls += 1
+                o.halted = True
+                tell = True
+            elif status == LIBUSB_TRANSFER_NO_DEVICE:
+                o.gone = True
+                tell = True
+        tx_release_oldest(o.tx)
+        o.spare[o.n_spare] = t
+        o.n_spare += 1
+        o.first = (o.first + 1) % TX_HELD_MAX
+        o.count -= 1
+    if _tx_pump(shared):
+        tell = True
+    pthread_mutex_unlock(&shared.lock)
+    if tell:
+        _notify(shared)
 
 
 cdef class UsbTransport:
@@ -144,6 +455,8 @@ cdef class UsbTransport:
     cdef object in_flight  # direction -> list of [transfer address, tag, buffer, done]
     cdef object by_address
     cdef object thread
+    cdef object _rx_owner  # the RxPath whose rx_state the native IN path delivers through
+    cdef object _tx_owner  # the TxPath whose tx_state the native OUT path fills
     cdef public object info
     cdef public unsigned int timeout_ms
 
@@ -281,6 +594,250 @@ cdef class UsbTransport:
             del queue[:n]
         return out
 
+    # -- the native IN path ------------------------------------------------------------
+
+    def start_rx(self, rxpath, int in_flight):
+        """Keep `in_flight` IN transfers submitted into rxpath's ring, delivered from C.
+
+        From now on IN transfers never reach completions(): the event thread deframes
+        each one in place, writes its frames to the TAP, and resubmits it. The caller
+        must not deliver through rxpath itself while this transport lives, and polls
+        rx_poll() when fileno() is readable (commands, stalls, the device going).
+        """
+        cdef rx_state* rx = <rx_state*>PyCapsule_GetPointer(rxpath.capsule, RX_STATE_CAPSULE)
+        cdef NativeIn* n = &self.shared.nin
+        cdef libusb_transfer* t
+        cdef int rc = 0
+        if self.handle == NULL or not self.claimed:
+            raise TransportGone("transport closed")
+        if n.on:
+            raise RuntimeError("the native IN path is already running")
+        if not 1 <= in_flight <= MAX_IN:
+            raise ValueError(f"in_flight {in_flight} out of range 1..{MAX_IN}")
+        if rx.size // rx.slot_size < in_flight + 1:
+            raise ValueError(f"the ring holds {rx.size // rx.slot_size} slots; "
+                             f"{in_flight} in flight need {in_flight + 1}")
+        memset(n, 0, sizeof(NativeIn))
+        n.rx = rx
+        n.in_flight = in_flight
+        n.length = rx.slot_size
+        for _ in range(in_flight):
+            t = libusb_alloc_transfer(0)
+            if t == NULL:
+                raise MemoryError()
+            n.spare[n.n_spare] = t
+            n.n_spare += 1
+        self._rx_owner = rxpath
+        pthread_mutex_lock(&self.shared.lock)
+        n.on = True
+        while n.next - n.head < in_flight and rc == 0:
+            rc = _rx_submit(self.shared, self.handle, self.ep_in)
+        pthread_mutex_unlock(&self.shared.lock)
+        if n.gone:
+            raise TransportGone("device gone")
+        if rc < 0:
+            raise UsbError("libusb_submit_transfer (IN)", rc)
+
+    @property
+    def native_rx(self):
+        """Whether IN transfers are delivered from C (start_rx)."""
+        return bool(self.shared.nin.on)
+
+    def rx_poll(self):
+        """(commands, stalls, gone, short_of): what the bridge thread must act on.
+
+        commands: Echo / EchoResponse / Hint events, in arrival order; stalls: IN stalls
+        since the last poll (clear the halt, then rx_resume); gone: the device went;
+        short_of: transfers that could not be resubmitted (rx_resume retries).
+        """
+        cdef NativeIn* n = &self.shared.nin
+        cdef QueuedCommand* q
+        cdef int i, stalls, short_of
+        cdef bint gone
+        events = []
+        pthread_mutex_lock(&self.shared.lock)
+        try:
+            for i in range(n.n_commands):
+                q = &n.commands[i]
+                if q.command == CMD_ECHO:
+                    events.append(Echo(q.data[:q.length]))
+                elif q.command == CMD_ECHO_RESPONSE:
+                    events.append(EchoResponse(q.data[:q.length]))
+                else:
+                    events.append(Hint(q.command, q.param))
+            n.n_commands = 0
+            stalls = n.stalls
+            n.stalls = 0
+            gone = n.gone
+            short_of = 0 if (n.halted or not n.on) else n.in_flight - <int>(n.next - n.head)
+        finally:
+            pthread_mutex_unlock(&self.shared.lock)
+        return events, stalls, gone, short_of
+
+    def rx_resume(self):
+        """After a stall was cleared (or a submission failed): fill up the IN transfers."""
+        cdef NativeIn* n = &self.shared.nin
+        cdef int rc = 0
+        if self.handle == NULL or not n.on:
+            return
+        pthread_mutex_lock(&self.shared.lock)
+        n.halted = False
+        while n.next - n.head < n.in_flight and n.n_spare and rc == 0 and not n.closing:
+            rc = _rx_submit(self.shared, self.handle, self.ep_in)
+        pthread_mutex_unlock(&self.shared.lock)
+        if n.gone:
+            raise TransportGone("device gone")
+        if rc < 0:
+            raise UsbError("libusb_submit_transfer (IN)", rc)
+
+    def rx_stats(self):
+        """Counters of the native IN path (racy reads of int64s: fine for counters)."""
+        cdef NativeIn* n = &self.shared.nin
+        errors = {}
+        for status, count in enumerate(n.status_counts):
+            if count:
+                errors[_STATUS.get(status, Status.ERROR).value] = count
+        return {"in_flight": n.next - n.head, "completed": n.completed, "errors": errors,
+                "stalls": n.status_counts[LIBUSB_TRANSFER_STALL],
+                "submit_errors": n.submit_errors, "commands_dropped": n.commands_dropped,
+                "deframe_failures": n.rx.deframe_failures if n.rx != NULL else 0}
+
+    cdef int _rx_cancel(self) except -1:
+        """Cancel the native IN transfers; True while some are still with libusb."""
+        cdef NativeIn* n = &self.shared.nin
+        cdef int64_t seq
+        cdef int pending
+        if not n.on:
+            return 0
+        pthread_mutex_lock(&self.shared.lock)
+        n.closing = True
+        for seq in range(n.head, n.next):
+            if n.by_slot[seq % n.in_flight] != NULL and not n.done[seq % n.in_flight]:
+                libusb_cancel_transfer(n.by_slot[seq % n.in_flight])
+        pending = n.pending
+        pthread_mutex_unlock(&self.shared.lock)
+        return pending
+
+    cdef void _rx_free(self):
+        cdef NativeIn* n = &self.shared.nin
+        cdef int i
+        for i in range(n.n_spare):
+            libusb_free_transfer(n.spare[i])
+        n.n_spare = 0
+        n.on = False
+        n.rx = NULL
+        self._rx_owner = None
+
+    # -- the native OUT path -----------------------------------------------------------
+
+    def start_tx(self, txpath):
+        """Send TAP frames from C: batched by txpath's rules, in txpath's memory.
+
+        From now on the caller does not fill or release txpath; it calls tx_kick()
+        when the TAP is readable and tx_wants_tap says it should look, and tx_poll()
+        when fileno() is readable. Command transfers still go through submit_out.
+        """
+        cdef tx_state* tx = <tx_state*>PyCapsule_GetPointer(txpath.capsule, TX_STATE_CAPSULE)
+        cdef NativeOut* o = &self.shared.nout
+        if self.handle == NULL or not self.claimed:
+            raise TransportGone("transport closed")
+        if o.on:
+            raise RuntimeError("the native OUT path is already running")
+        pthread_mutex_lock(&self.shared.lock)
+        memset(o, 0, sizeof(NativeOut))
+        o.tx = tx
+        o.handle = self.handle
+        o.endpoint = self.ep_out
+        o.wants_tap = True
+        o.on = True
+        pthread_mutex_unlock(&self.shared.lock)
+        self._tx_owner = txpath
+
+    @property
+    def tx_wants_tap(self):
+        """Whether the bridge thread should poll the TAP (False under backpressure)."""
+        return bool(self.shared.nout.wants_tap) and not self.shared.nout.halted
+
+    def tx_kick(self):
+        """The TAP is readable: send what it has (GIL released)."""
+        cdef bint tell
+        if not self.shared.nout.on:
+            return
+        with nogil:
+            pthread_mutex_lock(&self.shared.lock)
+            tell = _tx_pump(self.shared)
+            pthread_mutex_unlock(&self.shared.lock)
+        if self.shared.nout.gone:
+            raise TransportGone("device gone")
+
+    def tx_poll(self):
+        """(stalls, gone): OUT stalls since the last poll (clear the halt, then
+        tx_resume), and whether the device went."""
+        cdef int stalls
+        pthread_mutex_lock(&self.shared.lock)
+        stalls = self.shared.nout.stalls
+        self.shared.nout.stalls = 0
+        gone = bool(self.shared.nout.gone)
+        pthread_mutex_unlock(&self.shared.lock)
+        return stalls, gone
+
+    def tx_resume(self):
+        """After an OUT stall was cleared: send again."""
+        if not self.shared.nout.on:
+            return
+        with nogil:
+            pthread_mutex_lock(&self.shared.lock)
+            self.shared.nout.halted = False
+            self.shared.nout.wants_tap = True
+            _tx_pump(self.shared)
+            pthread_mutex_unlock(&self.shared.lock)
+
+    def tx_stats(self):
+        """Counters of the native OUT path (racy reads of int64s: fine for counters)."""
+        cdef NativeOut* o = &self.shared.nout
+        dropped = {}
+        errors = {}
+        for status in range(N_STATUS):
+            name = _STATUS.get(status, Status.ERROR).value
+            if o.dropped_by_status[status]:
+                dropped[name] = dropped.get(name, 0) + o.dropped_by_status[status]
+            if o.errors_by_status[status]:
+                errors[name] = errors.get(name, 0) + o.errors_by_status[status]
+        if o.short_write_frames:
+            dropped["short_write"] = o.short_write_frames
+        if o.submit_error_frames:
+            dropped["submit_error"] = o.submit_error_frames
+        return {"transfers": o.transfers, "frames": o.frames_sent, "bytes": o.bytes_sent,
+                "dropped": dropped, "errors": errors, "short_writes": o.short_writes,
+                "submit_errors": o.submit_errors, "stalls": o.errors_by_status[LIBUSB_TRANSFER_STALL],
+                "closing_frames": o.closing_frames, "in_flight": o.count,
+                "bytes_in_flight": o.tx.in_flight if o.tx != NULL else 0}
+
+    cdef int _tx_cancel(self) except -1:
+        """Cancel the native OUT transfers; returns how many are still with libusb."""
+        cdef NativeOut* o = &self.shared.nout
+        cdef int i, pending
+        if not o.on:
+            return 0
+        pthread_mutex_lock(&self.shared.lock)
+        o.closing = True
+        for i in range(o.count):
+            if not o.done[(o.first + i) % TX_HELD_MAX]:
+                libusb_cancel_transfer(o.fifo[(o.first + i) % TX_HELD_MAX])
+        pending = o.pending
+        pthread_mutex_unlock(&self.shared.lock)
+        return pending
+
+    cdef void _tx_free(self):
+        cdef NativeOut* o = &self.shared.nout
+        cdef int i
+        for i in range(o.n_spare):
+            libusb_free_transfer(o.spare[i])
+        o.n_spare = 0
+        o.on = False
+        o.tx = NULL
+        self._tx_owner = None
+
     def clear_halt(self, direction):
         cdef int rc
         if self.handle == NULL:
@@ -307,11 +864,13 @@ cdef class UsbTransport:
         import time
         self.cancel_all()
         deadline = time.monotonic() + 5.0
-        while self.by_address and time.monotonic() < deadline:
+        while ((self.by_address or self._rx_cancel() or self._tx_cancel())
+               and time.monotonic() < deadline):
             self.completions()
             time.sleep(0.005)
-        if self.by_address:
-            done.append(f"{len(self.by_address)} transfers did not end after cancel")
+        rx_pending = self._rx_cancel() + self._tx_cancel()
+        if self.by_address or rx_pending:
+            done.append(f"{len(self.by_address) + rx_pending} transfers did not end after cancel")
         self.stop = 1
         libusb_interrupt_event_handler(self.ctx)
         if self.thread is not None:
@@ -325,7 +884,9 @@ cdef class UsbTransport:
             done.append("reattached" if rc == 0 else
                         f"reattach failed: {libusb_error_name(rc).decode()}")
             self.detached = False
-        if not self.by_address:
+        if not self.by_address and not rx_pending:
+            self._rx_free()
+            self._tx_free()
             libusb_close(self.handle)
             self.handle = NULL
             libusb_exit(self.ctx)

@@ -41,11 +41,12 @@ measure() {{
     ping -c {pings} -i 0.1 -q $PEER_IP > $RW/$tag-ping.txt
 }}
 measure kernel
-if [ {kernel_only} = 0 ]; then
-    ip addr flush dev $HOST_IF
+bridge_run() {{  # TAG [ENV=VALUE ...]: measure through eembridge, started with that env
+    local tag=$1; shift
+    ip addr flush dev $HOST_IF 2>/dev/null || true  # after a run, cdc_eem's netdev is a new one
     [ -e /dev/net/tun ] || modprobe tun
-    python3 -m eembridge --tap eem0 --ip $HOST_IP/24 --mac $HOST_MAC --serial $SERIAL \
-        --stats-socket /tmp/eem0.sock {bridge_args} > $RW/bridge.log 2>&1 &
+    env "$@" python3 -m eembridge --tap eem0 --ip $HOST_IP/24 --mac $HOST_MAC --serial $SERIAL \
+        --stats-socket /tmp/eem0.sock {bridge_args} > $RW/$tag.log 2>&1 &
     BRIDGE=$!
     end=$((SECONDS + 120)); c=
     until [ "$c" = 1 ]; do  # builtins only: forks are slow under TCG
@@ -55,9 +56,20 @@ if [ {kernel_only} = 0 ]; then
         read -r c 2>/dev/null < /sys/class/net/eem0/carrier || c=
     done
     ping -c 3 -i 0.2 -W 2 $PEER_IP > /dev/null  # ARP and warm-up, not measured
-    measure eembridge
+    if [ {profile} = 1 ]; then  # sample the bridge's threads while it is measured
+        py-spy record --pid $BRIDGE --rate 100 --format raw --threads --nonblocking \
+            --output $RW/$tag-profile.txt > $RW/$tag-py-spy.log 2>&1 &
+        PROFILER=$!
+    fi
+    measure $tag
+    [ {profile} = 0 ] || {{ kill -INT $PROFILER; wait $PROFILER; }}
+    python3 -m eembridge stats --socket /tmp/eem0.sock --json > $RW/$tag-stats.json 2>&1 || true
     kill -TERM $BRIDGE
     wait $BRIDGE
+    sleep 1  # cdc_eem binds again; the next run detaches it
+}}
+if [ {kernel_only} = 0 ]; then
+{runs}
 fi
 """
 
@@ -78,6 +90,38 @@ def ping_ms(path: Path) -> dict[str, float]:
     raise GuestError(f"{path.name}: no rtt line in ping output:\n{text}")
 
 
+def profile_summary(path: Path, top: int = 15) -> dict[str, object]:
+    """py-spy's collapsed stacks -> samples per thread, and the frames most often on top."""
+    if not path.exists():
+        raise GuestError(f"{path.name}: py-spy wrote no profile (see py-spy.log)")
+    threads: dict[str, int] = {}
+    leaf: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        n = int(count)
+        threads[frames[0]] = threads.get(frames[0], 0) + n
+        leaf[frames[-1]] = leaf.get(frames[-1], 0) + n
+        for frame in set(frames[1:]):
+            inclusive[frame] = inclusive.get(frame, 0) + n
+    total = sum(threads.values()) or 1
+
+    def ranked(d: dict[str, int]) -> list[tuple[str, float]]:
+        return [(k, round(100 * v / total, 1)) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
+
+    return {"samples": total, "threads_pct": ranked(threads), "self_pct": ranked(leaf),
+            "inclusive_pct": ranked(inclusive)}
+
+
+def print_profile(summary: dict[str, object]) -> None:
+    print(f"\npy-spy: {summary['samples']} samples of the bridge (all threads, idle included)")
+    for key in ("threads_pct", "self_pct", "inclusive_pct"):
+        print(f"{key}:")
+        for name, pct in summary[key]:  # type: ignore[attr-defined]
+            print(f"  {pct:5.1f}%  {name}")
+
+
 def collect(rwdir: Path, tag: str, rounds: int) -> dict[str, object]:
     def best(direction: str) -> float:
         # Best of the rounds: the machine is shared, noise only ever slows a round down.
@@ -94,28 +138,44 @@ def main() -> int:
     ap.add_argument("--pings", type=int, default=30)
     ap.add_argument("--kernel-only", action="store_true", help="measure cdc_eem only")
     ap.add_argument("--bridge-args", default="", help="extra options for the bridge")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL:ENV=VALUE[,ENV=VALUE]",
+                    help="also measure eembridge started with this environment, in the same boot "
+                         "(e.g. 'python-loop:EEMBRIDGE_NATIVE=0')")
     ap.add_argument("--rwdir", type=Path, help="keep the guest's files here")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="sample the bridge with py-spy while it is measured; print where it spends time")
     args = ap.parse_args()
 
     rwdir = args.rwdir or Path(tempfile.mkdtemp(prefix="eembridge-bench-interop-"))
+    variants = [("eembridge", "")]
+    for spec in args.variant:
+        label, _, env = spec.partition(":")
+        if not label.replace("-", "").isalnum() or "=" not in env:
+            ap.error(f"--variant {spec!r}: expected LABEL:ENV=VALUE[,ENV=VALUE]")
+        variants.append((label, " ".join(shlex.quote(e) for e in env.split(","))))
+    runs = "\n".join(f"    bridge_run {label} {env}" for label, env in variants)
     script = SCRIPT.format(speed=args.speed, rounds=args.rounds, seconds=args.seconds,
                            pings=args.pings, kernel_only=int(args.kernel_only),
+                           profile=int(args.profile), runs=runs,
                            bridge_args=" ".join(shlex.quote(a) for a in shlex.split(args.bridge_args)))
-    timeout = 120 + 2 * (2 * args.rounds * (args.seconds + 4) + args.pings * 0.2 + 30)
+    timeout = 120 + 2 * (1 + len(variants)) * (2 * args.rounds * (args.seconds + 4) + args.pings * 0.2 + 30)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     try:
         res = run_in_guest(script, rwdir, timeout=timeout).check()
     except GuestError as exc:
-        log = rwdir / "bridge.log"
-        print(f"bench/interop.py: {exc}\n--- bridge.log:\n{log.read_text()[-3000:] if log.exists() else '-'}",
+        log = rwdir / "eembridge.log"
+        print(f"bench/interop.py: {exc}\n--- eembridge.log:\n{log.read_text()[-3000:] if log.exists() else '-'}",
               file=sys.stderr)
         return 1
     out: dict[str, object] = {"date": started, "speed": args.speed, "seconds": args.seconds,
                               "rounds": args.rounds, "boot_wall_s": round(res.seconds, 1),
                               "kernel": collect(rwdir, "kernel", args.rounds)}
-    if not args.kernel_only:
-        out["eembridge"] = collect(rwdir, "eembridge", args.rounds)
+    tags = [] if args.kernel_only else [label for label, _ in variants]
+    for tag in tags:
+        out[tag] = collect(rwdir, tag, args.rounds)
+        if args.profile:
+            out[f"{tag}-profile"] = profile_summary(rwdir / f"{tag}-profile.txt")
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -123,18 +183,22 @@ def main() -> int:
           f"guest wall {res.seconds:.0f} s")
     print("| path | TCP host→peer Mbit/s | TCP peer→host Mbit/s | ping avg ms | ping min ms |")
     print("|---|---|---|---|---|")
-    for tag in ("kernel", "eembridge"):
-        if tag in out:
-            r = out[tag]
-            assert isinstance(r, dict)
-            print(f"| {'cdc_eem' if tag == 'kernel' else 'eembridge'} | {r['h2p_mbps']:.1f} | "
-                  f"{r['p2h_mbps']:.1f} | {r['ping_ms']['avg']:.2f} | {r['ping_ms']['min']:.2f} |")
-    if "eembridge" in out:
-        k, e = out["kernel"], out["eembridge"]
-        assert isinstance(k, dict) and isinstance(e, dict)
-        print(f"| ratio eembridge/cdc_eem | {e['h2p_mbps'] / k['h2p_mbps']:.2f}x | "
+    for tag in ["kernel", *tags]:
+        r = out[tag]
+        assert isinstance(r, dict)
+        print(f"| {'cdc_eem' if tag == 'kernel' else tag} | {r['h2p_mbps']:.1f} | "
+              f"{r['p2h_mbps']:.1f} | {r['ping_ms']['avg']:.2f} | {r['ping_ms']['min']:.2f} |")
+    k = out["kernel"]
+    assert isinstance(k, dict)
+    for tag in tags:
+        e = out[tag]
+        assert isinstance(e, dict)
+        print(f"| ratio {tag}/cdc_eem | {e['h2p_mbps'] / k['h2p_mbps']:.2f}x | "
               f"{e['p2h_mbps'] / k['p2h_mbps']:.2f}x | {e['ping_ms']['avg'] / k['ping_ms']['avg']:.2f}x | "
               f"{e['ping_ms']['min'] / k['ping_ms']['min']:.2f}x |")
+    for tag in tags if args.profile else []:
+        print(f"\n{tag}:", end="")
+        print_profile(out[f"{tag}-profile"])  # type: ignore[arg-type]
     return 0
 
 

@@ -37,13 +37,21 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from . import CODEC, Deframer, Framer
 from .events import Echo, EchoResponse, Event
 from .logsetup import GarbageSummary, event
 from .protocol import DEFAULT_MAX_LENGTH, DEFAULT_MAX_TRANSFER, MAX_ECHO_DATA
-from .transport import Completion, DeviceInfo, Direction, Status, Transport, TransportGone
+from .transport import (
+    Completion,
+    DeviceInfo,
+    Direction,
+    NativeDataPath,
+    Status,
+    Transport,
+    TransportGone,
+)
 
 log = logging.getLogger("eembridge.bridge")
 
@@ -52,6 +60,8 @@ BRIDGE_COUNTERS = (
     "unplugs",  # device lost (NO_DEVICE)
     "in_errors",  # IN transfers that ended in an error status
     "in_stalls",  # IN endpoint stalls cleared
+    "in_submit_errors",  # IN transfers libusb refused to resubmit (retried)
+    "rx_commands_dropped",  # EEM commands the native IN path had no room to hand over
     "out_stalls",  # OUT endpoint stalls cleared
     "out_retries",  # OUT transfers resubmitted after a stall or timeout
     "out_errors",  # OUT transfers that failed for good
@@ -82,7 +92,7 @@ class BridgeOptions:
     max_transfer: int = DEFAULT_MAX_TRANSFER
     in_transfer_size: int = 16384  # a multiple of every max packet size
     in_flight: int = 8
-    out_in_flight: int = 4
+    out_in_flight: int = 16  # OUT transfers of up to max_transfer in flight
     keepalive: float | None = None  # seconds between our own Echo requests
     persist: bool = False  # keep the TAP when the bridge exits
     stats_socket: str | None = None  # path of the UNIX stats socket; None: no socket
@@ -127,6 +137,9 @@ class Bridge:
         self._echo_waiting: dict[bytes, tuple[float, float, Future[float]]] = {}
         self._echo_seq = 0
         self._transport: Transport | None = None
+        self._native: NativeDataPath | None = None  # the transport runs the data path (libusb)
+        self._in_submitted = self._in_completed = 0
+        self._out: deque[Any] = deque()  # OUT transfers in flight, oldest first
         self._next_keepalive = 0.0
         opts = self.options
         self.deframer = Deframer(max_length=opts.max_length)
@@ -235,14 +248,22 @@ class Bridge:
             return self._snapshot()
 
     def _snapshot(self) -> dict[str, Any]:
+        counters, in_errors = dict(self._counters), dict(self.in_errors)
+        drop_reasons = dict(self.drop_reasons)
+        in_flight, out_queued = self._in_submitted - self._in_completed, len(self._out)
+        if self._native is not None:  # plus the live counts of the native data path
+            _merge_native(self._native, counters, in_errors, drop_reasons)
+            in_flight = self._native.rx_stats()["in_flight"]
+            out_queued += self._native.tx_stats()["in_flight"]
         snapshot: dict[str, Any] = {
             "tap": self.options.tap,
             "codec": CODEC,
             "connected": self._transport is not None,
+            "native": self._native is not None,
             "device": asdict(self.device_info) if self.device_info else None,
-            "bridge": dict(self._counters),
-            "drop_reasons": dict(self.drop_reasons),
-            "in_errors": dict(self.in_errors),
+            "bridge": counters,
+            "drop_reasons": drop_reasons,
+            "in_errors": in_errors,
             "echo_rtt_last": self.echo_rtt_last,
             "rx": self.deframer.counters(),
             "tx": self.framer.counters() if self.framer else {},
@@ -250,9 +271,8 @@ class Bridge:
             "tx_path": self.tx.counters() if self.tx else {},
             "tx_bytes_in_flight": self.tx.bytes_in_flight if self.tx else 0,
             # Queue depth gauges (eembridge stats --watch, --metrics).
-            "in_transfers_in_flight": (self._in_submitted - self._in_completed)
-            if self._transport is not None else 0,
-            "out_transfers_queued": len(self._out) if self._transport is not None else 0,
+            "in_transfers_in_flight": in_flight if self._transport is not None else 0,
+            "out_transfers_queued": out_queued if self._transport is not None else 0,
         }
         if self.observers:
             snapshot["capture"] = {name: get() for name, get in self.observers.items()}
@@ -294,7 +314,8 @@ class Bridge:
                 else:
                     next_connect = now + self.options.reconnect_interval
             # Backpressure: poll the TAP only while there is room to send what we read.
-            want_tap = self._transport is not None and self.tx is not None and self.tx.has_room
+            want_tap = self._transport is not None and self.tx is not None and (
+                self._native.tx_wants_tap if self._native is not None else self.tx.has_room)
             if want_tap != reading_tap:
                 if want_tap:
                     poller.register(tap_fd, select.POLLIN)
@@ -399,13 +420,26 @@ class Bridge:
                                        opts.out_in_flight * opts.max_transfer)
         self._in_submitted = 0
         self._in_completed = 0
-        self._out: deque[Any] = deque()
+        self._out = deque()
         self._transport = transport
         poller.register(transport.fileno(), select.POLLIN)
         self._poller = poller
+        # The libusb transport runs the data path itself, in C: its event thread
+        # delivers IN transfers and refills OUT ones from their completions, so no
+        # Python runs per transfer (bench/interop.py). Other transports, the
+        # pure-Python data path, --usb-pcap recording and EEMBRIDGE_NATIVE=0 (to
+        # compare: bench/interop.py --variant) take the Python loop.
+        native = (cast(NativeDataPath, transport)
+                  if callable(getattr(transport, "start_rx", None)) and hasattr(self.rx, "capsule")
+                  and os.environ.get("EEMBRIDGE_NATIVE") != "0" else None)
         try:
-            for _ in range(opts.in_flight):
-                self._submit_in()
+            if native is not None:
+                native.start_rx(self.rx, opts.in_flight)
+                native.start_tx(self.tx)
+                self._native = native
+            else:
+                for _ in range(opts.in_flight):
+                    self._submit_in()
         except TransportGone:
             self._disconnect(reason="gone while starting")
             return False
@@ -435,6 +469,10 @@ class Bridge:
         except Exception as exc:  # closing a vanished device may fail; say so, go on
             log.warning("closing the transport failed: %s", exc)
         dropped = sum(t.frames for t in self._out if not t.done)
+        if self._native is not None:  # its counters end with it: keep them in the bridge's
+            _merge_native(self._native, self._counters, self.in_errors, self.drop_reasons)
+            dropped += self._native.tx_stats()["closing_frames"]
+            self._native = None
         self._drop("stopped" if close_quietly else "no_device", dropped)
         self._out.clear()
         if self.tx is not None:
@@ -486,6 +524,31 @@ class Bridge:
                 self._in_done(completion)
             else:
                 self._out_done(completion)
+        if self._native is not None and self._transport is not None:
+            self._native_poll(self._native)
+
+    def _native_poll(self, native: NativeDataPath) -> None:
+        """What the native data path handed over: commands, stalls, the device going."""
+        commands, in_stalls, in_gone, short_of = native.rx_poll()
+        out_stalls, out_gone = native.tx_poll()
+        if commands:
+            self._commands(commands)
+        try:
+            if in_gone or out_gone or self._transport is None:
+                raise TransportGone("device gone")
+            if in_stalls:
+                self._clear_halt(Direction.IN)
+            if in_stalls or short_of:
+                native.rx_resume()
+            if out_stalls:
+                self._clear_halt(Direction.OUT)
+                native.tx_resume()
+        except TransportGone:
+            if self._transport is not None:
+                self._counters["unplugs"] += 1
+                self._disconnect(reason="unplugged")
+        except OSError as exc:  # a refused resubmission: counted there, retried next time
+            log.warning("resubmitting IN transfers failed: %s", exc)
 
     def _in_done(self, completion: Completion) -> None:
         status = completion.status
@@ -555,6 +618,13 @@ class Bridge:
     def _send_from_tap(self) -> None:
         if self._transport is None:
             return
+        if self._native is not None:
+            try:
+                self._native.tx_kick()
+            except TransportGone:
+                self._counters["unplugs"] += 1
+                self._disconnect(reason="unplugged")
+            return
         for transfer in self.tx.fill():
             self._submit_out(transfer)
             if self._transport is None:
@@ -619,3 +689,21 @@ class Bridge:
             raise
         except Exception as exc:
             log.warning("clearing the %s stall failed: %s", direction.value, exc)
+
+
+def _merge_native(native: NativeDataPath, counters: dict[str, int], in_errors: dict[str, int],
+                  drop_reasons: dict[str, int]) -> None:
+    """Add the native data path's counters to the bridge's (same names, same meaning)."""
+    rx, tx = native.rx_stats(), native.tx_stats()
+    for key, value in (("in_errors", sum(rx["errors"].values())), ("in_stalls", rx["stalls"]),
+                       ("in_submit_errors", rx["submit_errors"]),
+                       ("rx_commands_dropped", rx["commands_dropped"]),
+                       ("tx_transfers", tx["transfers"]), ("tx_frames", tx["frames"]),
+                       ("tx_bytes", tx["bytes"]), ("tx_dropped", sum(tx["dropped"].values())),
+                       ("out_stalls", tx["stalls"]),
+                       ("out_errors", sum(tx["errors"].values()) + tx["short_writes"]
+                        + tx["submit_errors"])):
+        counters[key] += value
+    for errors, more in ((in_errors, rx["errors"]), (drop_reasons, tx["dropped"])):
+        for name, count in more.items():
+            errors[name] = errors.get(name, 0) + count

@@ -64,6 +64,8 @@ def add_bridge_arguments(parser: argparse.ArgumentParser) -> None:
     eem.add_argument("--max-transfer", type=int, default=1536,
                      help="largest bulk OUT transfer in bytes (default 1536, what Linux f_eem takes)")
     eem.add_argument("--in-flight", type=int, default=8, help="bulk IN transfers kept queued")
+    eem.add_argument("--out-in-flight", type=int, default=16,
+                     help="bulk OUT transfers of up to --max-transfer bytes in flight (default 16)")
     eem.add_argument("--keepalive", type=float, metavar="SECONDS",
                      help="send an EEM Echo this often and log a device that stops answering")
     parser.add_argument("--stats-socket", metavar="PATH",

@@ -173,6 +173,7 @@ KEYS: dict[str, Key] = {
     "keepalive": Key("keepalive", _seconds),
     "max-transfer": Key("max_transfer", _integer(64, 1 << 20)),
     "in-flight": Key("in_flight", _integer(1, 256)),
+    "out-in-flight": Key("out_in_flight", _integer(1, 256)),
     "persist": Key("persist", _boolean),
     "stats-socket": Key("stats_socket", _string),
     "garbage-log-interval": Key("garbage_log_interval", _seconds),

@@ -16,6 +16,8 @@ def bridge_options(args: argparse.Namespace) -> BridgeOptions:
         raise UserError(f"--mtu {args.mtu} out of range (576..9000)")
     if args.in_flight < 1:
         raise UserError("--in-flight must be at least 1")
+    if args.out_in_flight < 1:
+        raise UserError("--out-in-flight must be at least 1")
     options = BridgeOptions(
         tap=args.tap,
         addresses=list(args.ip),
@@ -26,6 +28,7 @@ def bridge_options(args: argparse.Namespace) -> BridgeOptions:
         tx_crc=args.tx_crc,
         max_transfer=args.max_transfer,
         in_flight=args.in_flight,
+        out_in_flight=args.out_in_flight,
         keepalive=args.keepalive,
         persist=args.persist,
         stats_socket=args.stats_socket or socket_path(args.tap),

@@ -69,6 +69,10 @@ class UsbRecorder:
 
 
 class RecordingTransport(Transport):
+    # Recording needs every IN transfer to pass through submit_in/completions, so the
+    # libusb transport's native IN path (delivered in C, never seen here) is not offered.
+    start_rx = None
+
     def __init__(self, inner: Transport, recorder: UsbRecorder) -> None:
         self.inner = inner
         self.info = inner.info

@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 
 class Direction(enum.Enum):
@@ -94,3 +95,26 @@ class Transport(ABC):
     @abstractmethod
     def close(self) -> None:
         """Cancel everything in flight, wait until it completed, release the device."""
+
+
+class NativeDataPath(Protocol):
+    """What a transport offers when it can run the data path itself, in C, with no
+    Python per transfer (eembridge._usb.UsbTransport, through usb.ClaimedDevice).
+
+    The bridge hands it its RxPath / TxPath (the C ones: they carry a `capsule`) and
+    from then on only acts on what the poll methods report; counters come from the
+    stats methods. A transport without these methods (the simulated device, the
+    --usb-pcap recorder) gets every transfer through submit_*/completions instead.
+    """
+
+    def start_rx(self, rxpath: Any, in_flight: int) -> None: ...
+    def rx_poll(self) -> tuple[list[Any], int, bool, int]: ...
+    def rx_resume(self) -> None: ...
+    def rx_stats(self) -> dict[str, Any]: ...
+    def start_tx(self, txpath: Any) -> None: ...
+    @property
+    def tx_wants_tap(self) -> bool: ...
+    def tx_kick(self) -> None: ...
+    def tx_poll(self) -> tuple[int, bool]: ...
+    def tx_resume(self) -> None: ...
+    def tx_stats(self) -> dict[str, Any]: ...

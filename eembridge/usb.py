@@ -14,6 +14,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from typing import Any
 
 from . import discovery
 from .discovery import EemInterface
@@ -85,6 +86,38 @@ class ClaimedDevice(Transport):
 
     def completions(self):  # -> list[Completion]
         return self._usb.completions()
+
+    # The native data path (transport.NativeDataPath): transfers handled in C.
+    def start_rx(self, rxpath: Any, in_flight: int) -> None:
+        self._usb.start_rx(rxpath, in_flight)
+
+    def rx_poll(self) -> tuple[list[Any], int, bool, int]:
+        return self._usb.rx_poll()
+
+    def rx_resume(self) -> None:
+        self._usb.rx_resume()
+
+    def rx_stats(self) -> dict[str, Any]:
+        return self._usb.rx_stats()
+
+    def start_tx(self, txpath: Any) -> None:
+        self._usb.start_tx(txpath)
+
+    @property
+    def tx_wants_tap(self) -> bool:
+        return self._usb.tx_wants_tap
+
+    def tx_kick(self) -> None:
+        self._usb.tx_kick()
+
+    def tx_poll(self) -> tuple[int, bool]:
+        return self._usb.tx_poll()
+
+    def tx_resume(self) -> None:
+        self._usb.tx_resume()
+
+    def tx_stats(self) -> dict[str, Any]:
+        return self._usb.tx_stats()
 
     def clear_halt(self, direction: Direction) -> None:
         self.clear_halts += 1

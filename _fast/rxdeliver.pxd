@@ -1,0 +1,82 @@
+# RX delivery in C, header-only: one completed IN transfer, deframed in place on the
+# mirrored ring, its frames written to the TAP. Shared by eembridge._datapath (RxPath,
+# driven from the bridge thread) and eembridge._usb (the libusb event thread drives it
+# straight from the transfer callback, with no Python per transfer).
+#
+# Why header-only: see ring.pxd. RxPath owns an rx_state and hands its address out as
+# a PyCapsule (RX_STATE_CAPSULE); whoever holds the capsule must keep the RxPath alive
+# and must be the only one delivering while it does.
+
+from libc.errno cimport errno
+from libc.stdint cimport int64_t
+from posix.unistd cimport write
+
+from eem cimport eem_deframer, eem_deframe
+
+cdef extern from *:
+    """
+    #define RX_STATE_CAPSULE "eembridge._datapath.rx_state"
+    """
+    const char* RX_STATE_CAPSULE
+
+cdef enum:
+    RX_ERRNO_SLOTS = 256
+
+cdef struct rx_state:
+    eem_deframer* d
+    const unsigned char* ring  # both mappings of the mirrored ring: 2 * size bytes
+    Py_ssize_t size  # bytes per mapping
+    Py_ssize_t slot_size  # one IN transfer's slot; divides size
+    int tap_fd
+    int64_t frames_written
+    int64_t bytes_written
+    int64_t write_errors
+    int64_t deframe_failures  # eem_deframe refused a transfer (no memory): its frames lost
+    int64_t errno_counts[RX_ERRNO_SLOTS]  # refused TAP writes by errno
+
+
+cdef inline Py_ssize_t rx_slot_offset(rx_state* rx, int64_t sequence) noexcept nogil:
+    """Where IN transfer number `sequence` lands in the ring."""
+    return <Py_ssize_t>((sequence * rx.slot_size) % rx.size)
+
+
+cdef inline void rx_write_frames(rx_state* rx, const unsigned char* base) noexcept nogil:
+    """Write every frame of the last deframe to the TAP; base = start - carried.
+
+    One write(2) per frame: a TAP takes exactly one frame per write. A refused write
+    (queue full, link down) is counted under its errno and not retried, as the kernel
+    would drop the frame itself on a full queue.
+    """
+    cdef eem_deframer* d = rx.d
+    cdef Py_ssize_t i, length
+    cdef int e
+    for i in range(d.n_frames):
+        length = d.frames[i].length
+        if write(rx.tap_fd, base + d.frames[i].offset, length) == length:
+            rx.frames_written += 1
+            rx.bytes_written += length
+        else:
+            rx.write_errors += 1
+            e = errno
+            rx.errno_counts[e if 0 <= e < RX_ERRNO_SLOTS else 0] += 1
+
+
+cdef inline Py_ssize_t rx_deliver(rx_state* rx, int64_t sequence, Py_ssize_t actual,
+                                  bint short) noexcept nogil:
+    """Deframe transfer `sequence` (actual bytes) in place and write its frames.
+
+    Returns the number of commands (rx.d.commands[0:n], payloads in rx.d.command_data),
+    or a DEFRAME_* error (< 0, counted in deframe_failures; nothing was delivered).
+    The deframer's capacity must cover slot_size (Deframer.set_capacity) beforehand.
+    """
+    cdef Py_ssize_t offset = rx_slot_offset(rx, sequence)
+    cdef Py_ssize_t carried = rx.d.carry
+    cdef Py_ssize_t result
+    if offset < carried:
+        offset += rx.size  # the carried tail sits at the end of the first mapping
+    result = eem_deframe(rx.d, rx.ring + offset, carried, actual, short)
+    if result < 0:
+        rx.deframe_failures += 1
+        return result
+    rx_write_frames(rx, rx.ring + offset - carried)
+    return rx.d.n_commands
