@@ -82,8 +82,13 @@ class ClaimedDevice(Transport):
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w") as f:
+                # "detached": what `eembridge release` gives the interface back to if
+                # this process dies without closing (SIGKILL).
                 json.dump({"pid": os.getpid(), "tap": tap, "serial": self.record.serial,
-                           "description": self.record.describe()}, f)
+                           "description": self.record.describe(),
+                           "interface": self.record.sysfs_interface,
+                           "detached": (self.record.driver or "kernel driver")
+                           if self._usb.detached else None}, f)
             self._claim_file = path
         except OSError as exc:
             log.warning("could not record the claim in %s: %s (list will not show it)", path, exc)
