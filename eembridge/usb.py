@@ -169,9 +169,9 @@ def connector(args: argparse.Namespace) -> Callable[[], Transport]:
         wanted = chosen[0] if chosen else selector
         if (wait_timeout is not None and not connected
                 and time.monotonic() - started > wait_timeout):
-            what = "it to be free" if chosen else "it to appear"
-            raise UserError(f"--wait-timeout {wait_timeout:g} s expired: waited for an EEM "
-                            f"device matching {wanted} ({what})")
+            what = "was free to claim" if chosen else "appeared"
+            raise UserError(f"--wait-timeout {wait_timeout:g} s expired: no EEM device "
+                            f"matching {wanted} {what}")
         transport = _connect(wanted)
         connected.append(True)
         return transport
