@@ -39,7 +39,8 @@ from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
-from . import CODEC, Deframer, Framer
+from . import CODEC, Deframer, Framer, privileges
+from .errors import UserError
 from .events import Echo, EchoResponse, Event
 from .logsetup import GarbageSummary, event
 from .protocol import DEFAULT_MAX_LENGTH, DEFAULT_MAX_TRANSFER, MAX_ECHO_DATA
@@ -118,8 +119,12 @@ class Bridge:
         connect: Callable[[], Transport],
         options: BridgeOptions | None = None,
         tap: Any = None,
+        on_link_ready: Callable[[], None] | None = None,
     ) -> None:
+        """on_link_ready runs in the caller's thread once the TAP is configured and before
+        the bridge starts any thread: the place to drop privileges (eembridge.privileges)."""
         self.options = options or BridgeOptions()
+        self._on_link_ready = on_link_ready
         self._connect = connect
         self._tap = tap
         self._own_tap = tap is None
@@ -170,6 +175,8 @@ class Bridge:
             self._tap = Tap(self.options.tap, mtu=self.options.mtu, mac=self.options.mac,
                             persist=self.options.persist)
         self._configure_link()
+        if self._on_link_ready is not None:
+            self._on_link_ready()
         if self.options.stats_socket:
             from .stats import ControlServer
 
@@ -273,6 +280,8 @@ class Bridge:
             # Queue depth gauges (eembridge stats --watch, --metrics).
             "in_transfers_in_flight": in_flight if self._transport is not None else 0,
             "out_transfers_queued": out_queued if self._transport is not None else 0,
+            # Of the thread answering (the bridge's own once it runs): what it may still do.
+            "capabilities": privileges.held(),
         }
         if self.observers:
             snapshot["capture"] = {name: get() for name, get in self.observers.items()}
@@ -294,6 +303,9 @@ class Bridge:
     def _run_guarded(self) -> None:
         try:
             self._run()
+        except UserError as exc:  # e.g. --wait-timeout expired: the owner prints one line
+            self.error = exc
+            log.debug("bridge stopped: %s", exc)
         except BaseException as exc:  # the owner sees it through .error and the log
             self.error = exc
             log.exception("bridge stopped by an error: %s", exc)

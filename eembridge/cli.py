@@ -7,11 +7,15 @@ never as a traceback (eembridge.errors.UserError).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import signal
 import sys
 import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from . import CODEC, __version__, observe
 from .errors import UserError
@@ -25,6 +29,8 @@ SUBCOMMANDS = {
     "echo": ("eembridge.echocmd", "EEM-level ping of the device through a running bridge"),
     "replay": ("eembridge.replay", "run a usbmon capture through the codec, event by event"),
     "list": ("eembridge.listcmd", "list USB CDC-EEM devices and who holds them"),
+    "release": ("eembridge.release",
+                "give interfaces left detached by a killed bridge back to their kernel driver"),
     "install-service": ("eembridge.service",
                         "install the systemd unit and udev rule: one bridge per EEM device"),
 }
@@ -87,6 +93,8 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     dev.add_argument("--port", metavar="1-2.3", help="the device at this USB port path")
     dev.add_argument("--wait", action="store_true",
                      help="wait for the device to appear instead of failing")
+    dev.add_argument("--wait-timeout", type=float, metavar="SECONDS",
+                     help="like --wait, but fail naming the device after SECONDS without it")
     service = parser.add_argument_group("service and configuration")
     service.add_argument("--config", action="append", metavar="FILE",
                          help="TOML configuration (repeatable; default /etc/eembridge/*.toml)")
@@ -184,9 +192,76 @@ def run_until_signalled(bridge) -> int:
         signal.signal(signum, on_signal)
     while not stop.is_set() and not bridge.wait(0.2):
         stop.wait(0.2)
+    if isinstance(bridge.error, UserError):
+        raise bridge.error
     if bridge.error is not None:
         raise UserError(f"bridge failed: {bridge.error}")
     return 0
+
+
+def drop_privileges(args: argparse.Namespace) -> Callable[[], None]:
+    """What the bridge calls once its TAP is ready: keep only what later steps need."""
+    keep = []
+    if args.pcap:
+        keep.append("net_raw")  # the AF_PACKET capture opens when the device connects
+    if args.metrics:
+        from .metrics import parse_address
+
+        if parse_address(args.metrics)[1] < 1024:
+            keep.append("net_bind_service")  # the metrics server binds after start-up
+
+    def drop() -> None:
+        from . import privileges
+
+        try:
+            report = privileges.drop(keep)
+        except OSError as exc:
+            log.warning("could not drop capabilities: %s (running with what we have)", exc)
+            return
+        log.info("%s", report.line())
+
+    return drop
+
+
+@contextlib.contextmanager
+def sim_closed_by_an_early_thread(sim) -> Iterator[Any]:
+    """Tear the simulated device down (its namespace and TAP: CAP_SYS_ADMIN, CAP_NET_ADMIN)
+    from a thread started now, before the bridge drops its capabilities: that teardown is
+    the simulated device's business, not the bridge's, and keeps the bridge's drop whole."""
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def close_when_done() -> None:
+        done.wait()
+        try:
+            sim.close()
+        except BaseException as exc:  # re-raised in the caller's thread
+            errors.append(exc)
+
+    closer = threading.Thread(target=close_when_done, name="sim-closer", daemon=True)
+    closer.start()
+    try:
+        yield sim
+    finally:
+        done.set()
+        closer.join()
+        if errors:
+            raise errors[0]
+
+
+def sim_replug_on_sigusr1(sim) -> None:
+    """--sim: SIGUSR1 unplugs the simulated device and plugs it back 1 s later."""
+
+    def cycle() -> None:
+        sim.device.unplug()
+        time.sleep(1.0)
+        sim.device.replug()
+
+    def on_signal(_signum, _frame) -> None:
+        log.info("SIGUSR1: unplugging the simulated device for 1 s")
+        threading.Thread(target=cycle, name="sim-replug", daemon=True).start()
+
+    signal.signal(signal.SIGUSR1, on_signal)
 
 
 def run_bridge(args: argparse.Namespace, argv: list[str]) -> int:
@@ -198,14 +273,17 @@ def run_bridge(args: argparse.Namespace, argv: list[str]) -> int:
     options = bridge_options(args)
     with observe.observing(args) as observers:
         if args.sim:
-            with open_sim(args, options) as sim:
+            with sim_closed_by_an_early_thread(open_sim(args, options)) as sim:
                 log.info("simulated device up: its network side is %s in namespace %s",
                          sim.address, sim.namespace)
-                with Bridge(observers.wrap(sim.connect, options.tap), options) as bridge:
+                sim_replug_on_sigusr1(sim)
+                with Bridge(observers.wrap(sim.connect, options.tap), options,
+                            on_link_ready=drop_privileges(args)) as bridge:
                     observers.attach(bridge)
                     return run_until_signalled(bridge)
         connect = usb_connector(args)
-        with Bridge(observers.wrap(connect, options.tap), options) as bridge:
+        with Bridge(observers.wrap(connect, options.tap), options,
+                    on_link_ready=drop_privileges(args)) as bridge:
             observers.attach(bridge)
             return run_until_signalled(bridge)
 

@@ -80,25 +80,49 @@ def claim_path(port: str, interface: int, claims_dir: str = CLAIMS_DIR) -> str:
     return os.path.join(claims_dir, f"{port}:{interface}.json")
 
 
-def read_claim(port: str, interface: int, claims_dir: str = CLAIMS_DIR) -> dict | None:
-    """The running bridge that holds this interface, if its process is still alive."""
-    text = _read(claim_path(port, interface, claims_dir))
+def read_claim_file(path: str) -> dict | None:
+    """A claim record as written (alive or not); None if missing or not a record."""
+    text = _read(path)
     if text is None:
         return None
     try:
         claim = json.loads(text)
-        os.kill(int(claim["pid"]), 0)
-    except (ValueError, KeyError, TypeError, ProcessLookupError):
+        int(claim["pid"])
+    except (ValueError, KeyError, TypeError):
         return None
+    return claim if isinstance(claim, dict) else None
+
+
+def claim_alive(claim: dict) -> bool:
+    try:
+        os.kill(int(claim["pid"]), 0)
+    except ProcessLookupError:
+        return False
     except PermissionError:
         pass  # alive, someone else's
-    return claim
+    return True
 
 
-def holder(driver: str | None, claim: dict | None) -> str:
+def read_claim(port: str, interface: int, claims_dir: str = CLAIMS_DIR) -> dict | None:
+    """The running bridge that holds this interface, if its process is still alive."""
+    claim = read_claim_file(claim_path(port, interface, claims_dir))
+    return claim if claim is not None and claim_alive(claim) else None
+
+
+def stale_claim(port: str, interface: int, claims_dir: str = CLAIMS_DIR) -> dict | None:
+    """The record of a bridge that is gone without cleaning up (SIGKILL, crash)."""
+    claim = read_claim_file(claim_path(port, interface, claims_dir))
+    return claim if claim is not None and not claim_alive(claim) else None
+
+
+def holder(driver: str | None, claim: dict | None, stale: dict | None = None) -> str:
     if claim is not None:
         return f"eembridge:{claim.get('tap')} (pid {claim.get('pid')})"
     if driver is None:
+        if stale is not None and stale.get("detached"):
+            # The kernel dropped the killed bridge's claim but does not re-probe the driver.
+            return (f"nobody ({stale['detached']} left detached by eembridge pid "
+                    f"{stale.get('pid')}, which is gone: `eembridge release` gives it back)")
         return "nobody"
     if driver == "usbfs":
         return "usbfs (another userspace program)"
@@ -143,6 +167,7 @@ def find_eem_interfaces(sysfs: str = SYSFS, claims_dir: str = CLAIMS_DIR) -> lis
                 sys_intf = f"{port}:{config.bConfigurationValue}.{number}"
                 driver = interface_driver(sys_intf, sysfs)
                 claim = read_claim(port, number, claims_dir)
+                stale = stale_claim(port, number, claims_dir) if claim is None else None
                 records.append(EemInterface(
                     bus=device.bus, address=device.address, port=port,
                     vid=device.idVendor, pid=device.idProduct, serial=serial,
@@ -151,6 +176,6 @@ def find_eem_interfaces(sysfs: str = SYSFS, claims_dir: str = CLAIMS_DIR) -> lis
                     alt_setting=intf.bAlternateSetting,
                     ep_in=ep_in.bEndpointAddress, ep_out=ep_out.bEndpointAddress,
                     max_packet=ep_in.wMaxPacketSize & 0x7FF,
-                    driver=driver, held_by=holder(driver, claim),
+                    driver=driver, held_by=holder(driver, claim, stale),
                 ))
     return sorted(records, key=lambda r: (r.bus, r.port, r.interface))

@@ -62,7 +62,12 @@ def render(tap: str, s: dict[str, Any]) -> Any:
 
     device = s.get("device") or {}
     title = f"{tap}: " + (device.get("description", "?") if s.get("connected") else "device not connected")
-    table = Table(title=title)
+    caps = s.get("capabilities")
+    caption = None
+    if caps is not None:
+        caption = ("capabilities held: " + (", ".join(caps.get("effective") or []) or "none")
+                   + ("; no_new_privs" if caps.get("no_new_privs") else ""))
+    table = Table(title=title, caption=caption)
     for column in ("EEM receive", "", "EEM transmit", "", "link (kernel)", ""):
         table.add_column(column, justify="right" if column == "" else "left")
     rx = [(k, v) for k, v in s.get("rx", {}).items()]

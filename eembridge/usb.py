@@ -5,24 +5,42 @@ thread) and returns connect(): each call finds the SAME device again (same seria
 same port without one), detaches the kernel driver from its EEM interface, claims it
 and returns a Transport; TransportGone while it is absent, so the bridge's reconnect
 loop waits for it. close() releases the interface and re-attaches the driver it detached.
+
+A bridge killed by SIGKILL cannot re-attach: the kernel then drops its claim when the
+fd closes but does not probe the interface again, so cdc_eem stays unbound (checked
+in the guest, tests/interop/NOTES.md). The claim record under /run/eembridge/claims
+names the driver the bridge detached; reattach_stale() (`eembridge release`) reads the
+records of bridges that are gone and asks the kernel to bind a driver again.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
+import glob
 import json
 import logging
 import os
+import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
-from . import discovery
+from . import discovery, privileges
 from .discovery import EemInterface
 from .errors import UserError
 from .transport import DeviceInfo, Direction, Transport, TransportGone
 from .usbselect import Selector, identity, select
 
 log = logging.getLogger("eembridge.usb")
+
+
+def permission_hint(record: EemInterface) -> str:
+    """The one line for EACCES on the node: which node, which device, and the fix."""
+    return (f"{record.node}: permission denied opening {record.describe()}; run as root or "
+            f'add a udev rule: SUBSYSTEM=="usb", ATTR{{idVendor}}=="{record.vid:04x}", '
+            f'ATTR{{idProduct}}=="{record.pid:04x}", MODE="0660", GROUP="plugdev" '
+            "(and be in group plugdev)")
 
 
 class ClaimedDevice(Transport):
@@ -35,11 +53,7 @@ class ClaimedDevice(Transport):
         try:
             fd = os.open(record.node, os.O_RDWR | os.O_CLOEXEC)
         except PermissionError:
-            raise UserError(
-                f"{record.node}: permission denied opening {record.describe()}; run as root or "
-                f'add a udev rule: SUBSYSTEM=="usb", ATTR{{idVendor}}=="{record.vid:04x}", '
-                f'ATTR{{idProduct}}=="{record.pid:04x}", MODE="0660", GROUP="plugdev"'
-            ) from None
+            raise UserError(permission_hint(record)) from None
         except FileNotFoundError:
             raise TransportGone(f"{record.node} is gone") from None
         info = DeviceInfo(max_packet=record.max_packet, speed=record.speed,
@@ -69,8 +83,13 @@ class ClaimedDevice(Transport):
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w") as f:
+                # "detached": what `eembridge release` gives the interface back to if
+                # this process dies without closing (SIGKILL).
                 json.dump({"pid": os.getpid(), "tap": tap, "serial": self.record.serial,
-                           "description": self.record.describe()}, f)
+                           "description": self.record.describe(),
+                           "interface": self.record.sysfs_interface,
+                           "detached": (self.record.driver or "kernel driver")
+                           if self._usb.detached else None}, f)
             self._claim_file = path
         except OSError as exc:
             log.warning("could not record the claim in %s: %s (list will not show it)", path, exc)
@@ -153,8 +172,13 @@ def _refuse_if_held(record: EemInterface) -> None:
 
 def connector(args: argparse.Namespace) -> Callable[[], Transport]:
     selector = Selector.from_args(args)
-    wait = getattr(args, "wait", False)
-    records = discovery.find_eem_interfaces()
+    wait_timeout: float | None = getattr(args, "wait_timeout", None)
+    wait = getattr(args, "wait", False) or wait_timeout is not None
+    if wait_timeout is not None and wait_timeout <= 0:
+        raise UserError(f"--wait-timeout {wait_timeout:g}: must be more than 0 seconds")
+    started = time.monotonic()
+    # The first pyusb call starts libusb's own thread: let it be born without capabilities.
+    records = privileges.run_without_capabilities(discovery.find_eem_interfaces)
     if not records and not wait:
         raise UserError("no EEM devices found (use --wait to wait for one)")
     chosen: list[Selector] = []
@@ -166,13 +190,26 @@ def connector(args: argparse.Namespace) -> Callable[[], Transport]:
                 raise
         else:
             _refuse_if_held(record)
+            _note_stale_claim(record)
             chosen.append(identity(record))
     if not chosen:
-        log.info("waiting for an EEM device matching %s", selector)
+        log.info("waiting%s for an EEM device matching %s",
+                 f" up to {wait_timeout:g} s" if wait_timeout else "", selector)
     tap = args.tap
+    connected: list[bool] = []
 
     def connect() -> Transport:
         wanted = chosen[0] if chosen else selector
+        if (wait_timeout is not None and not connected
+                and time.monotonic() - started > wait_timeout):
+            what = "was free to claim" if chosen else "appeared"
+            raise UserError(f"--wait-timeout {wait_timeout:g} s expired: no EEM device "
+                            f"matching {wanted} {what}")
+        transport = _connect(wanted)
+        connected.append(True)
+        return transport
+
+    def _connect(wanted: Selector) -> Transport:
         found = _find(wanted)
         if not found:
             raise TransportGone(f"no device matching {wanted}")
@@ -188,3 +225,89 @@ def connector(args: argparse.Namespace) -> Callable[[], Transport]:
         return transport
 
     return connect
+
+
+def _note_stale_claim(record: EemInterface) -> None:
+    stale = discovery.stale_claim(record.port, record.interface)
+    if stale is not None and stale.get("detached"):
+        log.info("%s: eembridge pid %s is gone and left %s detached; taking the interface over",
+                 record.sysfs_interface, stale.get("pid"), stale["detached"])
+
+
+# <linux/usbdevice_fs.h>: USBDEVFS_IOCTL = _IOWR('U', 18, struct usbdevfs_ioctl), the struct
+# being {int ifno; int ioctl_code; void *data}; USBDEVFS_CONNECT = _IO('U', 23). The
+# generic ioctl encoding (x86, arm, riscv): dir << 30 | size << 16 | type << 8 | nr.
+_USBDEVFS_IOCTL_ARG = "iiP"
+USBDEVFS_IOCTL = (3 << 30) | (struct.calcsize(_USBDEVFS_IOCTL_ARG) << 16) | (ord("U") << 8) | 18
+USBDEVFS_CONNECT = (ord("U") << 8) | 23
+
+
+def bind_kernel_driver(record: EemInterface) -> None:
+    """Ask the kernel to probe drivers for the interface again (what libusb's
+    attach_kernel_driver does): through the device node, so a udev rule's access is enough."""
+    try:
+        fd = os.open(record.node, os.O_RDWR | os.O_CLOEXEC)
+    except PermissionError:
+        raise UserError(permission_hint(record)) from None
+    try:
+        request = bytearray(struct.pack(_USBDEVFS_IOCTL_ARG, record.interface, USBDEVFS_CONNECT, 0))
+        fcntl.ioctl(fd, USBDEVFS_IOCTL, request, True)
+    except OSError as exc:
+        raise UserError(f"{record.sysfs_interface}: the kernel would not bind a driver: "
+                        f"{exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def reattach_stale(selector: Selector, claims_dir: str = discovery.CLAIMS_DIR) -> list[str]:
+    """Give back interfaces that bridges now gone (SIGKILL, crash) left detached.
+
+    One line per claim record looked at; a record is removed once nothing is left to do.
+    """
+    done = []
+    records = {(r.port, r.interface): r for r in discovery.find_eem_interfaces(claims_dir=claims_dir)}
+    for path in sorted(glob.glob(os.path.join(claims_dir, "*.json"))):
+        claim = discovery.read_claim_file(path)
+        if claim is None or discovery.claim_alive(claim):
+            continue  # a running bridge's: stop it instead, it gives the device back
+        port, _, number = os.path.basename(path).removesuffix(".json").rpartition(":")
+        record = records.get((port, int(number))) if number.isdigit() else None
+        where = claim.get("interface") or f"{port} interface {number}"
+        if record is None:
+            if selector == Selector():
+                done.append(f"{where}: device gone; removed the record of eembridge pid "
+                            f"{claim.get('pid')}")
+                _unlink(path)
+            continue
+        if not selector.matches(record):
+            continue
+        detached = claim.get("detached")
+        if record.driver is not None:
+            if record.driver != "usbfs":
+                done.append(f"{where}: already bound to {record.driver}")
+                _unlink(path)
+            else:
+                done.append(f"{where}: held by another program (usbfs), left alone")
+            continue
+        if not detached:
+            done.append(f"{where}: eembridge pid {claim.get('pid')} had detached no driver; "
+                        "nothing to give back")
+            _unlink(path)
+            continue
+        bind_kernel_driver(record)
+        now = discovery.interface_driver(record.sysfs_interface)
+        if now is None:
+            raise UserError(f"{where}: asked the kernel to bind {detached} again, but no driver "
+                            "took the interface (is the module loaded?)")
+        done.append(f"{where}: re-attached {now} (left detached by eembridge pid "
+                    f"{claim.get('pid')}, which is gone)")
+        log.info("%s", done[-1])
+        _unlink(path)
+    return done
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError as exc:
+        log.warning("could not remove %s: %s", path, exc.strerror)
