@@ -42,7 +42,7 @@ from typing import Any, cast
 from . import CODEC, Deframer, Framer, privileges
 from .errors import UserError
 from .events import Echo, EchoResponse, Event
-from .logsetup import GarbageSummary, event
+from .logsetup import GarbageSummary, RepeatSummary, event
 from .protocol import DEFAULT_MAX_LENGTH, DEFAULT_MAX_TRANSFER, MAX_ECHO_DATA
 from .transport import (
     Completion,
@@ -156,6 +156,9 @@ class Bridge:
         # Extra snapshot sections from observers (e.g. the --pcap capture): name -> counters.
         self.observers: dict[str, Callable[[], dict[str, Any]]] = {}
         self._garbage = GarbageSummary(log, opts.garbage_log_interval)
+        self._unsolicited = RepeatSummary(log, "unsolicited_echo_response",
+                                          "Echo Responses nobody asked for: device or link fault",
+                                          opts.garbage_log_interval)
         self._next_garbage_check = 0.0
         self._keepalive_lost = False
 
@@ -213,6 +216,7 @@ class Bridge:
         self._wake_r = self._wake_w = -1
         if started:
             self._garbage.update(time.monotonic(), self.deframer.counters(), final=True)
+            self._unsolicited.tick(time.monotonic(), final=True)
             c = self._counters
             log.info("stopped: TAP %s (%d connects, %d unplugs, %d frames sent, %d dropped)",
                      self.options.tap, c["connects"], c["unplugs"], c["tx_frames"], c["tx_dropped"],
@@ -381,6 +385,7 @@ class Bridge:
         if now >= self._next_garbage_check:  # not per wake-up: once a second is enough
             self._next_garbage_check = now + 1.0
             self._garbage.update(now, self.deframer.counters())
+            self._unsolicited.tick(now)
         if self._transport is not None and self.options.keepalive and now >= self._next_keepalive:
             self._next_keepalive = now + self.options.keepalive
             keepalive: Future[float] = Future()
@@ -595,8 +600,7 @@ class Bridge:
                 waiting = self._echo_waiting.pop(bytes(command.data), None)
                 if waiting is None:
                     self._counters["unsolicited_echo_responses"] += 1
-                    log.warning("Echo Response nobody asked for (%d bytes): device or link fault",
-                                len(command.data))
+                    self._unsolicited.hit(time.monotonic(), f"{len(command.data)} bytes")
                 else:
                     sent, _deadline, future = waiting
                     rtt = time.monotonic() - sent

@@ -177,6 +177,7 @@ KEYS: dict[str, Key] = {
     "persist": Key("persist", _boolean),
     "stats-socket": Key("stats_socket", _string),
     "garbage-log-interval": Key("garbage_log_interval", _seconds),
+    "wait-timeout": Key("wait_timeout", _seconds),
 }
 SELECTORS: dict[str, Callable[[Any], str]] = {"serial": _string, "port": _port, "device": _vidpid}
 MATCH_ORDER = ("serial", "port", "device")

@@ -172,3 +172,37 @@ class GarbageSummary:
         self.lines += 1
         self._last, self._since = dict(counters), now
         return True
+
+
+class RepeatSummary:
+    """A warning that may repeat fast (an Echo Response nobody asked for, under a fault):
+    the first one is logged as it happens, the rest at most once per `interval` as one
+    line with their number. `hit()` where it happens, `tick()` from the timer tick."""
+
+    def __init__(self, logger: logging.Logger, name: str, what: str, interval: float = 5.0) -> None:
+        self.log = logger
+        self.name = name  # event name in JSON/journal output
+        self.what = what  # e.g. "Echo Responses nobody asked for: device or link fault"
+        self.interval = interval
+        self._since = float("-inf")  # when the last line was logged
+        self._held = 0  # hits since then, not logged yet
+        self.lines = 0
+
+    def hit(self, now: float, detail: str) -> None:
+        if now - self._since >= self.interval and not self._held:
+            self.log.warning("%s: %s (%s)", self.name, self.what, detail,
+                             extra=event(self.name, count=1, detail=detail))
+            self._since = now
+            self.lines += 1
+        else:
+            self._held += 1
+
+    def tick(self, now: float, final: bool = False) -> None:
+        if self._held and (final or now - self._since >= self.interval):
+            span = now - self._since
+            self.log.warning("%s: %d more %s in the last %.1f s", self.name, self._held,
+                             self.what, span,
+                             extra=event(self.name, count=self._held, seconds=round(span, 3)))
+            self._held = 0
+            self._since = now
+            self.lines += 1

@@ -6,6 +6,7 @@ namespace, checked by SHA-256 both ways, with the faults a bad USB link produces
 
 from __future__ import annotations
 
+import logging
 import resource
 import threading
 import time
@@ -152,6 +153,23 @@ def test_device_echo_is_answered_and_unsolicited_response_only_counted(rig_facto
         time.sleep(0.05)
     assert rig.bridge.stats()["bridge"]["unsolicited_echo_responses"] == 1
     assert rig.bridge.echo(timeout=2.0) < 1.0  # our own Echo comes back
+
+
+def test_a_burst_of_unsolicited_echo_responses_is_counted_and_logged_in_summary(rig_factory, caplog):
+    """A symptom, not an instruction: each one counted, the log not flooded."""
+    caplog.set_level(logging.WARNING, logger="eembridge.bridge")
+    rig = rig_factory(max_packet=512)
+    for i in range(50):
+        rig.sim.device.inject_echo_response(b"stray %d" % i)
+    wait_for(lambda: rig.bridge.stats()["bridge"]["unsolicited_echo_responses"] == 50, 10,
+             "50 unsolicited Echo Responses counted")
+    lines = [r for r in caplog.records if getattr(r, "event", None) == "unsolicited_echo_response"]
+    assert len(lines) == 1 and lines[0].fields["count"] == 1, [r.getMessage() for r in lines]  # the first
+    rig.bridge.stop()  # the rest: one summary line at the latest when the bridge stops
+    lines = [r for r in caplog.records if getattr(r, "event", None) == "unsolicited_echo_response"]
+    assert len(lines) == 2 and sum(r.fields["count"] for r in lines) == 50, [r.getMessage() for r in lines]
+    assert "49 more Echo Responses nobody asked for" in lines[1].getMessage()
+    assert rig.sim.device.echo_responses() == []  # nothing was sent back for them
 
 
 def test_immense_command_garbage_is_survived(rig_factory):

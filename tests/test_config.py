@@ -217,3 +217,22 @@ def test_the_readme_example_is_a_valid_config(tmp_path):
     assert section is not None and values["tap"] == "otdr1" and values["keepalive"] == 5.0
     values, section = config.values_for(DeviceIdentity(port="1-2.3"))
     assert section is not None and values["tap"] == "slot3" and values["tx_crc"] is True
+
+
+def test_every_config_key_sets_a_real_option_of_the_main_job():
+    """A key whose dest the command line does not have would be silently ignored."""
+    from eembridge.cli import main_parser
+    from eembridge.config import KEYS
+
+    dests = {action.dest for action in main_parser()._actions}
+    assert {key: k.dest for key, k in KEYS.items() if k.dest not in dests} == {}
+    # ... and every long option that tunes a bridge has its key (selection and
+    # service options are sections and instance names, not keys).
+    not_keys = {"help", "version", "sim", "device", "serial", "port", "wait", "config",
+                "instance", "verbose", "log_format", "metrics", "pcap", "pcap_rotate",
+                "usb_pcap", "tx_sentinel"}
+    missing = {a.dest for a in main_parser()._actions
+               if a.option_strings and a.option_strings[0].startswith("--")
+               and not a.dest.startswith("sim") and a.dest not in not_keys
+               and a.dest not in {k.dest for k in KEYS.values()}}
+    assert missing == set()

@@ -181,9 +181,9 @@ def test_unplug_replug_and_silence_are_one_line_each():
                                     keepalive=0.2, stats_socket=None)
             def names() -> list[str]:
                 # (Echo Responses that come back after their request timed out are logged
-                # as unsolicited, without an event name: not part of this sequence.)
+                # as unsolicited: not part of this sequence.)
                 return [e["event"] for e in map(json.loads, stream.getvalue().splitlines())
-                        if "event" in e]
+                        if e.get("event", "unsolicited_echo_response") != "unsolicited_echo_response"]
 
             with Bridge(sim.connect, options) as bridge:
                 assert bridge.connected.wait(10)
