@@ -143,6 +143,15 @@ def test_tcp_both_ways_on_both_links_at_once(boot: Boot, board: str, direction: 
     assert boot.read(f"{name}.recv") == sent
 
 
+def test_the_four_transfers_ran_at_the_same_time(boot: Boot) -> None:
+    spans = {f"{d}_{b}": tuple(map(float, boot.read(f"{d}_{b}.span").split()))
+             for b in BOARDS for d in ("h2p", "p2h")}
+    # Every transfer overlaps every other: the latest start comes before the first end.
+    latest_start = max(start for start, _end in spans.values())
+    first_end = min(end for _start, end in spans.values())
+    assert latest_start < first_end, spans
+
+
 def test_stats_json_lists_both_bridges_with_their_serials(boot: Boot) -> None:
     boot.rc("stats")
     env = boot.env()

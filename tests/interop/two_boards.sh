@@ -179,6 +179,7 @@ xfer() {
     case $dir in h2p) port=5101 ;; *) port=5102 ;; esac
     head -c $((XFER_MB * 1048576)) /dev/urandom > "/tmp/$name.bin"
     sha256sum < "/tmp/$name.bin" | cut -d' ' -f1 > "$RW/$name.sent"
+    t0=$(date +%s.%N)
     if [ "$dir" = h2p ]; then
         ip netns exec "$ns" sh -c "nc -d -l $port | sha256sum | cut -d' ' -f1 > $RW/$name.recv" &
         srv=$!
@@ -194,6 +195,7 @@ xfer() {
     echo $rc > "$RW/$name.rc"
     if [ $rc != 0 ]; then kill $srv 2>/dev/null; fi
     timeout 30 tail --pid=$srv -f /dev/null || kill $srv 2>/dev/null
+    echo "$t0 $(date +%s.%N)" > "$RW/$name.span"  # wall clock: the test checks the overlap
 }
 stamp tcp_start
 XPIDS=()
