@@ -52,7 +52,7 @@ from txfill cimport TX_HEADER, TX_CHECK, TX_ERRNO_SLOTS
 from rxdeliver cimport RX_ERRNO_SLOTS
 
 assert TX_HEADER == HEADER_SIZE and TX_CHECK == CHECK_SIZE
-assert TX_ERRNO_SLOTS == RX_ERRNO_SLOTS == ERRNO_SLOTS
+assert <int>TX_ERRNO_SLOTS == <int>RX_ERRNO_SLOTS == ERRNO_SLOTS
 
 
 cdef dict _errno_names(int64_t* counts):

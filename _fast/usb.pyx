@@ -433,7 +433,12 @@ cdef void _on_out_native(libusb_transfer* transfer) noexcept nogil:
         o.n_spare += 1
         o.first = (o.first + 1) % TX_HELD_MAX
         o.count -= 1
-    if _tx_pump(shared):
+    # Refill from here only under backpressure: otherwise the bridge thread polls the
+    # TAP and kicks when it is readable, and a read here would mostly find it empty
+    # (one wasted syscall per completion, e.g. per TCP ACK sent). Polling the TAP in
+    # this thread instead was tried: one thread then does all the work, and with two
+    # CPUs shared with the kernel's TCP it measured no faster (bench/RESULTS.md).
+    if not o.wants_tap and _tx_pump(shared):
         tell = True
     pthread_mutex_unlock(&shared.lock)
     if tell:
