@@ -404,3 +404,13 @@ def _client_in(
     netns: str | None, address: str, port: int, upload: bytes, timeout: float
 ) -> tuple[str, int]:
     return nsmod.run_in_netns(netns, _client, address, port, upload, timeout)
+
+
+def wait_for_control_socket(proc: Any, sock: str, timeout: float = 20.0) -> None:
+    """Wait for a bridge process's `eembridge stats` socket; fail with its stderr if it
+    exited first."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(sock):
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline, "control socket never appeared"
+        time.sleep(0.1)

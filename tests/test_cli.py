@@ -12,7 +12,7 @@ from pathlib import Path
 
 from eembridge.netns import free_linklocal_subnet, link_names, unique_name
 
-from netfixtures import require_tun_and_root
+from netfixtures import require_tun_and_root, wait_for_control_socket
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,11 +45,7 @@ def test_main_job_on_sim_with_stats_echo_and_clean_stop(tmp_path):
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        deadline = time.monotonic() + 20
-        while not os.path.exists(sock):
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "control socket never appeared"
-            time.sleep(0.1)
+        wait_for_control_socket(proc, sock)
         assert oct(os.stat(sock).st_mode & 0o777) == "0o600"
         time.sleep(0.5)
         stats = eembridge("stats", "--socket", sock, "--json")

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pyroute2
@@ -18,7 +17,7 @@ import pytest
 from eembridge.config import ConfigError, DeviceIdentity, config_files, identify, load
 from eembridge.netns import free_linklocal_subnet, link_names, unique_name
 
-from netfixtures import require_tun_and_root
+from netfixtures import require_tun_and_root, wait_for_control_socket
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -181,11 +180,7 @@ def test_config_and_flag_overrides_on_a_running_bridge(tmp_path):
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        deadline = time.monotonic() + 20
-        while not os.path.exists(sock):
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "control socket never appeared"
-            time.sleep(0.1)
+        wait_for_control_socket(proc, sock)
         with pyroute2.IPRoute() as ip:
             index = ip.link_lookup(ifname=tap)
             assert index, f"TAP {tap} from the config section does not exist"

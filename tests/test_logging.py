@@ -27,7 +27,7 @@ from eembridge.logsetup import (
 )
 from eembridge.netns import free_linklocal_subnet, unique_name
 
-from netfixtures import _inet_checksum, require_tun_and_root, wait_for
+from netfixtures import _inet_checksum, require_tun_and_root, wait_for, wait_for_control_socket
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -130,11 +130,7 @@ def test_bridge_events_and_rate_limited_garbage_under_a_flood(tmp_path):
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        deadline = time.monotonic() + 20
-        while not os.path.exists(sock):
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "control socket never appeared"
-            time.sleep(0.1)
+        wait_for_control_socket(proc, sock)
         flooded_at = time.monotonic()
         flood_pings(str(subnet[1]), 4.0)
         time.sleep(2.5)  # the last window gets reported
