@@ -215,6 +215,14 @@ cdef void _on_transfer(libusb_transfer* transfer) noexcept nogil:
     write(shared.efd, &one, 8)
 
 
+cdef void _free_spares(libusb_transfer** spare, int* n_spare) noexcept nogil:
+    """Free the transfers a native path kept for reuse (all ended: none is with libusb)."""
+    cdef int i
+    for i in range(n_spare[0]):
+        libusb_free_transfer(spare[i])
+    n_spare[0] = 0
+
+
 cdef inline void _notify(Shared* shared) noexcept nogil:
     cdef unsigned long long one = 1
     write(shared.efd, &one, 8)
@@ -725,10 +733,7 @@ cdef class UsbTransport:
 
     cdef void _rx_free(self):
         cdef NativeIn* n = &self.shared.nin
-        cdef int i
-        for i in range(n.n_spare):
-            libusb_free_transfer(n.spare[i])
-        n.n_spare = 0
+        _free_spares(n.spare, &n.n_spare)
         n.on = False
         n.rx = NULL
         self._rx_owner = None
@@ -835,10 +840,7 @@ cdef class UsbTransport:
 
     cdef void _tx_free(self):
         cdef NativeOut* o = &self.shared.nout
-        cdef int i
-        for i in range(o.n_spare):
-            libusb_free_transfer(o.spare[i])
-        o.n_spare = 0
+        _free_spares(o.spare, &o.n_spare)
         o.on = False
         o.tx = NULL
         self._tx_owner = None

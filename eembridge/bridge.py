@@ -63,6 +63,7 @@ BRIDGE_COUNTERS = (
     "in_stalls",  # IN endpoint stalls cleared
     "in_submit_errors",  # IN transfers libusb refused to resubmit (retried)
     "rx_commands_dropped",  # EEM commands the native IN path had no room to hand over
+    "rx_deframe_failures",  # IN transfers the native path could not deframe (no memory)
     "out_stalls",  # OUT endpoint stalls cleared
     "out_retries",  # OUT transfers resubmitted after a stall or timeout
     "out_errors",  # OUT transfers that failed for good
@@ -263,9 +264,8 @@ class Bridge:
         drop_reasons = dict(self.drop_reasons)
         in_flight, out_queued = self._in_submitted - self._in_completed, len(self._out)
         if self._native is not None:  # plus the live counts of the native data path
-            _merge_native(self._native, counters, in_errors, drop_reasons)
-            in_flight = self._native.rx_stats()["in_flight"]
-            out_queued += self._native.tx_stats()["in_flight"]
+            rx, tx = _merge_native(self._native, counters, in_errors, drop_reasons)
+            in_flight, out_queued = rx["in_flight"], out_queued + tx["in_flight"]
         snapshot: dict[str, Any] = {
             "tap": self.options.tap,
             "codec": CODEC,
@@ -487,8 +487,9 @@ class Bridge:
             log.warning("closing the transport failed: %s", exc)
         dropped = sum(t.frames for t in self._out if not t.done)
         if self._native is not None:  # its counters end with it: keep them in the bridge's
-            _merge_native(self._native, self._counters, self.in_errors, self.drop_reasons)
-            dropped += self._native.tx_stats()["closing_frames"]
+            _rx, tx = _merge_native(self._native, self._counters, self.in_errors,
+                                    self.drop_reasons)
+            dropped += tx["closing_frames"]
             self._native = None
         self._drop("stopped" if close_quietly else "no_device", dropped)
         self._out.clear()
@@ -550,8 +551,10 @@ class Bridge:
         out_stalls, out_gone = native.tx_poll()
         if commands:
             self._commands(commands)
+            if self._transport is None:
+                return  # answering an Echo found the device gone: already handled
         try:
-            if in_gone or out_gone or self._transport is None:
+            if in_gone or out_gone:
                 raise TransportGone("device gone")
             if in_stalls:
                 self._clear_halt(Direction.IN)
@@ -561,9 +564,8 @@ class Bridge:
                 self._clear_halt(Direction.OUT)
                 native.tx_resume()
         except TransportGone:
-            if self._transport is not None:
-                self._counters["unplugs"] += 1
-                self._disconnect(reason="unplugged")
+            self._counters["unplugs"] += 1
+            self._disconnect(reason="unplugged")
         except OSError as exc:  # a refused resubmission: counted there, retried next time
             log.warning("resubmitting IN transfers failed: %s", exc)
 
@@ -708,12 +710,14 @@ class Bridge:
 
 
 def _merge_native(native: NativeDataPath, counters: dict[str, int], in_errors: dict[str, int],
-                  drop_reasons: dict[str, int]) -> None:
-    """Add the native data path's counters to the bridge's (same names, same meaning)."""
+                  drop_reasons: dict[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Add the native data path's counters to the bridge's (same names, same meaning);
+    returns its (rx_stats, tx_stats) for the gauges."""
     rx, tx = native.rx_stats(), native.tx_stats()
     for key, value in (("in_errors", sum(rx["errors"].values())), ("in_stalls", rx["stalls"]),
                        ("in_submit_errors", rx["submit_errors"]),
                        ("rx_commands_dropped", rx["commands_dropped"]),
+                       ("rx_deframe_failures", rx["deframe_failures"]),
                        ("tx_transfers", tx["transfers"]), ("tx_frames", tx["frames"]),
                        ("tx_bytes", tx["bytes"]), ("tx_dropped", sum(tx["dropped"].values())),
                        ("out_stalls", tx["stalls"]),
@@ -723,3 +727,4 @@ def _merge_native(native: NativeDataPath, counters: dict[str, int], in_errors: d
     for errors, more in ((in_errors, rx["errors"]), (drop_reasons, tx["dropped"])):
         for name, count in more.items():
             errors[name] = errors.get(name, 0) + count
+    return rx, tx
