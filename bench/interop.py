@@ -41,12 +41,12 @@ measure() {{
     ping -c {pings} -i 0.1 -q $PEER_IP > $RW/$tag-ping.txt
 }}
 measure kernel
-bridge_run() {{  # TAG [ENV=VALUE ...]: measure through eembridge, started with that env
-    local tag=$1; shift
+bridge_run() {{  # TAG "ENV=VALUE ..." "OPTIONS": measure through eembridge started so
+    local tag=$1 envs=$2 opts=$3
     ip addr flush dev $HOST_IF 2>/dev/null || true  # after a run, cdc_eem's netdev is a new one
     [ -e /dev/net/tun ] || modprobe tun
-    env "$@" python3 -m eembridge --tap eem0 --ip $HOST_IP/24 --mac $HOST_MAC --serial $SERIAL \
-        --stats-socket /tmp/eem0.sock {bridge_args} > $RW/$tag.log 2>&1 &
+    env $envs python3 -m eembridge --tap eem0 --ip $HOST_IP/24 --mac $HOST_MAC --serial $SERIAL \
+        --stats-socket /tmp/eem0.sock {bridge_args} $opts > $RW/$tag.log 2>&1 &
     BRIDGE=$!
     end=$((SECONDS + 120)); c=
     until [ "$c" = 1 ]; do  # builtins only: forks are slow under TCG
@@ -138,9 +138,10 @@ def main() -> int:
     ap.add_argument("--pings", type=int, default=30)
     ap.add_argument("--kernel-only", action="store_true", help="measure cdc_eem only")
     ap.add_argument("--bridge-args", default="", help="extra options for the bridge")
-    ap.add_argument("--variant", action="append", default=[], metavar="LABEL:ENV=VALUE[,ENV=VALUE]",
-                    help="also measure eembridge started with this environment, in the same boot "
-                         "(e.g. 'python-loop:EEMBRIDGE_NATIVE=0')")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL:[ENV=VALUE,...] [OPTIONS]",
+                    help="also measure eembridge started with this environment and these extra "
+                         "options, in the same boot (e.g. 'python-loop:EEMBRIDGE_NATIVE=0', "
+                         "'in32:--in-flight 32')")
     ap.add_argument("--rwdir", type=Path, help="keep the guest's files here")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--profile", action="store_true",
@@ -148,13 +149,17 @@ def main() -> int:
     args = ap.parse_args()
 
     rwdir = args.rwdir or Path(tempfile.mkdtemp(prefix="eembridge-bench-interop-"))
-    variants = [("eembridge", "")]
+    variants = [("eembridge", [], [])]
     for spec in args.variant:
-        label, _, env = spec.partition(":")
-        if not label.replace("-", "").isalnum() or "=" not in env:
-            ap.error(f"--variant {spec!r}: expected LABEL:ENV=VALUE[,ENV=VALUE]")
-        variants.append((label, " ".join(shlex.quote(e) for e in env.split(","))))
-    runs = "\n".join(f"    bridge_run {label} {env}" for label, env in variants)
+        label, _, rest = spec.partition(":")
+        words = shlex.split(rest)
+        envs = words.pop(0).split(",") if words and not words[0].startswith("-") else []
+        if not label.replace("-", "").isalnum() or not (envs or words) \
+                or not all("=" in e and " " not in e for e in envs) or any(" " in w for w in words):
+            ap.error(f"--variant {spec!r}: expected LABEL:[ENV=VALUE,...] [OPTIONS] (no spaces in values)")
+        variants.append((label, envs, words))
+    runs = "\n".join(f"    bridge_run {label} {shlex.quote(' '.join(envs))} {shlex.quote(' '.join(words))}"
+                     for label, envs, words in variants)
     script = SCRIPT.format(speed=args.speed, rounds=args.rounds, seconds=args.seconds,
                            pings=args.pings, kernel_only=int(args.kernel_only),
                            profile=int(args.profile), runs=runs,
@@ -171,7 +176,7 @@ def main() -> int:
     out: dict[str, object] = {"date": started, "speed": args.speed, "seconds": args.seconds,
                               "rounds": args.rounds, "boot_wall_s": round(res.seconds, 1),
                               "kernel": collect(rwdir, "kernel", args.rounds)}
-    tags = [] if args.kernel_only else [label for label, _ in variants]
+    tags = [] if args.kernel_only else [label for label, _, _ in variants]
     for tag in tags:
         out[tag] = collect(rwdir, tag, args.rounds)
         if args.profile:
