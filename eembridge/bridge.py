@@ -90,11 +90,12 @@ class BridgeOptions:
     peer_mac: str | None = None
     mtu: int = 1500
     mac: str | None = None
+    txqueuelen: int | None = None  # the TAP's queue; None: the kernel's default (500)
     tx_crc: bool = True
     max_transfer: int = DEFAULT_MAX_TRANSFER
     in_transfer_size: int = 16384  # a multiple of every max packet size
-    in_flight: int = 8
-    out_in_flight: int = 16  # OUT transfers of up to max_transfer in flight
+    in_flight: int = 32
+    out_in_flight: int = 32  # OUT transfers of up to max_transfer in flight
     keepalive: float | None = None  # seconds between our own Echo requests
     persist: bool = False  # keep the TAP when the bridge exits
     stats_socket: str | None = None  # path of the UNIX stats socket; None: no socket
@@ -177,7 +178,7 @@ class Bridge:
             from .tap import Tap
 
             self._tap = Tap(self.options.tap, mtu=self.options.mtu, mac=self.options.mac,
-                            persist=self.options.persist)
+                            txqueuelen=self.options.txqueuelen, persist=self.options.persist)
         self._configure_link()
         if self._on_link_ready is not None:
             self._on_link_ready()

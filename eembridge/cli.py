@@ -60,6 +60,9 @@ def add_bridge_arguments(parser: argparse.ArgumentParser) -> None:
     link.add_argument("--peer-mac", metavar="MAC", help="the device's MAC for the static neighbour")
     link.add_argument("--mtu", type=int, default=1500)
     link.add_argument("--mac", help="MAC address of the TAP (default: random, locally administered)")
+    link.add_argument("--txqueuelen", type=int, metavar="FRAMES",
+                      help="the TAP's transmit queue: frames waiting for the bridge (default: "
+                           "the kernel's, 500); shorter means less delay under load, more drops")
     link.add_argument("--persist", action="store_true", help="keep the TAP after exit")
     eem = parser.add_argument_group("EEM")
     mode = eem.add_mutually_exclusive_group()
@@ -69,9 +72,10 @@ def add_bridge_arguments(parser: argparse.ArgumentParser) -> None:
                       help="send frames with the DE AD BE EF sentinel instead of a CRC")
     eem.add_argument("--max-transfer", type=int, default=1536,
                      help="largest bulk OUT transfer in bytes (default 1536, what Linux f_eem takes)")
-    eem.add_argument("--in-flight", type=int, default=8, help="bulk IN transfers kept queued")
-    eem.add_argument("--out-in-flight", type=int, default=16,
-                     help="bulk OUT transfers of up to --max-transfer bytes in flight (default 16)")
+    eem.add_argument("--in-flight", type=int, default=32,
+                     help="bulk IN transfers kept queued (default 32, at most 64)")
+    eem.add_argument("--out-in-flight", type=int, default=32,
+                     help="bulk OUT transfers of up to --max-transfer bytes in flight (default 32)")
     eem.add_argument("--keepalive", type=float, metavar="SECONDS",
                      help="send an EEM Echo this often and log a device that stops answering")
     parser.add_argument("--stats-socket", metavar="PATH",

@@ -14,8 +14,10 @@ from .transport import Transport
 def bridge_options(args: argparse.Namespace) -> BridgeOptions:
     if not 576 <= args.mtu <= 9000:
         raise UserError(f"--mtu {args.mtu} out of range (576..9000)")
-    if args.in_flight < 1:
-        raise UserError("--in-flight must be at least 1")
+    if not 1 <= args.in_flight <= 64:
+        raise UserError(f"--in-flight {args.in_flight} out of range (1..64)")
+    if args.txqueuelen is not None and not 1 <= args.txqueuelen <= 100000:
+        raise UserError(f"--txqueuelen {args.txqueuelen} out of range (1..100000)")
     if args.out_in_flight < 1:
         raise UserError("--out-in-flight must be at least 1")
     options = BridgeOptions(
@@ -25,6 +27,7 @@ def bridge_options(args: argparse.Namespace) -> BridgeOptions:
         peer_mac=args.peer_mac,
         mtu=args.mtu,
         mac=args.mac,
+        txqueuelen=args.txqueuelen,
         tx_crc=args.tx_crc,
         max_transfer=args.max_transfer,
         in_flight=args.in_flight,

@@ -246,7 +246,7 @@ class Tap:
     mode: "open" creates the interface or attaches to an existing persistent one,
     "create" insists on a new one, "attach" on an existing one. ``persist`` sets
     TUNSETPERSIST (None leaves an attached TAP's setting as it is; a new TAP is not
-    persistent). ``mtu``/``mac`` are applied at once when given.
+    persistent). ``mtu``/``mac``/``txqueuelen`` are applied at once when given.
     """
 
     def __init__(
@@ -257,6 +257,7 @@ class Tap:
         persist: bool | None = None,
         mtu: int | None = None,
         mac: str | None = None,
+        txqueuelen: int | None = None,
         unmanage: bool = True,
         nm_run_dir: Path = NM_RUN_DIR,
     ) -> None:
@@ -294,6 +295,8 @@ class Tap:
                 self.mtu = mtu
             if mac is not None:
                 self.mac = mac
+            if txqueuelen is not None:
+                self.txqueuelen = txqueuelen
         except BaseException:
             self.close()
             raise
@@ -405,6 +408,16 @@ class Tap:
     @mtu.setter
     def mtu(self, value: int) -> None:
         self._set_link(mtu=int(value))
+
+    @property
+    def txqueuelen(self) -> int:
+        """Frames the kernel queues for us to read. tun orphans what it queues, so TCP's
+        small-queue limit does not apply and a long queue only adds delay under load."""
+        return int(self._link().get_attr("IFLA_TXQLEN"))
+
+    @txqueuelen.setter
+    def txqueuelen(self, value: int) -> None:
+        self._set_link(txqlen=int(value))
 
     @property
     def mac(self) -> str:

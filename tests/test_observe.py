@@ -140,7 +140,7 @@ def test_metrics_pcap_and_usb_pcap_of_one_run(tmp_path):
             for name, value in after[section].items():
                 assert before[section][name] <= metric(f"eembridge_{part}_{name}_total") <= value, name
         assert metric("eembridge_connected") == 1.0
-        assert metric("eembridge_in_transfers_in_flight") == after["in_transfers_in_flight"] == 8
+        assert metric("eembridge_in_transfers_in_flight") == after["in_transfers_in_flight"] == 32
         assert metric("eembridge_eem_rx_frames_total") > 100
         assert metric("eembridge_bridge_echo_matched_total") >= 3
         assert metric("eembridge_echo_rtt_last_seconds") == after["echo_rtt_last"] > 0
@@ -234,7 +234,7 @@ def test_stats_watch_rates_and_rendering_on_real_snapshots(tmp_path):
         assert moved_in > 512 << 10 and moved_out > 512 << 10  # both ways, headers included
         assert row["in_bytes_per_s"] == moved_in / (t1 - t0)
         assert row["out_frames_per_s"] == (second["bridge"]["tx_frames"] - first["bridge"]["tx_frames"]) / (t1 - t0)
-        assert row["in_transfers_in_flight"] == 8 and row["echo_rtt_ms"] > 0
+        assert row["in_transfers_in_flight"] == 32 and row["echo_rtt_ms"] > 0
         assert row["in_dropped"] == 0 and row["resyncs"] == 0 and row["capture_drops"] == 0
         assert bridge_row(None, second, 0.0)["in_bytes_per_s"] is None  # no rate from one snapshot
         console = Console(record=True, width=250)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import socket
 import stat
 import textwrap
 from collections.abc import Iterator
@@ -129,6 +130,24 @@ def test_mtu_and_mac_set_and_read_back(tap_name: str) -> None:
         with pytest.raises(TapError, match="mtu"):
             tap.mtu = 10  # below the IPv4 minimum: the kernel refuses
     assert root_link(tap_name) is None
+
+
+def test_txqueuelen_bounds_what_waits_for_us_and_the_rest_is_counted_dropped(tap_name: str) -> None:
+    frame = bytes.fromhex("ffffffffffff 020000000001 88b5") + bytes(46)  # local experimental type
+    with Tap.create(tap_name, txqueuelen=4) as tap:
+        assert tap.txqueuelen == 4 and root_link(tap_name).get_attr("IFLA_TXQLEN") == 4
+        tap.up()
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
+            raw.bind((tap_name, 0))
+            for _ in range(10):  # nobody reads the TAP meanwhile
+                raw.send(frame)
+        queued = 0
+        while tap.read_into(bytearray(2048)):
+            queued += 1
+        assert queued == 4
+        stats = link_stats(tap_name)
+        # Ours beyond the 4, and maybe the kernel's own IPv6 housekeeping frames too.
+        assert stats.tx_packets == 4 and stats.tx_dropped >= 6
 
 
 def test_fd_is_nonblocking_and_refused_writes_are_counted(tap_name: str) -> None:
