@@ -95,6 +95,8 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
                      help="the device by vendor:product id (hex) or bus:address (decimal)")
     dev.add_argument("--serial", metavar="S", help="the device with this serial number")
     dev.add_argument("--port", metavar="1-2.3", help="the device at this USB port path")
+    dev.add_argument("--interface", type=int, metavar="N",
+                     help="the EEM interface with this number, for a device that has several")
     dev.add_argument("--wait", action="store_true",
                      help="wait for the device to appear instead of failing")
     dev.add_argument("--wait-timeout", type=float, metavar="SECONDS",

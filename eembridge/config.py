@@ -175,6 +175,7 @@ KEYS: dict[str, Key] = {
     "max-transfer": Key("max_transfer", _integer(64, 1 << 20)),
     "in-flight": Key("in_flight", _integer(1, 64)),
     "out-in-flight": Key("out_in_flight", _integer(1, 256)),
+    "interface": Key("interface", _integer(0, 255)),  # a device with several EEM functions
     "persist": Key("persist", _boolean),
     "stats-socket": Key("stats_socket", _string),
     "garbage-log-interval": Key("garbage_log_interval", _seconds),

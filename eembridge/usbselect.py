@@ -1,4 +1,5 @@
-"""Which EEM interface the user means: --device, --serial, --port over discovery records."""
+"""Which EEM interface the user means: --device, --serial, --port, --interface over
+discovery records."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ class Selector:
     bus_addr: tuple[int, int] | None = None
     serial: str | None = None
     port: str | None = None
+    interface: int | None = None  # for a device with more than one EEM function
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Selector:
@@ -31,7 +33,11 @@ class Selector:
                     bus_addr = (int(left, 10), int(right, 10))
             except ValueError:
                 raise UserError(f"--device {device}: expected VID:PID (1d6b:0104) or BUS:ADDR (1:3)") from None
-        return cls(vid_pid, bus_addr, getattr(args, "serial", None), getattr(args, "port", None))
+        interface = getattr(args, "interface", None)
+        if interface is not None and not 0 <= interface <= 255:
+            raise UserError(f"--interface {interface}: expected an interface number 0..255")
+        return cls(vid_pid, bus_addr, getattr(args, "serial", None), getattr(args, "port", None),
+                   interface)
 
     def matches(self, record: EemInterface) -> bool:
         if self.vid_pid and (record.vid, record.pid) != self.vid_pid:
@@ -39,6 +45,8 @@ class Selector:
         if self.bus_addr and (record.bus, record.address) != self.bus_addr:
             return False
         if self.serial is not None and record.serial != self.serial:
+            return False
+        if self.interface is not None and record.interface != self.interface:
             return False
         return self.port is None or record.port == self.port
 
@@ -52,6 +60,8 @@ class Selector:
             parts.append(f"serial {self.serial}")
         if self.port is not None:
             parts.append(f"port {self.port}")
+        if self.interface is not None:
+            parts.append(f"interface {self.interface}")
         return ", ".join(parts) or "any EEM device"
 
 
@@ -63,13 +73,17 @@ def select(records: list[EemInterface], selector: Selector) -> EemInterface:
         raise UserError(f"no EEM device matches {selector} (EEM devices present: {seen})")
     if len(found) > 1:
         listing = "; ".join(r.describe() for r in found)
-        raise UserError(f"{len(found)} EEM devices match {selector}: {listing} "
-                        "(choose one with --serial, --port or --device BUS:ADDR)")
+        same_device = len({(r.bus, r.address) for r in found}) == 1
+        raise UserError(f"{len(found)} EEM {'interfaces' if same_device else 'devices'} match "
+                        f"{selector}: {listing} (choose one with "
+                        f"{'--interface N' if same_device else '--serial, --port or --device BUS:ADDR'})")
     return found[0]
 
 
 def identity(record: EemInterface) -> Selector:
-    """What finds the SAME device after a replug: its serial, else its port (+ VID:PID)."""
+    """What finds the SAME interface after a replug: the device's serial, else its port
+    (+ VID:PID), and the interface number (a device may have two EEM functions)."""
     if record.serial:
-        return Selector(vid_pid=(record.vid, record.pid), serial=record.serial)
-    return Selector(vid_pid=(record.vid, record.pid), port=record.port)
+        return Selector(vid_pid=(record.vid, record.pid), serial=record.serial,
+                        interface=record.interface)
+    return Selector(vid_pid=(record.vid, record.pid), port=record.port, interface=record.interface)

@@ -52,6 +52,19 @@ def test_several_matches_lists_them():
     assert "serial A" in str(error.value) and "serial B" in str(error.value)
 
 
+def test_two_eem_functions_on_one_device_are_told_apart_by_interface():
+    both = [record(interface=0), record(interface=2)]  # one device: same bus, address, serial
+    with pytest.raises(UserError) as error:
+        select(both, Selector.from_args(args(serial="A")))
+    assert "2 EEM interfaces match serial A" in str(error.value) and "--interface N" in str(error.value)
+    chosen = select(both, Selector.from_args(args(serial="A", interface=2)))
+    assert chosen.interface == 2
+    assert identity(chosen).matches(record(interface=2, address=9, port="2-4"))  # replugged
+    assert not identity(chosen).matches(record(interface=0))
+    with pytest.raises(UserError, match="--interface 300"):
+        Selector.from_args(args(interface=300))
+
+
 def test_no_match_names_what_is_there():
     with pytest.raises(UserError) as error:
         select(TWO, Selector.from_args(args(serial="nope")))
