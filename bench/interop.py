@@ -37,9 +37,10 @@ measure() {{
     for r in $(seq {rounds}); do
         if [ $r = 1 ]; then  # RTT under a bulk upload: what queues on the way adds to it
             ping -c $(({seconds} * 4)) -i 0.25 -q $PEER_IP > $RW/$tag-loaded-ping.txt &
+            PING=$!
         fi
         iperf3 -c $PEER_IP -t {seconds} -J > $RW/$tag-h2p-$r.json
-        wait
+        [ $r != 1 ] || wait $PING  # only it: the bridge runs in the background too
         iperf3 -c $PEER_IP -t {seconds} -R -J > $RW/$tag-p2h-$r.json
     done
     ping -c {pings} -i 0.1 -q $PEER_IP > $RW/$tag-ping.txt
