@@ -90,7 +90,9 @@ class BridgeOptions:
     peer_mac: str | None = None
     mtu: int = 1500
     mac: str | None = None
-    txqueuelen: int | None = None  # the TAP's queue; None: the kernel's default (500)
+    # The TAP's queue. tun detaches queued frames from their socket, so TCP's small-queue
+    # limit cannot see it: the kernel's 500 held ~120 ms under an upload (bench/RESULTS.md).
+    txqueuelen: int | None = 64
     tx_crc: bool = True
     max_transfer: int = DEFAULT_MAX_TRANSFER
     in_transfer_size: int = 16384  # a multiple of every max packet size

@@ -60,9 +60,9 @@ def add_bridge_arguments(parser: argparse.ArgumentParser) -> None:
     link.add_argument("--peer-mac", metavar="MAC", help="the device's MAC for the static neighbour")
     link.add_argument("--mtu", type=int, default=1500)
     link.add_argument("--mac", help="MAC address of the TAP (default: random, locally administered)")
-    link.add_argument("--txqueuelen", type=int, metavar="FRAMES",
-                      help="the TAP's transmit queue: frames waiting for the bridge (default: "
-                           "the kernel's, 500); shorter means less delay under load, more drops")
+    link.add_argument("--txqueuelen", type=int, default=64, metavar="FRAMES",
+                      help="the TAP's transmit queue: frames waiting for the bridge (default 64; "
+                           "the kernel's 500 adds ~100 ms under an upload); drops are counted")
     link.add_argument("--persist", action="store_true", help="keep the TAP after exit")
     eem = parser.add_argument_group("EEM")
     mode = eem.add_mutually_exclusive_group()
