@@ -143,12 +143,17 @@ def run_both(transfers: list[tuple[bytes, bool]], max_length: int = DEFAULT_MAX_
     return events
 
 
+seeds = st.integers(0, 2**32 - 1)
+max_packets = st.sampled_from([64, 512, 1024])  # bulk max packet at full, high, super speed
+max_transfers = st.integers(1526, 20000)  # from one full frame up
+# The Framer's options and a seed for the frames it gets: @given(**framer_args, ...).
+framer_args = dict(seed=seeds, crc=st.booleans(), max_packet=max_packets, max_transfer=max_transfers)
 streams = st.builds(
     build_stream,
-    seed=st.integers(0, 2**32 - 1),
+    seed=seeds,
     crc_mode=st.sampled_from(["crc", "sentinel", "mixed"]),
-    max_packet=st.sampled_from([64, 512, 1024]),
-    max_transfer=st.integers(1526, 20000),
+    max_packet=max_packets,
+    max_transfer=max_transfers,
     corruption=st.integers(0, 6),
 )
 sizes = st.lists(st.integers(0, 4000), max_size=12)
@@ -166,10 +171,7 @@ def test_deframers_agree_on_damaged_streams(data, sizes, shorts, max_length):
 
 @settings(max_examples=100, deadline=None)
 @given(
-    seed=st.integers(0, 2**32 - 1),
-    crc=st.booleans(),
-    max_packet=st.sampled_from([64, 512, 1024]),
-    max_transfer=st.integers(1526, 20000),
+    **framer_args,
     frame_sizes=st.lists(st.integers(0, 1600), min_size=1, max_size=30),
 )
 def test_deframers_agree_on_framed_transfers(seed, crc, max_packet, max_transfer, frame_sizes):
@@ -196,7 +198,7 @@ def test_deframers_agree_on_noise(data, sizes, shorts, max_length):
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), crc=st.booleans())
+@given(seed=seeds, crc=st.booleans())
 def test_deframers_agree_on_long_noise_in_full_transfers(seed, crc):
     """Random bytes in 512-byte full transfers with a few real packets buried in them:
     long scans, candidates spanning transfers, resyncs."""
@@ -341,14 +343,14 @@ def run_in_place(transfers, max_length: int, rng: random.Random) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(data=streams, sizes=sizes, shorts=short_flags, max_length=st.sampled_from(MAX_LENGTHS),
-       seed=st.integers(0, 2**32 - 1))
+       seed=seeds)
 def test_in_place_equals_reference_on_ring_memory(data, sizes, shorts, max_length, seed):
     run_in_place(cut(data, sizes, shorts), max_length, random.Random(seed))
 
 
 @settings(max_examples=60, deadline=None)
 @given(data=st.binary(max_size=5000), sizes=st.lists(st.integers(0, 3000), max_size=6),
-       shorts=short_flags, seed=st.integers(0, 2**32 - 1))
+       shorts=short_flags, seed=seeds)
 def test_in_place_equals_reference_on_noise(data, sizes, shorts, seed):
     run_in_place(cut(data, sizes, shorts), DEFAULT_MAX_LENGTH, random.Random(seed))
 
@@ -426,10 +428,7 @@ def test_in_place_commands_keep_their_place():
 
 @settings(max_examples=150, deadline=None)
 @given(
-    seed=st.integers(0, 2**32 - 1),
-    crc=st.booleans(),
-    max_packet=st.sampled_from([64, 512, 1024]),
-    max_transfer=st.integers(1526, 20000),
+    **framer_args,
     max_length=st.sampled_from([18, 600, DEFAULT_MAX_LENGTH]),
     sizes=st.lists(st.integers(0, 1600), max_size=40),
     echo=st.binary(max_size=MAX_ECHO_DATA + 1),
@@ -458,10 +457,7 @@ def test_framers_agree(seed, crc, max_packet, max_transfer, max_length, sizes, e
 
 @settings(max_examples=150, deadline=None)
 @given(
-    seed=st.integers(0, 2**32 - 1),
-    crc=st.booleans(),
-    max_packet=st.sampled_from([64, 512, 1024]),
-    max_transfer=st.integers(1526, 20000),
+    **framer_args,
     sizes=st.lists(st.integers(0, 1600), max_size=40),
 )
 def test_framing_in_place_equals_pack(seed, crc, max_packet, max_transfer, sizes):

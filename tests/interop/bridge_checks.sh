@@ -20,67 +20,21 @@ SOCK=/tmp/eembridge-$TAP.sock   # guest tmpfs: UNIX sockets do not work on the 9
 # Payload sizes: a few MB at 480/5000 (about 60 Mbit/s under TCG), less at 12.
 case $SPEED in full) XFER_MB=2 ;; *) XFER_MB=4 ;; esac
 
-stamp() { echo "$1 $(cut -d' ' -f1 /proc/uptime)" >> "$RW/timings.txt"; }
 set -uo pipefail  # not -e: every step records its own exit code
+# shellcheck source=lib.sh
+. "$INTEROP/lib.sh"
 stamp script_start
-bash "$INTEROP/gadget.sh" up "$SPEED" $COMPOSITE > "$RW/env.txt" || exit 1
-# shellcheck disable=SC1091
-. "$RW/env.txt"
-stamp gadget_up
+gadget_up "$SPEED" $COMPOSITE
 
 # "INTF CLASS/SUB/PROTO DRIVER" for every interface of the gadget's USB device.
 interfaces() {
-    local i drv
+    local i
     for i in "$USB_PATH"/*:*; do
-        drv=none
-        [ -e "$i/driver" ] && drv=$(basename "$(readlink -f "$i/driver")")
-        echo "$(basename "$i") $(cat "$i/bInterfaceClass")/$(cat "$i/bInterfaceSubClass")/$(cat "$i/bInterfaceProtocol") $drv"
+        echo "$(basename "$i") $(intf_class "$i") $(driver_of "$i")"
     done
 }
 eem_driver() { interfaces | awk '$2 == "02/0c/07" {print $3}'; }
 eem_is_cdc_eem() { [ "$(eem_driver)" = cdc_eem ]; }
-carrier_is() {  # builtins only: this runs in polling loops
-    local c=
-    read -r c 2>/dev/null < "/sys/class/net/$TAP/carrier"
-    [ "$c" = "$1" ]
-}
-# wait_until SECONDS CMD...: retry CMD until it succeeds (0) or SECONDS have passed (1).
-# By the clock, not by a count: every fork costs milliseconds under TCG.
-wait_until() {
-    local end=$((SECONDS + $1))
-    shift
-    until "$@"; do
-        [ $SECONDS -lt "$end" ] || return 1
-        sleep 0.1
-    done
-}
-listening() { ip netns exec "$PEER_NS" ss -Hltn "sport = :$1" | grep -q .; }
-
-# xfer NAME PORT MB: MB of random bytes one way over TCP (nc), each end hashing what it
-# saw: NAME.sent / NAME.recv hold the two digests, NAME.seconds the wall time.
-xfer() {
-    local name=$1 port=$2 mb=$3 srv t0 rc
-    head -c $((mb * 1048576)) /dev/urandom > "/tmp/$name.bin"
-    sha256sum < "/tmp/$name.bin" | cut -d' ' -f1 > "$RW/$name.sent"
-    t0=$(date +%s.%N)
-    if [ "${name#h2p}" != "$name" ]; then
-        ip netns exec "$PEER_NS" sh -c "nc -d -l $port | sha256sum | cut -d' ' -f1 > $RW/$name.recv" &
-        srv=$!
-        wait_until 10 listening "$port"
-        timeout 120 nc -N "$PEER_IP" "$port" < "/tmp/$name.bin"
-    else
-        ip netns exec "$PEER_NS" sh -c "nc -N -l $port < /tmp/$name.bin" &
-        srv=$!
-        wait_until 10 listening "$port"
-        timeout 120 nc -d "$PEER_IP" "$port" | sha256sum | cut -d' ' -f1 > "$RW/$name.recv"
-    fi
-    rc=$?
-    echo $rc > "$RW/$name.rc"
-    # A failed client leaves the server waiting for ever: stop it at once.
-    if [ $rc != 0 ]; then kill $srv 2>/dev/null; fi
-    timeout 30 tail --pid=$srv -f /dev/null || kill $srv 2>/dev/null
-    awk -v a="$(date +%s.%N)" -v b="$t0" 'BEGIN {printf "%.3f\n", a - b}' > "$RW/$name.seconds"
-}
 
 # 1. cdc_eem holds the gadget first.
 interfaces > "$RW/interfaces_before.txt"
@@ -92,19 +46,8 @@ ip addr flush dev "$HOST_IF"
 python3 -m eembridge --tap "$TAP" --ip "$HOST_IP/24" --mac "$HOST_MAC" --serial "$SERIAL" \
     --stats-socket "$SOCK" -v > "$RW/bridge.log" 2>&1 &
 BRIDGE=$!
-# Up to 120 s for the TAP's carrier (Python + libusb start-up under TCG), giving up as
-# soon as the bridge exits.
-bridge_up() {
-    local end=$((SECONDS + 120))
-    while [ $SECONDS -lt $end ]; do
-        carrier_is 1 && return 0
-        kill -0 $BRIDGE 2>/dev/null || { echo "eembridge exited before carrier"; return 1; }
-        sleep 0.1
-    done
-    echo "no carrier on $TAP after 120 s"
-    return 1
-}
-bridge_up > "$RW/bridge_up.txt"
+# Up to 120 s for the TAP's carrier, giving up as soon as the bridge exits.
+bridge_up $BRIDGE "$TAP" 120 > "$RW/bridge_up.txt"
 echo $? > "$RW/bridge_up.rc"
 BRIDGE_UP=$(cat "$RW/bridge_up.rc")
 stamp bridge_up
@@ -116,8 +59,8 @@ stamp list_done
 # 3. Traffic through the bridge.
 ping -c 5 -i 0.2 -W 2 "$PEER_IP" > "$RW/ping.txt" 2>&1
 echo $? > "$RW/ping.rc"
-xfer h2p 5001 "$XFER_MB"
-xfer p2h 5002 "$XFER_MB"
+xfer h2p h2p "$PEER_NS" "$PEER_IP" 5001 "$XFER_MB"
+xfer p2h p2h "$PEER_NS" "$PEER_IP" 5002 "$XFER_MB"
 stamp tcp_done
 python3 -m eembridge echo --socket "$SOCK" -c 3 --json > "$RW/echo.json" 2> "$RW/echo.err"
 echo $? > "$RW/echo.rc"
@@ -136,7 +79,7 @@ elif [ "$LEVEL" = full ]; then
     sha256sum < /tmp/replug.bin | cut -d' ' -f1 > "$RW/replug.sent"
     ip netns exec "$PEER_NS" sh -c "nc -d -l 5003 | sha256sum | cut -d' ' -f1 > $RW/replug.recv" &
     srv=$!
-    wait_until 10 listening 5003
+    wait_until 10 listening "$PEER_NS" 5003
     rm -f /tmp/half
     { dd if=/tmp/replug.bin bs=1M count=1 status=none; touch /tmp/half; sleep 4
       dd if=/tmp/replug.bin bs=1M skip=1 status=none; } | timeout 180 nc -N "$PEER_IP" 5003 &
@@ -144,12 +87,12 @@ elif [ "$LEVEL" = full ]; then
     wait_until 30 test -e /tmp/half
     stamp unplug
     bash "$INTEROP/gadget.sh" unplug
-    wait_until 20 carrier_is 0
+    wait_until 20 carrier_is "$TAP" 0
     echo $? > "$RW/replug_carrier_off.rc"
     stamp carrier_off
     sleep 0.5
     bash "$INTEROP/gadget.sh" replug
-    wait_until 60 carrier_is 1
+    wait_until 60 carrier_is "$TAP" 1
     echo $? > "$RW/replug_carrier_on.rc"
     stamp carrier_on
     wait $cli
@@ -163,13 +106,7 @@ fi
 
 # 5. SIGTERM: a clean exit, and cdc_eem has the interface again.
 kill -TERM $BRIDGE 2>/dev/null  # (already gone if it failed at start)
-if timeout 30 tail --pid=$BRIDGE -f /dev/null; then
-    wait $BRIDGE
-    echo $? > "$RW/bridge_exit.rc"
-else
-    kill -KILL $BRIDGE
-    echo "still running 30 s after SIGTERM" > "$RW/bridge_exit.rc"
-fi
+bridge_exit $BRIDGE bridge_exit
 stamp bridge_exit
 wait_until 20 eem_is_cdc_eem
 interfaces > "$RW/interfaces_after.txt"

@@ -13,55 +13,17 @@
 TAP=eem0
 SOCK=/tmp/eembridge-privs.sock
 XFER_MB=2
-stamp() { echo "$1 $(cut -d' ' -f1 /proc/uptime)" >> "$RW/timings.txt"; }
 set -uo pipefail  # not -e: every step records its own exit code
+# shellcheck source=lib.sh
+. "$INTEROP/lib.sh"
 stamp script_start
-bash "$INTEROP/gadget.sh" up high > "$RW/env.txt" || exit 1
-# shellcheck disable=SC1091
-. "$RW/env.txt"
+gadget_up high
 export HOST_IP HOST_MAC
-stamp gadget_up
 NODE=$(printf '/dev/bus/usb/%03d/%03d' "$BUSNUM" "$DEVNUM")
 echo "$NODE" > "$RW/node.txt"
 
-eem_driver() {
-    local d="$USB_PATH/$EEM_INTF/driver"
-    if [ -e "$d" ]; then basename "$(readlink -f "$d")"; else echo none; fi
-}
-carrier_is() {
-    local c=
-    read -r c 2>/dev/null < "/sys/class/net/$TAP/carrier"
-    [ "$c" = "$1" ]
-}
-wait_until() {
-    local end=$((SECONDS + $1))
-    shift
-    until "$@"; do
-        [ $SECONDS -lt "$end" ] || return 1
-        sleep 0.1
-    done
-}
-listening() { ip netns exec "$PEER_NS" ss -Hltn "sport = :$1" | grep -q .; }
-xfer() {  # as in bridge_checks.sh: NAME PORT MB, digests in NAME.sent / NAME.recv
-    local name=$1 port=$2 mb=$3 srv rc
-    head -c $((mb * 1048576)) /dev/urandom > "/tmp/$name.bin"
-    sha256sum < "/tmp/$name.bin" | cut -d' ' -f1 > "$RW/$name.sent"
-    if [ "${name#h2p}" != "$name" ]; then
-        ip netns exec "$PEER_NS" sh -c "nc -d -l $port | sha256sum | cut -d' ' -f1 > $RW/$name.recv" &
-        srv=$!
-        wait_until 10 listening "$port"
-        timeout 120 nc -N "$PEER_IP" "$port" < "/tmp/$name.bin"
-    else
-        ip netns exec "$PEER_NS" sh -c "nc -N -l $port < /tmp/$name.bin" &
-        srv=$!
-        wait_until 10 listening "$port"
-        timeout 120 nc -d "$PEER_IP" "$port" | sha256sum | cut -d' ' -f1 > "$RW/$name.recv"
-    fi
-    rc=$?
-    echo $rc > "$RW/$name.rc"
-    if [ $rc != 0 ]; then kill $srv 2>/dev/null; fi
-    timeout 30 tail --pid=$srv -f /dev/null || kill $srv 2>/dev/null
-}
+eem_driver() { driver_of "$USB_PATH/$EEM_INTF"; }
+eem_is_cdc_eem() { [ "$(eem_driver)" = cdc_eem ]; }
 
 # The unprivileged user. /root is mode 0700 on the host, and the host's Python lives
 # under it: give the guest a /root that nobody may traverse, holding only .pyenv.
@@ -117,17 +79,7 @@ stat -c '%G %a' "$NODE" >> "$RW/node_after.txt"
 ip addr flush dev "$HOST_IF" 2>/dev/null
 as_user_exec "${bridge_cmd[@]}" > "$RW/bridge.log" 2>&1 &
 BRIDGE=$!
-bridge_up() {
-    local end=$((SECONDS + 120))
-    while [ $SECONDS -lt $end ]; do
-        carrier_is 1 && return 0
-        kill -0 $BRIDGE 2>/dev/null || { echo "eembridge exited before carrier"; return 1; }
-        sleep 0.1
-    done
-    echo "no carrier on $TAP after 120 s"
-    return 1
-}
-bridge_up > "$RW/bridge_up.txt"
+bridge_up $BRIDGE "$TAP" 120 > "$RW/bridge_up.txt"
 echo $? > "$RW/bridge_up.rc"
 stamp bridge_up
 grep -E '^(Uid|Gid|Cap[A-Za-z]+|NoNewPrivs):' "/proc/$BRIDGE/status" > "$RW/bridge_status.txt"
@@ -136,8 +88,8 @@ for t in /proc/$BRIDGE/task/*; do
 done > "$RW/bridge_threads.txt"
 ping -c 5 -i 0.2 -W 2 "$PEER_IP" > "$RW/ping.txt" 2>&1
 echo $? > "$RW/ping.rc"
-xfer h2p 5001 $XFER_MB
-xfer p2h 5002 $XFER_MB
+xfer h2p h2p "$PEER_NS" "$PEER_IP" 5001 $XFER_MB
+xfer p2h p2h "$PEER_NS" "$PEER_IP" 5002 $XFER_MB
 stamp tcp_done
 
 # 3. SIGKILL: no chance to give cdc_eem back.
@@ -152,7 +104,6 @@ stamp killed
 as_user python3 -m eembridge release --serial "$SERIAL" > "$RW/release.txt" 2>&1
 echo $? > "$RW/release.rc"
 stamp released
-eem_is_cdc_eem() { [ "$(eem_driver)" = cdc_eem ]; }
 wait_until 20 eem_is_cdc_eem
 echo "$(eem_driver)" > "$RW/driver_released.txt"
 ls /run/eembridge/claims/ > "$RW/claims_after.txt" 2>&1

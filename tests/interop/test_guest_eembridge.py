@@ -14,11 +14,10 @@ A machine that cannot boot the guest FAILS here naming what is missing
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
-from guest import GuestError, GuestResult, missing_facilities, run_in_guest
+from bootresults import BootResults, boot_guest
+from guest import GuestResult
 
 pytestmark = pytest.mark.interop
 
@@ -31,23 +30,10 @@ SPEEDS = {
 }
 
 
-@dataclass
-class Boot:
-    speed: str
-    result: GuestResult
-
-    @property
-    def dir(self) -> Path:
-        return self.result.rwdir / self.speed
-
-    def read(self, name: str) -> str:
-        path: Path = self.dir / name
-        assert path.exists(), (f"{self.speed} speed: the guest wrote no {name}; console tail:\n"
-                               f"{self.result.output[-3000:]}")
-        return path.read_text().strip()
-
-    def env(self) -> dict[str, str]:
-        return dict(line.split("=", 1) for line in self.read("env.txt").splitlines())
+class Boot(BootResults):
+    def __init__(self, speed: str, result: GuestResult) -> None:
+        super().__init__(result, subdir=speed, label=f"{speed} speed: ")
+        self.speed = speed
 
     def bridge_log(self) -> str:
         return self.read("bridge.log")
@@ -61,20 +47,6 @@ class Boot:
         drivers = [d for _i, cls, d in self.interfaces(stage) if cls == "02/0c/07"]
         assert len(drivers) == 1, f"{stage}: one EEM interface expected, got {self.interfaces(stage)}"
         return drivers[0]
-
-    def rc(self, name: str) -> None:
-        """Step NAME exited 0; otherwise show what it printed and the bridge log."""
-        code = self.read(f"{name}.rc")
-        if code != "0":
-            extra = ""
-            for suffix in (".txt", ".err", ".json"):
-                p = self.dir / f"{name}{suffix}"
-                if p.exists():
-                    extra += f"\n--- {p.name}:\n{p.read_text()[-2000:]}"
-            log = self.dir / "bridge.log"
-            tail = log.read_text()[-3000:] if log.exists() else "(no bridge.log)"
-            pytest.fail(f"{self.speed} speed: step {name} exited {code}{extra}\n--- bridge.log tail:\n{tail}",
-                        pytrace=False)
 
 
 # Tests take `boot` through these (indirect): the module-scoped fixture boots once per
@@ -112,17 +84,8 @@ def boot(request: pytest.FixtureRequest, booted: dict[str, GuestResult | str],
     speed = request.param
     group = next(name for name, speeds in BOOTS.items() if speed in speeds)
     if group not in booted:
-        missing = missing_facilities()
-        if missing:
-            pytest.fail("real-peer guest cannot boot, missing: " + ", ".join(missing)
-                        + " (run tests/interop/setup_guest.sh as root)", pytrace=False)
         rwdir = tmp_path_factory.mktemp(f"eembridge-{group.replace('+', '-')}")
-        try:
-            # No .check(): a script that stops half-way leaves some speed's files
-            # missing, and the tests reading them fail showing the console tail.
-            booted[group] = run_in_guest(_boot_script(BOOTS[group]), rwdir, timeout=600)
-        except GuestError as exc:  # no boot at all, or a timeout
-            booted[group] = f"boot {group}: {exc}"
+        booted[group] = boot_guest(_boot_script(BOOTS[group]), rwdir, timeout=600, label=f"boot {group}")
     result = booted[group]
     if isinstance(result, str):
         pytest.fail(result, pytrace=False)

@@ -14,10 +14,9 @@ A machine that cannot boot the guest FAILS naming what is missing.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-from guest import GuestError, GuestResult, missing_facilities, run_in_guest
+from bootresults import BootResults, boot_or_fail
 
 pytestmark = pytest.mark.interop
 
@@ -25,43 +24,15 @@ SCRIPT = "bash $INTEROP/privs_checks.sh"
 CAP_NET_ADMIN = 1 << 12
 
 
-class Boot:
-    def __init__(self, result: GuestResult) -> None:
-        self.result = result
-        self.dir: Path = result.rwdir
-
-    def read(self, name: str) -> str:
-        path = self.dir / name
-        assert path.exists(), f"the guest wrote no {name}; console tail:\n{self.result.output[-3000:]}"
-        return path.read_text().strip()
-
-    def rc(self, name: str) -> None:
-        code = self.read(f"{name}.rc")
-        if code != "0":
-            extra = ""
-            for suffix in (".txt", ".log"):
-                p = self.dir / f"{name}{suffix}"
-                if p.exists():
-                    extra += f"\n--- {p.name}:\n{p.read_text()[-2000:]}"
-            log = self.dir / "bridge.log"
-            tail = log.read_text()[-3000:] if log.exists() else "(no bridge.log)"
-            pytest.fail(f"step {name} exited {code}{extra}\n--- bridge.log tail:\n{tail}", pytrace=False)
-
+class Boot(BootResults):
     def status(self) -> dict[str, str]:
         return dict(line.split(":\t", 1) for line in self.read("bridge_status.txt").splitlines())
 
 
 @pytest.fixture(scope="module")
 def boot(tmp_path_factory: pytest.TempPathFactory) -> Boot:
-    missing = missing_facilities()
-    if missing:
-        pytest.fail("real-peer guest cannot boot, missing: " + ", ".join(missing)
-                    + " (run tests/interop/setup_guest.sh as root)", pytrace=False)
     rwdir = tmp_path_factory.mktemp("eembridge-privs")
-    try:
-        return Boot(run_in_guest(SCRIPT, rwdir, timeout=500))
-    except GuestError as exc:
-        pytest.fail(f"guest boot: {exc}", pytrace=False)
+    return Boot(boot_or_fail(SCRIPT, rwdir, timeout=500, label="guest boot"))
 
 
 def test_without_access_to_the_node_one_line_names_it_and_the_fix(boot: Boot) -> None:
@@ -120,7 +91,7 @@ def test_sigkill_leaves_cdc_eem_unbound(boot: Boot) -> None:
 
 def test_release_binds_cdc_eem_again_and_its_link_works(boot: Boot) -> None:
     boot.rc("release")
-    env = dict(line.split("=", 1) for line in boot.read("env.txt").splitlines())
+    env = boot.env()
     out = boot.read("release.txt")
     assert out.startswith(f"{env['EEM_INTF']}: re-attached cdc_eem (left detached by eembridge pid"), out
     assert boot.read("driver_released.txt") == "cdc_eem"

@@ -17,32 +17,16 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
-from guest import GuestError, GuestResult, missing_facilities, run_in_guest
+from bootresults import BootResults, boot_or_fail
 
 pytestmark = pytest.mark.interop
 
 BOARDS = ("a", "b")
 
 
-class Boot:
-    def __init__(self, result: GuestResult) -> None:
-        self.result = result
-        self.dir: Path = result.rwdir
-
-    def read(self, name: str) -> str:
-        path = self.dir / name
-        assert path.exists(), f"the guest wrote no {name}; console tail:\n{self.result.output[-3000:]}"
-        return path.read_text().strip()
-
-    def env(self) -> dict[str, str]:
-        return dict(line.split("=", 1) for line in self.read("env.txt").splitlines() if "=" in line)
-
-    def json(self, name: str):  # noqa: ANN201 - whatever the command printed
-        return json.loads(self.read(name))
-
+class Boot(BootResults):
     def log(self, board: str) -> str:
         return self.read(f"bridge_{board}.log")
 
@@ -51,32 +35,12 @@ class Boot:
         rows = [line.split() for line in self.read(f"drivers_{stage}.txt").splitlines()]
         return {r[0]: (r[1], r[2]) for r in rows if len(r) == 3}
 
-    def rc(self, name: str) -> None:
-        code = self.read(f"{name}.rc")
-        if code != "0":
-            extra = ""
-            for suffix in (".txt", ".err", ".json"):
-                p = self.dir / f"{name}{suffix}"
-                if p.exists():
-                    extra += f"\n--- {p.name}:\n{p.read_text()[-2000:]}"
-            logs = "".join(f"\n--- bridge_{b}.log tail:\n{(self.dir / f'bridge_{b}.log').read_text()[-2000:]}"
-                           for b in BOARDS if (self.dir / f"bridge_{b}.log").exists())
-            pytest.fail(f"step {name} exited {code}{extra}{logs}", pytrace=False)
-
 
 @pytest.fixture(scope="module")
 def boot(tmp_path_factory: pytest.TempPathFactory) -> Boot:
-    missing = missing_facilities()
-    if missing:
-        pytest.fail("real-peer guest cannot boot, missing: " + ", ".join(missing)
-                    + " (run tests/interop/setup_guest.sh as root)", pytrace=False)
     rwdir = tmp_path_factory.mktemp("eembridge-two-boards")
-    try:
-        # No .check(): a script that stops half-way leaves files missing, and the tests
-        # reading them fail showing the console tail.
-        return Boot(run_in_guest("bash $INTEROP/two_boards.sh", rwdir, timeout=600))
-    except GuestError as exc:
-        pytest.fail(f"two-boards boot: {exc}", pytrace=False)
+    result = boot_or_fail("bash $INTEROP/two_boards.sh", rwdir, timeout=600, label="two-boards boot")
+    return Boot(result, logs=tuple(f"bridge_{b}.log" for b in BOARDS))
 
 
 def test_two_udcs_two_gadgets_both_bound_to_cdc_eem_first(boot: Boot) -> None:

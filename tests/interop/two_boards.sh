@@ -14,8 +14,8 @@
 #
 # Every step writes NAME.rc (+ .txt/.json) so one failure does not hide the others.
 set -uo pipefail
-
-stamp() { echo "$1 $(cut -d' ' -f1 /proc/uptime)" >> "$RW/timings.txt"; }
+# shellcheck source=lib.sh
+. "$INTEROP/lib.sh"
 stamp script_start
 
 BOARDS="a b"
@@ -32,19 +32,6 @@ declare -A MTU=([a]=1400 [b]=1500)
 G=/sys/kernel/config/usb_gadget
 XFER_MB=2
 
-wait_until() {  # wait_until SECONDS CMD...: by the clock, not by a count
-    local end=$((SECONDS + $1))
-    shift
-    until "$@"; do
-        [ $SECONDS -lt "$end" ] || return 1
-        sleep 0.1
-    done
-}
-carrier_is() {  # carrier_is TAP 0|1
-    local c=
-    read -r c 2>/dev/null < "/sys/class/net/$1/carrier"
-    [ "$c" = "$2" ]
-}
 usb_path() {  # the host-side USB device of board $1, by serial
     local d
     for d in /sys/bus/usb/devices/*; do
@@ -55,22 +42,18 @@ usb_path() {  # the host-side USB device of board $1, by serial
 eem_intf() {  # the 02/0c/07 interface directory of board $1
     local i
     for i in "$(usb_path "$1")"/*:*; do
-        [ "$(cat "$i/bInterfaceClass")/$(cat "$i/bInterfaceSubClass")/$(cat "$i/bInterfaceProtocol")" = 02/0c/07 ] \
-            && { echo "$i"; return 0; }
+        [ "$(intf_class "$i")" = 02/0c/07 ] && { echo "$i"; return 0; }
     done
     return 1
 }
 drivers() {  # "board interface driver" for both boards
-    local b i drv
+    local b i
     for b in $BOARDS; do
         i=$(eem_intf "$b") || { echo "$b none absent"; continue; }
-        drv=none
-        [ -e "$i/driver" ] && drv=$(basename "$(readlink -f "$i/driver")")
-        echo "$b $(basename "$i") $drv"
+        echo "$b $(basename "$i") $(driver_of "$i")"
     done
 }
 both_cdc_eem() { [ "$(drivers | awk '$3 == "cdc_eem"' | wc -l)" = 2 ]; }
-listening() { ip netns exec "$1" ss -Hltn "sport = :$2" | grep -q .; }
 
 # 1. Two UDCs, two gadgets, two peers.
 modprobe dummy_hcd num=2 is_high_speed=1 is_super_speed=0
@@ -144,18 +127,8 @@ PID_a=$!
 python3 -m eembridge --instance "$INSTANCE_b" --wait > "$RW/bridge_b.log" 2>&1 &
 PID_b=$!
 declare -A PID=([a]=$PID_a [b]=$PID_b)
-bridge_up() {  # bridge_up BOARD: carrier on its TAP within 150 s, unless it exits
-    local b=$1 end=$((SECONDS + 150))
-    while [ $SECONDS -lt $end ]; do
-        carrier_is "${TAP[$b]}" 1 && return 0
-        kill -0 "${PID[$b]}" 2>/dev/null || { echo "bridge $b exited before carrier"; return 1; }
-        sleep 0.1
-    done
-    echo "no carrier on ${TAP[$b]} after 150 s"
-    return 1
-}
 for b in $BOARDS; do
-    bridge_up "$b" > "$RW/up_$b.txt"
+    bridge_up "${PID[$b]}" "${TAP[$b]}" 150 > "$RW/up_$b.txt"
     echo $? > "$RW/up_$b.rc"
 done
 stamp bridges_up
@@ -173,35 +146,13 @@ for b in $BOARDS; do
 done
 
 # TCP both ways on both links at the same time: four nc transfers run together.
-# xfer NAME BOARD DIR: DIR h2p (host sends) or p2h; digests in NAME.sent / NAME.recv.
-xfer() {
-    local name=$1 b=$2 dir=$3 port srv rc ns=${NS[$2]} ip=${PEER_IP[$2]}
-    case $dir in h2p) port=5101 ;; *) port=5102 ;; esac
-    head -c $((XFER_MB * 1048576)) /dev/urandom > "/tmp/$name.bin"
-    sha256sum < "/tmp/$name.bin" | cut -d' ' -f1 > "$RW/$name.sent"
-    t0=$(date +%s.%N)
-    if [ "$dir" = h2p ]; then
-        ip netns exec "$ns" sh -c "nc -d -l $port | sha256sum | cut -d' ' -f1 > $RW/$name.recv" &
-        srv=$!
-        wait_until 10 listening "$ns" "$port"
-        timeout 120 nc -N "$ip" "$port" < "/tmp/$name.bin"
-    else
-        ip netns exec "$ns" sh -c "nc -N -l $port < /tmp/$name.bin" &
-        srv=$!
-        wait_until 10 listening "$ns" "$port"
-        timeout 120 nc -d "$ip" "$port" | sha256sum | cut -d' ' -f1 > "$RW/$name.recv"
-    fi
-    rc=$?
-    echo $rc > "$RW/$name.rc"
-    if [ $rc != 0 ]; then kill $srv 2>/dev/null; fi
-    timeout 30 tail --pid=$srv -f /dev/null || kill $srv 2>/dev/null
-    echo "$t0 $(date +%s.%N)" > "$RW/$name.span"  # wall clock: the test checks the overlap
-}
+# Each writes NAME.sent / NAME.recv (digests) and NAME.span (the test checks the overlap).
+declare -A PORT=([h2p]=5101 [p2h]=5102)
 stamp tcp_start
 XPIDS=()
 for b in $BOARDS; do
     for dir in h2p p2h; do
-        xfer "${dir}_$b" "$b" "$dir" & XPIDS+=($!)
+        xfer "${dir}_$b" "$dir" "${NS[$b]}" "${PEER_IP[$b]}" "${PORT[$dir]}" $XFER_MB & XPIDS+=($!)
     done
 done
 # While all four run: both bridges' counters, once and twice over (the live view).
@@ -253,15 +204,7 @@ stamp udev_done
 
 # 7. SIGTERM both: clean exits, cdc_eem bound again on both boards.
 for b in $BOARDS; do kill -TERM "${PID[$b]}" 2>/dev/null; done
-for b in $BOARDS; do
-    if timeout 30 tail --pid="${PID[$b]}" -f /dev/null; then
-        wait "${PID[$b]}"
-        echo $? > "$RW/exit_$b.rc"
-    else
-        kill -KILL "${PID[$b]}"
-        echo "still running 30 s after SIGTERM" > "$RW/exit_$b.rc"
-    fi
-done
+for b in $BOARDS; do bridge_exit "${PID[$b]}" "exit_$b"; done
 wait_until 20 both_cdc_eem
 drivers > "$RW/drivers_after.txt"
 stamp done
