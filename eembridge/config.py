@@ -174,6 +174,7 @@ KEYS: dict[str, Key] = {
     "keepalive": Key("keepalive", _seconds),
     "max-transfer": Key("max_transfer", _integer(64, 1 << 20)),
     "in-flight": Key("in_flight", _integer(1, 64)),
+    "in-transfer-size": Key("in_transfer_size", _integer(1024, 65536)),
     "out-in-flight": Key("out_in_flight", _integer(1, 256)),
     "interface": Key("interface", _integer(0, 255)),  # a device with several EEM functions
     "persist": Key("persist", _boolean),

@@ -16,6 +16,9 @@ def bridge_options(args: argparse.Namespace) -> BridgeOptions:
         raise UserError(f"--mtu {args.mtu} out of range (576..9000)")
     if not 1 <= args.in_flight <= 64:
         raise UserError(f"--in-flight {args.in_flight} out of range (1..64)")
+    if not (1024 <= args.in_transfer_size <= 65536 and args.in_transfer_size % 1024 == 0):
+        raise UserError(f"--in-transfer-size {args.in_transfer_size}: expected a multiple of 1024 "
+                        "(every max packet size divides it) from 1024 to 65536")
     if args.txqueuelen is not None and not 1 <= args.txqueuelen <= 100000:
         raise UserError(f"--txqueuelen {args.txqueuelen} out of range (1..100000)")
     if args.out_in_flight < 1:
@@ -31,6 +34,7 @@ def bridge_options(args: argparse.Namespace) -> BridgeOptions:
         tx_crc=args.tx_crc,
         max_transfer=args.max_transfer,
         in_flight=args.in_flight,
+        in_transfer_size=args.in_transfer_size,
         out_in_flight=args.out_in_flight,
         keepalive=args.keepalive,
         persist=args.persist,

@@ -39,14 +39,14 @@ def rig_factory():
     made = []
 
     def make(host_crc: bool = True, mtu: int = 1500, keepalive: float | None = None,
-             **sim_options) -> Rig:
+             in_transfer_size: int = 16384, **sim_options) -> Rig:
         subnet = free_linklocal_subnet()
         device_ip, host_ip = str(subnet[1]), str(subnet[2])
         sim = SimLink(f"{device_ip}/24", mtu=mtu, **sim_options)
         made.append(sim)
         options = BridgeOptions(tap=unique_name("eemb"), addresses=[f"{host_ip}/24"],
                                 peer=device_ip, peer_mac=sim.mac, tx_crc=host_crc, mtu=mtu, keepalive=keepalive,
-                                stats_socket=None)
+                                in_transfer_size=in_transfer_size, stats_socket=None)
         bridge = Bridge(sim.connect, options)
         bridge.start()
         made.append(bridge)
@@ -91,6 +91,17 @@ def test_tcp_both_ways_intact(rig_factory, max_packet, loss, device_crc):
 def test_batched_device_spanning_transfers(rig_factory):
     rig = rig_factory(max_packet=512, batch=True, loss=0.01, seed=3)
     rig.transfer(2_000_000, 2_000_000)
+
+
+def test_in_transfers_shorter_than_a_frame_carry_it_across_several(rig_factory):
+    # --in-transfer-size 1024: every full-size frame and every batch of the device spans
+    # several IN transfers (a ring that is not a whole number of them is refused).
+    rig = rig_factory(max_packet=512, batch=True, in_transfer_size=1024)
+    rig.transfer(1_000_000, 1_000_000)
+    rx = rig.bridge.stats()["rx"]
+    assert rx["bytes_skipped"] == 0 and rx["resyncs"] == 0
+    # No transfer held more than 1024 bytes, yet the 1 MB download came in 1514-byte frames.
+    assert rx["bytes_in"] <= 1024 * rx["transfers"] and rx["bytes"] > 1024 * rx["frames"] / 2
 
 
 def test_sentinel_tx_mode(rig_factory):
