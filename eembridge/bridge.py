@@ -95,7 +95,9 @@ class BridgeOptions:
     txqueuelen: int | None = 64
     tx_crc: bool = True
     max_transfer: int = DEFAULT_MAX_TRANSFER
-    in_transfer_size: int = 16384  # a multiple of every max packet size
+    # A multiple of every max packet size. 4096 over 16384: peer→host +20% in two boots
+    # against f_eem (one frame per transfer); a longer transfer continues in the next one.
+    in_transfer_size: int = 4096
     in_flight: int = 32
     out_in_flight: int = 32  # OUT transfers of up to max_transfer in flight
     keepalive: float | None = None  # seconds between our own Echo requests

@@ -74,8 +74,8 @@ def add_bridge_arguments(parser: argparse.ArgumentParser) -> None:
                      help="largest bulk OUT transfer in bytes (default 1536, what Linux f_eem takes)")
     eem.add_argument("--in-flight", type=int, default=32,
                      help="bulk IN transfers kept queued (default 32, at most 64)")
-    eem.add_argument("--in-transfer-size", type=int, default=16384, metavar="BYTES",
-                     help="bytes per bulk IN transfer, a multiple of 1024 (default 16384); "
+    eem.add_argument("--in-transfer-size", type=int, default=4096, metavar="BYTES",
+                     help="bytes per bulk IN transfer, a multiple of 1024 (default 4096); "
                           "a device's longer transfer simply continues in the next one")
     eem.add_argument("--out-in-flight", type=int, default=32,
                      help="bulk OUT transfers of up to --max-transfer bytes in flight (default 32)")
