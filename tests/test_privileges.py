@@ -65,6 +65,9 @@ def test_sim_bridge_holds_no_capability_after_start_and_still_recovers_from_a_re
         # Every thread but those the line names (the simulated device's, started before
         # the bridge) holds nothing: main, bridge loop, control socket at least.
         earlier = set(re.findall(r"\((\d+)\)", lines[0].partition("keep theirs:")[2]))
+        # The socket exists before the bridge thread starts: count threads once the
+        # socket answers and the bridge has connected (under load that takes a while).
+        wait_for(lambda: stats_of(sock)["connected"], 10, "connected")
         threads = {tid: status_of(f"/proc/{proc.pid}/task/{tid}/status")
                    for tid in os.listdir(f"/proc/{proc.pid}/task")}
         bridge_threads = {tid: s for tid, s in threads.items() if tid not in earlier}
