@@ -139,17 +139,18 @@ class GarbageSummary:
     def __init__(self, logger: logging.Logger, interval: float = 5.0) -> None:
         self.log = logger
         self.interval = interval
-        self._last: dict[str, int] | None = None
-        self._since = 0.0
+        # The deframer's counters start at zero, so the baseline is zero too: garbage
+        # counted before the first tick still goes into the first line.
+        self._last: dict[str, int] = {}
+        self._since: float | None = None
         self.lines = 0  # summaries logged (tests and stats can compare)
 
     def update(self, now: float, counters: dict[str, int], final: bool = False) -> bool:
         """Log a summary if the interval is over (or `final`: the bridge is stopping)."""
-        if self._last is None:
-            self._last, self._since = dict(counters), now
+        if self._since is None:
+            self._since = now
             if not final:
                 return False
-            self._last = {}
         if now - self._since < self.interval and not final:
             return False
         delta = {name: counters.get(name, 0) - self._last.get(name, 0)

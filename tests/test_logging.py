@@ -101,6 +101,17 @@ def test_garbage_summary_is_one_line_per_interval():
     assert summary.lines == 3
 
 
+def test_garbage_summary_tells_garbage_counted_before_its_first_tick():
+    logger, stream = capture(JsonFormatter())
+    summary = GarbageSummary(logger, interval=1.0)
+    counters = dict.fromkeys((*GARBAGE_COUNTERS, "bytes_skipped", "resyncs"), 0)
+    counters["crc_errors"] = 1  # the deframer saw garbage before the bridge's timer first ran
+    summary.update(0.5, counters)
+    summary.update(1.6, counters)
+    assert summary.lines == 1
+    assert json.loads(stream.getvalue().splitlines()[0])["garbage_packets"] == 1
+
+
 def flood_pings(destination: str, seconds: float, rate: int = 400) -> int:
     """Fire ICMP echo requests without waiting for replies; the replies are the traffic."""
     sent = 0
