@@ -29,7 +29,7 @@ Commands never pass through here: the bridge submits Echo / Echo Response transf
 of its own, ahead of TAP data not yet submitted.
 """
 
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 from libc.stdint cimport int64_t
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
@@ -50,6 +50,10 @@ DEF ERRNO_SLOTS = 256
 
 from txfill cimport TX_HEADER, TX_CHECK, TX_ERRNO_SLOTS
 from rxdeliver cimport RX_ERRNO_SLOTS
+
+from offload cimport (vnet_hdr_t, gso_state_t, gso_begin, gso_next, off_complete_checksum,
+                      VNET_HDR_SIZE, VNET_F_NEEDS_CSUM, VNET_GSO_NONE)
+from .offload import OffloadError
 
 assert TX_HEADER == HEADER_SIZE and TX_CHECK == CHECK_SIZE
 assert <int>TX_ERRNO_SLOTS == <int>RX_ERRNO_SLOTS == ERRNO_SLOTS
@@ -81,7 +85,8 @@ cdef class RxPath:
     cdef bint _have_view
     cdef rx_state state  # ring, TAP and counters, shared with the libusb transport (capsule)
 
-    def __init__(self, deframer, int tap_fd, Py_ssize_t slots, Py_ssize_t slot_size):
+    def __init__(self, deframer, int tap_fd, Py_ssize_t slots, Py_ssize_t slot_size,
+                 bint vnet=False):
         from ._ring import Ring
 
         self.deframer = deframer
@@ -100,6 +105,7 @@ cdef class RxPath:
         self.state.size = self.ring.size
         self.state.slot_size = slot_size
         self.state.tap_fd = tap_fd
+        self.state.vnet = vnet
         # A whole slot deframes in place without growing (the transport's event thread
         # cannot grow it).
         deframer.set_capacity(slot_size)
@@ -160,8 +166,11 @@ cdef class TxPath:
     cdef Py_buffer _view
     cdef bint _have_view
     cdef tx_state state  # memory, held transfers, counters; shared with the libusb transport
+    cdef object _scratch
+    cdef Py_buffer _scratch_view
+    cdef bint _have_scratch_view
 
-    def __init__(self, framer, int tap_fd, Py_ssize_t max_bytes_in_flight):
+    def __init__(self, framer, int tap_fd, Py_ssize_t max_bytes_in_flight, bint vnet=False):
         self.framer = framer
         self.tap_fd = tap_fd
         self.max_bytes_in_flight = max_bytes_in_flight
@@ -187,6 +196,19 @@ cdef class TxPath:
         self.state.read_size = self.read_size
         self.state.max_bytes_in_flight = max_bytes_in_flight
         self.state.tap_fd = tap_fd
+        if vnet:
+            # A GSO packet: up to 64 KB of IP behind an Ethernet header and a VLAN tag.
+            self._scratch = bytearray(self.read_size + 65536 + 64)
+            PyObject_GetBuffer(self._scratch, &self._scratch_view, PyBUF_SIMPLE | PyBUF_WRITABLE)
+            self._have_scratch_view = True
+            self.state.vnet = True
+            self.state.scratch = <unsigned char*>self._scratch_view.buf
+            self.state.scratch_size = len(self._scratch)
+
+    @property
+    def vnet(self) -> bool:
+        """Whether the TAP reads start with a virtio_net_hdr (offload on)."""
+        return self.state.vnet
 
     @property
     def capsule(self):
@@ -197,10 +219,14 @@ cdef class TxPath:
     def __dealloc__(self):
         if self._have_view:
             PyBuffer_Release(&self._view)
+        if self._have_scratch_view:
+            PyBuffer_Release(&self._scratch_view)
 
     def counters(self) -> dict:
-        return dict(zip(TX_COUNTERS, (self.state.frames_read, self.state.read_errors,
-                                      self.state.oversize, self.state.runts)))
+        s = &self.state
+        return dict(zip(TX_COUNTERS, (s.frames_read, s.read_errors, s.oversize, s.runts,
+                                      s.gso_packets, s.gso_frames, s.checksums,
+                                      s.offload_errors)))
 
     @property
     def read_errors(self) -> dict:
@@ -240,3 +266,31 @@ cdef class TxPath:
     def release(self, transfer) -> None:
         """The oldest transfer completed (sent or dropped): its memory may be reused."""
         tx_release_oldest(&self.state)
+
+
+def segment(bytes header, bytes packet) -> list:
+    """The frames one TAP read stands for, cut by the C offload the data path uses:
+    eembridge.offload.segment's twin (tests hold them to the same bytes)."""
+    cdef vnet_hdr_t h
+    cdef gso_state_t st
+    cdef Py_ssize_t n
+    if len(header) < VNET_HDR_SIZE:
+        raise ValueError("a virtio_net_hdr is 10 bytes")
+    memcpy(&h, <const char*>header, VNET_HDR_SIZE)
+    frame = bytearray(packet)
+    cdef unsigned char* p = frame
+    if h.gso_type == VNET_GSO_NONE:
+        if h.flags & VNET_F_NEEDS_CSUM and not off_complete_checksum(
+                p, len(frame), h.csum_start, h.csum_offset):
+            raise OffloadError("checksum outside the frame")
+        return [bytes(frame)]
+    if not gso_begin(&st, &h, p, len(frame)):
+        raise OffloadError("not a GSO packet the offload can cut")
+    out = bytearray(len(frame) + 64)
+    cdef unsigned char* o = out
+    frames = []
+    while True:
+        n = gso_next(&st, o)
+        if n == 0:
+            return frames
+        frames.append(bytes(out[:n]))

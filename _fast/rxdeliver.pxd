@@ -9,7 +9,11 @@
 
 from libc.errno cimport errno
 from libc.stdint cimport int64_t
+from libc.string cimport memset
 from posix.unistd cimport write
+from posix.uio cimport iovec, writev
+
+from offload cimport VNET_HDR_SIZE
 
 from eem cimport eem_deframer, eem_deframe
 
@@ -28,6 +32,7 @@ cdef struct rx_state:
     Py_ssize_t size  # bytes per mapping
     Py_ssize_t slot_size  # one IN transfer's slot; divides size
     int tap_fd
+    bint vnet  # the TAP wants a virtio_net_hdr in front of each frame (offload on)
     int64_t frames_written
     int64_t bytes_written
     int64_t write_errors
@@ -48,11 +53,22 @@ cdef inline void rx_write_frames(rx_state* rx, const unsigned char* base) noexce
     would drop the frame itself on a full queue.
     """
     cdef eem_deframer* d = rx.d
-    cdef Py_ssize_t i, length
+    cdef Py_ssize_t i, length, n
     cdef int e
+    cdef unsigned char plain[VNET_HDR_SIZE]  # all zero: no offload asked of the kernel
+    cdef iovec iov[2]
+    memset(plain, 0, VNET_HDR_SIZE)
+    iov[0].iov_base = plain
+    iov[0].iov_len = VNET_HDR_SIZE
     for i in range(d.n_frames):
         length = d.frames[i].length
-        if write(rx.tap_fd, base + d.frames[i].offset, length) == length:
+        if rx.vnet:
+            iov[1].iov_base = <void*>(base + d.frames[i].offset)
+            iov[1].iov_len = length
+            n = writev(rx.tap_fd, iov, 2) - VNET_HDR_SIZE
+        else:
+            n = write(rx.tap_fd, base + d.frames[i].offset, length)
+        if n == length:
             rx.frames_written += 1
             rx.bytes_written += length
         else:

@@ -9,9 +9,13 @@
 
 from libc.errno cimport errno, EAGAIN
 from libc.stdint cimport int64_t
+from libc.string cimport memcpy
 from posix.unistd cimport read
+from posix.uio cimport iovec, readv
 
 from eem cimport eem_framer, eem_frame_in_place, eem_fits, eem_close_transfer
+from offload cimport (vnet_hdr_t, gso_state_t, gso_begin, gso_next, gso_longest,
+                      off_complete_checksum, VNET_HDR_SIZE, VNET_F_NEEDS_CSUM, VNET_GSO_NONE)
 
 cdef extern from *:
     """
@@ -44,6 +48,17 @@ cdef struct tx_state:
     int64_t oversize
     int64_t runts
     int64_t errno_counts[TX_ERRNO_SLOTS]  # failed TAP reads by errno
+    # Offload (IFF_VNET_HDR, offload.pxd): each read starts with a virtio_net_hdr and may
+    # be one TCP packet of up to 64 KB, cut into frames here.
+    bint vnet
+    unsigned char* scratch  # scratch_size bytes: a whole GSO packet, contiguous
+    Py_ssize_t scratch_size
+    vnet_hdr_t hdr
+    gso_state_t gso
+    int64_t gso_packets  # GSO packets read
+    int64_t gso_frames  # frames cut from them
+    int64_t checksums  # partial checksums completed (NEEDS_CSUM)
+    int64_t offload_errors  # packets refused by the offload: dropped
 
 
 cdef inline bint tx_has_room(tx_state* tx) noexcept nogil:
@@ -72,6 +87,72 @@ cdef inline Py_ssize_t tx_place(tx_state* tx) noexcept nogil:
     return -1
 
 
+cdef enum:
+    TX_READ_DRAINED = 0
+    TX_READ_ERROR = -1  # counted; the TAP is not read again this round
+    TX_READ_REFUSED = -2  # a packet consumed and dropped (counted); read on
+
+
+cdef inline Py_ssize_t tx_read_frame(tx_state* tx, unsigned char* dst) noexcept nogil:
+    """The TAP's next frame into dst (room: read_size bytes): its length, or TX_READ_*.
+
+    A length of read_size means an oversize frame (the framer refuses and counts it).
+    With offload, a GSO packet's frames come one per call until it is used up.
+    """
+    cdef Py_ssize_t n, longest
+    cdef iovec iov[3]
+    if tx.vnet and tx.gso.pending:
+        n = gso_next(&tx.gso, dst)
+        if n:
+            tx.gso_frames += 1
+            return n
+    if tx.vnet:
+        # Header, then the frame straight into the transfer; only a packet longer than
+        # a frame spills over into scratch, behind room for the part that did not.
+        iov[0].iov_base = &tx.hdr
+        iov[0].iov_len = VNET_HDR_SIZE
+        iov[1].iov_base = dst
+        iov[1].iov_len = tx.read_size
+        iov[2].iov_base = tx.scratch + tx.read_size
+        iov[2].iov_len = tx.scratch_size - tx.read_size
+        n = readv(tx.tap_fd, iov, 3)
+        if n >= VNET_HDR_SIZE:
+            n -= VNET_HDR_SIZE
+        elif n >= 0:
+            tx.offload_errors += 1  # a header cut short: the kernel never does that
+            return TX_READ_REFUSED
+    else:
+        n = read(tx.tap_fd, dst, tx.read_size)
+    if n < 0:
+        if errno != EAGAIN:  # EAGAIN: drained (== EWOULDBLOCK on Linux)
+            tx.read_errors += 1
+            tx.errno_counts[errno if 0 <= errno < TX_ERRNO_SLOTS else 0] += 1
+            return TX_READ_ERROR
+        return TX_READ_DRAINED
+    if not tx.vnet:
+        return n
+    if tx.hdr.gso_type == VNET_GSO_NONE:
+        if n > tx.read_size:
+            return tx.read_size  # oversize; the framer counts it
+        if tx.hdr.flags & VNET_F_NEEDS_CSUM:
+            if not off_complete_checksum(dst, n, tx.hdr.csum_start, tx.hdr.csum_offset):
+                tx.offload_errors += 1
+                return TX_READ_REFUSED
+            tx.checksums += 1
+        return n
+    memcpy(tx.scratch, dst, n if n < tx.read_size else tx.read_size)
+    if not gso_begin(&tx.gso, &tx.hdr, tx.scratch, n):
+        tx.offload_errors += 1
+        return TX_READ_REFUSED
+    if gso_longest(&tx.gso) >= tx.read_size:
+        tx.gso.pending = 0
+        tx.oversize += 1
+        return TX_READ_REFUSED
+    tx.gso_packets += 1
+    tx.gso_frames += 1
+    return gso_next(&tx.gso, dst)
+
+
 cdef inline Py_ssize_t tx_fill_one(tx_state* tx, Py_ssize_t* start, int* frames,
                                    bint* drained) noexcept nogil:
     """Read what the TAP has into one transfer, framed in place, and hold it.
@@ -96,14 +177,10 @@ cdef inline Py_ssize_t tx_fill_one(tx_state* tx, Py_ssize_t* start, int* frames,
         return -1  # cannot happen while tx_has_room (see tx_place)
     slot = tx.base + start[0]
     while pos == 0 or eem_fits(f, pos + longest):
-        n = read(tx.tap_fd, slot + pos + TX_HEADER, tx.read_size)
-        if n < 0:
-            if errno != EAGAIN:  # EAGAIN: drained (== EWOULDBLOCK on Linux)
-                tx.read_errors += 1
-                tx.errno_counts[errno if 0 <= errno < TX_ERRNO_SLOTS else 0] += 1
-            drained[0] = True
-            break
-        if n == 0:
+        n = tx_read_frame(tx, slot + pos + TX_HEADER)
+        if n == TX_READ_REFUSED:
+            continue
+        if n <= 0:
             drained[0] = True
             break
         tx.frames_read += 1

@@ -102,6 +102,8 @@ class BridgeOptions:
     out_in_flight: int = 32  # OUT transfers of up to max_transfer in flight
     keepalive: float | None = None  # seconds between our own Echo requests
     persist: bool = False  # keep the TAP when the bridge exits
+    # TAP TSO and checksum offload (eembridge/offload.py); needs the C data path.
+    offload: bool = False
     stats_socket: str | None = None  # path of the UNIX stats socket; None: no socket
     reconnect_interval: float = 0.25
     garbage_log_interval: float = 5.0  # at most one "resync: ..." summary line per interval
@@ -179,10 +181,15 @@ class Bridge:
 
     def start(self) -> None:
         if self._tap is None:
+            from . import datapath_impl
             from .tap import Tap
 
+            if self.options.offload and not datapath_impl.OFFLOAD:
+                raise UserError("--offload needs the compiled data path (eembridge._datapath); "
+                                "this install runs the pure-Python one")
             self._tap = Tap(self.options.tap, mtu=self.options.mtu, mac=self.options.mac,
-                            txqueuelen=self.options.txqueuelen, persist=self.options.persist)
+                            txqueuelen=self.options.txqueuelen, persist=self.options.persist,
+                            offload=self.options.offload)
         self._configure_link()
         if self._on_link_ready is not None:
             self._on_link_ready()
@@ -434,12 +441,13 @@ class Bridge:
             self.framer = Framer(crc=opts.tx_crc, max_transfer=opts.max_transfer,
                                  max_packet=info.max_packet, max_length=opts.max_length)
         tap_fd = self._tap.fileno()
+        vnet = bool(getattr(self._tap, "offload", False))  # every TAP read/write has a header
         if self.rx is None:
             self.rx = datapath_impl.RxPath(self.deframer, tap_fd, opts.in_flight + 1,
-                                           opts.in_transfer_size)
+                                           opts.in_transfer_size, vnet=vnet)
         self.rx.reset()
         self.tx = datapath_impl.TxPath(self.framer, tap_fd,
-                                       opts.out_in_flight * opts.max_transfer)
+                                       opts.out_in_flight * opts.max_transfer, vnet=vnet)
         self._in_submitted = 0
         self._in_completed = 0
         self._out = deque()

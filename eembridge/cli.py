@@ -64,6 +64,10 @@ def add_bridge_arguments(parser: argparse.ArgumentParser) -> None:
                       help="the TAP's transmit queue: frames waiting for the bridge (default 64; "
                            "the kernel's 500 adds ~100 ms under an upload); drops are counted")
     link.add_argument("--persist", action="store_true", help="keep the TAP after exit")
+    link.add_argument("--offload", action=argparse.BooleanOptionalAction, default=False,
+                      help="let the kernel hand the bridge TCP packets of up to 64 KB and "
+                           "checksums to fill in (TAP TSO/checksum offload; the C data path "
+                           "cuts them into frames)")
     eem = parser.add_argument_group("EEM")
     mode = eem.add_mutually_exclusive_group()
     mode.add_argument("--tx-crc", dest="tx_crc", action="store_true", default=True,

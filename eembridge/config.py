@@ -178,6 +178,7 @@ KEYS: dict[str, Key] = {
     "out-in-flight": Key("out_in_flight", _integer(1, 256)),
     "interface": Key("interface", _integer(0, 255)),  # a device with several EEM functions
     "persist": Key("persist", _boolean),
+    "offload": Key("offload", _boolean),
     "stats-socket": Key("stats_socket", _string),
     "garbage-log-interval": Key("garbage_log_interval", _seconds),
     "wait-timeout": Key("wait_timeout", _seconds),

@@ -26,6 +26,11 @@ TX_COUNTERS = (
     "tap_read_errors",
     "tx_oversize",  # frames longer than the EEM maximum: dropped
     "tx_runts",  # frames shorter than an Ethernet header: dropped
+    # Offload (--offload; the C data path only): see eembridge/offload.py.
+    "tap_gso_packets",  # TCP packets of up to 64 KB read from the TAP ...
+    "tap_gso_frames",  # ... and the frames cut from them
+    "tap_checksums",  # partial checksums completed
+    "tap_offload_errors",  # packets the offload refused: dropped
 )
 
 
@@ -41,7 +46,10 @@ class OutTransfer:
 
 
 class RxPath:
-    def __init__(self, deframer, tap_fd: int, slots: int, slot_size: int) -> None:
+    def __init__(self, deframer, tap_fd: int, slots: int, slot_size: int,
+                 vnet: bool = False) -> None:
+        if vnet:
+            raise ValueError("TAP offload (a virtio_net_hdr per read) needs eembridge._datapath")
         self.deframer = deframer
         self.tap_fd = tap_fd
         self.slot_size = slot_size
@@ -100,7 +108,10 @@ def count_packets(transfer: bytes | memoryview) -> int:
 
 
 class TxPath:
-    def __init__(self, framer, tap_fd: int, max_bytes_in_flight: int) -> None:
+    def __init__(self, framer, tap_fd: int, max_bytes_in_flight: int,
+                 vnet: bool = False) -> None:
+        if vnet:
+            raise ValueError("TAP offload (a virtio_net_hdr per read) needs eembridge._datapath")
         self.framer = framer
         self.tap_fd = tap_fd
         self.max_bytes_in_flight = max_bytes_in_flight
@@ -164,7 +175,10 @@ class RingRxPath(RxPath):
     copied on its way from USB to the kernel.
     """
 
-    def __init__(self, deframer, tap_fd: int, slots: int, slot_size: int) -> None:
+    def __init__(self, deframer, tap_fd: int, slots: int, slot_size: int,
+                 vnet: bool = False) -> None:
+        if vnet:
+            raise ValueError("TAP offload (a virtio_net_hdr per read) needs eembridge._datapath")
         from ._ring import Ring
 
         self.deframer = deframer

@@ -5,9 +5,12 @@ TAP I/O in C loops); with the reference, everything is plain Python (datapath.py
 from . import CODEC
 from .datapath import RxPath, TxPath
 
+OFFLOAD = False  # whether the data path reads and writes a TAP with IFF_VNET_HDR
 if CODEC == "cython":
     try:
         from ._datapath import RxPath, TxPath  # type: ignore[assignment, no-redef]
+
+        OFFLOAD = True
     except ImportError:
         import os
 
@@ -15,4 +18,4 @@ if CODEC == "cython":
             raise
         from .datapath import RingRxPath as RxPath  # type: ignore[assignment, misc]
 
-__all__ = ["RxPath", "TxPath"]
+__all__ = ["OFFLOAD", "RxPath", "TxPath"]

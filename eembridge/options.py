@@ -38,6 +38,7 @@ def bridge_options(args: argparse.Namespace) -> BridgeOptions:
         out_in_flight=args.out_in_flight,
         keepalive=args.keepalive,
         persist=args.persist,
+        offload=getattr(args, "offload", False),
         stats_socket=args.stats_socket or socket_path(args.tap),
         garbage_log_interval=getattr(args, "garbage_log_interval", 5.0),
     )

@@ -16,6 +16,10 @@ Theory of operation
 - ``persist`` (TUNSETPERSIST) keeps the interface, its addresses and its neighbours
   when our fd closes, so a restarted bridge re-attaches to the same interface and
   applications bound to its address see only a carrier blip.
+- ``offload`` adds IFF_VNET_HDR and TUNSETOFFLOAD(CSUM | TSO4 | TSO6): the kernel may
+  then hand over TCP packets of up to 64 KB with checksums left to fill in, and every
+  read and write starts with a 10-byte virtio_net_hdr (eembridge/offload.py). Only the
+  C data path reads such a TAP; ``read_into``/``write`` pass the header through as is.
 - NetworkManager, when present, is told to leave the interface alone; when absent
   nothing happens (debug log). It is never a reason to fail.
 """
@@ -44,6 +48,7 @@ from pyroute2.netlink.rtnl.ndmsg import states as NUD_STATES
 
 from .errors import UserError
 from .netns import iproute, link_index
+from .offload import TUN_OFFLOADS
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +97,7 @@ def _IOR(type_: str, nr: int, size: int) -> int:  # noqa: N802
 TUNSETPERSIST = _IOW("T", 203, _SIZEOF_INT)
 TUNGETIFF = _IOR("T", 210, _SIZEOF_INT)  # (declared unsigned int; fills a struct ifreq)
 TUNSETCARRIER = _IOW("T", 226, _SIZEOF_INT)  # Linux >= 4.20; older kernels: EINVAL
+TUNSETOFFLOAD = _IOW("T", 208, _SIZEOF_INT)  # takes the flags by value
 _IFREQ_SIZE = 40  # struct ifreq on 64- and 32-bit Linux alike (name[16] + 24-byte union)
 # -------------------------------------------------------------------------------------
 
@@ -260,6 +266,7 @@ class Tap:
         txqueuelen: int | None = None,
         unmanage: bool = True,
         nm_run_dir: Path = NM_RUN_DIR,
+        offload: bool = False,
     ) -> None:
         self.name = validate_ifname(name)
         self.netns: str | None = None  # namespace the interface lives in; None: ours
@@ -280,15 +287,19 @@ class Tap:
             self._nm_keyfile = unmanage_in_networkmanager(name, nm_run_dir)
         try:
             self._device = pytun.TunTapDevice(
-                name=name, flags=pytun.IFF_TAP | pytun.IFF_NO_PI
+                name=name,
+                flags=pytun.IFF_TAP | pytun.IFF_NO_PI | (pytun.IFF_VNET_HDR if offload else 0),
             )
         except OSError as exc:  # pytun.Error is an OSError carrying errno
             if self._nm_keyfile is not None:
                 forget_in_networkmanager(name, nm_run_dir)
             raise _open_error(name, exc) from None
         self.created = not exists
+        self.offload = offload
         os.set_blocking(self._device.fileno(), False)
         try:
+            if offload:
+                fcntl.ioctl(self._device.fileno(), TUNSETOFFLOAD, TUN_OFFLOADS)
             if persist is not None:
                 self.set_persist(persist)
             if mtu is not None:

@@ -39,14 +39,15 @@ def rig_factory():
     made = []
 
     def make(host_crc: bool = True, mtu: int = 1500, keepalive: float | None = None,
-             in_transfer_size: int = 16384, **sim_options) -> Rig:
+             in_transfer_size: int = 16384, offload: bool = False, **sim_options) -> Rig:
         subnet = free_linklocal_subnet()
         device_ip, host_ip = str(subnet[1]), str(subnet[2])
         sim = SimLink(f"{device_ip}/24", mtu=mtu, **sim_options)
         made.append(sim)
         options = BridgeOptions(tap=unique_name("eemb"), addresses=[f"{host_ip}/24"],
                                 peer=device_ip, peer_mac=sim.mac, tx_crc=host_crc, mtu=mtu, keepalive=keepalive,
-                                in_transfer_size=in_transfer_size, stats_socket=None)
+                                in_transfer_size=in_transfer_size, offload=offload,
+                                stats_socket=None)
         bridge = Bridge(sim.connect, options)
         bridge.start()
         made.append(bridge)
@@ -86,6 +87,20 @@ def test_tcp_both_ways_intact(rig_factory, max_packet, loss, device_crc):
         assert stats["rx"]["bytes_skipped"] == 0
     assert stats["bridge"]["tx_dropped"] == 0
     assert stats["rx"]["crc_frames"] == (stats["rx"]["frames"] if device_crc else 0)
+
+
+@pytest.mark.parametrize("loss", [0.0, 0.01])
+def test_offload_cuts_the_kernels_64k_packets_into_frames_intact(rig_factory, loss):
+    # With --offload the kernel's TCP hands the TAP packets of up to 64 KB with the
+    # checksum left to us; the device's own kernel (the simulated device's namespace)
+    # checks every frame's checksums, so a wrong byte would stall the transfer.
+    rig = rig_factory(max_packet=512, loss=loss, seed=11, offload=True)
+    rig.transfer(3_000_000, 1_000_000)
+    tx_path = rig.bridge.stats()["tx_path"]
+    assert tx_path["tap_gso_packets"] > 0, tx_path  # the kernel did send big packets ...
+    assert tx_path["tap_gso_frames"] > 2 * tx_path["tap_gso_packets"], tx_path  # ... cut here
+    assert tx_path["tap_checksums"] > 0, tx_path  # small ones came with a partial checksum
+    assert tx_path["tap_offload_errors"] == 0 and tx_path["tx_oversize"] == 0, tx_path
 
 
 def test_batched_device_spanning_transfers(rig_factory):
