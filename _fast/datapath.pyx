@@ -37,7 +37,7 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyOb
 from cpython.pycapsule cimport PyCapsule_New
 
 from eem cimport deframer_of, framer_of
-from rxdeliver cimport rx_state, rx_write_frames, rx_slot_offset, RX_STATE_CAPSULE
+from rxdeliver cimport rx_state, rx_write_frames, rx_flush, rx_slot_offset, RX_STATE_CAPSULE
 from txfill cimport (tx_state, tx_has_room, tx_fill_one, tx_release_oldest, tx_reset,
                      TX_STATE_CAPSULE)
 
@@ -52,7 +52,7 @@ from txfill cimport TX_HEADER, TX_CHECK, TX_ERRNO_SLOTS
 from rxdeliver cimport RX_ERRNO_SLOTS
 
 from offload cimport (vnet_hdr_t, gso_state_t, gso_begin, gso_next, off_complete_checksum,
-                      VNET_HDR_SIZE, VNET_F_NEEDS_CSUM, VNET_GSO_NONE)
+                      VNET_HDR_SIZE, VNET_F_NEEDS_CSUM, VNET_GSO_NONE, GRO_BUF_SIZE)
 from .offload import OffloadError
 
 assert TX_HEADER == HEADER_SIZE and TX_CHECK == CHECK_SIZE
@@ -84,6 +84,9 @@ cdef class RxPath:
     cdef Py_buffer _view
     cdef bint _have_view
     cdef rx_state state  # ring, TAP and counters, shared with the libusb transport (capsule)
+    cdef object _gro_buf
+    cdef Py_buffer _gro_view
+    cdef bint _have_gro_view
 
     def __init__(self, deframer, int tap_fd, Py_ssize_t slots, Py_ssize_t slot_size,
                  bint vnet=False):
@@ -106,6 +109,11 @@ cdef class RxPath:
         self.state.slot_size = slot_size
         self.state.tap_fd = tap_fd
         self.state.vnet = vnet
+        if vnet:
+            self._gro_buf = bytearray(GRO_BUF_SIZE)
+            PyObject_GetBuffer(self._gro_buf, &self._gro_view, PyBUF_SIMPLE | PyBUF_WRITABLE)
+            self._have_gro_view = True
+            self.state.gro.buf = <unsigned char*>self._gro_view.buf
         # A whole slot deframes in place without growing (the transport's event thread
         # cannot grow it).
         deframer.set_capacity(slot_size)
@@ -119,10 +127,13 @@ cdef class RxPath:
     def __dealloc__(self):
         if self._have_view:
             PyBuffer_Release(&self._view)
+        if self._have_gro_view:
+            PyBuffer_Release(&self._gro_view)
 
     def counters(self) -> dict:
-        return dict(zip(RX_COUNTERS, (self.state.frames_written, self.state.bytes_written,
-                                      self.state.write_errors)))
+        s = &self.state
+        return dict(zip(RX_COUNTERS, (s.frames_written, s.bytes_written, s.write_errors,
+                                      s.gro_packets, s.gro_frames)))
 
     @property
     def write_errors(self) -> dict:
@@ -146,9 +157,16 @@ cdef class RxPath:
         if self.state.d.n_frames:
             with nogil:
                 rx_write_frames(&self.state, base)
+                rx_flush(&self.state)  # this path merges within one transfer only
         return commands
 
+    def flush(self) -> None:
+        """Write what offload holds back to merge (the native path calls rx_flush itself)."""
+        with nogil:
+            rx_flush(&self.state)
+
     def reset(self) -> None:
+        self.flush()  # what was held is whole and in order: it still goes up
         self.deframer.reset()
 
 

@@ -13,7 +13,8 @@ from libc.string cimport memset
 from posix.unistd cimport write
 from posix.uio cimport iovec, writev
 
-from offload cimport VNET_HDR_SIZE
+from offload cimport (VNET_HDR_SIZE, vnet_hdr_t, gro_state_t, gro_offer, gro_finish,
+                      GRO_HELD, GRO_PASS, GRO_FLUSH_FIRST)
 
 from eem cimport eem_deframer, eem_deframe
 
@@ -33,6 +34,10 @@ cdef struct rx_state:
     Py_ssize_t slot_size  # one IN transfer's slot; divides size
     int tap_fd
     bint vnet  # the TAP wants a virtio_net_hdr in front of each frame (offload on)
+    gro_state_t gro  # with vnet: TCP segments held to go up merged (offload.pxd)
+    Py_ssize_t gro_bytes  # bytes of the frames held
+    int64_t gro_packets  # merged packets written
+    int64_t gro_frames  # frames that went up in them
     int64_t frames_written
     int64_t bytes_written
     int64_t write_errors
@@ -45,36 +50,81 @@ cdef inline Py_ssize_t rx_slot_offset(rx_state* rx, int64_t sequence) noexcept n
     return <Py_ssize_t>((sequence * rx.slot_size) % rx.size)
 
 
+cdef inline void _rx_count(rx_state* rx, Py_ssize_t written, Py_ssize_t length,
+                           int64_t frames, Py_ssize_t frame_bytes) noexcept nogil:
+    cdef int e
+    if written == length:
+        rx.frames_written += frames
+        rx.bytes_written += frame_bytes
+    else:
+        e = errno
+        rx.write_errors += frames
+        rx.errno_counts[e if 0 <= e < RX_ERRNO_SLOTS else 0] += frames
+
+
+cdef inline void _rx_write_one(rx_state* rx, const unsigned char* frame,
+                               Py_ssize_t length) noexcept nogil:
+    cdef unsigned char plain[VNET_HDR_SIZE]  # all zero: nothing asked of the kernel
+    cdef iovec iov[2]
+    if not rx.vnet:
+        _rx_count(rx, write(rx.tap_fd, frame, length), length, 1, length)
+        return
+    memset(plain, 0, VNET_HDR_SIZE)
+    iov[0].iov_base = plain
+    iov[0].iov_len = VNET_HDR_SIZE
+    iov[1].iov_base = <void*>frame
+    iov[1].iov_len = length
+    _rx_count(rx, writev(rx.tap_fd, iov, 2) - VNET_HDR_SIZE, length, 1, length)
+
+
+cdef inline void rx_flush(rx_state* rx) noexcept nogil:
+    """Write the merged packet held, if any (offload on)."""
+    cdef vnet_hdr_t h
+    cdef iovec iov[2]
+    cdef Py_ssize_t length
+    cdef int segs = rx.gro.segs
+    if not rx.vnet or rx.gro.len == 0:
+        return
+    length = gro_finish(&rx.gro, &h)
+    iov[0].iov_base = &h
+    iov[0].iov_len = VNET_HDR_SIZE
+    iov[1].iov_base = rx.gro.buf
+    iov[1].iov_len = length
+    _rx_count(rx, writev(rx.tap_fd, iov, 2) - VNET_HDR_SIZE, length, segs, rx.gro_bytes)
+    if segs > 1:
+        rx.gro_packets += 1
+        rx.gro_frames += segs
+    rx.gro.len = 0
+    rx.gro_bytes = 0
+
+
 cdef inline void rx_write_frames(rx_state* rx, const unsigned char* base) noexcept nogil:
     """Write every frame of the last deframe to the TAP; base = start - carried.
 
     One write(2) per frame: a TAP takes exactly one frame per write. A refused write
     (queue full, link down) is counted under its errno and not retried, as the kernel
-    would drop the frame itself on a full queue.
+    would drop the frame itself on a full queue. With offload, consecutive segments of
+    one TCP flow are held and go up as one packet (rx_flush; offload.pxd says when).
     """
     cdef eem_deframer* d = rx.d
-    cdef Py_ssize_t i, length, n
-    cdef int e
-    cdef unsigned char plain[VNET_HDR_SIZE]  # all zero: no offload asked of the kernel
-    cdef iovec iov[2]
-    memset(plain, 0, VNET_HDR_SIZE)
-    iov[0].iov_base = plain
-    iov[0].iov_len = VNET_HDR_SIZE
+    cdef Py_ssize_t i, length
+    cdef const unsigned char* frame
+    cdef int r
     for i in range(d.n_frames):
         length = d.frames[i].length
-        if rx.vnet:
-            iov[1].iov_base = <void*>(base + d.frames[i].offset)
-            iov[1].iov_len = length
-            n = writev(rx.tap_fd, iov, 2) - VNET_HDR_SIZE
+        frame = base + d.frames[i].offset
+        if not rx.vnet:
+            _rx_write_one(rx, frame, length)
+            continue
+        r = gro_offer(&rx.gro, frame, length)
+        if r == GRO_FLUSH_FIRST:
+            rx_flush(rx)
+            r = gro_offer(&rx.gro, frame, length)
+        if r == GRO_HELD:
+            rx.gro_bytes += length
         else:
-            n = write(rx.tap_fd, base + d.frames[i].offset, length)
-        if n == length:
-            rx.frames_written += 1
-            rx.bytes_written += length
-        else:
-            rx.write_errors += 1
-            e = errno
-            rx.errno_counts[e if 0 <= e < RX_ERRNO_SLOTS else 0] += 1
+            rx_flush(rx)  # (nothing held after a FLUSH_FIRST; kept for order all the same)
+            _rx_write_one(rx, frame, length)
 
 
 cdef inline Py_ssize_t rx_deliver(rx_state* rx, int64_t sequence, Py_ssize_t actual,

@@ -21,7 +21,7 @@ import os
 import threading
 
 from eem cimport eem_deframer, eem_command_record
-from rxdeliver cimport rx_state, rx_deliver, rx_slot_offset, RX_STATE_CAPSULE
+from rxdeliver cimport rx_state, rx_deliver, rx_flush, rx_slot_offset, RX_STATE_CAPSULE
 from txfill cimport (tx_state, tx_has_room, tx_fill_one, tx_release_oldest, tx_unhold_newest,
                      TX_STATE_CAPSULE, TX_HELD_MAX)
 
@@ -539,6 +539,12 @@ cdef class UsbTransport:
                 tv.tv_sec = 1
                 tv.tv_usec = 0
                 libusb_handle_events_timeout_completed(self.ctx, &tv, NULL)
+                # Offload merges the TCP segments of every IN transfer this pass
+                # completed; they go up now, before the next wait.
+                pthread_mutex_lock(&self.shared.lock)
+                if self.shared.nin.rx != NULL:
+                    rx_flush(self.shared.nin.rx)
+                pthread_mutex_unlock(&self.shared.lock)
 
     def fileno(self):
         return self.shared.efd
@@ -735,7 +741,11 @@ cdef class UsbTransport:
         cdef NativeIn* n = &self.shared.nin
         _free_spares(n.spare, &n.n_spare)
         n.on = False
+        pthread_mutex_lock(&self.shared.lock)  # the event thread flushes too
+        if n.rx != NULL:
+            rx_flush(n.rx)  # segments held to merge are whole: they still go up
         n.rx = NULL
+        pthread_mutex_unlock(&self.shared.lock)
         self._rx_owner = None
 
     # -- the native OUT path -----------------------------------------------------------

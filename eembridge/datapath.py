@@ -20,7 +20,14 @@ from dataclasses import dataclass
 from .events import Event, Frame
 from .protocol import CHECK_SIZE, DATA_LENGTH_MASK, HEADER_SIZE, TYPE_COMMAND
 
-RX_COUNTERS = ("tap_frames_written", "tap_bytes_written", "tap_write_errors")
+RX_COUNTERS = (
+    "tap_frames_written",
+    "tap_bytes_written",
+    "tap_write_errors",
+    # Offload (--offload; the C data path only): consecutive TCP segments merged.
+    "tap_gro_packets",  # merged packets written to the TAP ...
+    "tap_gro_frames",  # ... and the frames that went up in them
+)
 TX_COUNTERS = (
     "tap_frames_read",
     "tap_read_errors",

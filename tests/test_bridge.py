@@ -89,14 +89,20 @@ def test_tcp_both_ways_intact(rig_factory, max_packet, loss, device_crc):
     assert stats["rx"]["crc_frames"] == (stats["rx"]["frames"] if device_crc else 0)
 
 
-@pytest.mark.parametrize("loss", [0.0, 0.01])
-def test_offload_cuts_the_kernels_64k_packets_into_frames_intact(rig_factory, loss):
+@pytest.mark.parametrize(("loss", "batch"), [(0.0, False), (0.01, True)])
+def test_offload_cuts_the_kernels_64k_packets_and_merges_the_devices(rig_factory, loss, batch):
     # With --offload the kernel's TCP hands the TAP packets of up to 64 KB with the
     # checksum left to us; the device's own kernel (the simulated device's namespace)
-    # checks every frame's checksums, so a wrong byte would stall the transfer.
-    rig = rig_factory(max_packet=512, loss=loss, seed=11, offload=True)
-    rig.transfer(3_000_000, 1_000_000)
-    tx_path = rig.bridge.stats()["tx_path"]
+    # checks every frame's checksums, so a wrong byte would stall the transfer. On the
+    # way up, a batching device's consecutive segments go to the TAP merged.
+    rig = rig_factory(max_packet=512, loss=loss, seed=11, offload=True, batch=batch)
+    rig.transfer(3_000_000, 3_000_000)
+    stats = rig.bridge.stats()
+    rx_path, tx_path = stats["rx_path"], stats["tx_path"]
+    if batch:
+        assert rx_path["tap_gro_packets"] > 0, rx_path
+        assert rx_path["tap_gro_frames"] > 2 * rx_path["tap_gro_packets"], rx_path
+    assert rx_path["tap_frames_written"] == stats["rx"]["frames"], (rx_path, stats["rx"])
     assert tx_path["tap_gso_packets"] > 0, tx_path  # the kernel did send big packets ...
     assert tx_path["tap_gso_frames"] > 2 * tx_path["tap_gso_packets"], tx_path  # ... cut here
     assert tx_path["tap_checksums"] > 0, tx_path  # small ones came with a partial checksum

@@ -6,6 +6,7 @@ payloads put back together are the original, sequence numbers and flags are what
 kernel's own segmentation would give.
 """
 
+import socket
 import struct
 
 import pytest
@@ -144,3 +145,117 @@ def test_what_was_not_offered_is_refused():
     with pytest.raises(OffloadError):
         c_segment(vnet_header(0, GSO_TCPV4, 0, 0), packet)
     assert offload.TUN_OFFLOADS == 0x07
+
+
+# --- the data path with offload, on a socket pair standing in for the TAP -------------
+# A SOCK_SEQPACKET pair keeps message boundaries as a TAP does: one message per frame
+# (or per merged packet), each led by its virtio_net_hdr.
+
+from eembridge import codec  # noqa: E402
+from eembridge._datapath import RxPath, TxPath  # noqa: E402
+from eembridge._eem import Deframer, Framer  # noqa: E402
+
+
+def _pair():
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for s in (a, b):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        s.setblocking(False)
+    return a, b
+
+
+def _drain(sock):
+    out = []
+    while True:
+        try:
+            out.append(sock.recv(1 << 17))
+        except BlockingIOError:
+            return out
+
+
+def _deliver(frames, max_packet=512):
+    """frames -> EEM transfers -> RxPath(vnet) -> what the kernel would read."""
+    bridge_end, kernel_end = _pair()
+    try:
+        rx = RxPath(Deframer(), bridge_end.fileno(), 3, 65536, vnet=True)
+        transfers = codec.Framer(crc=True, max_packet=max_packet, max_transfer=65536).pack(frames)
+        for sequence, transfer in enumerate(transfers):
+            rx.slot_buffer(sequence)[: len(transfer)] = transfer
+            rx.complete(sequence, len(transfer), True)
+        return [(m[:10], m[10:]) for m in _drain(kernel_end)], rx.counters()
+    finally:
+        bridge_end.close()
+        kernel_end.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(payload=st.binary(min_size=1, max_size=20000), mss=st.integers(200, 1460),
+       v6=st.booleans(), last_flags=st.sampled_from([0x10, 0x18]),
+       options=st.sampled_from([b"", bytes.fromhex("0101080a0000000100000002")]))
+def test_merged_segments_cut_again_give_the_same_frames(payload, mss, v6, last_flags, options):
+    """GRO then GSO is the identity: what the bridge merges on the way up, the kernel
+    could cut back into exactly the frames the device sent."""
+    packet = tcp_packet(payload, v6=v6, flags=last_flags, options=options)
+    frames = segment(vnet_header(F_NEEDS_CSUM, GSO_TCPV6 if v6 else GSO_TCPV4, 0, mss), packet)
+    written, counters = _deliver(frames)
+    again = []
+    for header, merged in written:
+        if header[1]:  # a GSO packet: its checksum is left partial, as the header says
+            assert header[0] == F_NEEDS_CSUM
+            again.extend(segment(header, merged))
+        else:
+            assert header == bytes(10)
+            again.append(merged)
+    assert again == frames
+    assert counters["tap_frames_written"] == len(frames)
+    assert counters["tap_bytes_written"] == sum(map(len, frames))
+    if len(frames) > 1:
+        assert counters["tap_gro_packets"] >= 1 and len(written) < len(frames)
+
+
+def test_what_cannot_merge_goes_up_as_it_came_and_in_order():
+    packet = tcp_packet(bytes(range(256)) * 40, flags=0x10)
+    frames = segment(vnet_header(F_NEEDS_CSUM, GSO_TCPV4, 0, 1000), packet)  # 11 segments
+    bad = bytearray(frames[4])
+    bad[-1] ^= 0xFF  # a payload byte flipped: its checksum fails
+    syn = tcp_packet(b"", flags=0x02)
+    udp = MAC + b"\x08\x00" + bytes(60)
+    sent = frames[:4] + [bytes(bad)] + frames[5:8] + [syn, udp] + frames[8:]
+    written, counters = _deliver(sent)
+    plain = [packet for header, packet in written if header == bytes(10)]
+    assert bytes(bad) in plain and syn in plain and udp in plain
+    again = []
+    for header, merged in written:
+        again.extend(segment(header, merged) if header[1] else [merged])
+    assert again == sent  # nothing lost, nothing reordered, the bad one untouched
+    assert counters["tap_frames_written"] == len(sent)
+
+
+@settings(max_examples=40, deadline=None)
+@given(payload=st.binary(max_size=70000), mss=st.integers(500, 1460), v6=st.booleans())
+def test_tx_path_reads_a_gso_packet_and_sends_its_frames(payload, mss, v6):
+    """A TAP read of up to 64 KB, spilling past the transfer into scratch, comes out as
+    the reference's frames, framed in OUT transfers."""
+    payload = payload[: 65000]
+    packet = tcp_packet(payload, v6=v6)
+    header = vnet_header(F_NEEDS_CSUM, GSO_TCPV6 if v6 else GSO_TCPV4, 0, mss)
+    bridge_end, kernel_end = _pair()
+    try:
+        framer = Framer(crc=True, max_packet=512, max_transfer=16384)
+        tx = TxPath(framer, bridge_end.fileno(), 1 << 20, vnet=True)
+        small = tcp_packet(b"ack", flags=0x10)  # a plain frame after it, checksum partial
+        kernel_end.send(header + packet)
+        kernel_end.send(vnet_header(F_NEEDS_CSUM, 0, 0, 0, 34, 16) + small)
+        transfers = tx.fill()
+        deframer = codec.Deframer()
+        got = []
+        for transfer in transfers:
+            got.extend(e.data for e in deframer.feed(bytes(transfer.buffer), True))
+        assert got == segment(header, packet) + segment(vnet_header(F_NEEDS_CSUM, 0, 0, 0, 34, 16), small)
+        counters = tx.counters()
+        assert counters["tap_gso_packets"] == 1 and counters["tap_gso_frames"] == len(got) - 1
+        assert counters["tap_offload_errors"] == 0 and counters["tap_checksums"] == 1
+    finally:
+        bridge_end.close()
+        kernel_end.close()
