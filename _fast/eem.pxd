@@ -32,6 +32,7 @@
 
 from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.stdint cimport int32_t, int64_t
+from libc.string cimport memmove, memset
 
 cdef extern from *:
     """
@@ -100,6 +101,8 @@ ctypedef struct eem_framer_counters:  # protocol.FRAMER_COUNTERS, same order
     int64_t runts
     int64_t echo
     int64_t echo_response
+    int64_t fill
+    int64_t padded
 
 cdef struct eem_deframer
 cdef struct eem_framer
@@ -149,6 +152,7 @@ cdef struct eem_framer:
     Py_ssize_t max_transfer
     Py_ssize_t max_packet
     Py_ssize_t max_length
+    Py_ssize_t out_chunk  # 0: off; else no packet crosses a multiple of it (codec.Framer)
     eem_framer_counters c
 
 
@@ -182,6 +186,42 @@ cdef inline Py_ssize_t eem_frame_in_place(eem_framer* f, unsigned char* slot,
 cdef inline bint eem_fits(eem_framer* f, Py_ssize_t length) noexcept nogil:
     """Whether a transfer of length bytes, once closed, stays within max_transfer."""
     return f.fits(f, length)
+
+
+cdef inline Py_ssize_t eem_place(eem_framer* f, Py_ssize_t pos, Py_ssize_t size) noexcept nogil:
+    """codec.Framer.place: where a packet of size bytes goes in a transfer of pos bytes."""
+    cdef Py_ssize_t chunk = f.out_chunk
+    if chunk and pos % chunk + size > chunk:
+        return pos + chunk - pos % chunk
+    return pos
+
+
+cdef inline Py_ssize_t eem_frame_placed(eem_framer* f, unsigned char* transfer, Py_ssize_t pos,
+                                        Py_ssize_t frame_len, Py_ssize_t* start) noexcept nogil:
+    """eem_frame_in_place for the frame at transfer + pos + 2, with codec.Framer's
+    out_chunk rules: an odd frame padded with a zero byte, the packet moved to the next
+    chunk (zero-length packets before it) if it would cross one. Returns the packet size
+    (0: refused, counted); *start is where it now begins (pos without out_chunk).
+    The caller leaves room: a frame moved ends by the place eem_fits checked."""
+    cdef Py_ssize_t size, at
+    cdef bint padded = False
+    start[0] = pos
+    if not f.out_chunk:
+        return f.frame_in_place(f, transfer + pos, frame_len)
+    if frame_len & 1:
+        transfer[pos + 2 + frame_len] = 0
+        frame_len += 1
+        padded = True
+    at = eem_place(f, pos, 2 + frame_len + 4)
+    if at != pos:
+        memmove(transfer + at + 2, transfer + pos + 2, frame_len)
+        memset(transfer + pos, 0, at - pos)
+    size = f.frame_in_place(f, transfer + at, frame_len)
+    if size:
+        f.c.fill += (at - pos) // 2
+        f.c.padded += padded
+        start[0] = at
+    return size
 
 
 cdef inline Py_ssize_t eem_close_transfer(eem_framer* f, unsigned char* transfer,

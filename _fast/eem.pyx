@@ -58,6 +58,7 @@ from eem cimport (
     eem_framer,
     eem_framer_counters,
     eem_waiting,
+    eem_place,
 )
 
 from . import protocol as _protocol
@@ -100,7 +101,7 @@ _DEFRAMER_FIELDS = (
 )
 _FRAMER_FIELDS = (
     "frames", "bytes", "transfers", "transfer_bytes", "zlps", "oversize", "runts", "echo",
-    "echo_response",
+    "echo_response", "fill", "padded",
 )
 
 
@@ -882,12 +883,13 @@ cdef class Framer:
         self.transfer_mem = NULL
 
     def __init__(self, crc=True, max_transfer=_protocol.DEFAULT_MAX_TRANSFER, max_packet=512,
-                 max_length=_protocol.DEFAULT_MAX_LENGTH):
-        validate_framer_options(max_transfer, max_packet, max_length)
+                 max_length=_protocol.DEFAULT_MAX_LENGTH, out_chunk=0):
+        validate_framer_options(max_transfer, max_packet, max_length, out_chunk)
         self.f.crc = crc
         self.f.max_transfer = max_transfer
         self.f.max_packet = max_packet
         self.f.max_length = max_length
+        self.f.out_chunk = out_chunk
         memset(&self.f.c, 0, sizeof(self.f.c))
 
     def __dealloc__(self):
@@ -928,6 +930,14 @@ cdef class Framer:
     @property
     def max_length(self) -> int:
         return self.f.max_length
+
+    @property
+    def out_chunk(self) -> int:
+        return self.f.out_chunk
+
+    def place(self, Py_ssize_t pos, Py_ssize_t size) -> int:
+        """codec.Framer.place."""
+        return eem_place(&self.f, pos, size)
 
     @max_length.setter
     def max_length(self, value) -> None:
@@ -970,32 +980,41 @@ cdef class Framer:
         """Frame and batch; frames that cannot be sent are counted and left out."""
         cdef list transfers = []
         cdef Py_ssize_t current = 0  # bytes of the transfer being assembled
-        cdef Py_ssize_t n
+        cdef Py_ssize_t n, start
+        cdef bint padded
         cdef Py_buffer view
         for frame in frames:
             _acquire(frame, &view, PyBUF_SIMPLE)
             n = view.len
             PyBuffer_Release(&view)
+            padded = self.f.out_chunk and n & 1
+            n += padded
             if n + CHECK_SIZE > self.f.max_length:
                 self.f.c.oversize += 1
                 continue
             if n < ETH_HEADER:
                 self.f.c.runts += 1
                 continue
-            if current and not _fits(&self.f, current + HEADER_SIZE + n + CHECK_SIZE):
+            start = eem_place(&self.f, current, HEADER_SIZE + n + CHECK_SIZE)
+            if current and not _fits(&self.f, start + HEADER_SIZE + n + CHECK_SIZE):
                 transfers.append(self._close_bytes(current))
-                current = 0
+                current = start = 0
             _acquire(frame, &view, PyBUF_SIMPLE)
             try:
                 # Room for this packet and the zero-length packet that may close it.
-                self._reserve(current + HEADER_SIZE + view.len + CHECK_SIZE + HEADER_SIZE)
-                memcpy(self.transfer_mem + current + HEADER_SIZE, view.buf, view.len)
-                _seal(&self.f, self.transfer_mem + current, view.len)
-                current += HEADER_SIZE + view.len + CHECK_SIZE
+                self._reserve(start + HEADER_SIZE + n + CHECK_SIZE + HEADER_SIZE)
+                memset(self.transfer_mem + current, 0, start - current)  # fill: 0x0000s
+                memcpy(self.transfer_mem + start + HEADER_SIZE, view.buf, view.len)
+                if padded:
+                    self.transfer_mem[start + HEADER_SIZE + view.len] = 0
+                _seal(&self.f, self.transfer_mem + start, n)
+                self.f.c.fill += (start - current) // HEADER_SIZE
+                current = start + HEADER_SIZE + n + CHECK_SIZE
             finally:
                 PyBuffer_Release(&view)
             self.f.c.frames += 1
             self.f.c.bytes += n
+            self.f.c.padded += padded
         if current:
             transfers.append(self._close_bytes(current))
         return transfers

@@ -13,7 +13,7 @@ from libc.string cimport memcpy
 from posix.unistd cimport read
 from posix.uio cimport iovec, readv
 
-from eem cimport eem_framer, eem_frame_in_place, eem_fits, eem_close_transfer
+from eem cimport eem_framer, eem_frame_placed, eem_place, eem_fits, eem_close_transfer
 from offload cimport (vnet_hdr_t, gso_state_t, gso_begin, gso_next, gso_longest,
                       off_complete_checksum, VNET_HDR_SIZE, VNET_F_NEEDS_CSUM, VNET_GSO_NONE)
 
@@ -140,6 +140,9 @@ cdef inline Py_ssize_t tx_read_frame(tx_state* tx, unsigned char* dst) noexcept 
                 return TX_READ_REFUSED
             tx.checksums += 1
         return n
+    if n >= tx.scratch_size:
+        tx.oversize += 1  # filled every byte offered: maybe cut short (BIG TCP?), refused
+        return TX_READ_REFUSED
     memcpy(tx.scratch, dst, n if n < tx.read_size else tx.read_size)
     if not gso_begin(&tx.gso, &tx.hdr, tx.scratch, n):
         tx.offload_errors += 1
@@ -165,8 +168,9 @@ cdef inline Py_ssize_t tx_fill_one(tx_state* tx, Py_ssize_t* start, int* frames,
     beyond the transfer's place and never over a transfer in flight.
     """
     cdef eem_framer* f = tx.f
-    cdef Py_ssize_t longest = tx.read_size - 1 + TX_HEADER + TX_CHECK
-    cdef Py_ssize_t pos = 0, n, size, length
+    # (+1: with out_chunk, an odd frame is padded by a byte)
+    cdef Py_ssize_t longest = tx.read_size - 1 + TX_HEADER + TX_CHECK + (f.out_chunk != 0)
+    cdef Py_ssize_t pos = 0, n, size, length, at
     cdef int64_t oversize0 = f.c.oversize, runts0 = f.c.runts
     cdef unsigned char* slot
     cdef int k
@@ -176,7 +180,8 @@ cdef inline Py_ssize_t tx_fill_one(tx_state* tx, Py_ssize_t* start, int* frames,
     if start[0] < 0:
         return -1  # cannot happen while tx_has_room (see tx_place)
     slot = tx.base + start[0]
-    while pos == 0 or eem_fits(f, pos + longest):
+    # (with out_chunk the longest frame may have to start at the next chunk: eem_place)
+    while pos == 0 or eem_fits(f, eem_place(f, pos, longest) + longest):
         n = tx_read_frame(tx, slot + pos + TX_HEADER)
         if n == TX_READ_REFUSED:
             continue
@@ -184,9 +189,9 @@ cdef inline Py_ssize_t tx_fill_one(tx_state* tx, Py_ssize_t* start, int* frames,
             drained[0] = True
             break
         tx.frames_read += 1
-        size = eem_frame_in_place(f, slot + pos, n)
+        size = eem_frame_placed(f, slot, pos, n, &at)
         if size:
-            pos += size
+            pos = at + size
             frames[0] += 1
     tx.oversize += f.c.oversize - oversize0
     tx.runts += f.c.runts - runts0

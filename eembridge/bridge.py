@@ -100,6 +100,10 @@ class BridgeOptions:
     in_transfer_size: int = 4096
     in_flight: int = 32
     out_in_flight: int = 32  # OUT transfers of up to max_transfer in flight
+    # 0: off; N: no EEM packet crosses a multiple of N bytes in an OUT transfer, so a
+    # device that receives into N-byte buffers takes many frames per transfer
+    # (codec.Framer); "f_eem": Linux f_eem's buffer size for this MTU and packet size.
+    out_chunk: int | str = 0
     keepalive: float | None = None  # seconds between our own Echo requests
     persist: bool = False  # keep the TAP when the bridge exits
     # TAP TSO and checksum offload (eembridge/offload.py); needs the C data path.
@@ -112,6 +116,16 @@ class BridgeOptions:
     def max_length(self) -> int:
         """Longest bmLength accepted and sent: VLAN-tagged frame of this MTU plus check."""
         return max(DEFAULT_MAX_LENGTH, self.mtu + 14 + 4 + 4)
+
+
+def out_chunk_size(out_chunk: int | str, mtu: int, max_packet: int) -> int:
+    """--out-chunk in bytes. "f_eem": what Linux u_ether allocates per OUT request,
+    ETH_HLEN + MTU + RX_EXTRA (20) + the EEM header (2), rounded up to max packet:
+    1536 at full and high speed, 2048 at SuperSpeed for MTU 1500."""
+    if out_chunk == "f_eem":
+        size = 14 + mtu + 20 + 2
+        return -(-size // max_packet) * max_packet
+    return int(out_chunk)
 
 
 class Bridge:
@@ -438,8 +452,14 @@ class Bridge:
             )
         self.device_info = info
         if self.framer is None or self.framer.max_packet != info.max_packet:
-            self.framer = Framer(crc=opts.tx_crc, max_transfer=opts.max_transfer,
-                                 max_packet=info.max_packet, max_length=opts.max_length)
+            chunk = out_chunk_size(opts.out_chunk, opts.mtu, info.max_packet)
+            try:
+                self.framer = Framer(crc=opts.tx_crc, max_transfer=opts.max_transfer,
+                                     max_packet=info.max_packet, max_length=opts.max_length,
+                                     out_chunk=chunk)
+            except ValueError as exc:
+                transport.close()
+                raise UserError(f"--out-chunk {opts.out_chunk}: {exc}") from None
         tap_fd = self._tap.fileno()
         vnet = bool(getattr(self._tap, "offload", False))  # every TAP read/write has a header
         if self.rx is None:

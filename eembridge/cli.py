@@ -81,6 +81,11 @@ def add_bridge_arguments(parser: argparse.ArgumentParser) -> None:
     eem.add_argument("--in-transfer-size", type=int, default=4096, metavar="BYTES",
                      help="bytes per bulk IN transfer, a multiple of 1024 (default 4096); "
                           "a device's longer transfer simply continues in the next one")
+    eem.add_argument("--out-chunk", default="0", metavar="BYTES|f_eem",
+                     help="the device receives OUT data into buffers of this size and takes "
+                          "each on its own: no EEM packet crosses one, so a transfer of up to "
+                          "--max-transfer carries many frames (f_eem: Linux f_eem's size, 1536; "
+                          "2048 at SuperSpeed). Default 0: off")
     eem.add_argument("--out-in-flight", type=int, default=32,
                      help="bulk OUT transfers of up to --max-transfer bytes in flight (default 32)")
     eem.add_argument("--keepalive", type=float, metavar="SECONDS",

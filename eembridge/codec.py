@@ -87,7 +87,8 @@ def validate_max_length(max_length: int) -> None:
         )
 
 
-def validate_framer_options(max_transfer: int, max_packet: int, max_length: int) -> None:
+def validate_framer_options(max_transfer: int, max_packet: int, max_length: int,
+                            out_chunk: int = 0) -> None:
     validate_max_length(max_length)
     if max_packet < 8 or max_packet > 1024 or max_packet & (max_packet - 1):
         raise ValueError(f"max_packet {max_packet} is not a USB bulk packet size (8..1024, power of two)")
@@ -95,6 +96,11 @@ def validate_framer_options(max_transfer: int, max_packet: int, max_length: int)
         raise ValueError(
             f"max_transfer {max_transfer} cannot hold one full packet and a ZLP header "
             f"(needs at least {max_length + 2 * HEADER_SIZE})"
+        )
+    if out_chunk and (out_chunk % max_packet or out_chunk < max_length + HEADER_SIZE + 1):
+        raise ValueError(
+            f"out_chunk {out_chunk} must be a multiple of the max packet size {max_packet} "
+            f"holding the longest packet ({max_length + HEADER_SIZE + 1} bytes)"
         )
 
 
@@ -315,6 +321,14 @@ class Framer:
     Packets are batched into transfers of at most max_transfer bytes. A transfer that
     would end exactly on a max-packet boundary gets a zero-length EEM packet (0x0000)
     appended so the device sees it end without needing a USB ZLP.
+
+    out_chunk (0: off) is for a device that receives into buffers of that many bytes and
+    takes each one on its own (Linux f_eem: 1536, 2048 at SuperSpeed; a USB device
+    controller completes a buffer when it is full, and the transfer goes on in the
+    next). No packet then crosses a multiple of out_chunk: the rest of a chunk is filled
+    with zero-length EEM packets first, and a frame of odd length gets one zero byte more
+    (Ethernet padding, inside the CRC) so that every fill is whole 2-byte headers. A
+    transfer may then carry many chunks: one USB transfer for many frames.
     """
 
     def __init__(
@@ -323,12 +337,14 @@ class Framer:
         max_transfer: int = DEFAULT_MAX_TRANSFER,
         max_packet: int = 512,
         max_length: int = DEFAULT_MAX_LENGTH,
+        out_chunk: int = 0,
     ) -> None:
-        validate_framer_options(max_transfer, max_packet, max_length)
+        validate_framer_options(max_transfer, max_packet, max_length, out_chunk)
         self.crc = crc
         self.max_transfer = max_transfer
         self.max_packet = max_packet
         self.max_length = max_length
+        self.out_chunk = out_chunk
         self._counters = dict.fromkeys(FRAMER_COUNTERS, 0)
 
     def counters(self) -> dict[str, int]:
@@ -354,6 +370,9 @@ class Framer:
         current = bytearray()
         for frame in frames:
             n = memoryview(frame).nbytes  # bytes, also for a cast memoryview
+            padded = bool(self.out_chunk and n % 2)
+            if padded:
+                frame, n = bytes(frame) + b"\0", n + 1
             if n + CHECK_SIZE > self.max_length:
                 c["oversize"] += 1
                 continue
@@ -361,12 +380,17 @@ class Framer:
                 c["runts"] += 1
                 continue
             size = HEADER_SIZE + n + CHECK_SIZE
-            if current and not self._fits(len(current) + size):
+            start = self.place(len(current), size)
+            if current and not self._fits(start + size):
                 transfers.append(self._close(current))
                 current = bytearray()
+                start = 0
+            c["fill"] += (start - len(current)) // HEADER_SIZE
+            current += bytes(start - len(current))  # zero-length EEM packets
             current += self.packet(frame)
             c["frames"] += 1
             c["bytes"] += n
+            c["padded"] += padded
         if current:
             transfers.append(self._close(current))
         return transfers
@@ -384,6 +408,14 @@ class Framer:
         self._counters[COMMAND_NAMES[command]] += 1  # counted only once it is built
         header = command_header(command, len(data)).to_bytes(HEADER_SIZE, "little")
         return self._close(bytearray(header + bytes(data)))
+
+    def place(self, pos: int, size: int) -> int:
+        """Where a packet of size bytes goes in a transfer of pos bytes: pos, or with
+        out_chunk, the next multiple of it if the packet would cross one."""
+        chunk = self.out_chunk
+        if chunk and pos % chunk + size > chunk:
+            return pos + chunk - pos % chunk
+        return pos
 
     def _fits(self, length: int) -> bool:
         """Whether a transfer of this length, closed by _close, stays within the limit."""

@@ -71,6 +71,12 @@ def _string(value: Any) -> str:
     return value
 
 
+def _out_chunk(value: Any) -> str:
+    if value == "f_eem" or (isinstance(value, int) and not isinstance(value, bool)):
+        return str(value)  # options.parse_out_chunk checks the number as for the flag
+    raise _Invalid(f'expected a number of bytes or "f_eem", got {_type(value)}')
+
+
 def _integer(low: int, high: int | None = None) -> Callable[[Any], int]:
     def check(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):  # TOML true is not 1
@@ -176,6 +182,7 @@ KEYS: dict[str, Key] = {
     "in-flight": Key("in_flight", _integer(1, 64)),
     "in-transfer-size": Key("in_transfer_size", _integer(1024, 65536)),
     "out-in-flight": Key("out_in_flight", _integer(1, 256)),
+    "out-chunk": Key("out_chunk", _out_chunk),
     "interface": Key("interface", _integer(0, 255)),  # a device with several EEM functions
     "persist": Key("persist", _boolean),
     "offload": Key("offload", _boolean),

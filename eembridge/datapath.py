@@ -154,7 +154,8 @@ class TxPath:
                 break
             c["tap_frames_read"] += 1
             frames.append(frame)
-            pending += len(frame) + HEADER_SIZE + CHECK_SIZE
+            # (out_chunk: a packet may need up to its own size again of fill before it)
+            pending += (len(frame) + HEADER_SIZE + CHECK_SIZE) * (2 if self.framer.out_chunk else 1)
         before = self.framer.counters()
         transfers = [
             OutTransfer(memoryview(t), count_packets(t)) for t in self.framer.pack(frames)

@@ -11,6 +11,19 @@ from .stats import socket_path
 from .transport import Transport
 
 
+def parse_out_chunk(value: str) -> int | str:
+    """--out-chunk: "f_eem", or a number of bytes (0: off) a device buffer holds."""
+    if value == "f_eem":
+        return value
+    try:
+        size = int(value)
+    except ValueError:
+        raise UserError(f"--out-chunk {value}: expected a number of bytes or f_eem") from None
+    if size and not (1024 < size <= 65536 and size % 64 == 0):
+        raise UserError(f"--out-chunk {value}: expected 0, f_eem, or a multiple of 64 "
+                        "from 1088 to 65536")
+    return size
+
 def bridge_options(args: argparse.Namespace) -> BridgeOptions:
     if not 576 <= args.mtu <= 9000:
         raise UserError(f"--mtu {args.mtu} out of range (576..9000)")
@@ -21,6 +34,7 @@ def bridge_options(args: argparse.Namespace) -> BridgeOptions:
                         "(every max packet size divides it) from 1024 to 65536")
     if args.txqueuelen is not None and not 1 <= args.txqueuelen <= 100000:
         raise UserError(f"--txqueuelen {args.txqueuelen} out of range (1..100000)")
+    out_chunk = parse_out_chunk(str(getattr(args, "out_chunk", "0")))
     if args.out_in_flight < 1:
         raise UserError("--out-in-flight must be at least 1")
     options = BridgeOptions(
@@ -36,6 +50,7 @@ def bridge_options(args: argparse.Namespace) -> BridgeOptions:
         in_flight=args.in_flight,
         in_transfer_size=args.in_transfer_size,
         out_in_flight=args.out_in_flight,
+        out_chunk=out_chunk,
         keepalive=args.keepalive,
         persist=args.persist,
         offload=getattr(args, "offload", False),

@@ -94,6 +94,8 @@ FRAMER_COUNTERS = (
     "runts",  # frames refused: shorter than an Ethernet header
     "echo",  # Echo commands built
     "echo_response",  # Echo Responses built
+    "fill",  # zero-length EEM packets that fill a chunk (out_chunk) so no packet crosses it
+    "padded",  # odd-length frames sent with one zero byte more (out_chunk)
 )
 
 

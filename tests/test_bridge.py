@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import resource
+import socket
 import threading
 import time
 
@@ -15,6 +16,7 @@ import pytest
 
 from eembridge.bridge import Bridge, BridgeOptions
 from eembridge.netns import free_linklocal_subnet, unique_name
+from eembridge.protocol import DEFAULT_MAX_TRANSFER
 from eembridge.sim.faults import Faults
 from eembridge.sim.link import SimLink
 
@@ -39,7 +41,8 @@ def rig_factory():
     made = []
 
     def make(host_crc: bool = True, mtu: int = 1500, keepalive: float | None = None,
-             in_transfer_size: int = 16384, offload: bool = False, **sim_options) -> Rig:
+             in_transfer_size: int = 16384, offload: bool = False, out_chunk: int | str = 0,
+             max_transfer: int = DEFAULT_MAX_TRANSFER, **sim_options) -> Rig:
         subnet = free_linklocal_subnet()
         device_ip, host_ip = str(subnet[1]), str(subnet[2])
         sim = SimLink(f"{device_ip}/24", mtu=mtu, **sim_options)
@@ -47,7 +50,7 @@ def rig_factory():
         options = BridgeOptions(tap=unique_name("eemb"), addresses=[f"{host_ip}/24"],
                                 peer=device_ip, peer_mac=sim.mac, tx_crc=host_crc, mtu=mtu, keepalive=keepalive,
                                 in_transfer_size=in_transfer_size, offload=offload,
-                                stats_socket=None)
+                                out_chunk=out_chunk, max_transfer=max_transfer, stats_socket=None)
         bridge = Bridge(sim.connect, options)
         bridge.start()
         made.append(bridge)
@@ -107,6 +110,37 @@ def test_offload_cuts_the_kernels_64k_packets_and_merges_the_devices(rig_factory
     assert tx_path["tap_gso_frames"] > 2 * tx_path["tap_gso_packets"], tx_path  # ... cut here
     assert tx_path["tap_checksums"] > 0, tx_path  # small ones came with a partial checksum
     assert tx_path["tap_offload_errors"] == 0 and tx_path["tx_oversize"] == 0, tx_path
+
+
+def _udp_burst(rig: Rig, count: int = 300, size: int = 999) -> None:
+    """Datagrams faster than one transfer each: the TAP queues them and they batch."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for i in range(count):
+            sock.sendto(bytes([i & 0xFF]) * (size + i % 7), (rig.device_ip, 9))
+
+
+@pytest.mark.parametrize("max_packet", [512, 1024])
+def test_out_chunk_carries_many_frames_per_transfer_to_a_device_taking_1536_byte_buffers(
+        rig_factory, max_packet):
+    # The simulated device unpacks each OUT buffer on its own, as Linux f_eem does (1536
+    # bytes; 2048 at SuperSpeed): a packet across a buffer's end would fail the buffer.
+    rig = rig_factory(max_packet=max_packet, rx_buffer=1536 if max_packet == 512 else 2048,
+                      whole_requests=True, out_chunk="f_eem", max_transfer=16384)
+    rig.transfer(3_000_000, 300_000)
+    _udp_burst(rig)  # odd sizes: padded frames, fill before a packet that would cross
+    wait_for(lambda: rig.bridge.stats()["tx"]["frames"] > 300, timeout=10)
+    tx, device = rig.bridge.stats()["tx"], rig.sim.device.counters()
+    assert device["rx_failed_requests"] == 0, device
+    assert tx["frames"] > 2 * tx["transfers"], tx  # many frames a transfer ...
+    assert tx["fill"] > 0 and tx["padded"] > 0, tx  # ... none across a buffer's end
+
+
+def test_without_out_chunk_long_transfers_fail_such_a_device_and_it_is_seen(rig_factory):
+    # The reason for the 1536-byte default: batched transfers longer than the device's
+    # buffer lose whole buffers. The device model counts what f_eem would have dropped.
+    rig = rig_factory(max_packet=512, rx_buffer=1536, whole_requests=True, max_transfer=16384)
+    _udp_burst(rig)
+    wait_for(lambda: rig.sim.device.counters()["rx_failed_requests"] > 0, timeout=10)
 
 
 def test_batched_device_spanning_transfers(rig_factory):

@@ -147,6 +147,9 @@ class SimDevice:
         faults: Faults | None = None,
         max_length: int = DEFAULT_MAX_LENGTH,
         rx_buffer: int = 16384,  # device OUT request size; a multiple of max_packet
+        # Each OUT request unpacked on its own, as Linux f_eem does: a packet that runs
+        # past the end of a request fails the request and every frame in it.
+        whole_requests: bool = False,
         batch_bytes: int = 16384,  # batch=True: how far ahead the device fills its stream
         serial: str = "SIM0001",
     ) -> None:
@@ -184,6 +187,9 @@ class SimDevice:
                               max_packet=max_packet, max_length=max_length)
         self._deframer = Deframer(max_length)
         self._rx_buffer = rx_buffer
+        self._whole_requests = whole_requests
+        self.failed_requests = 0  # whole_requests: requests f_eem would have failed
+        self.failed_request_frames = 0  # ... and the good frames lost with them
         self._rx = bytearray()
         self._tx = _TxStream(self, batch_bytes)
         self.network.attach(self._wake)
@@ -314,6 +320,8 @@ class SimDevice:
         # The framer closes every packet as if it were a transfer; what really ended the
         # device's transfers on a max-packet boundary is counted by the TX stream.
         out["tx_zlps"], out["tx_usb_zlps"] = self._tx.eem_zlps, self._tx.usb_zlps
+        out["rx_failed_requests"] = self.failed_requests
+        out["rx_failed_request_frames"] = self.failed_request_frames
         return out
 
     # -- lifetime ----------------------------------------------------------------------
@@ -466,7 +474,16 @@ class SimDevice:
 
     def _deframe(self, short: bool) -> None:
         request, self._rx = self._rx, bytearray()
-        for event in self._deframer.feed(request, short):
+        if self._whole_requests:
+            truncated = self._deframer.counters()["truncated"]
+            events = self._deframer.feed(request, True)  # nothing carries over
+            if self._deframer.counters()["truncated"] != truncated:
+                self.failed_requests += 1
+                self.failed_request_frames += sum(isinstance(e, Frame) for e in events)
+                return
+        else:
+            events = self._deframer.feed(request, short)
+        for event in events:
             if isinstance(event, Frame):
                 self.network.deliver(bytes(event.data))
             elif isinstance(event, Echo):
