@@ -35,6 +35,21 @@ cdef extern from "<sys/eventfd.h>" nogil:
     int EFD_NONBLOCK
     int EFD_CLOEXEC
 
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd* fds, unsigned long nfds, int timeout)
+    enum: POLLIN
+
+cdef extern from "<time.h>" nogil:
+    struct timespec:
+        long tv_sec
+        long tv_nsec
+    int clock_gettime(int clk, timespec* ts)
+    enum: CLOCK_MONOTONIC
+
 cdef extern from "<sys/time.h>" nogil:
     struct timeval:
         long tv_sec
@@ -789,6 +804,50 @@ cdef class UsbTransport:
             pthread_mutex_unlock(&self.shared.lock)
         if self.shared.nout.gone:
             raise TransportGone("device gone")
+
+    def tx_serve(self, int tap_fd, int wake_fd, int timeout_ms):
+        """Serve the TAP in C until the bridge thread has something to do.
+
+        Polls the TAP (while the OUT path wants it), the bridge's wake fd and this
+        transport's completion fd; reads the TAP into OUT transfers each time it is
+        readable, and returns when either other fd is readable, the timeout passes or a
+        signal arrives. False (at once) when the OUT path is not running. Without it the bridge thread went through its Python loop once
+        per TAP wakeup: once per TCP ACK while the device sends, a large share of a CPU
+        on a small board (bench/RESULTS.md).
+        """
+        cdef NativeOut* o = &self.shared.nout
+        cdef pollfd fds[3]
+        cdef timespec now
+        cdef long long deadline_ms, left
+        cdef int n, rc
+        if not o.on:
+            return False
+        clock_gettime(CLOCK_MONOTONIC, &now)
+        deadline_ms = <long long>now.tv_sec * 1000 + now.tv_nsec // 1000000 + timeout_ms
+        with nogil:
+            while True:
+                fds[0].fd = wake_fd
+                fds[1].fd = self.shared.efd
+                fds[2].fd = tap_fd
+                n = 3 if (o.wants_tap and not o.halted and not o.gone) else 2
+                for rc in range(3):
+                    fds[rc].events = POLLIN
+                    fds[rc].revents = 0
+                clock_gettime(CLOCK_MONOTONIC, &now)
+                left = deadline_ms - (<long long>now.tv_sec * 1000 + now.tv_nsec // 1000000)
+                if left < 0:
+                    left = 0
+                rc = poll(fds, n, <int>left)
+                if rc <= 0 or fds[0].revents or fds[1].revents:
+                    break  # timeout, signal (EINTR), or the bridge thread's turn
+                pthread_mutex_lock(&self.shared.lock)
+                _tx_pump(self.shared)
+                pthread_mutex_unlock(&self.shared.lock)
+                if o.gone:
+                    break
+        if o.gone:
+            raise TransportGone("device gone")
+        return True
 
     def tx_poll(self):
         """(stalls, gone): OUT stalls since the last poll (clear the halt, then

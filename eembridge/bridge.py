@@ -367,6 +367,8 @@ class Bridge:
                         self._counters["backpressure"] += 1
                 reading_tap = want_tap
             timeout = self._timeout_ms(now, next_connect)
+            if self._native is not None and self._serve_tap(tap_fd, timeout):
+                timeout = 0  # served until something below is ready, or until the timer
             for fd, _mask in poller.poll(timeout):
                 if fd == self._wake_r:
                     self._drain_wake()
@@ -665,6 +667,16 @@ class Bridge:
         from .datapath import OutTransfer
 
         self._submit_out(OutTransfer(memoryview(transfer), frames=0, owned=False))
+
+    def _serve_tap(self, tap_fd: int, timeout: int) -> bool:
+        """Let the native data path read the TAP in C until this loop has work."""
+        assert self._native is not None
+        try:
+            return self._native.tx_serve(tap_fd, self._wake_r, timeout)
+        except TransportGone:
+            self._counters["unplugs"] += 1
+            self._disconnect(reason="unplugged")
+            return True
 
     def _send_from_tap(self) -> None:
         if self._transport is None:

@@ -129,6 +129,9 @@ class ClaimedDevice(Transport):
     def tx_kick(self) -> None:
         self._usb.tx_kick()
 
+    def tx_serve(self, tap_fd: int, wake_fd: int, timeout_ms: int) -> bool:
+        return self._usb.tx_serve(tap_fd, wake_fd, timeout_ms)
+
     def tx_poll(self) -> tuple[int, bool]:
         return self._usb.tx_poll()
 
