@@ -36,7 +36,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, cast
 
 from . import CODEC, Deframer, Framer, privileges
@@ -80,6 +80,12 @@ BRIDGE_COUNTERS = (
 )
 
 
+# OUT bytes queued at the device by default: one boot against f_eem, 12 KB transfers with
+# offload, loaded ping 6.6 ms with 8 in flight (cdc_eem 6.4 ms) and 29 ms with 32, at
+# the same throughput (bench/RESULTS.md, session 6).
+OUT_BYTES_IN_FLIGHT = 8 * 12288
+
+
 @dataclass
 class BridgeOptions:
     """Everything a bridge can be told; the CLI and the config file fill this in."""
@@ -90,27 +96,59 @@ class BridgeOptions:
     peer_mac: str | None = None
     mtu: int = 1500
     mac: str | None = None
-    # The TAP's queue. tun detaches queued frames from their socket, so TCP's small-queue
-    # limit cannot see it: the kernel's 500 held ~120 ms under an upload (bench/RESULTS.md).
-    txqueuelen: int | None = 64
+    # The TAP's queue, in packets; None: 8 with offload (a packet may then be 64 KB), 64
+    # without. tun detaches queued packets from their socket, so TCP's small-queue limit
+    # cannot see it: the kernel's 500 held ~120 ms under an upload (bench/RESULTS.md).
+    txqueuelen: int | None = None
     tx_crc: bool = True
-    max_transfer: int = DEFAULT_MAX_TRANSFER
+    # None: out_transfers() decides by the device's packet size.
+    max_transfer: int | None = None
     # A multiple of every max packet size. 4096 over 16384: peer→host +20% in two boots
     # against f_eem (one frame per transfer); a longer transfer continues in the next one.
     in_transfer_size: int = 4096
     in_flight: int = 32
-    out_in_flight: int = 32  # OUT transfers of up to max_transfer in flight
+    out_in_flight: int | None = None  # None: out_transfers() decides
     # 0: off; N: no EEM packet crosses a multiple of N bytes in an OUT transfer, so a
     # device that receives into N-byte buffers takes many frames per transfer
     # (codec.Framer); "f_eem": Linux f_eem's buffer size for this MTU and packet size.
-    out_chunk: int | str = 0
+    # Harmless for a device that takes any transfer: the fill is zero-length EEM packets.
+    out_chunk: int | str = "f_eem"
     keepalive: float | None = None  # seconds between our own Echo requests
     persist: bool = False  # keep the TAP when the bridge exits
-    # TAP TSO and checksum offload (eembridge/offload.py); needs the C data path.
-    offload: bool = False
+    # TAP TSO and checksum offload (eembridge/offload.py); None: on when the C data path
+    # is there (it is the one that can cut and merge TCP segments).
+    offload: bool | None = None
     stats_socket: str | None = None  # path of the UNIX stats socket; None: no socket
     reconnect_interval: float = 0.25
     garbage_log_interval: float = 5.0  # at most one "resync: ..." summary line per interval
+
+    def resolved(self) -> BridgeOptions:
+        """A copy with every automatic (None) choice made."""
+        from . import datapath_impl
+
+        offload = datapath_impl.OFFLOAD if self.offload is None else self.offload
+        txqueuelen = self.txqueuelen
+        if txqueuelen is None:
+            txqueuelen = 8 if offload else 64
+        return replace(self, offload=offload, txqueuelen=txqueuelen)
+
+    def out_transfers(self, max_packet: int) -> tuple[int, int]:
+        """(max_transfer, out_in_flight) for a device with this bulk packet size.
+
+        By default, OUT transfers of 12288 bytes (8 f_eem buffers; host→peer 1.2x-2.3x
+        of one frame per transfer against f_eem, bench/RESULTS.md) at full and high
+        speed. At SuperSpeed 1536: f_eem there ended multi-buffer transfers short in CI
+        (its buffers are not whole 1024-byte packets), so one buffer per transfer.
+        In flight: OUT_BYTES_IN_FLIGHT worth, since every byte queued at the device is
+        delay under load.
+        """
+        max_transfer = self.max_transfer
+        if max_transfer is None:
+            max_transfer = 12288 if max_packet <= 512 else DEFAULT_MAX_TRANSFER
+        out_in_flight = self.out_in_flight
+        if out_in_flight is None:
+            out_in_flight = min(32, max(2, OUT_BYTES_IN_FLIGHT // max_transfer))
+        return max_transfer, out_in_flight
 
     @property
     def max_length(self) -> int:
@@ -145,7 +183,7 @@ class Bridge:
     ) -> None:
         """on_link_ready runs in the caller's thread once the TAP is configured and before
         the bridge starts any thread: the place to drop privileges (eembridge.privileges)."""
-        self.options = options or BridgeOptions()
+        self.options = (options or BridgeOptions()).resolved()
         self._on_link_ready = on_link_ready
         self._connect = connect
         self._tap = tap
@@ -203,7 +241,7 @@ class Bridge:
                                 "this install runs the pure-Python one")
             self._tap = Tap(self.options.tap, mtu=self.options.mtu, mac=self.options.mac,
                             txqueuelen=self.options.txqueuelen, persist=self.options.persist,
-                            offload=self.options.offload)
+                            offload=bool(self.options.offload))
         self._configure_link()
         if self._on_link_ready is not None:
             self._on_link_ready()
@@ -213,9 +251,11 @@ class Bridge:
             self._control = ControlServer(self.options.stats_socket, self)
         opts = self.options
         # Logged before the thread starts, so "started" always precedes "claimed".
-        log.info("started: TAP %s (mtu %d, addresses %s)", opts.tap, opts.mtu,
-                 ", ".join(opts.addresses) or "none",
-                 extra=event("started", tap=opts.tap, mtu=opts.mtu, addresses=opts.addresses))
+        log.info("started: TAP %s (mtu %d, addresses %s, offload %s, queue %d)", opts.tap,
+                 opts.mtu, ", ".join(opts.addresses) or "none",
+                 "on" if opts.offload else "off", opts.txqueuelen,
+                 extra=event("started", tap=opts.tap, mtu=opts.mtu, addresses=opts.addresses,
+                             offload=bool(opts.offload), txqueuelen=opts.txqueuelen))
         self._thread = threading.Thread(target=self._run_guarded, name=f"eembridge-{opts.tap}",
                                         daemon=True)
         self._thread.start()
@@ -453,10 +493,11 @@ class Bridge:
                 f"device's max packet size {info.max_packet}"
             )
         self.device_info = info
+        max_transfer, out_in_flight = opts.out_transfers(info.max_packet)
         if self.framer is None or self.framer.max_packet != info.max_packet:
             chunk = out_chunk_size(opts.out_chunk, opts.mtu, info.max_packet)
             try:
-                self.framer = Framer(crc=opts.tx_crc, max_transfer=opts.max_transfer,
+                self.framer = Framer(crc=opts.tx_crc, max_transfer=max_transfer,
                                      max_packet=info.max_packet, max_length=opts.max_length,
                                      out_chunk=chunk)
             except ValueError as exc:
@@ -468,8 +509,8 @@ class Bridge:
             self.rx = datapath_impl.RxPath(self.deframer, tap_fd, opts.in_flight + 1,
                                            opts.in_transfer_size, vnet=vnet)
         self.rx.reset()
-        self.tx = datapath_impl.TxPath(self.framer, tap_fd,
-                                       opts.out_in_flight * opts.max_transfer, vnet=vnet)
+        self.tx = datapath_impl.TxPath(self.framer, tap_fd, out_in_flight * max_transfer,
+                                       vnet=vnet)
         self._in_submitted = 0
         self._in_completed = 0
         self._out = deque()

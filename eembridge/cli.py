@@ -60,34 +60,39 @@ def add_bridge_arguments(parser: argparse.ArgumentParser) -> None:
     link.add_argument("--peer-mac", metavar="MAC", help="the device's MAC for the static neighbour")
     link.add_argument("--mtu", type=int, default=1500)
     link.add_argument("--mac", help="MAC address of the TAP (default: random, locally administered)")
-    link.add_argument("--txqueuelen", type=int, default=64, metavar="FRAMES",
-                      help="the TAP's transmit queue: frames waiting for the bridge (default 64; "
-                           "the kernel's 500 adds ~100 ms under an upload); drops are counted")
+    link.add_argument("--txqueuelen", type=int, default=None, metavar="PACKETS",
+                      help="the TAP's transmit queue: packets waiting for the bridge (default 8 "
+                           "with --offload, 64 without; the kernel's 500 adds ~100 ms under an "
+                           "upload); drops are counted")
     link.add_argument("--persist", action="store_true", help="keep the TAP after exit")
-    link.add_argument("--offload", action=argparse.BooleanOptionalAction, default=False,
+    link.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
                       help="let the kernel hand the bridge TCP packets of up to 64 KB and "
-                           "checksums to fill in (TAP TSO/checksum offload; the C data path "
-                           "cuts them into frames)")
+                           "checksums to fill in, and merge consecutive TCP segments on the way "
+                           "up (TAP TSO/checksum offload, cut and merged by the C data path; "
+                           "default: on when the C data path is there)")
     eem = parser.add_argument_group("EEM")
     mode = eem.add_mutually_exclusive_group()
     mode.add_argument("--tx-crc", dest="tx_crc", action="store_true", default=True,
                       help="send frames with a real CRC-32 (default)")
     mode.add_argument("--tx-sentinel", dest="tx_crc", action="store_false",
                       help="send frames with the DE AD BE EF sentinel instead of a CRC")
-    eem.add_argument("--max-transfer", type=int, default=1536,
-                     help="largest bulk OUT transfer in bytes (default 1536, what Linux f_eem takes)")
+    eem.add_argument("--max-transfer", type=int, default=None,
+                     help="largest bulk OUT transfer in bytes (default 12288 at full and high "
+                          "speed, 1536 at SuperSpeed; 1536 keeps transfers within one "
+                          "full-size frame, for a device that takes nothing longer)")
     eem.add_argument("--in-flight", type=int, default=32,
                      help="bulk IN transfers kept queued (default 32, at most 64)")
     eem.add_argument("--in-transfer-size", type=int, default=4096, metavar="BYTES",
                      help="bytes per bulk IN transfer, a multiple of 1024 (default 4096); "
                           "a device's longer transfer simply continues in the next one")
-    eem.add_argument("--out-chunk", default="0", metavar="BYTES|f_eem",
+    eem.add_argument("--out-chunk", default="f_eem", metavar="BYTES|f_eem",
                      help="the device receives OUT data into buffers of this size and takes "
                           "each on its own: no EEM packet crosses one, so a transfer of up to "
-                          "--max-transfer carries many frames (f_eem: Linux f_eem's size, 1536; "
-                          "2048 at SuperSpeed). Default 0: off")
-    eem.add_argument("--out-in-flight", type=int, default=32,
-                     help="bulk OUT transfers of up to --max-transfer bytes in flight (default 32)")
+                          "--max-transfer carries many frames (default f_eem: Linux f_eem's "
+                          "size, 1536; 2048 at SuperSpeed; 0: packets may cross anywhere)")
+    eem.add_argument("--out-in-flight", type=int, default=None,
+                     help="bulk OUT transfers of up to --max-transfer bytes in flight (default: "
+                          "96 KB worth, 8 of 12288 bytes, at most 32)")
     eem.add_argument("--keepalive", type=float, metavar="SECONDS",
                      help="send an EEM Echo this often and log a device that stops answering")
     parser.add_argument("--stats-socket", metavar="PATH",

@@ -24,6 +24,15 @@ def parse_out_chunk(value: str) -> int | str:
                         "from 1088 to 65536")
     return size
 
+def _offload(args: argparse.Namespace) -> bool | None:
+    """--offload as given; by default off with --pcap, whose capture on the TAP would
+    otherwise hold the kernel's 64 KB packets instead of the frames the device gets."""
+    offload = getattr(args, "offload", None)
+    if offload is None and getattr(args, "pcap", None):
+        return False
+    return offload
+
+
 def bridge_options(args: argparse.Namespace) -> BridgeOptions:
     if not 576 <= args.mtu <= 9000:
         raise UserError(f"--mtu {args.mtu} out of range (576..9000)")
@@ -34,8 +43,8 @@ def bridge_options(args: argparse.Namespace) -> BridgeOptions:
                         "(every max packet size divides it) from 1024 to 65536")
     if args.txqueuelen is not None and not 1 <= args.txqueuelen <= 100000:
         raise UserError(f"--txqueuelen {args.txqueuelen} out of range (1..100000)")
-    out_chunk = parse_out_chunk(str(getattr(args, "out_chunk", "0")))
-    if args.out_in_flight < 1:
+    out_chunk = parse_out_chunk(str(getattr(args, "out_chunk", "f_eem")))
+    if args.out_in_flight is not None and args.out_in_flight < 1:
         raise UserError("--out-in-flight must be at least 1")
     options = BridgeOptions(
         tap=args.tap,
@@ -53,13 +62,13 @@ def bridge_options(args: argparse.Namespace) -> BridgeOptions:
         out_chunk=out_chunk,
         keepalive=args.keepalive,
         persist=args.persist,
-        offload=getattr(args, "offload", False),
+        offload=_offload(args),
         stats_socket=args.stats_socket or socket_path(args.tap),
         garbage_log_interval=getattr(args, "garbage_log_interval", 5.0),
     )
     if options.garbage_log_interval <= 0:
         raise UserError("--garbage-log-interval must be more than 0 seconds")
-    if options.max_transfer < options.max_length + 4:
+    if options.max_transfer is not None and options.max_transfer < options.max_length + 4:
         raise UserError(
             f"--max-transfer {options.max_transfer} cannot hold one full frame of MTU "
             f"{options.mtu} (needs at least {options.max_length + 4})"

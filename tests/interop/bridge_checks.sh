@@ -62,6 +62,14 @@ echo $? > "$RW/ping.rc"
 xfer h2p h2p "$PEER_NS" "$PEER_IP" 5001 "$XFER_MB"
 xfer p2h p2h "$PEER_NS" "$PEER_IP" 5002 "$XFER_MB"
 stamp tcp_done
+# What the peer made of our OUT transfers (many frames each, by default): f_eem counts a
+# request it could not unwrap, e.g. a packet crossing its receive buffers, as an rx
+# error; the bridge's counters say how many frames went in how many transfers.
+ip netns exec "$PEER_NS" sh -c "cat /sys/class/net/$PEER_IF/statistics/rx_errors" \
+    > "$RW/peer_rx_errors.txt" 2>&1
+echo $? > "$RW/peer_rx_errors.rc"
+python3 -m eembridge stats --socket "$SOCK" --json > "$RW/stats.json" 2> "$RW/stats.err"
+echo $? > "$RW/stats.rc"
 python3 -m eembridge echo --socket "$SOCK" -c 3 --json > "$RW/echo.json" 2> "$RW/echo.err"
 echo $? > "$RW/echo.rc"
 stamp echo_done
