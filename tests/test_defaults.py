@@ -1,0 +1,49 @@
+"""The automatic choices behind the defaults: what a bare command line gets, what each
+explicit flag keeps, and how they depend on the device's packet size and on --pcap."""
+
+from __future__ import annotations
+
+import pytest
+
+from eembridge import datapath_impl
+from eembridge.bridge import OUT_BYTES_IN_FLIGHT, BridgeOptions
+from eembridge.cli import main_parser
+from eembridge.errors import UserError
+from eembridge.options import bridge_options
+
+
+def options(*argv: str) -> BridgeOptions:
+    return bridge_options(main_parser().parse_args(["--tap", "t0", *argv])).resolved()
+
+
+def test_bare_command_line_batches_offloads_and_keeps_queues_short():
+    opts = options()
+    assert opts.offload is datapath_impl.OFFLOAD
+    assert opts.txqueuelen == (8 if opts.offload else 64)
+    assert opts.out_chunk == "f_eem"
+    assert opts.out_transfers(512) == (12288, OUT_BYTES_IN_FLIGHT // 12288)
+    assert opts.out_transfers(64) == (12288, 8)
+    # SuperSpeed: one f_eem buffer per transfer, 32 of them (the cap) in flight.
+    assert opts.out_transfers(1024) == (1536, 32)
+
+
+def test_explicit_flags_win():
+    opts = options("--max-transfer", "4096", "--out-in-flight", "3", "--no-offload",
+                   "--txqueuelen", "500", "--out-chunk", "0")
+    assert opts.out_transfers(1024) == (4096, 3)
+    assert (opts.offload, opts.txqueuelen, opts.out_chunk) == (False, 500, 0)
+    assert options("--max-transfer", "49152").out_transfers(512) == (49152, 2)
+
+
+def test_pcap_turns_offload_off_unless_asked_for(tmp_path):
+    pcap = str(tmp_path / "x.pcap")
+    assert options("--pcap", pcap).offload is False
+    if datapath_impl.OFFLOAD:
+        assert options("--pcap", pcap, "--offload").offload is True
+
+
+def test_bad_values_are_one_line_errors():
+    with pytest.raises(UserError, match="--out-in-flight must be at least 1"):
+        options("--out-in-flight", "0")
+    with pytest.raises(UserError, match="--max-transfer 1000 cannot hold one full frame"):
+        options("--max-transfer", "1000")
