@@ -43,7 +43,7 @@ from . import CODEC, Deframer, Framer, privileges
 from .errors import UserError
 from .events import Echo, EchoResponse, Event
 from .logsetup import GarbageSummary, RepeatSummary, event
-from .protocol import DEFAULT_MAX_LENGTH, DEFAULT_MAX_TRANSFER, MAX_ECHO_DATA
+from .protocol import DEFAULT_MAX_LENGTH, MAX_ECHO_DATA
 from .transport import (
     Completion,
     DeviceInfo,
@@ -80,10 +80,15 @@ BRIDGE_COUNTERS = (
 )
 
 
-# OUT bytes queued at the device by default: one boot against f_eem, 12 KB transfers with
-# offload, loaded ping 6.6 ms with 8 in flight (cdc_eem 6.4 ms) and 29 ms with 32, at
-# the same throughput (bench/RESULTS.md, session 6).
-OUT_BYTES_IN_FLIGHT = 8 * 12288
+# Defaults by bulk packet size: (max_transfer, OUT bytes in flight), from the real-peer
+# bench (bench/RESULTS.md, session 6). Every byte queued at the device is delay under
+# load, so the budget follows the link's speed. High speed: 12 KB transfers of f_eem
+# buffers, loaded ping 6.6 ms (cdc_eem 6.4) with 96 KB in flight, 29 ms with 384 KB.
+# Full speed: 12 KB transfers were slower than 1536-byte ones (16.4 vs 21.3 Mbit/s) and
+# 12 KB in flight kept loaded ping at 9.3 ms where 96 KB gave 26.7. SuperSpeed: f_eem
+# ended multi-buffer transfers short there (its buffers are not whole 1024-byte
+# packets), so one buffer per transfer.
+OUT_DEFAULTS = {64: (1536, 8 * 1536), 512: (12288, 8 * 12288), 1024: (1536, 32 * 1536)}
 
 
 @dataclass
@@ -133,21 +138,13 @@ class BridgeOptions:
         return replace(self, offload=offload, txqueuelen=txqueuelen)
 
     def out_transfers(self, max_packet: int) -> tuple[int, int]:
-        """(max_transfer, out_in_flight) for a device with this bulk packet size.
-
-        By default, OUT transfers of 12288 bytes (8 f_eem buffers; host→peer 1.2x-2.3x
-        of one frame per transfer against f_eem, bench/RESULTS.md) at full and high
-        speed. At SuperSpeed 1536: f_eem there ended multi-buffer transfers short in CI
-        (its buffers are not whole 1024-byte packets), so one buffer per transfer.
-        In flight: OUT_BYTES_IN_FLIGHT worth, since every byte queued at the device is
-        delay under load.
-        """
-        max_transfer = self.max_transfer
-        if max_transfer is None:
-            max_transfer = 12288 if max_packet <= 512 else DEFAULT_MAX_TRANSFER
+        """(max_transfer, out_in_flight) for a device with this bulk packet size: the
+        given values, else OUT_DEFAULTS (in flight: its bytes in transfers, 2..32)."""
+        default_transfer, budget = OUT_DEFAULTS[min(OUT_DEFAULTS, key=lambda p: abs(p - max_packet))]
+        max_transfer = self.max_transfer or default_transfer
         out_in_flight = self.out_in_flight
         if out_in_flight is None:
-            out_in_flight = min(32, max(2, OUT_BYTES_IN_FLIGHT // max_transfer))
+            out_in_flight = min(32, max(2, budget // max_transfer))
         return max_transfer, out_in_flight
 
     @property

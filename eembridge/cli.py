@@ -77,8 +77,8 @@ def add_bridge_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--tx-sentinel", dest="tx_crc", action="store_false",
                       help="send frames with the DE AD BE EF sentinel instead of a CRC")
     eem.add_argument("--max-transfer", type=int, default=None,
-                     help="largest bulk OUT transfer in bytes (default 12288 at full and high "
-                          "speed, 1536 at SuperSpeed; 1536 keeps transfers within one "
+                     help="largest bulk OUT transfer in bytes (default 12288 at high speed, 1536 "
+                          "at full speed and SuperSpeed; 1536 keeps transfers within one "
                           "full-size frame, for a device that takes nothing longer)")
     eem.add_argument("--in-flight", type=int, default=32,
                      help="bulk IN transfers kept queued (default 32, at most 64)")
@@ -92,7 +92,8 @@ def add_bridge_arguments(parser: argparse.ArgumentParser) -> None:
                           "size, 1536; 2048 at SuperSpeed; 0: packets may cross anywhere)")
     eem.add_argument("--out-in-flight", type=int, default=None,
                      help="bulk OUT transfers of up to --max-transfer bytes in flight (default: "
-                          "96 KB worth, 8 of 12288 bytes, at most 32)")
+                          "12 KB worth at full speed, 96 KB at high speed, 48 KB at "
+                          "SuperSpeed; at most 32)")
     eem.add_argument("--keepalive", type=float, metavar="SECONDS",
                      help="send an EEM Echo this often and log a device that stops answering")
     parser.add_argument("--stats-socket", metavar="PATH",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from eembridge import datapath_impl
-from eembridge.bridge import OUT_BYTES_IN_FLIGHT, BridgeOptions
+from eembridge.bridge import BridgeOptions
 from eembridge.cli import main_parser
 from eembridge.errors import UserError
 from eembridge.options import bridge_options
@@ -21,9 +21,10 @@ def test_bare_command_line_batches_offloads_and_keeps_queues_short():
     assert opts.offload is datapath_impl.OFFLOAD
     assert opts.txqueuelen == (8 if opts.offload else 64)
     assert opts.out_chunk == "f_eem"
-    assert opts.out_transfers(512) == (12288, OUT_BYTES_IN_FLIGHT // 12288)
-    assert opts.out_transfers(64) == (12288, 8)
-    # SuperSpeed: one f_eem buffer per transfer, 32 of them (the cap) in flight.
+    # High speed: 12 KB transfers of f_eem buffers, 96 KB in flight; full speed: one
+    # buffer per transfer, 12 KB in flight; SuperSpeed: one buffer, 32 in flight.
+    assert opts.out_transfers(512) == (12288, 8)
+    assert opts.out_transfers(64) == (1536, 8)
     assert opts.out_transfers(1024) == (1536, 32)
 
 
@@ -33,6 +34,7 @@ def test_explicit_flags_win():
     assert opts.out_transfers(1024) == (4096, 3)
     assert (opts.offload, opts.txqueuelen, opts.out_chunk) == (False, 500, 0)
     assert options("--max-transfer", "49152").out_transfers(512) == (49152, 2)
+    assert options("--max-transfer", "3072").out_transfers(64) == (3072, 4)  # 12 KB
 
 
 def test_pcap_turns_offload_off_unless_asked_for(tmp_path):
