@@ -123,7 +123,7 @@ cdef inline void rx_write_frames(rx_state* rx, const unsigned char* base) noexce
         if r == GRO_HELD:
             rx.gro_bytes += length
         else:
-            rx_flush(rx)  # (nothing held after a FLUSH_FIRST; kept for order all the same)
+            rx_flush(rx)  # what is held went up before this frame arrived
             _rx_write_one(rx, frame, length)
 
 

@@ -99,7 +99,7 @@ cdef inline Py_ssize_t tx_read_frame(tx_state* tx, unsigned char* dst) noexcept 
     A length of read_size means an oversize frame (the framer refuses and counts it).
     With offload, a GSO packet's frames come one per call until it is used up.
     """
-    cdef Py_ssize_t n, longest
+    cdef Py_ssize_t n
     cdef iovec iov[3]
     if tx.vnet and tx.gso.pending:
         n = gso_next(&tx.gso, dst)

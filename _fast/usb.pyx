@@ -410,6 +410,19 @@ cdef bint _tx_pump(Shared* shared) noexcept nogil:
     return False
 
 
+cdef inline void _tx_pump_locked(Shared* shared) noexcept nogil:
+    """_tx_pump from the bridge thread; what it would tell, that thread finds out itself."""
+    pthread_mutex_lock(&shared.lock)
+    _tx_pump(shared)
+    pthread_mutex_unlock(&shared.lock)
+
+
+cdef inline long long _now_ms() noexcept nogil:
+    cdef timespec now
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    return <long long>now.tv_sec * 1000 + now.tv_nsec // 1000000
+
+
 cdef void _on_out_native(libusb_transfer* transfer) noexcept nogil:
     """A data OUT transfer ended: count it, free its memory in order, refill."""
     cdef Shared* shared = <Shared*>transfer.user_data
@@ -795,13 +808,10 @@ cdef class UsbTransport:
 
     def tx_kick(self):
         """The TAP is readable: send what it has (GIL released)."""
-        cdef bint tell
         if not self.shared.nout.on:
             return
         with nogil:
-            pthread_mutex_lock(&self.shared.lock)
-            tell = _tx_pump(self.shared)
-            pthread_mutex_unlock(&self.shared.lock)
+            _tx_pump_locked(self.shared)
         if self.shared.nout.gone:
             raise TransportGone("device gone")
 
@@ -809,40 +819,30 @@ cdef class UsbTransport:
         """Serve the TAP in C until the bridge thread has something to do.
 
         Polls the TAP (while the OUT path wants it), the bridge's wake fd and this
-        transport's completion fd; reads the TAP into OUT transfers each time it is
-        readable, and returns when either other fd is readable, the timeout passes or a
-        signal arrives. False (at once) when the OUT path is not running. Without it the bridge thread went through its Python loop once
-        per TAP wakeup: once per TCP ACK while the device sends, a large share of a CPU
-        on a small board (bench/RESULTS.md).
+        transport's completion fd; sends what the TAP has each time it is readable, and
+        returns True when either other fd is readable, the timeout passes or a signal
+        arrives; False at once when the OUT path is not running. Without it the bridge
+        thread went through its Python loop once per TAP wakeup: once per TCP ACK while
+        the device sends, a large share of a CPU on a small board (bench/RESULTS.md).
         """
         cdef NativeOut* o = &self.shared.nout
         cdef pollfd fds[3]
-        cdef timespec now
-        cdef long long deadline_ms, left
-        cdef int n, rc
+        cdef long long deadline = _now_ms() + timeout_ms
+        cdef int rc, i
         if not o.on:
             return False
-        clock_gettime(CLOCK_MONOTONIC, &now)
-        deadline_ms = <long long>now.tv_sec * 1000 + now.tv_nsec // 1000000 + timeout_ms
+        fds[0].fd = wake_fd
+        fds[1].fd = self.shared.efd
+        fds[2].fd = tap_fd
+        for i in range(3):
+            fds[i].events = POLLIN
         with nogil:
             while True:
-                fds[0].fd = wake_fd
-                fds[1].fd = self.shared.efd
-                fds[2].fd = tap_fd
-                n = 3 if (o.wants_tap and not o.halted and not o.gone) else 2
-                for rc in range(3):
-                    fds[rc].events = POLLIN
-                    fds[rc].revents = 0
-                clock_gettime(CLOCK_MONOTONIC, &now)
-                left = deadline_ms - (<long long>now.tv_sec * 1000 + now.tv_nsec // 1000000)
-                if left < 0:
-                    left = 0
-                rc = poll(fds, n, <int>left)
+                rc = poll(fds, 3 if (o.wants_tap and not o.halted and not o.gone) else 2,
+                          <int>max(0, deadline - _now_ms()))
                 if rc <= 0 or fds[0].revents or fds[1].revents:
                     break  # timeout, signal (EINTR), or the bridge thread's turn
-                pthread_mutex_lock(&self.shared.lock)
-                _tx_pump(self.shared)
-                pthread_mutex_unlock(&self.shared.lock)
+                _tx_pump_locked(self.shared)
                 if o.gone:
                     break
         if o.gone:
