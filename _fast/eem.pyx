@@ -54,6 +54,7 @@ from eem cimport (
     eem_command_record,
     eem_deframer,
     eem_deframer_counters,
+    eem_frame_placed,
     eem_frame_record,
     eem_framer,
     eem_framer_counters,
@@ -980,7 +981,7 @@ cdef class Framer:
         """Frame and batch; frames that cannot be sent are counted and left out."""
         cdef list transfers = []
         cdef Py_ssize_t current = 0  # bytes of the transfer being assembled
-        cdef Py_ssize_t n, start
+        cdef Py_ssize_t n, start, size
         cdef bint padded
         cdef Py_buffer view
         for frame in frames:
@@ -1003,18 +1004,14 @@ cdef class Framer:
             try:
                 # Room for this packet and the zero-length packet that may close it.
                 self._reserve(start + HEADER_SIZE + n + CHECK_SIZE + HEADER_SIZE)
-                memset(self.transfer_mem + current, 0, start - current)  # fill: 0x0000s
-                memcpy(self.transfer_mem + start + HEADER_SIZE, view.buf, view.len)
-                if padded:
-                    self.transfer_mem[start + HEADER_SIZE + view.len] = 0
-                _seal(&self.f, self.transfer_mem + start, n)
-                self.f.c.fill += (start - current) // HEADER_SIZE
-                current = start + HEADER_SIZE + n + CHECK_SIZE
+                memcpy(self.transfer_mem + current + HEADER_SIZE, view.buf, view.len)
+                # The TX path's own placement (padding, fill, seal, counters): checked
+                # above already, so it accepts the frame and puts it at `start`.
+                size = eem_frame_placed(&self.f, self.transfer_mem, current, view.len,
+                                        &start)
+                current = start + size
             finally:
                 PyBuffer_Release(&view)
-            self.f.c.frames += 1
-            self.f.c.bytes += n
-            self.f.c.padded += padded
         if current:
             transfers.append(self._close_bytes(current))
         return transfers
