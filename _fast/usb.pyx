@@ -3,8 +3,12 @@
 
 uvloop habits: libusb calls a C callback (no GIL) when a transfer ends; the callback
 pushes the transfer onto a C queue under a mutex and writes an eventfd. An event thread
-runs libusb_handle_events_timeout_completed with the GIL released. Only completions()
-builds Python objects, one per transfer.
+polls libusb's fds (and, once start_tx runs, the TAP) with the GIL released and runs
+libusb's event handling. Only completions() builds Python objects, one per transfer.
+
+With the native data path (start_rx, start_tx) that one thread carries every frame both
+ways: IN completions go to the TAP, TAP frames go into OUT transfers, and the bridge's
+Python thread only hears of commands, stalls, unplugs and its own timers.
 
 The device is opened with libusb_wrap_sys_device on a /dev/bus/usb/BBB/DDD descriptor
 the caller opened: a permission problem is then a plain EACCES on a path we can name,
@@ -42,13 +46,6 @@ cdef extern from "<poll.h>" nogil:
         short revents
     int poll(pollfd* fds, unsigned long nfds, int timeout)
     enum: POLLIN
-
-cdef extern from "<time.h>" nogil:
-    struct timespec:
-        long tv_sec
-        long tv_nsec
-    int clock_gettime(int clk, timespec* ts)
-    enum: CLOCK_MONOTONIC
 
 cdef extern from "<sys/time.h>" nogil:
     struct timeval:
@@ -110,6 +107,13 @@ cdef extern from "libusb.h" nogil:
     int libusb_cancel_transfer(libusb_transfer* transfer)
     int libusb_handle_events_timeout_completed(libusb_context* ctx, timeval* tv, int* completed)
     void libusb_interrupt_event_handler(libusb_context* ctx)
+    cdef struct libusb_pollfd:
+        int fd
+        short events
+    libusb_pollfd** libusb_get_pollfds(libusb_context* ctx)
+    void libusb_free_pollfds(libusb_pollfd** pollfds)
+    int libusb_pollfds_handle_timeouts(libusb_context* ctx)
+    int libusb_get_next_timeout(libusb_context* ctx, timeval* tv)
     const char* libusb_error_name(int code)
 
 
@@ -136,6 +140,8 @@ DEF MAX_IN = 64  # native IN transfers in flight, at most
 DEF CMD_QUEUE = 32  # commands waiting for the bridge thread; beyond: dropped, counted
 DEF CMD_DATA = 2048  # room for the longest Echo payload (11-bit length)
 DEF N_STATUS = 8  # libusb_transfer_status values
+DEF MAX_POLLFDS = 15  # libusb's on Linux: the device's usbfs fd, its event fd and timerfd
+DEF MAX_BUSY_POLLS = 100000  # eembridge.transport.MAX_BUSY_POLLS
 
 
 cdef struct QueuedCommand:
@@ -175,9 +181,9 @@ cdef struct NativeIn:
 
 
 cdef struct NativeOut:
-    # The native OUT path (start_tx): TAP frames are read, batched and submitted from C,
-    # by the bridge thread when the TAP is readable (tx_kick) and by the event thread
-    # whenever an OUT transfer completes and frees room. All under Shared.lock.
+    # The native OUT path (start_tx): TAP frames are read, batched and submitted from C
+    # by the event thread, when the TAP is readable and when an OUT transfer completes
+    # and frees room. All under Shared.lock.
     tx_state* tx
     libusb_device_handle* handle
     unsigned char endpoint
@@ -185,7 +191,8 @@ cdef struct NativeOut:
     bint closing
     bint gone
     bint halted  # a stall is being cleared: submit nothing until tx_resume
-    bint wants_tap  # room left and the TAP drained: the bridge thread should poll it
+    bint wants_tap  # room left and the TAP drained: the event thread polls it
+    int64_t backpressure  # times the TAP stopped being read because OUT was full
     # Data transfers in flight, in submission order (they complete in that order).
     libusb_transfer* fifo[TX_HELD_MAX]
     int frames[TX_HELD_MAX]
@@ -358,8 +365,8 @@ cdef void _on_in_native(libusb_transfer* transfer) noexcept nogil:
 cdef bint _tx_pump(Shared* shared) noexcept nogil:
     """Fill and submit OUT transfers while there is room and the TAP has frames.
 
-    Caller holds the lock. Returns True if the bridge thread must be told (it should
-    poll the TAP again, or a submission failed).
+    Event thread, lock held. Returns True if the bridge thread must be told (a
+    submission failed: the device may be gone).
     """
     cdef NativeOut* o = &shared.nout
     cdef tx_state* tx = o.tx
@@ -369,7 +376,9 @@ cdef bint _tx_pump(Shared* shared) noexcept nogil:
     cdef bint drained = False
     while not (o.halted or o.closing or o.gone):
         if not tx_has_room(tx):
-            o.wants_tap = False  # backpressure: completions refill from here
+            if o.wants_tap:
+                o.wants_tap = False  # backpressure: completions refill from here
+                o.backpressure += 1
             return False
         length = tx_fill_one(tx, &start, &frames, &drained)
         if length > 0:
@@ -403,24 +412,9 @@ cdef bint _tx_pump(Shared* shared) noexcept nogil:
             o.count += 1
             o.pending += 1
         if drained or length < 0:
-            if not o.wants_tap:
-                o.wants_tap = True
-                return True
+            o.wants_tap = True  # the TAP is polled again (the event loop's next turn)
             return False
     return False
-
-
-cdef inline void _tx_pump_locked(Shared* shared) noexcept nogil:
-    """_tx_pump from the bridge thread; what it would tell, that thread finds out itself."""
-    pthread_mutex_lock(&shared.lock)
-    _tx_pump(shared)
-    pthread_mutex_unlock(&shared.lock)
-
-
-cdef inline long long _now_ms() noexcept nogil:
-    cdef timespec now
-    clock_gettime(CLOCK_MONOTONIC, &now)
-    return <long long>now.tv_sec * 1000 + now.tv_nsec // 1000000
 
 
 cdef void _on_out_native(libusb_transfer* transfer) noexcept nogil:
@@ -469,11 +463,9 @@ cdef void _on_out_native(libusb_transfer* transfer) noexcept nogil:
         o.n_spare += 1
         o.first = (o.first + 1) % TX_HELD_MAX
         o.count -= 1
-    # Refill from here only under backpressure: otherwise the bridge thread polls the
-    # TAP and kicks when it is readable, and a read here would mostly find it empty
-    # (one wasted syscall per completion, e.g. per TCP ACK sent). Polling the TAP in
-    # this thread instead was tried: one thread then does all the work, and with two
-    # CPUs shared with the kernel's TCP it measured no faster (bench/RESULTS.md).
+    # Refill from here only under backpressure: otherwise the event loop polls the TAP
+    # and a read here would mostly find it empty (one wasted syscall per completion,
+    # e.g. per TCP ACK sent).
     if not o.wants_tap and _tx_pump(shared):
         tell = True
     pthread_mutex_unlock(&shared.lock)
@@ -500,6 +492,7 @@ cdef class UsbTransport:
     cdef object _tx_owner  # the TxPath whose tx_state the native OUT path fills
     cdef public object info
     cdef public unsigned int timeout_ms
+    cdef readonly int busy_polls
 
     def __cinit__(self):
         self.shared = <Shared*>malloc(sizeof(Shared))
@@ -510,8 +503,12 @@ cdef class UsbTransport:
         self.shared.efd = -1
         self.dev_fd = -1
 
-    def __init__(self, int dev_fd, int interface, int ep_in, int ep_out, info):
-        """Take over `dev_fd` (an open /dev/bus/usb node): it is closed by close()."""
+    def __init__(self, int dev_fd, int interface, int ep_in, int ep_out, info,
+                 int busy_polls=0):
+        """Take over `dev_fd` (an open /dev/bus/usb node): it is closed by close().
+
+        busy_polls: after each poll that found work, the event thread polls up to this
+        many more times without sleeping before it blocks (0: it always blocks)."""
         cdef int rc
         if not (ep_in & 0x80) or (ep_out & 0x80):
             raise ValueError(f"bad endpoints IN 0x{ep_in:02x} OUT 0x{ep_out:02x}")
@@ -519,7 +516,10 @@ cdef class UsbTransport:
             raise ValueError(f"bad interface number {interface}")
         if not isinstance(info, DeviceInfo):
             raise TypeError("info must be an eembridge.transport.DeviceInfo")
+        if not 0 <= busy_polls <= MAX_BUSY_POLLS:
+            raise ValueError(f"busy_polls {busy_polls} out of range (0..{MAX_BUSY_POLLS})")
         self.ep_in, self.ep_out, self.interface, self.info = ep_in, ep_out, interface, info
+        self.busy_polls = busy_polls
         self.timeout_ms = 0  # bulk IN waits for the device; a stuck OUT is seen by keepalive
         self.in_flight = {Direction.IN: [], Direction.OUT: []}
         self.by_address = {}
@@ -561,18 +561,77 @@ cdef class UsbTransport:
         self.thread.start()
 
     def _events(self):
-        cdef timeval tv
+        """The event thread: poll libusb's fds and the TAP, run what is ready.
+
+        libusb's own wait (libusb_handle_events) cannot include the TAP, so this loop
+        polls libusb's fds itself and calls libusb with a zero timeout when one is ready.
+        One thread for both directions: a ping costs one wakeup fewer than with the TAP
+        read by another thread, and no lock passes between two busy threads
+        (bench/RESULTS.md, session 7).
+        """
+        cdef libusb_pollfd** lfds
+        cdef pollfd fds[MAX_POLLFDS + 1]
+        cdef int n = 0, nf, rc, i, idle = 0, wait_ms
+        cdef bint usb_ready, tell
+        cdef bint timerfd = libusb_pollfds_handle_timeouts(self.ctx)
+        cdef timeval zero, next_timeout
+        cdef NativeOut* o = &self.shared.nout
+        # libusb adds a device's fd when it is opened and drops it when closed; the
+        # device was opened before this thread and is closed after it, so the set is
+        # fixed for the thread's life.
+        lfds = libusb_get_pollfds(self.ctx)
+        if lfds == NULL:
+            raise UsbError("libusb_get_pollfds", LIBUSB_ERROR_NO_MEM)
+        while lfds[n] != NULL:
+            if n == MAX_POLLFDS:
+                libusb_free_pollfds(lfds)
+                raise UsbError("libusb_get_pollfds (too many fds)", LIBUSB_ERROR_NO_MEM)
+            fds[n].fd = lfds[n].fd
+            fds[n].events = lfds[n].events
+            n += 1
+        libusb_free_pollfds(lfds)
+        zero.tv_sec = 0
+        zero.tv_usec = 0
         with nogil:
             while not self.stop:
-                tv.tv_sec = 1
-                tv.tv_usec = 0
-                libusb_handle_events_timeout_completed(self.ctx, &tv, NULL)
-                # Offload merges the TCP segments of every IN transfer this pass
-                # completed; they go up now, before the next wait.
-                pthread_mutex_lock(&self.shared.lock)
-                if self.shared.nin.rx != NULL:
-                    rx_flush(self.shared.nin.rx)
-                pthread_mutex_unlock(&self.shared.lock)
+                nf = n
+                if o.on and o.wants_tap and not (o.halted or o.gone or o.closing):
+                    fds[n].fd = o.tx.tap_fd
+                    fds[n].events = POLLIN
+                    nf = n + 1
+                # Busy polling: right after work, more work is likely within
+                # microseconds (the next completion, the next TCP segment); sleeping
+                # and being woken for it costs more than looking again.
+                wait_ms = 0 if idle < self.busy_polls else 1000
+                if wait_ms and not timerfd and libusb_get_next_timeout(self.ctx,
+                                                                       &next_timeout) == 1:
+                    wait_ms = min(wait_ms, next_timeout.tv_sec * 1000
+                                  + next_timeout.tv_usec // 1000 + 1)
+                rc = poll(fds, nf, wait_ms)
+                if rc < 0:
+                    continue  # EINTR
+                usb_ready = rc == 0 and not timerfd  # libusb's timeouts are due
+                if rc == 0:
+                    idle += 1
+                else:
+                    idle = 0
+                for i in range(n):
+                    if fds[i].revents:
+                        usb_ready = True
+                if usb_ready:
+                    libusb_handle_events_timeout_completed(self.ctx, &zero, NULL)
+                    # Offload merges the TCP segments of every IN transfer this pass
+                    # completed; they go up now, before the next wait.
+                    pthread_mutex_lock(&self.shared.lock)
+                    if self.shared.nin.rx != NULL:
+                        rx_flush(self.shared.nin.rx)
+                    pthread_mutex_unlock(&self.shared.lock)
+                if nf > n and fds[n].revents:
+                    pthread_mutex_lock(&self.shared.lock)
+                    tell = _tx_pump(self.shared)
+                    pthread_mutex_unlock(&self.shared.lock)
+                    if tell:
+                        _notify(self.shared)
 
     def fileno(self):
         return self.shared.efd
@@ -781,9 +840,9 @@ cdef class UsbTransport:
     def start_tx(self, txpath):
         """Send TAP frames from C: batched by txpath's rules, in txpath's memory.
 
-        From now on the caller does not fill or release txpath; it calls tx_kick()
-        when the TAP is readable and tx_wants_tap says it should look, and tx_poll()
-        when fileno() is readable. Command transfers still go through submit_out.
+        From now on the event thread reads txpath's TAP whenever there is room in
+        flight; the caller no longer fills or releases txpath, and calls tx_poll() when
+        fileno() is readable. Command transfers still go through submit_out.
         """
         cdef tx_state* tx = <tx_state*>PyCapsule_GetPointer(txpath.capsule, TX_STATE_CAPSULE)
         cdef NativeOut* o = &self.shared.nout
@@ -800,54 +859,7 @@ cdef class UsbTransport:
         o.on = True
         pthread_mutex_unlock(&self.shared.lock)
         self._tx_owner = txpath
-
-    @property
-    def tx_wants_tap(self):
-        """Whether the bridge thread should poll the TAP (False under backpressure)."""
-        return bool(self.shared.nout.wants_tap) and not self.shared.nout.halted
-
-    def tx_kick(self):
-        """The TAP is readable: send what it has (GIL released)."""
-        if not self.shared.nout.on:
-            return
-        with nogil:
-            _tx_pump_locked(self.shared)
-        if self.shared.nout.gone:
-            raise TransportGone("device gone")
-
-    def tx_serve(self, int tap_fd, int wake_fd, int timeout_ms):
-        """Serve the TAP in C until the bridge thread has something to do.
-
-        Polls the TAP (while the OUT path wants it), the bridge's wake fd and this
-        transport's completion fd; sends what the TAP has each time it is readable, and
-        returns True when either other fd is readable, the timeout passes or a signal
-        arrives; False at once when the OUT path is not running. Without it the bridge
-        thread went through its Python loop once per TAP wakeup: once per TCP ACK while
-        the device sends, a large share of a CPU on a small board (bench/RESULTS.md).
-        """
-        cdef NativeOut* o = &self.shared.nout
-        cdef pollfd fds[3]
-        cdef long long deadline = _now_ms() + timeout_ms
-        cdef int rc, i
-        if not o.on:
-            return False
-        fds[0].fd = wake_fd
-        fds[1].fd = self.shared.efd
-        fds[2].fd = tap_fd
-        for i in range(3):
-            fds[i].events = POLLIN
-        with nogil:
-            while True:
-                rc = poll(fds, 3 if (o.wants_tap and not o.halted and not o.gone) else 2,
-                          <int>max(0, deadline - _now_ms()))
-                if rc <= 0 or fds[0].revents or fds[1].revents:
-                    break  # timeout, signal (EINTR), or the bridge thread's turn
-                _tx_pump_locked(self.shared)
-                if o.gone:
-                    break
-        if o.gone:
-            raise TransportGone("device gone")
-        return True
+        libusb_interrupt_event_handler(self.ctx)  # the event loop adds the TAP to its poll
 
     def tx_poll(self):
         """(stalls, gone): OUT stalls since the last poll (clear the halt, then
@@ -868,8 +880,8 @@ cdef class UsbTransport:
             pthread_mutex_lock(&self.shared.lock)
             self.shared.nout.halted = False
             self.shared.nout.wants_tap = True
-            _tx_pump(self.shared)
             pthread_mutex_unlock(&self.shared.lock)
+            libusb_interrupt_event_handler(self.ctx)  # the event loop polls the TAP again
 
     def tx_stats(self):
         """Counters of the native OUT path (racy reads of int64s: fine for counters)."""
@@ -890,6 +902,7 @@ cdef class UsbTransport:
                 "dropped": dropped, "errors": errors, "short_writes": o.short_writes,
                 "submit_errors": o.submit_errors, "stalls": o.errors_by_status[LIBUSB_TRANSFER_STALL],
                 "closing_frames": o.closing_frames, "in_flight": o.count,
+                "backpressure": o.backpressure,
                 "bytes_in_flight": o.tx.in_flight if o.tx != NULL else 0}
 
     cdef int _tx_cancel(self) except -1:

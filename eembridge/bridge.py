@@ -5,7 +5,9 @@ Theory of operation
 One thread runs one poll loop over three sources: the transport's completion fd, the
 TAP fd and a wake-up fd (stop requests, echo requests, stats). Everything that touches
 frames happens in the data path objects (eembridge.datapath or its Cython twin); this
-module only schedules transfers and decides what to do with their outcome.
+module only schedules transfers and decides what to do with their outcome. With the
+libusb transport's native data path, that transport's event thread reads the TAP and
+moves every frame itself; this loop then sees only commands, faults and timers.
 
   device --bulk IN--> transport --completion--> RxPath (deframe, write to TAP)
   TAP --readable--> TxPath (read, frame, batch) --OUT transfer--> transport --> device
@@ -393,8 +395,9 @@ class Bridge:
                 else:
                     next_connect = now + self.options.reconnect_interval
             # Backpressure: poll the TAP only while there is room to send what we read.
-            want_tap = self._transport is not None and self.tx is not None and (
-                self._native.tx_wants_tap if self._native is not None else self.tx.has_room)
+            # The native data path reads the TAP in its own thread.
+            want_tap = (self._transport is not None and self.tx is not None
+                        and self._native is None and self.tx.has_room)
             if want_tap != reading_tap:
                 if want_tap:
                     poller.register(tap_fd, select.POLLIN)
@@ -404,8 +407,6 @@ class Bridge:
                         self._counters["backpressure"] += 1
                 reading_tap = want_tap
             timeout = self._timeout_ms(now, next_connect)
-            if self._native is not None and self._serve_tap(tap_fd, timeout):
-                timeout = 0  # served until something below is ready, or until the timer
             for fd, _mask in poller.poll(timeout):
                 if fd == self._wake_r:
                     self._drain_wake()
@@ -515,8 +516,8 @@ class Bridge:
         poller.register(transport.fileno(), select.POLLIN)
         self._poller = poller
         # The libusb transport runs the data path itself, in C: its event thread
-        # delivers IN transfers and refills OUT ones from their completions, so no
-        # Python runs per transfer (bench/interop.py). Other transports, the
+        # delivers IN transfers and reads the TAP into OUT ones, so no Python runs per
+        # transfer or per frame (bench/interop.py). Other transports, the
         # pure-Python data path, --usb-pcap recording and EEMBRIDGE_NATIVE=0 (to
         # compare: bench/interop.py --variant) take the Python loop.
         native = (cast(NativeDataPath, transport)
@@ -706,25 +707,8 @@ class Bridge:
 
         self._submit_out(OutTransfer(memoryview(transfer), frames=0, owned=False))
 
-    def _serve_tap(self, tap_fd: int, timeout: int) -> bool:
-        """Let the native data path read the TAP in C until this loop has work."""
-        assert self._native is not None
-        try:
-            return self._native.tx_serve(tap_fd, self._wake_r, timeout)
-        except TransportGone:
-            self._counters["unplugs"] += 1
-            self._disconnect(reason="unplugged")
-            return True
-
     def _send_from_tap(self) -> None:
         if self._transport is None:
-            return
-        if self._native is not None:
-            try:
-                self._native.tx_kick()
-            except TransportGone:
-                self._counters["unplugs"] += 1
-                self._disconnect(reason="unplugged")
             return
         for transfer in self.tx.fill():
             self._submit_out(transfer)
@@ -803,7 +787,7 @@ def _merge_native(native: NativeDataPath, counters: dict[str, int], in_errors: d
                        ("rx_deframe_failures", rx["deframe_failures"]),
                        ("tx_transfers", tx["transfers"]), ("tx_frames", tx["frames"]),
                        ("tx_bytes", tx["bytes"]), ("tx_dropped", sum(tx["dropped"].values())),
-                       ("out_stalls", tx["stalls"]),
+                       ("out_stalls", tx["stalls"]), ("backpressure", tx["backpressure"]),
                        ("out_errors", sum(tx["errors"].values()) + tx["short_writes"]
                         + tx["submit_errors"])):
         counters[key] += value

@@ -20,6 +20,7 @@ from typing import Any
 from . import CODEC, __version__, observe
 from .errors import UserError
 from .logsetup import FORMATS, setup_logging
+from .transport import BUSY_POLLS
 
 # Subcommand name -> module with add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS = {
@@ -94,6 +95,10 @@ def add_bridge_arguments(parser: argparse.ArgumentParser) -> None:
                      help="bulk OUT transfers of up to --max-transfer bytes in flight (default: "
                           "12 KB worth at full speed, 96 KB at high speed, 48 KB at "
                           "SuperSpeed; at most 32)")
+    eem.add_argument("--busy-poll", type=int, default=BUSY_POLLS, metavar="N",
+                     help="USB: after work, the data path thread looks for more this many "
+                          f"times before it sleeps (default {BUSY_POLLS}; 0: sleep at once, "
+                          "least CPU; more: faster under load, at some CPU when idle)")
     eem.add_argument("--keepalive", type=float, metavar="SECONDS",
                      help="send an EEM Echo this often and log a device that stops answering")
     parser.add_argument("--stats-socket", metavar="PATH",

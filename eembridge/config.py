@@ -183,6 +183,7 @@ KEYS: dict[str, Key] = {
     "in-transfer-size": Key("in_transfer_size", _integer(1024, 65536)),
     "out-in-flight": Key("out_in_flight", _integer(1, 256)),
     "out-chunk": Key("out_chunk", _out_chunk),
+    "busy-poll": Key("busy_poll", _integer(0, 100000)),
     "interface": Key("interface", _integer(0, 255)),  # a device with several EEM functions
     "persist": Key("persist", _boolean),
     "offload": Key("offload", _boolean),

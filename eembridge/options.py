@@ -8,7 +8,7 @@ from collections.abc import Callable
 from .bridge import BridgeOptions
 from .errors import UserError
 from .stats import socket_path
-from .transport import Transport
+from .transport import BUSY_POLLS, MAX_BUSY_POLLS, Transport
 
 
 def parse_out_chunk(value: str) -> int | str:
@@ -77,6 +77,9 @@ def bridge_options(args: argparse.Namespace) -> BridgeOptions:
 
 
 def usb_connector(args: argparse.Namespace) -> Callable[[], Transport]:
+    busy_poll = getattr(args, "busy_poll", BUSY_POLLS)
+    if not 0 <= busy_poll <= MAX_BUSY_POLLS:
+        raise UserError(f"--busy-poll {busy_poll} out of range (0..{MAX_BUSY_POLLS})")
     try:
         from .usb import connector
     except ImportError:

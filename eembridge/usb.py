@@ -29,7 +29,7 @@ from typing import Any
 from . import discovery, privileges
 from .discovery import EemInterface
 from .errors import UserError
-from .transport import DeviceInfo, Direction, Transport, TransportGone
+from .transport import BUSY_POLLS, DeviceInfo, Direction, Transport, TransportGone
 from .usbselect import Selector, identity, select
 
 log = logging.getLogger("eembridge.usb")
@@ -46,7 +46,7 @@ def permission_hint(record: EemInterface) -> str:
 class ClaimedDevice(Transport):
     """A Transport over eembridge._usb.UsbTransport that gives the device back on close."""
 
-    def __init__(self, record: EemInterface, tap: str) -> None:
+    def __init__(self, record: EemInterface, tap: str, busy_polls: int = BUSY_POLLS) -> None:
         from ._usb import UsbError, UsbTransport
 
         self.record = record
@@ -59,7 +59,8 @@ class ClaimedDevice(Transport):
         info = DeviceInfo(max_packet=record.max_packet, speed=record.speed,
                           description=record.describe(), serial=record.serial)
         try:
-            self._usb = UsbTransport(fd, record.interface, record.ep_in, record.ep_out, info)
+            self._usb = UsbTransport(fd, record.interface, record.ep_in, record.ep_out, info,
+                                     busy_polls)
         except OSError:
             os.close(fd)
             raise TransportGone(f"{record.node} could not be opened") from None
@@ -121,16 +122,6 @@ class ClaimedDevice(Transport):
 
     def start_tx(self, txpath: Any) -> None:
         self._usb.start_tx(txpath)
-
-    @property
-    def tx_wants_tap(self) -> bool:
-        return self._usb.tx_wants_tap
-
-    def tx_kick(self) -> None:
-        self._usb.tx_kick()
-
-    def tx_serve(self, tap_fd: int, wake_fd: int, timeout_ms: int) -> bool:
-        return self._usb.tx_serve(tap_fd, wake_fd, timeout_ms)
 
     def tx_poll(self) -> tuple[int, bool]:
         return self._usb.tx_poll()
@@ -199,6 +190,7 @@ def connector(args: argparse.Namespace) -> Callable[[], Transport]:
         log.info("waiting%s for an EEM device matching %s",
                  f" up to {wait_timeout:g} s" if wait_timeout else "", selector)
     tap = args.tap
+    busy_polls = getattr(args, "busy_poll", BUSY_POLLS)
     connected: list[bool] = []
 
     def connect() -> Transport:
@@ -222,7 +214,7 @@ def connector(args: argparse.Namespace) -> Callable[[], Transport]:
         if record.held_by.startswith("eembridge"):
             log.warning("%s is held by %s; waiting", record.describe(), record.held_by)
             raise TransportGone("held by another bridge")
-        transport = ClaimedDevice(record, tap)
+        transport = ClaimedDevice(record, tap, busy_polls)
         if not chosen:
             chosen.append(identity(record))
         return transport

@@ -49,3 +49,13 @@ def test_bad_values_are_one_line_errors():
         options("--out-in-flight", "0")
     with pytest.raises(UserError, match="--max-transfer 1000 cannot hold one full frame"):
         options("--max-transfer", "1000")
+
+
+def test_busy_poll_default_and_range():
+    from eembridge.options import usb_connector
+    from eembridge.transport import BUSY_POLLS
+
+    assert main_parser().parse_args(["--tap", "t0"]).busy_poll == BUSY_POLLS == 100
+    assert main_parser().parse_args(["--tap", "t0", "--busy-poll", "0"]).busy_poll == 0
+    with pytest.raises(UserError, match=r"--busy-poll -1 out of range \(0\.\.100000\)"):
+        usb_connector(main_parser().parse_args(["--tap", "t0", "--busy-poll", "-1"]))

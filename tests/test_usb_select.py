@@ -108,6 +108,8 @@ def test_extension_rejects_bad_arguments():
         UsbTransport(-1, 300, 0x81, 0x02, info)
     with pytest.raises(TypeError):
         UsbTransport(-1, 0, 0x81, 0x02, "not info")
+    with pytest.raises(ValueError, match="busy_polls"):
+        UsbTransport(-1, 0, 0x81, 0x02, info, busy_polls=-1)
     with open(os.devnull, "rb") as f:  # not a usbfs node: libusb refuses it
         with pytest.raises(UsbError, match="libusb_wrap_sys_device"):
             UsbTransport(f.fileno(), 0, 0x81, 0x02, info)
