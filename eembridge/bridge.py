@@ -539,9 +539,13 @@ class Bridge:
         self._set_carrier(True)
         self.connected.set()
         name = "claimed" if self._counters["connects"] == 1 else "reconnected"
-        log.info("%s: %s (max packet %d, %s speed)", name, info.description, info.max_packet,
-                 info.speed, extra=event(name, tap=opts.tap, device=info.description,
-                                         serial=info.serial, max_packet=info.max_packet))
+        busy_polls = getattr(transport, "busy_polls", None) if self._native else None
+        path = (f"frames moved in C, busy-poll {busy_polls}" if busy_polls is not None
+                else "frames moved by the bridge loop")
+        log.info("%s: %s (max packet %d, %s speed; %s)", name, info.description,
+                 info.max_packet, info.speed, path,
+                 extra=event(name, tap=opts.tap, device=info.description, serial=info.serial,
+                             max_packet=info.max_packet, busy_polls=busy_polls))
         return True
 
     def _disconnect(self, reason: str, close_quietly: bool = False) -> None:

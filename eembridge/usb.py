@@ -95,6 +95,10 @@ class ClaimedDevice(Transport):
         except OSError as exc:
             log.warning("could not record the claim in %s: %s (list will not show it)", path, exc)
 
+    @property
+    def busy_polls(self) -> int:
+        return self._usb.busy_polls
+
     def fileno(self) -> int:
         return self._usb.fileno()
 

@@ -104,6 +104,8 @@ def test_gadget_runs_at_the_speed_asked_for(boot: Boot) -> None:
         assert classes[0] == "02/02/01", f"ACM should be interface 0: {classes}"
     # The bridge saw the bulk max packet of this speed.
     assert f"max packet {max_packet}" in boot.bridge_log(), boot.bridge_log()[-2000:]
+    # Real USB takes the C data path, with the default busy polling.
+    assert "frames moved in C, busy-poll 100" in boot.bridge_log(), boot.bridge_log()[-2000:]
 
 
 @ALL_SPEEDS
