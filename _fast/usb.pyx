@@ -45,7 +45,7 @@ cdef extern from "<poll.h>" nogil:
         short events
         short revents
     int poll(pollfd* fds, unsigned long nfds, int timeout)
-    enum: POLLIN
+    enum: POLLIN, POLLERR, POLLHUP, POLLNVAL
 
 cdef extern from "<sys/time.h>" nogil:
     struct timeval:
@@ -192,6 +192,7 @@ cdef struct NativeOut:
     bint gone
     bint halted  # a stall is being cleared: submit nothing until tx_resume
     bint wants_tap  # room left and the TAP drained: the event thread polls it
+    bint tap_failed  # poll said the TAP is broken (deleted): the bridge thread stops
     int64_t backpressure  # times the TAP stopped being read because OUT was full
     # Data transfers in flight, in submission order (they complete in that order).
     libusb_transfer* fifo[TX_HELD_MAX]
@@ -595,7 +596,8 @@ cdef class UsbTransport:
         with nogil:
             while not self.stop:
                 nf = n
-                if o.on and o.wants_tap and not (o.halted or o.gone or o.closing):
+                if o.on and o.wants_tap and not (o.halted or o.gone or o.closing
+                                                 or o.tap_failed):
                     fds[n].fd = o.tx.tap_fd
                     fds[n].events = POLLIN
                     nf = n + 1
@@ -626,7 +628,11 @@ cdef class UsbTransport:
                     if self.shared.nin.rx != NULL:
                         rx_flush(self.shared.nin.rx)
                     pthread_mutex_unlock(&self.shared.lock)
-                if nf > n and fds[n].revents:
+                if nf > n and fds[n].revents & (POLLERR | POLLHUP | POLLNVAL):
+                    # Reading would fail at once, every turn: stop looking; the bridge
+                    # thread sees the same error on its own poll and stops the bridge.
+                    o.tap_failed = True
+                elif nf > n and fds[n].revents:
                     pthread_mutex_lock(&self.shared.lock)
                     tell = _tx_pump(self.shared)
                     pthread_mutex_unlock(&self.shared.lock)

@@ -61,6 +61,7 @@ log = logging.getLogger("eembridge.bridge")
 BRIDGE_COUNTERS = (
     "connects",  # device claimed (first time and after every replug)
     "unplugs",  # device lost (NO_DEVICE)
+    "tap_lost",  # the TAP's interface was deleted under the bridge (it stops)
     "in_errors",  # IN transfers that ended in an error status
     "in_stalls",  # IN endpoint stalls cleared
     "in_submit_errors",  # IN transfers libusb refused to resubmit (retried)
@@ -385,38 +386,38 @@ class Bridge:
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
         tap_fd = self._tap.fileno()
+        # Always registered: with no events asked for, poll still reports the TAP's
+        # errors (tun says POLLERR once its interface is deleted under us).
+        poller.register(tap_fd, 0)
         next_connect = 0.0
         reading_tap = False
         while not self._stop.is_set():
             now = time.monotonic()
             if self._transport is None and now >= next_connect:
-                if self._try_connect(poller):
-                    reading_tap = False
-                else:
+                if not self._try_connect(poller):
                     next_connect = now + self.options.reconnect_interval
             # Backpressure: poll the TAP only while there is room to send what we read.
             # The native data path reads the TAP in its own thread.
             want_tap = (self._transport is not None and self.tx is not None
                         and self._native is None and self.tx.has_room)
             if want_tap != reading_tap:
-                if want_tap:
-                    poller.register(tap_fd, select.POLLIN)
-                else:
-                    poller.unregister(tap_fd)
-                    if self._transport is not None:
-                        self._counters["backpressure"] += 1
+                poller.modify(tap_fd, select.POLLIN if want_tap else 0)
+                if not want_tap and self._transport is not None:
+                    self._counters["backpressure"] += 1
                 reading_tap = want_tap
             timeout = self._timeout_ms(now, next_connect)
-            for fd, _mask in poller.poll(timeout):
+            for fd, mask in poller.poll(timeout):
                 if fd == self._wake_r:
                     self._drain_wake()
                 elif fd == tap_fd:
+                    if mask & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                        self._counters["tap_lost"] += 1
+                        raise UserError(f"TAP {self.options.tap} is gone (deleted while the "
+                                        "bridge ran?): stopping")
                     self._send_from_tap()
                 elif self._transport is not None and fd == self._transport.fileno():
                     self._reap()
             self._timers(time.monotonic())
-        if reading_tap:
-            poller.unregister(tap_fd)
 
     def _timeout_ms(self, now: float, next_connect: float) -> int:
         deadlines = [now + 1.0]

@@ -69,6 +69,32 @@ def test_main_job_on_sim_with_stats_echo_and_clean_stop(tmp_path):
     assert not os.path.exists(sock)
 
 
+def test_tap_deleted_under_the_bridge_stops_it_with_one_line(tmp_path):
+    """Before, the loop kept polling a TAP whose interface was gone: 60% of a CPU, forever."""
+    require_tun_and_root()
+    from eembridge.netns import iproute, link_index
+
+    tap = unique_name("eemdel")
+    sock = str(tmp_path / "bridge.sock")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eembridge", "--sim", "--tap", tap, "--stats-socket", sock],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_for_control_socket(proc, sock)
+        with iproute() as ipr:
+            ipr.link("del", index=link_index(ipr, tap))
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 2, err
+    assert err.strip().splitlines()[-1] == (
+        f"eembridge: error: TAP {tap} is gone (deleted while the bridge ran?): stopping")
+    assert "Traceback" not in err
+
+
 def test_bad_input_is_one_line_without_traceback(tmp_path):
     bad = eembridge("--sim", "--mtu", "100")
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
