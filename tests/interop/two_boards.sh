@@ -202,8 +202,10 @@ done
 rm -f /run/udev/rules.d/70-eembridge.rules
 stamp udev_done
 
-# 7. SIGTERM both: clean exits, cdc_eem bound again on both boards.
-for b in $BOARDS; do kill -TERM "${PID[$b]}" 2>/dev/null; done
+# 7. SIGTERM board a's bridge; delete board b's TAP under its bridge (it must stop on
+#    its own, exit 2). Either way cdc_eem is bound again on both boards.
+kill -TERM "${PID[a]}" 2>/dev/null
+ip link del "${TAP[b]}"
 for b in $BOARDS; do bridge_exit "${PID[$b]}" "exit_$b"; done
 wait_until 20 both_cdc_eem
 drivers > "$RW/drivers_after.txt"
