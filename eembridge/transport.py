@@ -101,7 +101,8 @@ class Transport(ABC):
 # work (a completion, the next TCP segment or ACK) tends to come within microseconds,
 # and being woken for it costs more than looking again. In one guest boot (TCG, high
 # speed) 100 took host→peer from 0.69-0.77x cdc_eem to 1.11-1.15x and idle ping from
-# 3.3-4.8x to 2.0-2.4x; 20 was no better than none (bench/RESULTS.md, session 7).
+# 3.3-4.8x to 2.0-2.4x; 20 was no better than none. Other boots gained less, and one
+# was mixed (bench/RESULTS.md, session 7).
 BUSY_POLLS = 100
 MAX_BUSY_POLLS = 100000
 
