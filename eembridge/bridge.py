@@ -540,7 +540,7 @@ class Bridge:
         self._set_carrier(True)
         self.connected.set()
         name = "claimed" if self._counters["connects"] == 1 else "reconnected"
-        busy_polls = getattr(transport, "busy_polls", None) if self._native else None
+        busy_polls = self._native.busy_polls if self._native is not None else None
         path = (f"frames moved in C, busy-poll {busy_polls}" if busy_polls is not None
                 else "frames moved by the bridge loop")
         log.info("%s: %s (max packet %d, %s speed; %s)", name, info.description,

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import UserError
+from .transport import MAX_BUSY_POLLS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -183,7 +184,7 @@ KEYS: dict[str, Key] = {
     "in-transfer-size": Key("in_transfer_size", _integer(1024, 65536)),
     "out-in-flight": Key("out_in_flight", _integer(1, 256)),
     "out-chunk": Key("out_chunk", _out_chunk),
-    "busy-poll": Key("busy_poll", _integer(0, 100000)),
+    "busy-poll": Key("busy_poll", _integer(0, MAX_BUSY_POLLS)),
     "interface": Key("interface", _integer(0, 255)),  # a device with several EEM functions
     "persist": Key("persist", _boolean),
     "offload": Key("offload", _boolean),
