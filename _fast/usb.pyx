@@ -494,6 +494,9 @@ cdef class UsbTransport:
     cdef public object info
     cdef public unsigned int timeout_ms
     cdef readonly int busy_polls
+    # What the event thread did (its thread only writes them; racy reads are fine):
+    # polls that found nothing, waits that slept, passes through libusb and the TAP.
+    cdef int64_t loop_empty_polls, loop_sleeps, loop_usb_passes, loop_tap_passes
 
     def __cinit__(self):
         self.shared = <Shared*>malloc(sizeof(Shared))
@@ -612,15 +615,19 @@ cdef class UsbTransport:
                 rc = poll(fds, nf, wait_ms)
                 if rc < 0:
                     continue  # EINTR
+                if wait_ms:
+                    self.loop_sleeps += 1
                 usb_ready = rc == 0 and not timerfd  # libusb's timeouts are due
                 if rc == 0:
                     idle += 1
+                    self.loop_empty_polls += 1
                 else:
                     idle = 0
                 for i in range(n):
                     if fds[i].revents:
                         usb_ready = True
                 if usb_ready:
+                    self.loop_usb_passes += 1
                     libusb_handle_events_timeout_completed(self.ctx, &zero, NULL)
                     # Offload merges the TCP segments of every IN transfer this pass
                     # completed; they go up now, before the next wait.
@@ -633,6 +640,7 @@ cdef class UsbTransport:
                     # thread sees the same error on its own poll and stops the bridge.
                     o.tap_failed = True
                 elif nf > n and fds[n].revents:
+                    self.loop_tap_passes += 1
                     pthread_mutex_lock(&self.shared.lock)
                     tell = _tx_pump(self.shared)
                     pthread_mutex_unlock(&self.shared.lock)
@@ -910,6 +918,12 @@ cdef class UsbTransport:
                 "closing_frames": o.closing_frames, "in_flight": o.count,
                 "backpressure": o.backpressure,
                 "bytes_in_flight": o.tx.in_flight if o.tx != NULL else 0}
+
+    def loop_stats(self):
+        """What the event thread did: per frame moved, these say what busy polling
+        costs (empty polls) and what it saves (sleeps)."""
+        return {"sleeps": self.loop_sleeps, "empty_polls": self.loop_empty_polls,
+                "usb_passes": self.loop_usb_passes, "tap_passes": self.loop_tap_passes}
 
     cdef int _tx_cancel(self) except -1:
         """Cancel the native OUT transfers; returns how many are still with libusb."""

@@ -1,6 +1,6 @@
 """eembridge vs the kernel's cdc_eem on the same real peer (f_eem on dummy_hcd, one boot).
 
-In one guest boot (tests/interop/guest.py, TCG, 2 vCPUs): bring the gadget up, measure
+In one guest boot (tests/interop/guest.py, TCG, 2 vCPUs unless --cpus): bring the gadget up, measure
 TCP throughput each way with iperf3 (server in the peer netns) and ping RTT through
 cdc_eem; then hand the device to eembridge (it detaches cdc_eem) and measure the same
 on the same gadget. Prints both and the ratios eembridge / cdc_eem (throughput: higher
@@ -32,6 +32,15 @@ bash $INTEROP/gadget.sh up {speed} > $RW/env.txt
 . $RW/env.txt
 ip netns exec $PEER_NS iperf3 -s -D -I /tmp/iperf3.pid
 sleep 1
+cpu() {{  # the guest's CPU ticks so far (all CPUs): user nice system idle iowait irq softirq,
+    # then the bridge's (all its threads): user system
+    local c u n s i w q sq rest f ut=0 st=0
+    read -r c u n s i w q sq rest < /proc/stat
+    if [ -n "${{BRIDGE:-}}" ] && read -r -a f 2>/dev/null < /proc/$BRIDGE/stat; then
+        ut=${{f[13]}} st=${{f[14]}}
+    fi
+    echo "$u $n $s $i $w $q $sq $ut $st" > $1
+}}
 measure() {{
     local tag=$1 r
     for r in $(seq {rounds}); do
@@ -39,9 +48,13 @@ measure() {{
             ping -c $(({seconds} * 4)) -i 0.25 -q $PEER_IP > $RW/$tag-loaded-ping.txt &
             PING=$!
         fi
+        cpu $RW/$tag-h2p-$r.cpu0
         iperf3 -c $PEER_IP -t {seconds} -J > $RW/$tag-h2p-$r.json
+        cpu $RW/$tag-h2p-$r.cpu1
         [ $r != 1 ] || wait $PING  # only it: the bridge runs in the background too
+        cpu $RW/$tag-p2h-$r.cpu0
         iperf3 -c $PEER_IP -t {seconds} -R -J > $RW/$tag-p2h-$r.json
+        cpu $RW/$tag-p2h-$r.cpu1
     done
     ping -c {pings} -i 0.1 -q $PEER_IP > $RW/$tag-ping.txt
 }}
@@ -71,6 +84,7 @@ bridge_run() {{  # TAG "ENV=VALUE ..." "OPTIONS": measure through eembridge star
     python3 -m eembridge stats --socket /tmp/eem0.sock --json > $RW/$tag-stats.json 2>&1 || true
     kill -TERM $BRIDGE
     wait $BRIDGE
+    BRIDGE=  # gone: cpu() stops reading it
     sleep 1  # cdc_eem binds again; the next run detaches it
 }}
 if [ {kernel_only} = 0 ]; then
@@ -127,13 +141,38 @@ def print_profile(summary: dict[str, object]) -> None:
             print(f"  {pct:5.1f}%  {name}")
 
 
-def collect(rwdir: Path, tag: str, rounds: int) -> dict[str, object]:
-    def best(direction: str) -> float:
-        # Best of the rounds: the machine is shared, noise only ever slows a round down.
-        return max(iperf_mbps(rwdir / f"{tag}-{direction}-{r}.json") for r in range(1, rounds + 1))
+USER_HZ = 100  # /proc/stat counts in these ticks
 
-    return {"h2p_mbps": best("h2p"), "p2h_mbps": best("p2h"), "ping_ms": ping_ms(rwdir / f"{tag}-ping.txt"),
-            "loaded_ping_ms": ping_ms(rwdir / f"{tag}-loaded-ping.txt")}
+
+def cpu_cost(rwdir: Path, name: str) -> dict[str, float]:
+    """What one iperf3 run cost the whole guest: how busy its vCPUs were, and CPU
+    milliseconds per MB moved (everything: both iperf3 ends, the TCP stacks, the gadget,
+    dummy_hcd, and the driver under test). Cost per MB is far less noisy than Mbit/s on
+    a shared machine, and it says whether a run was CPU-bound (busy near 100%)."""
+    before, after = ([int(x) for x in (rwdir / f"{name}.cpu{i}").read_text().split()] for i in (0, 1))
+    d = [b - a for a, b in zip(before, after, strict=True)]
+    busy = d[0] + d[1] + d[2] + d[5] + d[6]
+    total = busy + d[3] + d[4]
+    data = json.loads((rwdir / f"{name}.json").read_text())
+    mb = data["end"]["sum_received"]["bytes"] / 1e6
+    per_mb = 1000 / USER_HZ / max(mb, 1e-9)
+    return {"busy_pct": 100 * busy / max(total, 1), "cpu_ms_per_mb": busy * per_mb,
+            "softirq_pct": 100 * d[6] / max(total, 1), "system_pct": 100 * d[2] / max(total, 1),
+            # The bridge process alone: its own code, and the syscalls it makes (usbfs
+            # ioctls; TAP writes, which run the kernel's TCP receive in that context).
+            "bridge_user_ms_per_mb": d[7] * per_mb, "bridge_sys_ms_per_mb": d[8] * per_mb}
+
+
+def collect(rwdir: Path, tag: str, rounds: int) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for direction in ("h2p", "p2h"):
+        # Best of the rounds: the machine is shared, noise only ever slows a round down.
+        mbps, r = max((iperf_mbps(rwdir / f"{tag}-{direction}-{r}.json"), r) for r in range(1, rounds + 1))
+        out[f"{direction}_mbps"] = mbps
+        out[f"{direction}_cpu"] = cpu_cost(rwdir, f"{tag}-{direction}-{r}")
+    out["ping_ms"] = ping_ms(rwdir / f"{tag}-ping.txt")
+    out["loaded_ping_ms"] = ping_ms(rwdir / f"{tag}-loaded-ping.txt")
+    return out
 
 
 def main() -> int:
@@ -142,6 +181,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=5, help="iperf3 run length")
     ap.add_argument("--rounds", type=int, default=1, help="iperf3 runs per direction (best kept)")
     ap.add_argument("--pings", type=int, default=30)
+    ap.add_argument("--cpus", type=int, default=2, help="the guest's vCPUs (TCG: one host thread each)")
     ap.add_argument("--kernel-only", action="store_true", help="measure cdc_eem only")
     ap.add_argument("--bridge-args", default="", help="extra options for the bridge")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL:[ENV=VALUE,...] [OPTIONS]",
@@ -173,13 +213,13 @@ def main() -> int:
     timeout = 120 + 2 * (1 + len(variants)) * (2 * args.rounds * (args.seconds + 4) + args.pings * 0.2 + 30)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     try:
-        res = run_in_guest(script, rwdir, timeout=timeout).check()
+        res = run_in_guest(script, rwdir, timeout=timeout, cpus=args.cpus).check()
     except GuestError as exc:
         log = rwdir / "eembridge.log"
         print(f"bench/interop.py: {exc}\n--- eembridge.log:\n{log.read_text()[-3000:] if log.exists() else '-'}",
               file=sys.stderr)
         return 1
-    out: dict[str, object] = {"date": started, "speed": args.speed, "seconds": args.seconds,
+    out: dict[str, object] = {"date": started, "speed": args.speed, "cpus": args.cpus, "seconds": args.seconds,
                               "rounds": args.rounds, "boot_wall_s": round(res.seconds, 1),
                               "kernel": collect(rwdir, "kernel", args.rounds)}
     tags = [] if args.kernel_only else [label for label, _, _ in variants]
@@ -190,7 +230,7 @@ def main() -> int:
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    print(f"{started}, {args.speed} speed, iperf3 {args.seconds} s x {args.rounds}, "
+    print(f"{started}, {args.speed} speed, {args.cpus} vCPUs, iperf3 {args.seconds} s x {args.rounds}, "
           f"guest wall {res.seconds:.0f} s")
     print("| path | TCP host→peer Mbit/s | TCP peer→host Mbit/s | ping avg ms | ping min ms "
           "| ping avg ms during host→peer |")
@@ -209,6 +249,22 @@ def main() -> int:
         print(f"| ratio {tag}/cdc_eem | {e['h2p_mbps'] / k['h2p_mbps']:.2f}x | "
               f"{e['p2h_mbps'] / k['p2h_mbps']:.2f}x | {e['ping_ms']['avg'] / k['ping_ms']['avg']:.2f}x | "
               f"{e['ping_ms']['min'] / k['ping_ms']['min']:.2f}x |")
+    print(f"\nGuest CPU during the best run of each direction ({args.cpus} vCPUs; busy % of all, CPU ms "
+          "per MB moved, whole guest; ratio = cost per MB against cdc_eem's)")
+    print("| path | host→peer busy % | host→peer CPU ms/MB | of it bridge user+sys "
+          "| peer→host busy % | peer→host CPU ms/MB | of it bridge user+sys |")
+    print("|---|---|---|---|---|---|---|")
+    for tag in ["kernel", *tags]:
+        r = out[tag]
+        assert isinstance(r, dict)
+        cells = []
+        for d in ("h2p", "p2h"):
+            c, kc = r[f"{d}_cpu"], k[f"{d}_cpu"]
+            ratio = "" if tag == "kernel" else f" ({c['cpu_ms_per_mb'] / kc['cpu_ms_per_mb']:.2f}x)"
+            cells += [f"{c['busy_pct']:.0f}", f"{c['cpu_ms_per_mb']:.1f}{ratio}",
+                      "" if tag == "kernel" else
+                      f"{c['bridge_user_ms_per_mb']:.1f}+{c['bridge_sys_ms_per_mb']:.1f}"]
+        print(f"| {'cdc_eem' if tag == 'kernel' else tag} | " + " | ".join(cells) + " |")
     for tag in tags if args.profile else []:
         print(f"\n{tag}:", end="")
         print_profile(out[f"{tag}-profile"])  # type: ignore[arg-type]

@@ -353,6 +353,8 @@ class Bridge:
             # Of the thread answering (the bridge's own once it runs): what it may still do.
             "capabilities": privileges.held(),
         }
+        if self._native is not None:  # the thread that moves the frames: sleeps, polls
+            snapshot["event_loop"] = self._native.loop_stats()
         if self.observers:
             snapshot["capture"] = {name: get() for name, get in self.observers.items()}
         if self._tap is not None and hasattr(self._tap, "kernel_stats"):

@@ -136,6 +136,9 @@ class ClaimedDevice(Transport):
     def tx_stats(self) -> dict[str, Any]:
         return self._usb.tx_stats()
 
+    def loop_stats(self) -> dict[str, int]:
+        return self._usb.loop_stats()
+
     def clear_halt(self, direction: Direction) -> None:
         self.clear_halts += 1
         self._usb.clear_halt(direction)

@@ -284,3 +284,16 @@ def test_pcap_rotation_keeps_count_files_of_the_newest_frames(tmp_path):
     for name in names:
         check = subprocess.run([tcpdump, "-r", str(tmp_path / name)], capture_output=True, text=True)
         assert check.returncode == 0, check.stderr
+
+
+def test_event_loop_counters_become_metrics():
+    """With real USB the snapshot has the event thread's counters (tests/interop checks
+    they move); each is an eembridge_event_loop_*_total counter like the others."""
+    from eembridge.metrics import snapshot_families
+
+    snapshot = {"tap": "usb9", "connected": True, "device": {"serial": "B1"},
+                "event_loop": {"sleeps": 7, "empty_polls": 300, "usb_passes": 41, "tap_passes": 12}}
+    samples = {(s.name, s.labels["serial"], s.labels["tap"]): s.value
+               for family in snapshot_families(snapshot) for s in family.samples}
+    for name, value in snapshot["event_loop"].items():
+        assert samples[f"eembridge_event_loop_{name}_total", "B1", "usb9"] == value, name

@@ -167,6 +167,19 @@ def test_f_eem_takes_every_out_transfer_whole(boot: Boot) -> None:
 
 
 @ALL_SPEEDS
+def test_the_event_thread_counts_what_it_did(boot: Boot) -> None:
+    """`eembridge stats` shows the thread that moves frames in C: it went through
+    libusb for the IN transfers and read the TAP for the OUT ones, no more passes than
+    transfers (one pass reaps every completion ready), and slept when idle."""
+    boot.rc("stats")
+    stats = next(iter(json.loads(boot.read("stats.json")).values()))
+    loop, rx, bridge = stats["event_loop"], stats["rx"], stats["bridge"]
+    assert 0 < loop["usb_passes"] <= rx["transfers"] + bridge["tx_transfers"] + loop["sleeps"], stats
+    assert 0 < loop["tap_passes"] <= bridge["tx_frames"] + loop["sleeps"], stats
+    assert loop["sleeps"] > 0 and loop["empty_polls"] >= 0, loop
+
+
+@ALL_SPEEDS
 def test_eem_echo_is_answered_by_the_gadget(boot: Boot) -> None:
     boot.rc("echo")
     echo = json.loads(boot.read("echo.json"))
