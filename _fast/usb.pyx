@@ -497,6 +497,10 @@ cdef class UsbTransport:
     # What the event thread did (its thread only writes them; racy reads are fine):
     # polls that found nothing, waits that slept, passes through libusb and the TAP.
     cdef int64_t loop_empty_polls, loop_sleeps, loop_usb_passes, loop_tap_passes
+    # libusb's fds, read once in claim() so that a failure is the caller's error, not a
+    # dead event thread; one more slot for the TAP.
+    cdef pollfd poll_fds[MAX_POLLFDS + 1]
+    cdef int n_poll_fds
 
     def __cinit__(self):
         self.shared = <Shared*>malloc(sizeof(Shared))
@@ -561,8 +565,28 @@ cdef class UsbTransport:
             rc = libusb_set_interface_alt_setting(self.handle, self.interface, alt_setting)
             if rc < 0:
                 raise UsbError("libusb_set_interface_alt_setting", rc)
+        self._read_pollfds()
         self.thread = threading.Thread(target=self._events, name="libusb-events", daemon=True)
         self.thread.start()
+
+    cdef int _read_pollfds(self) except -1:
+        # libusb adds a device's fd when it is opened and drops it when closed; the
+        # device was opened before the event thread and is closed after it, so the set
+        # is fixed for the thread's life.
+        cdef libusb_pollfd** lfds = libusb_get_pollfds(self.ctx)
+        cdef int n = 0
+        if lfds == NULL:
+            raise UsbError("libusb_get_pollfds", LIBUSB_ERROR_NO_MEM)
+        while lfds[n] != NULL:
+            if n == MAX_POLLFDS:
+                libusb_free_pollfds(lfds)
+                raise UsbError("libusb_get_pollfds (more fds than expected)", LIBUSB_ERROR_NO_MEM)
+            self.poll_fds[n].fd = lfds[n].fd
+            self.poll_fds[n].events = lfds[n].events
+            n += 1
+        libusb_free_pollfds(lfds)
+        self.n_poll_fds = n
+        return 0
 
     def _events(self):
         """The event thread: poll libusb's fds and the TAP, run what is ready.
@@ -573,27 +597,12 @@ cdef class UsbTransport:
         read by another thread, and no lock passes between two busy threads
         (bench/RESULTS.md, session 7).
         """
-        cdef libusb_pollfd** lfds
-        cdef pollfd fds[MAX_POLLFDS + 1]
-        cdef int n = 0, nf, rc, i, idle = 0, wait_ms
+        cdef pollfd* fds = self.poll_fds
+        cdef int n = self.n_poll_fds, nf, rc, i, idle = 0, wait_ms
         cdef bint usb_ready, tell
         cdef bint timerfd = libusb_pollfds_handle_timeouts(self.ctx)
         cdef timeval zero, next_timeout
         cdef NativeOut* o = &self.shared.nout
-        # libusb adds a device's fd when it is opened and drops it when closed; the
-        # device was opened before this thread and is closed after it, so the set is
-        # fixed for the thread's life.
-        lfds = libusb_get_pollfds(self.ctx)
-        if lfds == NULL:
-            raise UsbError("libusb_get_pollfds", LIBUSB_ERROR_NO_MEM)
-        while lfds[n] != NULL:
-            if n == MAX_POLLFDS:
-                libusb_free_pollfds(lfds)
-                raise UsbError("libusb_get_pollfds (too many fds)", LIBUSB_ERROR_NO_MEM)
-            fds[n].fd = lfds[n].fd
-            fds[n].events = lfds[n].events
-            n += 1
-        libusb_free_pollfds(lfds)
         zero.tv_sec = 0
         zero.tv_usec = 0
         with nogil:
