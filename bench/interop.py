@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import cast
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "interop"))
@@ -235,10 +236,9 @@ def main() -> int:
     print("| path | TCP host→peer Mbit/s | TCP peer→host Mbit/s | ping avg ms | ping min ms "
           "| ping avg ms during host→peer |")
     print("|---|---|---|---|---|---|")
-    for tag in ["kernel", *tags]:
-        r = out[tag]
-        assert isinstance(r, dict)
-        print(f"| {'cdc_eem' if tag == 'kernel' else tag} | {r['h2p_mbps']:.1f} | "
+    rows = [("cdc_eem" if tag == "kernel" else tag, cast(dict, out[tag])) for tag in ["kernel", *tags]]
+    for name, r in rows:
+        print(f"| {name} | {r['h2p_mbps']:.1f} | "
               f"{r['p2h_mbps']:.1f} | {r['ping_ms']['avg']:.2f} | {r['ping_ms']['min']:.2f} "
               f"| {r['loaded_ping_ms']['avg']:.1f} |")
     k = out["kernel"]
@@ -254,17 +254,15 @@ def main() -> int:
     print("| path | host→peer busy % | host→peer CPU ms/MB | of it bridge user+sys "
           "| peer→host busy % | peer→host CPU ms/MB | of it bridge user+sys |")
     print("|---|---|---|---|---|---|---|")
-    for tag in ["kernel", *tags]:
-        r = out[tag]
-        assert isinstance(r, dict)
+    for name, r in rows:
         cells = []
         for d in ("h2p", "p2h"):
             c, kc = r[f"{d}_cpu"], k[f"{d}_cpu"]
-            ratio = "" if tag == "kernel" else f" ({c['cpu_ms_per_mb'] / kc['cpu_ms_per_mb']:.2f}x)"
+            kernel = r is k
+            ratio = "" if kernel else f" ({c['cpu_ms_per_mb'] / kc['cpu_ms_per_mb']:.2f}x)"
             cells += [f"{c['busy_pct']:.0f}", f"{c['cpu_ms_per_mb']:.1f}{ratio}",
-                      "" if tag == "kernel" else
-                      f"{c['bridge_user_ms_per_mb']:.1f}+{c['bridge_sys_ms_per_mb']:.1f}"]
-        print(f"| {'cdc_eem' if tag == 'kernel' else tag} | " + " | ".join(cells) + " |")
+                      "" if kernel else f"{c['bridge_user_ms_per_mb']:.1f}+{c['bridge_sys_ms_per_mb']:.1f}"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
     for tag in tags if args.profile else []:
         print(f"\n{tag}:", end="")
         print_profile(out[f"{tag}-profile"])  # type: ignore[arg-type]
