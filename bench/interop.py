@@ -196,7 +196,7 @@ def main() -> int:
     args = ap.parse_args()
 
     rwdir = args.rwdir or Path(tempfile.mkdtemp(prefix="eembridge-bench-interop-"))
-    variants = [("eembridge", [], [])]
+    variants: list[tuple[str, list[str], list[str]]] = [("eembridge", [], [])]
     for spec in args.variant:
         label, _, rest = spec.partition(":")
         words = shlex.split(rest)
