@@ -1,14 +1,15 @@
 """eembridge vs the kernel's cdc_eem on the same real peer (f_eem on dummy_hcd, one boot).
 
-In one guest boot (tests/interop/guest.py, TCG, 2 vCPUs unless --cpus): bring the gadget up, measure
-TCP throughput each way with iperf3 (server in the peer netns) and ping RTT through
-cdc_eem; then hand the device to eembridge (it detaches cdc_eem) and measure the same
-on the same gadget. Prints both and the ratios eembridge / cdc_eem (throughput: higher
-is better; RTT: lower is better). Figures are emulation figures (TCG, dummy_hcd): only
-the ratios within one boot mean something.
+In one guest boot (tests/interop/guest.py, TCG, 2 vCPUs unless --cpus): bring the
+gadget up, measure TCP throughput each way with iperf3 (server in the peer netns) and
+ping RTT through cdc_eem; then hand the device to eembridge (it detaches cdc_eem) and
+measure the same on the same gadget. Prints both and the ratios eembridge / cdc_eem
+(throughput: higher is better; RTT: lower is better), then what each megabyte cost the
+guest's CPUs and how much of that was the bridge process. Figures are emulation figures
+(TCG, dummy_hcd): only the ratios within one boot mean something.
 
-    python3 bench/interop.py [--speed high] [--seconds 5] [--rounds 1] [--kernel-only]
-                             [--bridge-args "--max-transfer 1536"] [--json]
+    python3 bench/interop.py [--speed high|super|full] [--cpus 2] [--seconds 5] [--rounds 1]
+                             [--variant 'LABEL:[ENV=VALUE,...] [OPTIONS]'] [--kernel-only] [--json]
 """
 
 from __future__ import annotations
