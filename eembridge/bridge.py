@@ -193,6 +193,7 @@ class Bridge:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._requests: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._counters = dict.fromkeys(BRIDGE_COUNTERS, 0)
+        self._loop_totals: dict[str, int] = {}  # event-thread counters of past connections
         self.drop_reasons: dict[str, int] = {}
         self.in_errors: dict[str, int] = {}
         self.connected = threading.Event()
@@ -353,8 +354,9 @@ class Bridge:
             # Of the thread answering (the bridge's own once it runs): what it may still do.
             "capabilities": privileges.held(),
         }
-        if self._native is not None:  # the thread that moves the frames: sleeps, polls
-            snapshot["event_loop"] = self._native.loop_stats()
+        if self._native is not None or self._loop_totals:  # the thread moving the frames
+            snapshot["event_loop"] = _added(self._loop_totals,
+                                            self._native.loop_stats() if self._native else {})
         if self.observers:
             snapshot["capture"] = {name: get() for name, get in self.observers.items()}
         if self._tap is not None and hasattr(self._tap, "kernel_stats"):
@@ -571,6 +573,7 @@ class Bridge:
             _rx, tx = _merge_native(self._native, self._counters, self.in_errors,
                                     self.drop_reasons)
             dropped += tx["closing_frames"]
+            self._loop_totals = _added(self._loop_totals, self._native.loop_stats())
             self._native = None
         self._drop("stopped" if close_quietly else "no_device", dropped)
         self._out.clear()
@@ -781,6 +784,10 @@ class Bridge:
             raise
         except Exception as exc:
             log.warning("clearing the %s stall failed: %s", direction.value, exc)
+
+
+def _added(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    return {k: a.get(k, 0) + b.get(k, 0) for k in {*a, *b}}
 
 
 def _merge_native(native: NativeDataPath, counters: dict[str, int], in_errors: dict[str, int],

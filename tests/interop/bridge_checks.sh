@@ -103,6 +103,10 @@ elif [ "$LEVEL" = full ]; then
     wait_until 60 carrier_is "$TAP" 1
     echo $? > "$RW/replug_carrier_on.rc"
     stamp carrier_on
+    # At once, while the new connection has done little: its counters add to the old.
+    python3 -m eembridge stats --socket "$SOCK" --json > "$RW/stats_replugged.json" \
+        2> "$RW/stats_replugged.err"
+    echo $? > "$RW/stats_replugged.rc"
     wait $cli
     echo $? > "$RW/replug.rc"
     timeout 60 tail --pid=$srv -f /dev/null || kill $srv 2>/dev/null

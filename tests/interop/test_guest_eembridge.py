@@ -195,6 +195,15 @@ def test_unplug_replug_mid_transfer_recovers(boot: Boot) -> None:
     assert boot.read("replug.recv") == boot.read("replug.sent")  # ... intact
     boot.rc("replug_ping")
     assert boot.eem_driver("replugged") != "cdc_eem"
+    # Counters run on across the reconnect, the event thread's included: its thread and
+    # counters are new, and the snapshot is taken just after carrier came back, before
+    # the new connection could catch up with what the old one had counted.
+    boot.rc("stats_replugged")
+    before = next(iter(json.loads(boot.read("stats.json")).values()))
+    after = next(iter(json.loads(boot.read("stats_replugged.json")).values()))
+    for section, name in (("event_loop", "usb_passes"), ("event_loop", "sleeps"),
+                          ("event_loop", "tap_passes"), ("bridge", "tx_frames"), ("rx", "frames")):
+        assert after[section][name] >= before[section][name], (section, name, before, after)
 
 
 @ALL_SPEEDS
