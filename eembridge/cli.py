@@ -204,8 +204,13 @@ def apply_config(args: argparse.Namespace, argv: list[str]) -> None:
         log.info("config %s for %s", section.where, identity.describe())
 
 
-def run_until_signalled(bridge) -> int:
-    """Run the bridge until SIGINT/SIGTERM; a second signal forces the exit."""
+def stop_on_signals() -> threading.Event:
+    """From now on SIGINT/SIGTERM ask for a clean stop (the event); a second forces it.
+
+    Installed before anything is opened: a signal during start-up (the simulated
+    device's namespace, the TAP, the control socket) then waits for start-up to end
+    and stops cleanly, instead of killing the process with the namespace left behind
+    or the device's kernel driver still detached."""
     stop = threading.Event()
     hits = []
 
@@ -219,6 +224,11 @@ def run_until_signalled(bridge) -> int:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, on_signal)
+    return stop
+
+
+def run_until_signalled(bridge, stop: threading.Event) -> int:
+    """Run the bridge until `stop` is set (stop_on_signals) or it ends by itself."""
     while not stop.is_set() and not bridge.wait(0.2):
         stop.wait(0.2)
     if isinstance(bridge.error, UserError):
@@ -298,6 +308,7 @@ def run_bridge(args: argparse.Namespace, argv: list[str]) -> int:
     from .options import bridge_options, open_sim, usb_connector
 
     setup_logging(args.verbose, args.log_format)
+    stop = stop_on_signals()
     apply_config(args, argv)
     options = bridge_options(args)
     with observe.observing(args) as observers:
@@ -309,12 +320,12 @@ def run_bridge(args: argparse.Namespace, argv: list[str]) -> int:
                 with Bridge(observers.wrap(sim.connect, options.tap), options,
                             on_link_ready=drop_privileges(args)) as bridge:
                     observers.attach(bridge)
-                    return run_until_signalled(bridge)
+                    return run_until_signalled(bridge, stop)
         connect = usb_connector(args)
         with Bridge(observers.wrap(connect, options.tap), options,
                     on_link_ready=drop_privileges(args)) as bridge:
             observers.attach(bridge)
-            return run_until_signalled(bridge)
+            return run_until_signalled(bridge, stop)
 
 
 def main(argv: list[str] | None = None) -> int:

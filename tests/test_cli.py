@@ -95,6 +95,40 @@ def test_tap_deleted_under_the_bridge_stops_it_with_one_line(tmp_path):
     assert "Traceback" not in err
 
 
+def test_sigterm_during_start_up_still_stops_cleanly(tmp_path):
+    """SIGTERM sent as soon as the simulated device is up (before the TAP and the
+    control socket exist): the bridge finishes starting, then stops as on any SIGTERM,
+    exit 0, its namespace and TAP gone. Before, the default action killed it there."""
+    require_tun_and_root()
+    from eembridge.netns import netns_exists
+
+    tap = unique_name("eemsu")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eembridge", "--sim", "--tap", tap,
+         "--stats-socket", str(tmp_path / "bridge.sock")],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        lines = []
+        while not any("simulated device up" in line for line in lines):
+            line = proc.stderr.readline()
+            assert line, f"bridge ended before its simulated device was up: {lines}"
+            lines.append(line)
+        proc.send_signal(signal.SIGTERM)
+        lines += proc.stderr.read().splitlines(keepends=True)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    namespace = next(line for line in lines if "simulated device up" in line).split()[-1]
+    assert proc.returncode == 0, "".join(lines)
+    assert any("stopping" in line for line in lines), "".join(lines)
+    assert not netns_exists(namespace), namespace
+    assert tap not in link_names()
+
+
 def test_bad_input_is_one_line_without_traceback(tmp_path):
     bad = eembridge("--sim", "--mtu", "100")
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
