@@ -16,7 +16,7 @@
 #
 #     cdef eem_framer* f = framer_of(framer)            # framer: an eembridge._eem.Framer
 #     size = eem_frame_in_place(f, slot, frame_len)     # frame already at slot + 2; 0: refused
-#     if length and not eem_fits(f, length + size): close the batch first
+#     if length and not eem_fits(f, length + size): close the batch first (always without batching)
 #     length = eem_close_transfer(f, transfer, length)  # appends 0x0000 on a max-packet boundary
 #
 # The pointers are valid while the caller holds the Python object. Use one object from
@@ -153,6 +153,7 @@ cdef struct eem_framer:
     Py_ssize_t max_packet
     Py_ssize_t max_length
     Py_ssize_t out_chunk  # 0: off; else no packet crosses a multiple of it (codec.Framer)
+    bint batch  # 0: one data packet per transfer, as Linux's cdc_eem sends (codec.Framer)
     eem_framer_counters c
 
 
@@ -184,7 +185,8 @@ cdef inline Py_ssize_t eem_frame_in_place(eem_framer* f, unsigned char* slot,
 
 
 cdef inline bint eem_fits(eem_framer* f, Py_ssize_t length) noexcept nogil:
-    """Whether a transfer of length bytes, once closed, stays within max_transfer."""
+    """Whether a transfer already holding packets may grow to length bytes: never
+    without batching, else if it stays within max_transfer once closed."""
     return f.fits(f, length)
 
 

@@ -546,6 +546,8 @@ cdef Py_ssize_t _frame_in_place(eem_framer* f, unsigned char* slot,
 
 cdef bint _fits(eem_framer* f, Py_ssize_t length) noexcept nogil:
     """codec.Framer._fits."""
+    if not f.batch:
+        return False
     if length % f.max_packet == 0:
         length += HEADER_SIZE
     return length <= f.max_transfer
@@ -884,9 +886,10 @@ cdef class Framer:
         self.transfer_mem = NULL
 
     def __init__(self, crc=True, max_transfer=_protocol.DEFAULT_MAX_TRANSFER, max_packet=512,
-                 max_length=_protocol.DEFAULT_MAX_LENGTH, out_chunk=0):
+                 max_length=_protocol.DEFAULT_MAX_LENGTH, out_chunk=0, batch=True):
         validate_framer_options(max_transfer, max_packet, max_length, out_chunk)
         self.f.crc = crc
+        self.f.batch = batch
         self.f.max_transfer = max_transfer
         self.f.max_packet = max_packet
         self.f.max_length = max_length
@@ -935,6 +938,10 @@ cdef class Framer:
     @property
     def out_chunk(self) -> int:
         return self.f.out_chunk
+
+    @property
+    def batch(self) -> bool:
+        return self.f.batch
 
     def place(self, Py_ssize_t pos, Py_ssize_t size) -> int:
         """codec.Framer.place."""
@@ -1057,7 +1064,7 @@ cdef class Framer:
     # -- in place, from Python (tests, benchmarks) --------------------------------------
 
     def fits(self, Py_ssize_t length) -> bool:
-        """eem_fits(): whether a transfer of length bytes, once closed, is within limits."""
+        """eem_fits(): whether a transfer holding packets may grow to length bytes."""
         return _fits(&self.f, length)
 
     def frame_buffer(self, buffer, Py_ssize_t offset, Py_ssize_t frame_len) -> int:

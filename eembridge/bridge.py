@@ -45,7 +45,7 @@ from . import CODEC, Deframer, Framer, privileges
 from .errors import UserError
 from .events import Echo, EchoResponse, Event
 from .logsetup import GarbageSummary, RepeatSummary, event
-from .protocol import DEFAULT_MAX_LENGTH, MAX_ECHO_DATA
+from .protocol import DEFAULT_MAX_LENGTH, HEADER_SIZE, MAX_ECHO_DATA
 from .transport import (
     Completion,
     DeviceInfo,
@@ -111,6 +111,9 @@ class BridgeOptions:
     tx_crc: bool = True
     # None: out_transfers() decides by the device's packet size.
     max_transfer: int | None = None
+    # Several frames per OUT transfer. None: batch where the device is known to take it
+    # (DeviceInfo.takes_batches) or max_transfer is given; False: one frame per transfer.
+    batch: bool | None = None
     # A multiple of every max packet size. 4096 over 16384: peer→host +20% in two boots
     # against f_eem (one frame per transfer); a longer transfer continues in the next one.
     in_transfer_size: int = 4096
@@ -140,15 +143,23 @@ class BridgeOptions:
             txqueuelen = 8 if offload else 64
         return replace(self, offload=offload, txqueuelen=txqueuelen)
 
-    def out_transfers(self, max_packet: int) -> tuple[int, int]:
-        """(max_transfer, out_in_flight) for a device with this bulk packet size: the
-        given values, else OUT_DEFAULTS (in flight: its bytes in transfers, 2..32)."""
+    def out_transfers(self, max_packet: int, takes_batches: bool) -> tuple[int, int, bool]:
+        """(max_transfer, out_in_flight, batch) for a device with this bulk packet size:
+        the given values, else OUT_DEFAULTS (in flight: its bytes in transfers, 2..32).
+        Without batching a transfer holds one packet of the longest frame and its ZLP
+        header."""
         default_transfer, budget = OUT_DEFAULTS[min(OUT_DEFAULTS, key=lambda p: abs(p - max_packet))]
-        max_transfer = self.max_transfer or default_transfer
+        batch = self.batch
+        if batch is None:
+            batch = takes_batches or self.max_transfer is not None
+        if batch:
+            max_transfer = self.max_transfer or default_transfer
+        else:
+            max_transfer = self.max_length + 2 * HEADER_SIZE
         out_in_flight = self.out_in_flight
         if out_in_flight is None:
             out_in_flight = min(32, max(2, budget // max_transfer))
-        return max_transfer, out_in_flight
+        return max_transfer, out_in_flight, batch
 
     @property
     def max_length(self) -> int:
@@ -345,6 +356,9 @@ class Bridge:
             "echo_rtt_last": self.echo_rtt_last,
             "rx": self.deframer.counters(),
             "tx": self.framer.counters() if self.framer else {},
+            # How OUT transfers are laid out for this device (batch: several frames each).
+            "out_layout": ({"batch": self.framer.batch, "max_transfer": self.framer.max_transfer,
+                            "chunk": self.framer.out_chunk} if self.framer else None),
             "rx_path": self.rx.counters() if self.rx else {},
             "tx_path": self.tx.counters() if self.tx else {},
             "tx_bytes_in_flight": self.tx.bytes_in_flight if self.tx else 0,
@@ -496,13 +510,16 @@ class Bridge:
                 f"device's max packet size {info.max_packet}"
             )
         self.device_info = info
-        max_transfer, out_in_flight = opts.out_transfers(info.max_packet)
-        if self.framer is None or self.framer.max_packet != info.max_packet:
-            chunk = out_chunk_size(opts.out_chunk, opts.mtu, info.max_packet)
+        max_transfer, out_in_flight, batch = opts.out_transfers(info.max_packet,
+                                                               info.takes_batches)
+        if (self.framer is None or self.framer.max_packet != info.max_packet
+                or self.framer.batch != batch):
+            # One frame per transfer crosses no device buffer: nothing to fill or pad.
+            chunk = out_chunk_size(opts.out_chunk, opts.mtu, info.max_packet) if batch else 0
             try:
                 self.framer = Framer(crc=opts.tx_crc, max_transfer=max_transfer,
                                      max_packet=info.max_packet, max_length=opts.max_length,
-                                     out_chunk=chunk)
+                                     out_chunk=chunk, batch=batch)
             except ValueError as exc:
                 transport.close()
                 raise UserError(f"--out-chunk {opts.out_chunk}: {exc}") from None
@@ -547,10 +564,18 @@ class Bridge:
         busy_polls = self._native.busy_polls if self._native is not None else None
         path = (f"frames moved in C, busy-poll {busy_polls}" if busy_polls is not None
                 else "frames moved by the bridge loop")
-        log.info("%s: %s (max packet %d, %s speed; %s)", name, info.description,
-                 info.max_packet, info.speed, path,
+        framer = self.framer
+        layout = (f"OUT batches of up to {framer.max_transfer} bytes"
+                  + (f" in {framer.out_chunk}-byte chunks" if framer.out_chunk else "")
+                  if framer.batch else "OUT one frame per transfer")
+        log.info("%s: %s (max packet %d, %s speed; %s; %s)", name, info.description,
+                 info.max_packet, info.speed, path, layout,
                  extra=event(name, tap=opts.tap, device=info.description, serial=info.serial,
-                             max_packet=info.max_packet, busy_polls=busy_polls))
+                             max_packet=info.max_packet, busy_polls=busy_polls,
+                             out_batch=framer.batch, max_transfer=framer.max_transfer))
+        if not framer.batch and opts.batch is None and self._counters["connects"] == 1:
+            log.info("OUT: one frame per transfer, as Linux's cdc_eem sends: this device is "
+                     "not known to take several (--max-transfer N batches them)")
         return True
 
     def _disconnect(self, reason: str, close_quietly: bool = False) -> None:

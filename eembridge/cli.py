@@ -77,10 +77,11 @@ def add_bridge_arguments(parser: argparse.ArgumentParser) -> None:
                       help="send frames with a real CRC-32 (default)")
     mode.add_argument("--tx-sentinel", dest="tx_crc", action="store_false",
                       help="send frames with the DE AD BE EF sentinel instead of a CRC")
-    eem.add_argument("--max-transfer", type=int, default=None,
-                     help="largest bulk OUT transfer in bytes (default 12288 at high speed, 1536 "
-                          "at full speed and SuperSpeed; 1536 keeps transfers within one "
-                          "full-size frame, for a device that takes nothing longer)")
+    eem.add_argument("--max-transfer", default=None, metavar="BYTES|frame",
+                     help="largest bulk OUT transfer in bytes, batching frames into it "
+                          "(default, for Linux f_eem: 12288 at high speed, 1536 at full "
+                          "speed and SuperSpeed); frame: one frame per transfer, as Linux's "
+                          "cdc_eem sends (default for a device not known to take more)")
     eem.add_argument("--in-flight", type=int, default=32,
                      help="bulk IN transfers kept queued (default 32, at most 64)")
     eem.add_argument("--in-transfer-size", type=int, default=4096, metavar="BYTES",

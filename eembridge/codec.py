@@ -329,6 +329,11 @@ class Framer:
     with zero-length EEM packets first, and a frame of odd length gets one zero byte more
     (Ethernet padding, inside the CRC) so that every fill is whole 2-byte headers. A
     transfer may then carry many chunks: one USB transfer for many frames.
+
+    batch=False puts every data packet in a transfer of its own, as Linux's cdc_eem
+    does. Firmware only ever tested against that driver may take nothing else: Zephyr's
+    EEM function reads each transfer into one frame-sized buffer and stops parsing at a
+    zero-length packet. The zero-length packet that avoids a USB ZLP still closes it.
     """
 
     def __init__(
@@ -338,9 +343,11 @@ class Framer:
         max_packet: int = 512,
         max_length: int = DEFAULT_MAX_LENGTH,
         out_chunk: int = 0,
+        batch: bool = True,
     ) -> None:
         validate_framer_options(max_transfer, max_packet, max_length, out_chunk)
         self.crc = crc
+        self.batch = batch
         self.max_transfer = max_transfer
         self.max_packet = max_packet
         self.max_length = max_length
@@ -418,7 +425,10 @@ class Framer:
         return pos
 
     def _fits(self, length: int) -> bool:
-        """Whether a transfer of this length, closed by _close, stays within the limit."""
+        """Whether a transfer already holding packets may grow to this length: never
+        without batching, else if it stays within the limit once closed by _close."""
+        if not self.batch:
+            return False
         if length % self.max_packet == 0:
             length += HEADER_SIZE
         return length <= self.max_transfer

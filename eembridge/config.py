@@ -78,6 +78,12 @@ def _out_chunk(value: Any) -> str:
     raise _Invalid(f'expected a number of bytes or "f_eem", got {_type(value)}')
 
 
+def _max_transfer(value: Any) -> str:
+    if value == "frame" or (isinstance(value, int) and not isinstance(value, bool)):
+        return str(value)  # options.parse_max_transfer checks the number as for the flag
+    raise _Invalid(f'expected a number of bytes or "frame", got {_type(value)}')
+
+
 def _integer(low: int, high: int | None = None) -> Callable[[Any], int]:
     def check(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):  # TOML true is not 1
@@ -179,7 +185,7 @@ KEYS: dict[str, Key] = {
     "txqueuelen": Key("txqueuelen", _integer(1, 100000)),
     "tx": Key("tx_crc", _tx),
     "keepalive": Key("keepalive", _seconds),
-    "max-transfer": Key("max_transfer", _integer(64, 1 << 20)),
+    "max-transfer": Key("max_transfer", _max_transfer),
     "in-flight": Key("in_flight", _integer(1, 64)),
     "in-transfer-size": Key("in_transfer_size", _integer(1024, 65536)),
     "out-in-flight": Key("out_in_flight", _integer(1, 256)),

@@ -16,6 +16,10 @@ SYSFS = "/sys/bus/usb/devices"
 CLAIMS_DIR = "/run/eembridge/claims"
 EEM_CLASS = (0x02, 0x0C, 0x07)
 SPEEDS = {1: "low", 2: "full", 3: "high", 4: "super", 5: "super+"}
+# The interface string Linux's f_eem gadget function always gives its EEM interface
+# (drivers/usb/gadget/function/f_eem.c). f_eem unpacks several EEM packets per OUT
+# request, so such a device takes batched transfers (checked in CI against it).
+LINUX_F_EEM_INTERFACE = "CDC Ethernet Emulation Model (EEM)"
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,12 @@ class EemInterface:
     max_packet: int
     driver: str | None  # kernel driver bound to the interface ("cdc_eem", "usbfs", ...)
     held_by: str  # "kernel:cdc_eem", "eembridge:TAP (pid N)", "usbfs" or "nobody"
+    name: str | None = None  # the interface string (iInterface), as the kernel read it
+
+    @property
+    def takes_batches(self) -> bool:
+        """Known to take several EEM packets per OUT transfer: Linux f_eem."""
+        return self.name == LINUX_F_EEM_INTERFACE
 
     @property
     def vid_pid(self) -> str:
@@ -57,6 +67,7 @@ class EemInterface:
         record: dict[str, object] = asdict(self)
         record["vid_pid"] = self.vid_pid
         record["node"] = self.node
+        record["takes_batches"] = self.takes_batches
         return record
 
 
@@ -177,5 +188,6 @@ def find_eem_interfaces(sysfs: str = SYSFS, claims_dir: str = CLAIMS_DIR) -> lis
                     ep_in=ep_in.bEndpointAddress, ep_out=ep_out.bEndpointAddress,
                     max_packet=ep_in.wMaxPacketSize & 0x7FF,
                     driver=driver, held_by=holder(driver, claim, stale),
+                    name=_read(os.path.join(sysfs, sys_intf, "interface")),
                 ))
     return sorted(records, key=lambda r: (r.bus, r.port, r.interface))

@@ -27,11 +27,13 @@ def run(args: argparse.Namespace) -> int:
 
     table = Table(title="USB CDC-EEM interfaces")
     for column in ("bus:addr", "port", "VID:PID", "serial", "speed", "intf",
-                   "IN/OUT", "max packet", "held by"):
+                   "IN/OUT", "max packet", "OUT frames", "held by"):
         table.add_column(column)
     for r in records:
+        # What the bridge sends by default: batches only to a device known to take them.
+        out = "batched (Linux f_eem)" if r.takes_batches else "one per transfer"
         table.add_row(f"{r.bus}:{r.address}", r.port, r.vid_pid, r.serial or "-", r.speed,
                       str(r.interface), f"0x{r.ep_in:02x}/0x{r.ep_out:02x}", str(r.max_packet),
-                      r.held_by)
+                      out, r.held_by)
     Console().print(table)
     return 0

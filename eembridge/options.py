@@ -24,6 +24,22 @@ def parse_out_chunk(value: str) -> int | str:
                         "from 1088 to 65536")
     return size
 
+def parse_max_transfer(value: object) -> tuple[int | None, bool | None]:
+    """--max-transfer: (max_transfer, batch). None: by the device; "frame": one frame
+    per transfer; a number of bytes: batches of up to that."""
+    if value is None:
+        return None, None
+    if value == "frame":
+        return None, False
+    try:
+        size = int(str(value))
+    except ValueError:
+        raise UserError(f"--max-transfer {value}: expected a number of bytes or frame") from None
+    if not 64 <= size <= 1 << 20:
+        raise UserError(f"--max-transfer {value} out of range (64..{1 << 20}, or frame)")
+    return size, True
+
+
 def _offload(args: argparse.Namespace) -> bool | None:
     """--offload as given; by default off with --pcap, whose capture on the TAP would
     otherwise hold the kernel's 64 KB packets instead of the frames the device gets."""
@@ -44,6 +60,7 @@ def bridge_options(args: argparse.Namespace) -> BridgeOptions:
     if args.txqueuelen is not None and not 1 <= args.txqueuelen <= 100000:
         raise UserError(f"--txqueuelen {args.txqueuelen} out of range (1..100000)")
     out_chunk = parse_out_chunk(str(getattr(args, "out_chunk", "f_eem")))
+    max_transfer, batch = parse_max_transfer(args.max_transfer)
     if args.out_in_flight is not None and args.out_in_flight < 1:
         raise UserError("--out-in-flight must be at least 1")
     options = BridgeOptions(
@@ -55,7 +72,8 @@ def bridge_options(args: argparse.Namespace) -> BridgeOptions:
         mac=args.mac,
         txqueuelen=args.txqueuelen,
         tx_crc=args.tx_crc,
-        max_transfer=args.max_transfer,
+        max_transfer=max_transfer,
+        batch=batch,
         in_flight=args.in_flight,
         in_transfer_size=args.in_transfer_size,
         out_in_flight=args.out_in_flight,

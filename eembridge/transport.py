@@ -61,6 +61,10 @@ class DeviceInfo:
     speed: str  # "full", "high", "super", ...
     description: str  # e.g. "1d6b:0104 bus 1 addr 3 serial X" or "simulated"
     serial: str | None = None
+    # Known to take several EEM packets in one OUT transfer (Linux f_eem, the simulated
+    # device). Otherwise the bridge sends one frame per transfer, as Linux's cdc_eem does:
+    # the only host some firmware was ever tested against.
+    takes_batches: bool = False
 
 
 class TransportGone(Exception):

@@ -57,7 +57,8 @@ class ClaimedDevice(Transport):
         except FileNotFoundError:
             raise TransportGone(f"{record.node} is gone") from None
         info = DeviceInfo(max_packet=record.max_packet, speed=record.speed,
-                          description=record.describe(), serial=record.serial)
+                          description=record.describe(), serial=record.serial,
+                          takes_batches=record.takes_batches)
         try:
             self._usb = UsbTransport(fd, record.interface, record.ep_in, record.ep_out, info,
                                      busy_polls)

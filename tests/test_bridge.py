@@ -42,7 +42,7 @@ def rig_factory():
 
     def make(host_crc: bool = True, mtu: int = 1500, keepalive: float | None = None,
              in_transfer_size: int = 16384, offload: bool = False, out_chunk: int | str = 0,
-             max_transfer: int = DEFAULT_MAX_TRANSFER, **sim_options) -> Rig:
+             max_transfer: int | None = DEFAULT_MAX_TRANSFER, **sim_options) -> Rig:
         subnet = free_linklocal_subnet()
         device_ip, host_ip = str(subnet[1]), str(subnet[2])
         sim = SimLink(f"{device_ip}/24", mtu=mtu, **sim_options)
@@ -141,6 +141,34 @@ def test_without_out_chunk_long_transfers_fail_such_a_device_and_it_is_seen(rig_
     rig = rig_factory(max_packet=512, rx_buffer=1536, whole_requests=True, max_transfer=16384)
     _udp_burst(rig)
     wait_for(lambda: rig.sim.device.counters()["rx_failed_requests"] > 0, timeout=10)
+
+
+@pytest.mark.parametrize("max_packet", [64, 512])
+def test_a_device_not_known_to_take_batches_gets_one_frame_per_transfer(rig_factory, max_packet):
+    # Firmware written against Linux's cdc_eem (Zephyr's EEM function, say) may take
+    # only the first frame of a transfer. A device not known to take batches (not
+    # Linux f_eem) gets what cdc_eem sends, whatever the TAP has queued.
+    rig = rig_factory(max_packet=max_packet, one_frame_per_transfer=True, max_transfer=None,
+                      out_chunk="f_eem", offload=True)
+    rig.transfer(1_000_000, 300_000)
+    _udp_burst(rig)  # queued faster than one transfer each: batching would have merged them
+    wait_for(lambda: rig.bridge.stats()["tx"]["frames"] > 300, timeout=10)
+    stats = rig.bridge.stats()
+    tx, device = stats["tx"], rig.sim.device.counters()
+    assert stats["out_layout"] == {"batch": False, "max_transfer": 1526, "chunk": 0}, stats
+    assert device["rx_lost_batched_frames"] == 0, device
+    assert tx["transfers"] == tx["frames"] + tx["echo"] + tx["echo_response"], tx
+    assert tx["fill"] == 0 and tx["padded"] == 0, tx  # frames go as they came
+
+
+def test_batches_sent_to_such_a_device_lose_frames_and_it_is_seen(rig_factory):
+    # Why one frame per transfer is the default there: --max-transfer 12288 batches, and
+    # the device model counts the frames such firmware would have lost.
+    rig = rig_factory(max_packet=512, one_frame_per_transfer=True, max_transfer=12288,
+                      out_chunk="f_eem")
+    assert rig.bridge.stats()["out_layout"]["batch"] is True
+    _udp_burst(rig)
+    wait_for(lambda: rig.sim.device.counters()["rx_lost_batched_frames"] > 0, timeout=10)
 
 
 def test_batched_device_spanning_transfers(rig_factory):

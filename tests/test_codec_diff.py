@@ -147,7 +147,8 @@ seeds = st.integers(0, 2**32 - 1)
 max_packets = st.sampled_from([64, 512, 1024])  # bulk max packet at full, high, super speed
 max_transfers = st.integers(1526, 20000)  # from one full frame up
 # The Framer's options and a seed for the frames it gets: @given(**framer_args, ...).
-framer_args = dict(seed=seeds, crc=st.booleans(), max_packet=max_packets, max_transfer=max_transfers)
+framer_args = dict(seed=seeds, crc=st.booleans(), max_packet=max_packets, max_transfer=max_transfers,
+                   batch=st.booleans())
 streams = st.builds(
     build_stream,
     seed=seeds,
@@ -174,12 +175,13 @@ def test_deframers_agree_on_damaged_streams(data, sizes, shorts, max_length):
     **framer_args,
     frame_sizes=st.lists(st.integers(0, 1600), min_size=1, max_size=30),
 )
-def test_deframers_agree_on_framed_transfers(seed, crc, max_packet, max_transfer, frame_sizes):
+def test_deframers_agree_on_framed_transfers(seed, crc, max_packet, max_transfer, batch,
+                                             frame_sizes):
     """The Framer's own transfers, each ending short as on the wire, then the same bytes
     as one stream cut at max-packet multiples (a device that never ends short)."""
     rng = random.Random(seed)
     frames = [ethernet_frame(rng, n) for n in frame_sizes]
-    framer = REF.Framer(crc=crc, max_packet=max_packet, max_transfer=max_transfer)
+    framer = REF.Framer(crc=crc, max_packet=max_packet, max_transfer=max_transfer, batch=batch)
     transfers = framer.pack(frames)
     sendable = [f for f in frames if 14 <= len(f) <= DEFAULT_MAX_LENGTH - 4]
     events = run_both([(t, True) for t in transfers])
@@ -433,11 +435,11 @@ def test_in_place_commands_keep_their_place():
     sizes=st.lists(st.integers(0, 1600), max_size=40),
     echo=st.binary(max_size=MAX_ECHO_DATA + 1),
 )
-def test_framers_agree(seed, crc, max_packet, max_transfer, max_length, sizes, echo):
+def test_framers_agree(seed, crc, max_packet, max_transfer, batch, max_length, sizes, echo):
     rng = random.Random(seed)
     frames = [rng.randbytes(n) for n in sizes]
     options = dict(crc=crc, max_packet=max_packet, max_transfer=max_transfer,
-                   max_length=max_length)
+                   max_length=max_length, batch=batch)
     ref, fast = REF.Framer(**options), FAST.Framer(**options)
     assert fast.pack(frames) == ref.pack(frames)
     assert fast.pack(map(memoryview, frames[:5])) == ref.pack(map(bytearray, frames[:5]))
@@ -460,14 +462,14 @@ def test_framers_agree(seed, crc, max_packet, max_transfer, max_length, sizes, e
     **framer_args,
     sizes=st.lists(st.integers(0, 1600), max_size=40),
 )
-def test_framing_in_place_equals_pack(seed, crc, max_packet, max_transfer, sizes):
+def test_framing_in_place_equals_pack(seed, crc, max_packet, max_transfer, batch, sizes):
     """A TX loop in place: each frame lands 2 bytes past the batch's end and is framed
     there; if the packet does not fit the batch, the batch is closed by the ZLP rule
     (which may write over the new packet's first 2 bytes, so the packet is set aside
     first) and the packet starts the next one. Transfers and counters equal pack()'s."""
     rng = random.Random(seed)
     frames = [rng.randbytes(n) for n in sizes]
-    options = dict(crc=crc, max_packet=max_packet, max_transfer=max_transfer)
+    options = dict(crc=crc, max_packet=max_packet, max_transfer=max_transfer, batch=batch)
     ref, fast = REF.Framer(**options), FAST.Framer(**options)
     expected = ref.pack(frames)
     slot = bytearray(rng.randbytes(max_transfer + 2048))  # old bytes: all must be overwritten

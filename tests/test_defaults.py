@@ -16,25 +16,38 @@ def options(*argv: str) -> BridgeOptions:
     return bridge_options(main_parser().parse_args(["--tap", "t0", *argv])).resolved()
 
 
-def test_bare_command_line_batches_offloads_and_keeps_queues_short():
+def test_bare_command_line_batches_for_f_eem_offloads_and_keeps_queues_short():
     opts = options()
     assert opts.offload is datapath_impl.OFFLOAD
     assert opts.txqueuelen == (8 if opts.offload else 64)
     assert opts.out_chunk == "f_eem"
-    # High speed: 12 KB transfers of f_eem buffers, 96 KB in flight; full speed: one
-    # buffer per transfer, 12 KB in flight; SuperSpeed: one buffer, 32 in flight.
-    assert opts.out_transfers(512) == (12288, 8)
-    assert opts.out_transfers(64) == (1536, 8)
-    assert opts.out_transfers(1024) == (1536, 32)
+    # A device known to take batches (Linux f_eem): at high speed 12 KB transfers of
+    # f_eem buffers, 96 KB in flight; full speed: one buffer per transfer, 12 KB in
+    # flight; SuperSpeed: one buffer, 32 in flight.
+    assert opts.out_transfers(512, True) == (12288, 8, True)
+    assert opts.out_transfers(64, True) == (1536, 8, True)
+    assert opts.out_transfers(1024, True) == (1536, 32, True)
+
+
+def test_a_device_not_known_to_take_batches_gets_one_frame_per_transfer():
+    # As Linux's cdc_eem sends: a transfer holds the longest packet (VLAN frame of the
+    # MTU + check) and its ZLP header; in flight as many as the speed's byte budget.
+    opts = options()
+    assert opts.out_transfers(512, False) == (1526, 32, False)
+    assert opts.out_transfers(64, False) == (1526, 8, False)
+    assert options("--mtu", "3000").out_transfers(512, False) == (3026, 32, False)
+    # --max-transfer frame asks for it whatever the device; a size asks for batches.
+    assert options("--max-transfer", "frame").out_transfers(512, True) == (1526, 32, False)
+    assert options("--max-transfer", "4096").out_transfers(512, False) == (4096, 24, True)
 
 
 def test_explicit_flags_win():
     opts = options("--max-transfer", "4096", "--out-in-flight", "3", "--no-offload",
                    "--txqueuelen", "500", "--out-chunk", "0")
-    assert opts.out_transfers(1024) == (4096, 3)
+    assert opts.out_transfers(1024, True) == (4096, 3, True)
     assert (opts.offload, opts.txqueuelen, opts.out_chunk) == (False, 500, 0)
-    assert options("--max-transfer", "49152").out_transfers(512) == (49152, 2)
-    assert options("--max-transfer", "3072").out_transfers(64) == (3072, 4)  # 12 KB
+    assert options("--max-transfer", "49152").out_transfers(512, True) == (49152, 2, True)
+    assert options("--max-transfer", "3072").out_transfers(64, True) == (3072, 4, True)  # 12 KB
 
 
 def test_pcap_turns_offload_off_unless_asked_for(tmp_path):
@@ -49,6 +62,10 @@ def test_bad_values_are_one_line_errors():
         options("--out-in-flight", "0")
     with pytest.raises(UserError, match="--max-transfer 1000 cannot hold one full frame"):
         options("--max-transfer", "1000")
+    with pytest.raises(UserError, match="--max-transfer one: expected a number of bytes or frame"):
+        options("--max-transfer", "one")
+    with pytest.raises(UserError, match=r"--max-transfer 2000000 out of range"):
+        options("--max-transfer", "2000000")
 
 
 def test_busy_poll_default_and_range():

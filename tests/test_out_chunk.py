@@ -137,3 +137,79 @@ def test_longest_frames_fill_one_chunk_each():
     frames = [os.urandom(DEFAULT_MAX_LENGTH - CHECK_SIZE) for _ in range(10)]  # 1518 bytes: 4 a transfer
     transfers = REF.Framer(max_transfer=1536 * 4, out_chunk=1536).pack(frames)
     assert [len(t) for t in transfers] == [1536 * 3 + 1524, 1536 * 3 + 1524, 1536 + 1524]
+
+
+# -- batch=False: one frame per transfer, what Linux's cdc_eem sends --------------------
+
+ZEPHYR_RX_BUFFER = 1514 + 4 + 2  # Zephyr's EEM rx_buf: NET_ETH_MAX_FRAME_SIZE + sentinel + header
+
+
+def zephyr_eem_read(transfer: bytes) -> list[bytes] | None:
+    """What Zephyr's EEM function (subsys/usb/device/class/netusb/function_eem.c,
+    eem_read_cb) makes of one OUT transfer: it reads the transfer into one buffer of
+    ZEPHYR_RX_BUFFER bytes (None: it does not fit) and walks the EEM packets in it,
+    stopping at the first zero-length one. It checks no CRC and never joins a packet
+    across transfers: firmware written against Linux's cdc_eem, not the whole spec."""
+    if len(transfer) > ZEPHYR_RX_BUFFER:
+        return None
+    frames, pos, size = [], 0, len(transfer)
+    while size >= 2:
+        header = int.from_bytes(transfer[pos : pos + 2], "little")
+        length = header & (0x07FF if header & 0x8000 else 0x3FFF)
+        if length + 2 > size:
+            return None  # "pkt size error": the rest of the transfer is lost
+        size, pos = size - 2, pos + 2
+        if not header & 0x8000:
+            if not size or not length:
+                break  # "no payload": whatever follows a zero-length packet is ignored
+            frames.append(transfer[pos : pos + length - 4])
+        size, pos = size - length, pos + length
+    return frames
+
+
+frame_sizes = st.lists(st.integers(14, 1514), min_size=1, max_size=40)
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2**32), crc=st.booleans(), sizes=frame_sizes,
+       max_packet=st.sampled_from([64, 512, 1024]))
+def test_without_batching_every_frame_has_a_transfer_of_its_own(seed, crc, sizes, max_packet):
+    rng = random.Random(seed)
+    frames = [rng.randbytes(n) for n in sizes]
+    for impl in (REF, FAST):
+        framer = impl.Framer(crc=crc, max_packet=max_packet, max_transfer=16384, batch=False)
+        transfers = framer.pack(frames)
+        assert len(transfers) == len(frames)
+        assert [zephyr_eem_read(t) for t in transfers] == [[f] for f in frames]
+        assert framer.counters()["transfers"] == len(frames)
+
+
+def test_a_batched_transfer_is_what_zephyr_cannot_take():
+    """Why batching is not the default for a device not known to take it: the same
+    frames batched for f_eem reach Zephyr's EEM function incomplete."""
+    frames = [os.urandom(n) for n in (60, 90, 1514, 200, 1400, 66, 66, 1000)]
+    batched = REF.Framer(max_transfer=12288, out_chunk=1536).pack(frames)
+    got = [zephyr_eem_read(t) for t in batched]
+    assert None in got or sum(len(g) for g in got if g) < len(frames)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32), sizes=frame_sizes)
+def test_the_c_tx_path_without_batching_sends_one_frame_per_transfer(seed, sizes):
+    from eembridge._datapath import TxPath
+
+    rng = random.Random(seed)
+    frames = [rng.randbytes(n) for n in sizes]
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        a.setblocking(False)
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        framer = FAST.Framer(crc=False, max_packet=64, max_transfer=1526, batch=False)
+        tx = TxPath(framer, a.fileno(), 64 * 1526)
+        for frame in frames:
+            b.send(frame)
+        transfers = [bytes(t.buffer) for t in tx.fill()]
+        assert [zephyr_eem_read(t) for t in transfers] == [[f] for f in frames]
+    finally:
+        a.close()
+        b.close()

@@ -21,11 +21,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def record(bus=1, address=3, port="1-1", vid=0x1D6B, pid=0x0104, serial="A", interface=0,
-           held_by="kernel:cdc_eem") -> EemInterface:
+           held_by="kernel:cdc_eem", name=None) -> EemInterface:
     return EemInterface(bus=bus, address=address, port=port, vid=vid, pid=pid, serial=serial,
                         speed="high", configuration=1, interface=interface, alt_setting=0,
                         ep_in=0x81, ep_out=0x02, max_packet=512, driver="cdc_eem",
-                        held_by=held_by)
+                        held_by=held_by, name=name)
+
+
+def test_only_linux_f_eem_is_known_to_take_batches():
+    # f_eem names its interface so in every kernel; anything else (Zephyr leaves
+    # iInterface 0, other firmware names it as it likes) gets one frame per transfer.
+    f_eem = record(name="CDC Ethernet Emulation Model (EEM)")
+    assert f_eem.takes_batches and f_eem.as_json()["takes_batches"] is True
+    for name in (None, "", "EEM", "CDC Ethernet Emulation Model"):
+        assert not record(name=name).takes_batches
 
 
 def args(**kw) -> argparse.Namespace:

@@ -150,6 +150,10 @@ class SimDevice:
         # Each OUT request unpacked on its own, as Linux f_eem does: a packet that runs
         # past the end of a request fails the request and every frame in it.
         whole_requests: bool = False,
+        # Firmware written against Linux's cdc_eem, which never sends two frames in one
+        # transfer: only the first data packet of each OUT transfer is taken, the rest
+        # lost (counted). Such a device is not known to take batches (DeviceInfo).
+        one_frame_per_transfer: bool = False,
         batch_bytes: int = 16384,  # batch=True: how far ahead the device fills its stream
         serial: str = "SIM0001",
     ) -> None:
@@ -168,6 +172,7 @@ class SimDevice:
             description=(f"simulated EEM device ({'batch' if batch else 'one packet per transfer'}, "
                          f"{'crc' if crc else 'sentinel'}, max packet {max_packet}, zlp {zlp})"),
             serial=serial,
+            takes_batches=not one_frame_per_transfer,
         )
         self._fault_counters = FaultCounters()
         self._in_faults = FaultInjector(self.faults, Direction.IN, self._fault_counters)
@@ -190,6 +195,8 @@ class SimDevice:
         self._whole_requests = whole_requests
         self.failed_requests = 0  # whole_requests: requests f_eem would have failed
         self.failed_request_frames = 0  # ... and the good frames lost with them
+        self._one_frame_per_transfer = one_frame_per_transfer
+        self.lost_batched_frames = 0  # one_frame_per_transfer: frames after the first
         self._rx = bytearray()
         self._tx = _TxStream(self, batch_bytes)
         self.network.attach(self._wake)
@@ -322,6 +329,7 @@ class SimDevice:
         out["tx_zlps"], out["tx_usb_zlps"] = self._tx.eem_zlps, self._tx.usb_zlps
         out["rx_failed_requests"] = self.failed_requests
         out["rx_failed_request_frames"] = self.failed_request_frames
+        out["rx_lost_batched_frames"] = self.lost_batched_frames
         return out
 
     # -- lifetime ----------------------------------------------------------------------
@@ -483,6 +491,10 @@ class SimDevice:
                 return
         else:
             events = self._deframer.feed(request, short)
+        if self._one_frame_per_transfer:
+            frames = [e for e in events if isinstance(e, Frame)]
+            self.lost_batched_frames += max(0, len(frames) - 1)
+            events = [e for e in events if not isinstance(e, Frame)] + frames[:1]
         for event in events:
             if isinstance(event, Frame):
                 self.network.deliver(bytes(event.data))

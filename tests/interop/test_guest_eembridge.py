@@ -133,6 +133,8 @@ def test_list_shows_the_device_held_by_eembridge(boot: Boot) -> None:
     assert dev.get("interface") == int(boot.env()["EEM_INTF"].rsplit(".", 1)[1]), dev
     holder = str(dev.get("held_by") or dev.get("driver") or dev.get("status"))
     assert "eembridge" in holder, f"not shown as held by eembridge: {dev}"
+    # The kernel's f_eem, known by its interface string (sysfs), takes batched OUT transfers.
+    assert dev["name"] == "CDC Ethernet Emulation Model (EEM)" and dev["takes_batches"], dev
 
 
 @ALL_SPEEDS
@@ -162,6 +164,7 @@ def test_f_eem_takes_every_out_transfer_whole(boot: Boot) -> None:
     stats = next(iter(json.loads(boot.read("stats.json")).values()))
     bridge = stats["bridge"]
     assert stats["drop_reasons"] == {} and bridge["out_errors"] == 0, stats
+    assert stats["device"]["takes_batches"] and stats["out_layout"]["batch"], stats
     if boot.speed == "high":
         assert bridge["tx_frames"] > bridge["tx_transfers"] > 0, bridge  # some carried several
 

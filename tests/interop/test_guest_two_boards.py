@@ -125,6 +125,13 @@ def test_stats_json_lists_both_bridges_with_their_serials(boot: Boot) -> None:
     for tap, s in stats.items():
         assert s["connected"], (tap, s)
         assert s["rx"]["frames"] > 0 and s["bridge"]["tx_frames"] > 0, (tap, s)
+    # Board a batches (f_eem, the default); board b's section says max-transfer = "frame":
+    # every frame of its TCP transfers went in a transfer of its own, and f_eem took them.
+    a, b = stats[env["TAP_a"]], stats[env["TAP_b"]]
+    assert a["out_layout"]["batch"] and a["tx"]["frames"] > a["tx"]["transfers"], a["tx"]
+    tx = b["tx"]
+    assert b["out_layout"] == {"batch": False, "max_transfer": 1526, "chunk": 0}, b["out_layout"]
+    assert tx["transfers"] == tx["frames"] + tx["echo"] + tx["echo_response"] > 1000, tx
 
 
 def test_stats_watch_shows_both(boot: Boot) -> None:

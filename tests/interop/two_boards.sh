@@ -113,6 +113,8 @@ mkdir -p /etc/eembridge /run/eembridge
         echo "peer = \"${PEER_IP[$b]}\""
         echo "peer-mac = \"${DEV_MAC[$b]}\""
         echo "mtu = ${MTU[$b]}"
+        # Board b as a device not known to take batches would be: one frame per transfer.
+        if [ "$b" = b ]; then echo 'max-transfer = "frame"'; fi
     done
 } > /etc/eembridge/rig.toml
 cp /etc/eembridge/rig.toml "$RW/rig.toml"
