@@ -59,6 +59,10 @@ def bridge_options(args: argparse.Namespace) -> BridgeOptions:
                         "(every max packet size divides it) from 1024 to 65536")
     if args.txqueuelen is not None and not 1 <= args.txqueuelen <= 100000:
         raise UserError(f"--txqueuelen {args.txqueuelen} out of range (1..100000)")
+    if bool(args.peer) != bool(args.peer_mac):
+        missing = "--peer-mac (the device's MAC)" if args.peer else "--peer (the device's IP)"
+        raise UserError(f"--peer and --peer-mac go together: a static neighbour entry needs "
+                        f"both; missing {missing}")
     out_chunk = parse_out_chunk(str(getattr(args, "out_chunk", "f_eem")))
     max_transfer, batch = parse_max_transfer(args.max_transfer)
     if args.out_in_flight is not None and args.out_in_flight < 1:

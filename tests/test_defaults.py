@@ -62,6 +62,11 @@ def test_bad_values_are_one_line_errors():
         options("--out-in-flight", "0")
     with pytest.raises(UserError, match="--max-transfer 1000 cannot hold one full frame"):
         options("--max-transfer", "1000")
+    with pytest.raises(UserError, match=r"--peer and --peer-mac go together: .* missing --peer-mac"):
+        options("--peer", "169.254.7.1")
+    with pytest.raises(UserError, match=r"go together: .* missing --peer \(the device's IP\)"):
+        options("--peer-mac", "02:00:00:00:00:01")
+    assert options("--peer", "169.254.7.1", "--peer-mac", "02:00:00:00:00:01").peer_mac
     with pytest.raises(UserError, match="--max-transfer one: expected a number of bytes or frame"):
         options("--max-transfer", "one")
     with pytest.raises(UserError, match=r"--max-transfer 2000000 out of range"):
