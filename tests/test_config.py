@@ -112,6 +112,8 @@ MISTAKES = [
     ('[a]\nserial = "X"\n[b]\nserial = "X"\n', 4, "serial", "duplicate selector 'X'"),
     ('[a]\ndevice = "1d6b:0104"\n[b]\n"device" = "1D6B:0104"\n', 4, "device", "duplicate selector"),
     ('[a]\nserial = "X"\nmtu = \n', 3, "", "not valid TOML"),
+    ('[a]\nserial = "X"\nmax-transfer = true\n', 3, "max-transfer",
+     'expected a number of bytes or "frame", got a boolean'),
 ]
 
 
