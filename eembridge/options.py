@@ -24,6 +24,7 @@ def parse_out_chunk(value: str) -> int | str:
                         "from 1088 to 65536")
     return size
 
+
 def parse_max_transfer(value: object) -> tuple[int | None, bool | None]:
     """--max-transfer: (max_transfer, batch). None: by the device; "frame": one frame
     per transfer; a number of bytes: batches of up to that."""

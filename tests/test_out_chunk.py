@@ -110,24 +110,30 @@ def test_out_chunk_is_checked():
 def test_the_c_tx_path_keeps_the_chunk_rule(seed, chunk, sizes, chunks_per_transfer):
     """Frames read from a TAP (a socket pair here) straight into OUT transfers, moved
     past a chunk boundary in place: every chunk unpacks on its own, in order."""
-    from eembridge._datapath import TxPath
-
     rng = random.Random(seed)
     frames = [rng.randbytes(n) for n in sizes]
+    framer = FAST.Framer(crc=True, max_packet=512, max_transfer=chunk * chunks_per_transfer,
+                         out_chunk=chunk)
+    transfers = through_the_c_tx_path(framer, frames)
+    assert through_f_eem(transfers, chunk) == [padded(f) for f in frames]
+    assert all(len(t) <= chunk * chunks_per_transfer for t in transfers)
+    counters = framer.counters()
+    assert counters["frames"] == len(frames) and counters["oversize"] == 0
+
+
+def through_the_c_tx_path(framer, frames: list[bytes]) -> list[bytes]:
+    """The OUT transfers the C TX path builds from these frames, queued on a TAP (a
+    socket pair here) and read straight into transfers."""
+    from eembridge._datapath import TxPath
+
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         a.setblocking(False)
         b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-        framer = FAST.Framer(crc=True, max_packet=512, max_transfer=chunk * chunks_per_transfer,
-                             out_chunk=chunk)
-        tx = TxPath(framer, a.fileno(), 64 * chunk * chunks_per_transfer)
+        tx = TxPath(framer, a.fileno(), 64 * framer.max_transfer)
         for frame in frames:
             b.send(frame)
-        transfers = [bytes(t.buffer) for t in tx.fill()]
-        assert through_f_eem(transfers, chunk) == [padded(f) for f in frames]
-        assert all(len(t) <= chunk * chunks_per_transfer for t in transfers)
-        counters = framer.counters()
-        assert counters["frames"] == len(frames) and counters["oversize"] == 0
+        return [bytes(t.buffer) for t in tx.fill()]
     finally:
         a.close()
         b.close()
@@ -196,20 +202,8 @@ def test_a_batched_transfer_is_what_zephyr_cannot_take():
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**32), sizes=frame_sizes)
 def test_the_c_tx_path_without_batching_sends_one_frame_per_transfer(seed, sizes):
-    from eembridge._datapath import TxPath
-
     rng = random.Random(seed)
     frames = [rng.randbytes(n) for n in sizes]
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        a.setblocking(False)
-        b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-        framer = FAST.Framer(crc=False, max_packet=64, max_transfer=1526, batch=False)
-        tx = TxPath(framer, a.fileno(), 64 * 1526)
-        for frame in frames:
-            b.send(frame)
-        transfers = [bytes(t.buffer) for t in tx.fill()]
-        assert [zephyr_eem_read(t) for t in transfers] == [[f] for f in frames]
-    finally:
-        a.close()
-        b.close()
+    framer = FAST.Framer(crc=False, max_packet=64, max_transfer=1526, batch=False)
+    transfers = through_the_c_tx_path(framer, frames)
+    assert [zephyr_eem_read(t) for t in transfers] == [[f] for f in frames]
