@@ -341,14 +341,20 @@ class Bridge:
         counters, in_errors = dict(self._counters), dict(self.in_errors)
         drop_reasons = dict(self.drop_reasons)
         in_flight, out_queued = self._in_submitted - self._in_completed, len(self._out)
+        in_buffers = "ring"
         if self._native is not None:  # plus the live counts of the native data path
             rx, tx = _merge_native(self._native, counters, in_errors, drop_reasons)
             in_flight, out_queued = rx["in_flight"], out_queued + tx["in_flight"]
+            if rx.get("usbfs_mapped"):
+                in_buffers = "usbfs-mapped"
         snapshot: dict[str, Any] = {
             "tap": self.options.tap,
             "codec": CODEC,
             "connected": self._transport is not None,
             "native": self._native is not None,
+            # Where IN transfers land: memory mapped from usbfs (then copied into the
+            # ring), or the ring itself.
+            "in_buffers": in_buffers,
             "device": asdict(self.device_info) if self.device_info else None,
             "bridge": counters,
             "drop_reasons": drop_reasons,
@@ -564,6 +570,8 @@ class Bridge:
         busy_polls = self._native.busy_polls if self._native is not None else None
         path = (f"frames moved in C, busy-poll {busy_polls}" if busy_polls is not None
                 else "frames moved by the bridge loop")
+        if self._native is not None and self._native.rx_stats().get("usbfs_mapped"):
+            path += ", IN buffers mapped from usbfs"
         framer = self.framer
         layout = (f"OUT batches of up to {framer.max_transfer} bytes"
                   + (f" in {framer.out_chunk}-byte chunks" if framer.out_chunk else "")

@@ -165,6 +165,9 @@ def test_f_eem_takes_every_out_transfer_whole(boot: Boot) -> None:
     bridge = stats["bridge"]
     assert stats["drop_reasons"] == {} and bridge["out_errors"] == 0, stats
     assert stats["device"]["takes_batches"] and stats["out_layout"]["batch"], stats
+    # IN transfers land in memory mapped from usbfs (no kernel buffer, no copy per URB).
+    assert stats["in_buffers"] == "usbfs-mapped", stats["in_buffers"]
+    assert "IN buffers mapped from usbfs" in boot.bridge_log()
     if boot.speed == "high":
         assert bridge["tx_frames"] > bridge["tx_transfers"] > 0, bridge  # some carried several
 
