@@ -9,6 +9,7 @@ producer/consumer pair on two cores.
 from __future__ import annotations
 
 import errno
+import gc
 import hashlib
 import importlib.util
 import os
@@ -248,15 +249,20 @@ def test_numpy_and_views_share_memory_with_the_ring() -> None:
 
 
 def test_views_keep_the_ring_alive() -> None:
-    mappings = _ring_mappings()
-    view = Ring(PAGE).view(10, 20)  # the Ring has no other reference
-    array = Ring(PAGE).numpy(5, 5)
-    assert _ring_mappings() == mappings + 4
-    view[:] = b"x" * 20
-    array[:] = 7
-    assert bytes(view) == b"x" * 20 and array.tolist() == [7] * 5
-    del view, array
-    assert _ring_mappings() == mappings
+    gc.collect()  # rings earlier tests left in cycles go now, and none while counting
+    gc.disable()
+    try:
+        mappings = _ring_mappings()
+        view = Ring(PAGE).view(10, 20)  # the Ring has no other reference
+        array = Ring(PAGE).numpy(5, 5)
+        assert _ring_mappings() == mappings + 4
+        view[:] = b"x" * 20
+        array[:] = 7
+        assert bytes(view) == b"x" * 20 and array.tolist() == [7] * 5
+        del view, array
+        assert _ring_mappings() == mappings
+    finally:
+        gc.enable()
 
 
 # --- a model of the stream ---------------------------------------------------------------
@@ -379,8 +385,15 @@ def _maps() -> list[str]:
         return maps.read().splitlines()
 
 
-def _ring_mappings() -> int:
-    return sum("memfd:eembridge-ring" in line for line in _maps())
+def _ring_mappings(low: int = 0, high: int = 1 << 64) -> int:
+    """memfd ring mappings in [low, high): by address, so that a ring some other test
+    left to the garbage collector (or to a thread) going meanwhile does not count."""
+    count = 0
+    for line in _maps():
+        if "memfd:eembridge-ring" in line:
+            start, end = (int(x, 16) for x in line.split()[0].split("-"))
+            count += low <= start and end <= high
+    return count
 
 
 def _mapped_ranges() -> list[tuple[int, int]]:
@@ -393,18 +406,20 @@ def _mapped_ranges() -> list[tuple[int, int]]:
 
 def test_many_rings_leak_no_fds_and_no_mappings() -> None:
     rng = random.Random(7)
-    fds, mappings = _fd_count(), _ring_mappings()
+    gc.collect()  # rings earlier tests left in cycles go now, not during the loop
+    fds = _fd_count()
     spans = []
     for _ in range(300):
         ring = Ring(rng.randrange(1, 64 * PAGE))
-        spans.append((ring.address, ring.address + 2 * ring.size))
-        assert _ring_mappings() == mappings + 2  # exactly the two copies
+        low, high = ring.address, ring.address + 2 * ring.size
+        spans.append((low, high))
+        assert _ring_mappings(low, high) == 2  # exactly the two copies
         view = ring.reserve(ring.size // 2)
         assert view is not None
         view[:4] = b"ring"
         del view, ring  # no cycles: freed right here, without the garbage collector
+        assert _ring_mappings(low, high) == 0
         assert _fd_count() == fds
-    assert _ring_mappings() == mappings
     # and the PROT_NONE reservation went too: nothing is mapped where the rings were
     mapped = _mapped_ranges()
     for low, high in spans[-20:]:  # earlier addresses may have been reused since
