@@ -261,6 +261,20 @@ cdef inline void _notify(Shared* shared) noexcept nogil:
     write(shared.efd, &one, 8)
 
 
+cdef inline unsigned char* _in_ring_slot(NativeIn* n, int64_t seq) noexcept nogil:
+    """Where IN transfer `seq` is deframed: its slot in the ring."""
+    return <unsigned char*>n.rx.ring + rx_slot_offset(n.rx, seq)
+
+
+cdef inline unsigned char* _in_landing(NativeIn* n, int64_t seq) noexcept nogil:
+    """Where the USB data of IN transfer `seq` lands: its usbfs-mapped slot (a slot is
+    free again once `seq` is delivered, before `seq + in_flight` is submitted), or
+    straight in its ring slot."""
+    if n.devmem != NULL:
+        return n.devmem + (seq % n.in_flight) * n.length
+    return _in_ring_slot(n, seq)
+
+
 cdef int _rx_submit(Shared* shared, libusb_device_handle* handle,
                     unsigned char endpoint) noexcept nogil:
     """Submit a spare transfer for the next sequence number. Caller holds the lock."""
@@ -271,14 +285,8 @@ cdef int _rx_submit(Shared* shared, libusb_device_handle* handle,
         return 0
     n.n_spare -= 1
     t = n.spare[n.n_spare]
-    if n.devmem != NULL:
-        libusb_fill_bulk_transfer(t, handle, endpoint,
-                                  n.devmem + (n.next % n.in_flight) * n.length,
-                                  n.length, _on_in_native, shared, 0)
-    else:
-        libusb_fill_bulk_transfer(t, handle, endpoint,
-                                  <unsigned char*>n.rx.ring + rx_slot_offset(n.rx, n.next),
-                                  n.length, _on_in_native, shared, 0)
+    libusb_fill_bulk_transfer(t, handle, endpoint, _in_landing(n, n.next), n.length,
+                              _on_in_native, shared, 0)
     rc = libusb_submit_transfer(t)
     if rc < 0:
         n.spare[n.n_spare] = t
@@ -362,8 +370,7 @@ cdef void _on_in_native(libusb_transfer* transfer) noexcept nogil:
                 n.halted = True
             tell = True
         if n.devmem != NULL and actual > 0:
-            memcpy(<unsigned char*>n.rx.ring + rx_slot_offset(n.rx, seq),
-                   n.devmem + (seq % n.in_flight) * n.length, actual)
+            memcpy(_in_ring_slot(n, seq), _in_landing(n, seq), actual)
         # Every non-normal end of a transfer also ends the EEM stream (short).
         commands = rx_deliver(n.rx, seq, actual,
                               status != LIBUSB_TRANSFER_COMPLETED or actual < n.length)
