@@ -570,8 +570,15 @@ class Bridge:
         busy_polls = self._native.busy_polls if self._native is not None else None
         path = (f"frames moved in C, busy-poll {busy_polls}" if busy_polls is not None
                 else "frames moved by the bridge loop")
-        if self._native is not None and self._native.rx_stats().get("usbfs_mapped"):
-            path += ", IN buffers mapped from usbfs"
+        if self._native is not None:
+            if self._native.rx_stats().get("usbfs_mapped"):
+                path += ", IN buffers mapped from usbfs"
+            elif os.environ.get("EEMBRIDGE_USBFS_MMAP") != "0":
+                log.warning("usbfs refused to map %d bytes for the IN buffers (its limit "
+                            "/sys/module/usbcore/parameters/usbfs_memory_mb, shared by every "
+                            "program using usbfs, or an old kernel): IN transfers land in the "
+                            "ring, at more CPU per frame",
+                            opts.in_flight * opts.in_transfer_size)
         framer = self.framer
         layout = (f"OUT batches of up to {framer.max_transfer} bytes"
                   + (f" in {framer.out_chunk}-byte chunks" if framer.out_chunk else "")
