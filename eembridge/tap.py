@@ -20,8 +20,9 @@ Theory of operation
   then hand over TCP packets of up to 64 KB with checksums left to fill in, and every
   read and write starts with a 10-byte virtio_net_hdr (eembridge/offload.py). Only the
   C data path reads such a TAP; ``read_into``/``write`` pass the header through as is.
-- NetworkManager, when present, is told to leave the interface alone; when absent
-  nothing happens (debug log). It is never a reason to fail.
+- NetworkManager, when present, is told to leave an interface we create alone
+  (eembridge/networkmanager.py); when absent nothing happens (debug log). It is never
+  a reason to fail.
 """
 
 from __future__ import annotations
@@ -34,9 +35,7 @@ import logging
 import os
 import platform
 import re
-import shutil
 import struct
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +45,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
 from pyroute2.netlink.rtnl.ndmsg import states as NUD_STATES
 
+from . import networkmanager
 from .errors import UserError
 from .netns import iproute, link_index
 from .offload import TUN_OFFLOADS
@@ -56,7 +56,6 @@ IFNAMSIZ = 16  # including the trailing NUL: names are at most 15 characters
 TUN_DEVICE = "/dev/net/tun"
 IFF_UP = 0x1
 IFF_PERSIST = 0x0800  # reported by TUNGETIFF (include/uapi/linux/if_tun.h)
-NM_RUN_DIR = Path("/run/NetworkManager")
 
 # --- ioctl numbers ------------------------------------------------------------------
 # Computed the way <asm-generic/ioctl.h> does (_IOC/_IOW/_IOR) rather than pasted as
@@ -162,65 +161,6 @@ def link_stats(ifname: str, netns: str | None = None) -> LinkStats:
         return LinkStats.from_netlink(msg.get_attr("IFLA_STATS64") or {})
 
 
-# --- NetworkManager ---------------------------------------------------------------------
-
-def networkmanager_running(run_dir: Path = NM_RUN_DIR) -> bool:
-    """NetworkManager creates its run directory on start; that is our (cheap) sign."""
-    return run_dir.is_dir()
-
-
-def nm_conf_path(ifname: str, run_dir: Path = NM_RUN_DIR) -> Path:
-    return run_dir / "conf.d" / f"eembridge-{ifname}.conf"
-
-
-def unmanage_in_networkmanager(
-    ifname: str,
-    run_dir: Path = NM_RUN_DIR,
-    nmcli: str | None = "auto",
-) -> Path | None:
-    """Keep NetworkManager's hands off ``ifname``; return the keyfile written, if any.
-
-    A keyfile in NM's runtime conf.d (gone on reboot) covers the moment the interface
-    appears, before NM would grab it; ``nmcli device set NAME managed no`` tells a
-    running NM now. Failures are logged, never raised: the bridge works without NM.
-    """
-    if not networkmanager_running(run_dir):
-        log.debug("NetworkManager not running (no %s); leaving %s as it is", run_dir, ifname)
-        return None
-    validate_ifname(ifname)  # the name goes into a file name and a command line
-    path = nm_conf_path(ifname, run_dir)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"[keyfile]\nunmanaged-devices=interface-name:{ifname}\n")
-    except OSError as exc:
-        log.warning("could not write %s: %s", path, exc)
-        path = None  # type: ignore[assignment]
-    if nmcli == "auto":
-        nmcli = shutil.which("nmcli")
-    if nmcli:
-        try:
-            subprocess.run(
-                [nmcli, "device", "set", ifname, "managed", "no"],
-                check=True,
-                capture_output=True,
-                timeout=5,
-            )
-        except (OSError, subprocess.SubprocessError) as exc:
-            # Normal when the interface does not exist yet: the keyfile covers it.
-            log.debug("nmcli device set %s managed no: %s", ifname, exc)
-    return path
-
-
-def forget_in_networkmanager(ifname: str, run_dir: Path = NM_RUN_DIR) -> None:
-    """Remove the keyfile ``unmanage_in_networkmanager`` wrote (if any)."""
-    try:
-        nm_conf_path(ifname, run_dir).unlink()
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.debug("could not remove NetworkManager keyfile for %s: %s", ifname, exc)
-
-
 # --- the TAP device ---------------------------------------------------------------------
 
 OpenMode = Literal["open", "create", "attach"]
@@ -265,15 +205,15 @@ class Tap:
         mac: str | None = None,
         txqueuelen: int | None = None,
         unmanage: bool = True,
-        nm_run_dir: Path = NM_RUN_DIR,
+        nm_run_dir: Path = networkmanager.RUN_DIR,
+        nmcli: str | None = "auto",
         offload: bool = False,
     ) -> None:
         self.name = validate_ifname(name)
         self.netns: str | None = None  # namespace the interface lives in; None: ours
         self.write_errors: collections.Counter[str] = collections.Counter()
         self.read_errors: collections.Counter[str] = collections.Counter()
-        self._nm_run_dir = nm_run_dir
-        self._nm_keyfile: Path | None = None
+        self._nm: networkmanager.Unmanaged | None = None
         self._device: Any = None
 
         if mode not in ("open", "create", "attach"):
@@ -284,16 +224,18 @@ class Tap:
         if mode == "attach" and not exists:
             raise TapError(f"no interface {name} to attach to")
         if unmanage and not exists:
-            self._nm_keyfile = unmanage_in_networkmanager(name, nm_run_dir)
+            self._nm = networkmanager.unmanage(name, nm_run_dir, nmcli)
         try:
             self._device = pytun.TunTapDevice(
                 name=name,
                 flags=pytun.IFF_TAP | pytun.IFF_NO_PI | (pytun.IFF_VNET_HDR if offload else 0),
             )
         except OSError as exc:  # pytun.Error is an OSError carrying errno
-            if self._nm_keyfile is not None:
-                forget_in_networkmanager(name, nm_run_dir)
+            if self._nm is not None:
+                self._nm.forget()
             raise _open_error(name, exc) from None
+        if self._nm is not None:
+            self._nm.after_create()
         self.created = not exists
         self.offload = offload
         os.set_blocking(self._device.fileno(), False)
@@ -561,8 +503,8 @@ class Tap:
         except OSError:  # interface already deleted under us: nothing is left to keep
             persistent = False
         device.close()
-        if not persistent and self._nm_keyfile is not None:
-            forget_in_networkmanager(self.name, self._nm_run_dir)
+        if not persistent and self._nm is not None:
+            self._nm.forget()
         log.debug("closed TAP %s (%s)", self.name, "kept" if persistent else "removed")
 
     @staticmethod

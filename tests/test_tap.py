@@ -19,6 +19,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.rtnl.ndmsg import states as NUD_STATES
 
 from eembridge import netns as nsmod
+from eembridge import networkmanager
 from eembridge.errors import UserError
 from eembridge.tap import (
     TUNGETIFF,
@@ -29,9 +30,7 @@ from eembridge.tap import (
     TapError,
     TapNameError,
     delete_link,
-    forget_in_networkmanager,
     link_stats,
-    unmanage_in_networkmanager,
     validate_ifname,
 )
 
@@ -355,37 +354,72 @@ def test_namespace_and_its_interfaces_are_gone_after_delete() -> None:
 # --- NetworkManager ---------------------------------------------------------------------------
 
 def test_networkmanager_absent_is_a_debug_note(tmp_path, caplog, tap_name: str) -> None:
-    caplog.set_level(logging.DEBUG, logger="eembridge.tap")
+    caplog.set_level(logging.DEBUG, logger="eembridge.networkmanager")
     absent = tmp_path / "no-networkmanager"
-    assert unmanage_in_networkmanager(tap_name, run_dir=absent) is None
+    assert networkmanager.unmanage(tap_name, run_dir=absent) is None
     assert "NetworkManager not running" in caplog.text
     with Tap.create(tap_name, nm_run_dir=absent):
         pass
     assert not absent.exists()
 
 
-def test_networkmanager_present_gets_keyfile_and_nmcli(tmp_path, tap_name: str) -> None:
-    run_dir = tmp_path / "NetworkManager"
-    run_dir.mkdir()
+def fake_nmcli(tmp_path, tap_name: str, exit_code: int = 0):
+    """An nmcli that records each call with whether the interface and keyfile existed."""
     calls = tmp_path / "nmcli.calls"
+    keyfile = networkmanager.keyfile_path(tap_name, tmp_path / "NetworkManager")
     nmcli = tmp_path / "nmcli"
-    nmcli.write_text(
-        textwrap.dedent(
-            f"""\
-            #!/bin/sh
-            echo "$@" >> {calls}
-            """
-        )
-    )
+    nmcli.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        i=no; k=no
+        [ -e /sys/class/net/{tap_name} ] && i=yes
+        [ -e {keyfile} ] && k=yes
+        echo "$* iface=$i keyfile=$k" >> {calls}
+        [ {exit_code} = 0 ] || echo "Error: NetworkManager is not running." >&2
+        exit {exit_code}
+        """))
     nmcli.chmod(nmcli.stat().st_mode | stat.S_IXUSR)
-    path = unmanage_in_networkmanager(tap_name, run_dir=run_dir, nmcli=str(nmcli))
-    assert path == run_dir / "conf.d" / f"eembridge-{tap_name}.conf"
-    assert path.read_text() == f"[keyfile]\nunmanaged-devices=interface-name:{tap_name}\n"
-    assert calls.read_text() == f"device set {tap_name} managed no\n"
-    forget_in_networkmanager(tap_name, run_dir=run_dir)
-    assert not path.exists()
+    return str(nmcli), calls, keyfile
 
-    # A Tap writes the keyfile before the interface appears and removes it on close.
-    with Tap.create(tap_name, nm_run_dir=run_dir):
-        assert path.exists()
-    assert not path.exists()
+
+def test_networkmanager_reloads_before_the_interface_appears(tmp_path, tap_name: str) -> None:
+    """NM reads conf.d only on start and reload: the keyfile is useless without one."""
+    (tmp_path / "NetworkManager").mkdir()
+    nmcli, calls, keyfile = fake_nmcli(tmp_path, tap_name)
+    with Tap.create(tap_name, nm_run_dir=tmp_path / "NetworkManager", nmcli=nmcli):
+        assert keyfile.read_text() == f"[keyfile]\nunmanaged-devices=interface-name:{tap_name}\n"
+        assert calls.read_text().splitlines() == [
+            "general reload conf iface=no keyfile=yes",  # read before NM sees the interface
+            f"device set {tap_name} managed no iface=yes keyfile=yes",  # and told again
+        ]
+    # Gone with the interface, and NM reloads so that it stops ignoring the name (usb0
+    # may be a kernel usbnet interface next).
+    assert not keyfile.exists()
+    assert calls.read_text().splitlines()[2:] == ["general reload conf iface=no keyfile=no"]
+
+
+def test_networkmanager_keeps_ignoring_a_persistent_interface(tmp_path, tap_name: str) -> None:
+    (tmp_path / "NetworkManager").mkdir()
+    nmcli, calls, keyfile = fake_nmcli(tmp_path, tap_name)
+    Tap.create(tap_name, persist=True, nm_run_dir=tmp_path / "NetworkManager",
+               nmcli=nmcli).close()
+    assert root_link(tap_name) is not None
+    assert keyfile.exists()
+    assert len(calls.read_text().splitlines()) == 2  # no reload that would forget it
+    assert delete_link(tap_name)
+
+
+def test_networkmanager_refusing_everything_is_one_warning(tmp_path, caplog,
+                                                           tap_name: str) -> None:
+    (tmp_path / "NetworkManager").mkdir()
+    nmcli, calls, keyfile = fake_nmcli(tmp_path, tap_name, exit_code=8)
+    caplog.set_level(logging.DEBUG, logger="eembridge.networkmanager")
+    with Tap.create(tap_name, nm_run_dir=tmp_path / "NetworkManager", nmcli=nmcli) as tap:
+        assert tap.fileno() >= 0  # the bridge works without NM's consent
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"NetworkManager is running and may manage {tap_name} (it may flush its addresses): "
+        f"neither a reload nor nmcli could tell it otherwise; run "
+        f"'nmcli device set {tap_name} managed no'"]
+    assert "exit 8: Error: NetworkManager is not running." in caplog.text
+    assert not keyfile.exists()
+    assert len(calls.read_text().splitlines()) == 2  # no reload after a refused one
