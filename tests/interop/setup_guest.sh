@@ -41,6 +41,30 @@ else
     say "Debian packages already installed"
 fi
 
+# NetworkManager and dbus run only inside the guest (test_guest_networkmanager.py): on
+# this machine they must not start, now or at the next boot. A policy-rc.d that says
+# "no" keeps the package scripts from starting them (unless one is already in place),
+# and a NetworkManager installed here is disabled for boot.
+if ! have_pkg network-manager || ! have_pkg dbus; then
+    say "apt-get install network-manager dbus (started only inside the guest)"
+    policy=/usr/sbin/policy-rc.d
+    own_policy=0
+    if [ ! -e $policy ]; then
+        printf '#!/bin/sh\nexit 101\n' > $policy && chmod 755 $policy && own_policy=1
+    fi
+    nm_was_installed=0
+    have_pkg network-manager && nm_was_installed=1
+    rc=0
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        network-manager dbus >/tmp/setup_guest_nm.log 2>&1 || rc=$?
+    [ $own_policy = 0 ] || rm -f $policy
+    [ $rc = 0 ] || { tail -20 /tmp/setup_guest_nm.log >&2; die "apt-get install network-manager dbus"; }
+    if [ $nm_was_installed = 0 ] && command -v systemctl >/dev/null 2>&1; then
+        systemctl disable NetworkManager.service NetworkManager-wait-online.service \
+            NetworkManager-dispatcher.service >/dev/null 2>&1 || true
+    fi
+fi
+
 # virtme-ng from PyPI, into the same Python that runs the tests (the host's pyenv).
 if ! command -v vng >/dev/null 2>&1; then
     say "pip install virtme-ng"
