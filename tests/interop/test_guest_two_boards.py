@@ -8,6 +8,7 @@ USB port path. The tests below read the files it leaves in the rwdir: the TAPs a
 configured (name, address, MTU, MAC, static neighbour), ping and TCP both ways on both
 links at once (SHA-256), `stats --json`, `stats --watch --json`, `list --json`, an
 unplug/replug of board B alone, the udev rule on the real sysfs paths, and SIGTERM.
+Board B also runs under a shim that makes usbfs refuse to map its IN buffers.
 
 A machine that cannot boot the guest FAILS here naming what is missing
 (tests/interop/setup_guest.sh installs it).
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 from bootresults import BootResults, boot_or_fail
@@ -24,6 +27,7 @@ from bootresults import BootResults, boot_or_fail
 pytestmark = pytest.mark.interop
 
 BOARDS = ("a", "b")
+SHIM = Path(__file__).with_name("refuse_usbfs_mmap.c")
 
 
 class Boot(BootResults):
@@ -39,6 +43,9 @@ class Boot(BootResults):
 @pytest.fixture(scope="module")
 def boot(tmp_path_factory: pytest.TempPathFactory) -> Boot:
     rwdir = tmp_path_factory.mktemp("eembridge-two-boards")
+    # Board B runs under a shim that makes usbfs refuse its memory mapping.
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o",
+                    str(rwdir / "refuse_usbfs_mmap.so"), str(SHIM), "-ldl"], check=True)
     result = boot_or_fail("bash $INTEROP/two_boards.sh", rwdir, timeout=600, label="two-boards boot")
     return Boot(result, logs=tuple(f"bridge_{b}.log" for b in BOARDS))
 
@@ -132,6 +139,24 @@ def test_stats_json_lists_both_bridges_with_their_serials(boot: Boot) -> None:
     tx = b["tx"]
     assert b["out_layout"] == {"batch": False, "max_transfer": 1526, "chunk": 0}, b["out_layout"]
     assert tx["transfers"] == tx["frames"] + tx["echo"] + tx["echo_response"] > 1000, tx
+
+
+def test_a_refused_usbfs_mapping_is_a_warning_and_the_ring_carries_in(boot: Boot) -> None:
+    """Board B's usbfs refuses the IN buffers' mapping: said once per connect, and its
+    IN transfers land in the ring, carrying the TCP transfers checked above."""
+    boot.rc("stats")
+    env = boot.env()
+    stats = boot.json("stats.json")
+    assert stats[env["TAP_a"]]["in_buffers"] == "usbfs-mapped"
+    assert stats[env["TAP_b"]]["in_buffers"] == "ring"
+    assert stats[env["TAP_b"]]["rx"]["frames"] > 1000, stats[env["TAP_b"]]["rx"]
+    log_a, log_b = boot.log("a"), boot.log("b")
+    warnings = [ln for ln in log_b.splitlines() if "usbfs refused to map" in ln]
+    connects = [ln for ln in log_b.splitlines() if re.search(r"\b(claimed|reconnected): ", ln)]
+    assert len(warnings) == len(connects) >= 2, log_b[-3000:]  # claimed, then replugged
+    assert "131072 bytes" in warnings[0] and "usbfs_memory_mb" in warnings[0], warnings[0]
+    assert "IN buffers mapped from usbfs" not in log_b
+    assert "usbfs refused" not in log_a and "IN buffers mapped from usbfs" in log_a
 
 
 def test_stats_watch_shows_both(boot: Boot) -> None:

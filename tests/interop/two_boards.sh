@@ -10,7 +10,8 @@
 # (`python -m eembridge --instance %i --wait`): board A by `serial:SERIAL` (systemd-escaped),
 # board B by its port path. Then: TAPs as configured, ping, TCP both ways on both links at
 # once (SHA-256), stats, stats --watch, list, unplug/replug of board B only, SIGTERM,
-# and the udev rule against the real sysfs paths.
+# and the udev rule against the real sysfs paths. Board B differs on purpose: one frame
+# per OUT transfer (its config section), and usbfs refuses it mapped IN buffers.
 #
 # Every step writes NAME.rc (+ .txt/.json) so one failure does not hide the others.
 set -uo pipefail
@@ -126,7 +127,10 @@ echo "INSTANCE_a=$INSTANCE_a" > "$RW/instances.txt"
 echo "INSTANCE_b=$INSTANCE_b" >> "$RW/instances.txt"
 python3 -m eembridge --instance "$INSTANCE_a" --wait > "$RW/bridge_a.log" 2>&1 &
 PID_a=$!
-python3 -m eembridge --instance "$INSTANCE_b" --wait > "$RW/bridge_b.log" 2>&1 &
+# Board B's kernel refuses to map usbfs memory (refuse_usbfs_mmap.c, as past
+# usbfs_memory_mb): its IN transfers land in the ring, the fallback.
+LD_PRELOAD="$RW/refuse_usbfs_mmap.so" \
+    python3 -m eembridge --instance "$INSTANCE_b" --wait > "$RW/bridge_b.log" 2>&1 &
 PID_b=$!
 declare -A PID=([a]=$PID_a [b]=$PID_b)
 for b in $BOARDS; do
