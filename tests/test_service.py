@@ -90,6 +90,16 @@ def test_unit_passes_systemd_analyze_verify_and_security(tmp_path):
     assert float(score.group(1)) < EXPOSURE_LIMIT
 
 
+def test_unit_starts_after_networkmanager_and_may_write_its_runtime_conf(tmp_path):
+    """A bridge started before NM finds no NM to tell, and NM then takes the TAP."""
+    unit = (install(tmp_path) / "etc/systemd/system/eembridge@.service").read_text()
+    after = [ln for ln in unit.splitlines() if ln.startswith("After=")]
+    assert len(after) == 1 and "NetworkManager.service" in after[0].split(), after
+    assert not any(ln.startswith(("Wants=", "Requires=")) and "NetworkManager" in ln
+                   for ln in unit.splitlines())  # ordering only: NM is optional
+    assert "ReadWritePaths=-/run/NetworkManager/conf.d" in unit.splitlines()
+
+
 @pytest.mark.parametrize("breakage", [
     ("ExecStart=", "ExecStrat="),  # misspelt key: no ExecStart left
     ("Restart=on-failure", "Restart=sometimes"),  # bad value: systemd ignores it, we do not
