@@ -45,6 +45,8 @@ def unmanage(ifname: str, run_dir: Path = RUN_DIR, nmcli: str | None = "auto") -
 
     Call ``after_create`` once the interface exists and ``forget`` when it is gone.
     """
+    if not 0 < len(ifname) < 16 or not ifname.isprintable() or any(c in ifname for c in "/ :"):
+        raise ValueError(f"{ifname!r} is not an interface name")  # a file name, and argv
     if not running(run_dir):
         log.debug("NetworkManager not running (no %s); leaving %s as it is", run_dir, ifname)
         return None
@@ -55,11 +57,7 @@ def unmanage(ifname: str, run_dir: Path = RUN_DIR, nmcli: str | None = "auto") -
 
 @dataclass
 class Unmanaged:
-    """NM told to leave ``ifname`` alone, for as long as the bridge has the interface.
-
-    ``ifname`` must already be a valid interface name: it goes into a file name and a
-    command line.
-    """
+    """NM told to leave ``ifname`` alone, for as long as the bridge has the interface."""
 
     ifname: str
     run_dir: Path = RUN_DIR

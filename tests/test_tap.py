@@ -363,6 +363,14 @@ def test_networkmanager_absent_is_a_debug_note(tmp_path, caplog, tap_name: str) 
     assert not absent.exists()
 
 
+@pytest.mark.parametrize("name", ["", "a/b", "a b", "x" * 16, "a\nb", "a:b"])
+def test_networkmanager_refuses_what_is_no_interface_name(tmp_path, name: str) -> None:
+    (tmp_path / "NetworkManager").mkdir()
+    with pytest.raises(ValueError, match="is not an interface name"):
+        networkmanager.unmanage(name, run_dir=tmp_path / "NetworkManager", nmcli=None)
+    assert not (tmp_path / "NetworkManager" / "conf.d").exists()
+
+
 def fake_nmcli(tmp_path, tap_name: str, exit_code: int = 0):
     """An nmcli that records each call with whether the interface and keyfile existed."""
     calls = tmp_path / "nmcli.calls"
