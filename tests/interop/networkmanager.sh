@@ -7,6 +7,7 @@
 # 2. The bridge (simulated device: NM cares about the interface, not the USB side):
 #    its TAP stays "unmanaged" with its address, and NM's runtime conf.d holds the
 #    bridge's keyfile.
+#    NM restarted while the bridge runs reads the keyfile and leaves the TAP alone too.
 # 3. After the bridge: its keyfile is gone and NM has reloaded, so a new interface of
 #    the same name is NM's again.
 TAP=nmb0
@@ -29,10 +30,14 @@ mkdir -p /run/dbus "$RW/nm" /run/NetworkManager
 dbus-daemon --system --fork > "$RW/dbus.log" 2>&1
 echo $? > "$RW/dbus.rc"
 printf '[main]\nplugins=keyfile\nno-auto-default=*\n' > "$RW/nm/NetworkManager.conf"
-NetworkManager --no-daemon --config="$RW/nm/NetworkManager.conf" \
-    --state-file="$RW/nm/NetworkManager.state" > "$RW/nm.log" 2>&1 &
-wait_until 30 nmcli -t general status > /dev/null 2>&1
-echo $? > "$RW/nm_up.rc"
+start_nm() {  # start_nm STEP: NetworkManager in the background ($NM), up within 30 s
+    NetworkManager --no-daemon --config="$RW/nm/NetworkManager.conf" \
+        --state-file="$RW/nm/NetworkManager.state" >> "$RW/nm.log" 2>&1 &
+    NM=$!
+    wait_until 30 nmcli -t general status > /dev/null 2>&1
+    echo $? > "$RW/$1.rc"
+}
+start_nm nm_up
 nmcli --version > "$RW/nm_version.txt" 2>&1
 stamp nm_up
 
@@ -51,6 +56,13 @@ stamp bridge_up
 sleep 5
 nm_state $TAP > "$RW/bridge_state.txt"
 ip -4 -o addr show dev $TAP > "$RW/bridge_addr.txt"
+# NM restarted while the bridge runs: it reads the keyfile at start and leaves it alone.
+kill -TERM $NM && wait $NM
+start_nm nm2
+wait_until 10 nm_state_is $TAP unmanaged  # NM lists it again once it has looked
+echo $? > "$RW/restarted.rc"
+sleep 3  # and does not take it afterwards
+nm_state $TAP > "$RW/restarted.txt"
 ls /run/NetworkManager/conf.d > "$RW/conf_during.txt" 2>&1
 cat "/run/NetworkManager/conf.d/eembridge-$TAP.conf" > "$RW/keyfile.txt" 2>&1
 kill -TERM $BRIDGE

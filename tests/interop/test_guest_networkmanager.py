@@ -48,6 +48,11 @@ def test_the_bridges_tap_stays_unmanaged_with_its_address(boot: BootResults) -> 
     assert boot.read("keyfile.txt") == f"[keyfile]\nunmanaged-devices=interface-name:{TAP}"
 
 
+def test_networkmanager_restarted_under_the_bridge_leaves_its_tap_alone(boot: BootResults) -> None:
+    boot.rc("restarted")
+    assert boot.read("restarted.txt") == "unmanaged", boot.read("nm.log")[-3000:]
+
+
 def test_after_the_bridge_the_name_is_networkmanagers_again(boot: BootResults) -> None:
     """usb0, the default name, is also the kernel's usbnet drivers' name."""
     boot.rc("bridge_exit")
