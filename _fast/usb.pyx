@@ -170,7 +170,7 @@ cdef struct NativeIn:
     # 14% less CPU per MB in the guest (bench/RESULTS.md, session 9). NULL: the kernel
     # could not map it (or EEMBRIDGE_USBFS_MMAP=0); transfers land in the ring itself.
     unsigned char* devmem
-    size_t devmem_size
+    size_t devmem_size  # asked of usbfs (0: not asked); with devmem NULL, refused
     int64_t head  # sequence number of the oldest transfer not yet delivered
     int64_t next  # sequence number of the next transfer to submit
     libusb_transfer* by_slot[MAX_IN]  # sequence % in_flight -> its transfer
@@ -858,7 +858,9 @@ cdef class UsbTransport:
                 "stalls": n.status_counts[LIBUSB_TRANSFER_STALL],
                 "submit_errors": n.submit_errors, "commands_dropped": n.commands_dropped,
                 "deframe_failures": n.rx.deframe_failures if n.rx != NULL else 0,
-                "usbfs_mapped": n.devmem != NULL}
+                # Where IN transfers land, and the bytes usbfs refused to map (0: none).
+                "in_buffers": "usbfs-mapped" if n.devmem != NULL else "ring",
+                "usbfs_refused": n.devmem_size if n.devmem == NULL else 0}
 
     cdef int _rx_cancel(self) except -1:
         """Cancel the native IN transfers; True while some are still with libusb."""
@@ -888,6 +890,7 @@ cdef class UsbTransport:
         if n.devmem != NULL and self.handle != NULL:
             libusb_dev_mem_free(self.handle, n.devmem, n.devmem_size)
         n.devmem = NULL
+        n.devmem_size = 0
         self._rx_owner = None
 
     # -- the native OUT path -----------------------------------------------------------

@@ -345,8 +345,7 @@ class Bridge:
         if self._native is not None:  # plus the live counts of the native data path
             rx, tx = _merge_native(self._native, counters, in_errors, drop_reasons)
             in_flight, out_queued = rx["in_flight"], out_queued + tx["in_flight"]
-            if rx.get("usbfs_mapped"):
-                in_buffers = "usbfs-mapped"
+            in_buffers = rx["in_buffers"]
         snapshot: dict[str, Any] = {
             "tap": self.options.tap,
             "codec": CODEC,
@@ -571,14 +570,14 @@ class Bridge:
         path = (f"frames moved in C, busy-poll {busy_polls}" if busy_polls is not None
                 else "frames moved by the bridge loop")
         if self._native is not None:
-            if self._native.rx_stats().get("usbfs_mapped"):
+            rx = self._native.rx_stats()
+            if rx["in_buffers"] == "usbfs-mapped":
                 path += ", IN buffers mapped from usbfs"
-            elif os.environ.get("EEMBRIDGE_USBFS_MMAP") != "0":
+            elif rx["usbfs_refused"]:
                 log.warning("usbfs refused to map %d bytes for the IN buffers (its limit "
                             "/sys/module/usbcore/parameters/usbfs_memory_mb, shared by every "
                             "program using usbfs, or an old kernel): IN transfers land in the "
-                            "ring, at more CPU per frame",
-                            opts.in_flight * opts.in_transfer_size)
+                            "ring, at more CPU per frame", rx["usbfs_refused"])
         framer = self.framer
         layout = (f"OUT batches of up to {framer.max_transfer} bytes"
                   + (f" in {framer.out_chunk}-byte chunks" if framer.out_chunk else "")

@@ -49,7 +49,7 @@ ip tuntap del dev $CONTROL mode tap
 
 python3 -m eembridge --sim --tap $TAP --ip 169.254.8.1/24 -v > "$RW/bridge.log" 2>&1 &
 BRIDGE=$!
-wait_until 120 carrier_is $TAP 1
+bridge_up $BRIDGE $TAP 120 > "$RW/bridge_up.txt"
 echo $? > "$RW/bridge_up.rc"
 stamp bridge_up
 # Give NM what the control needed to take an interface (it took nmc0 within this).
@@ -66,8 +66,7 @@ nm_state $TAP > "$RW/restarted.txt"
 ls /run/NetworkManager/conf.d > "$RW/conf_during.txt" 2>&1
 cat "/run/NetworkManager/conf.d/eembridge-$TAP.conf" > "$RW/keyfile.txt" 2>&1
 kill -TERM $BRIDGE
-wait $BRIDGE
-echo $? > "$RW/bridge_exit.rc"
+bridge_exit $BRIDGE bridge_exit
 ls /run/NetworkManager/conf.d > "$RW/conf_after.txt" 2>&1
 stamp bridge_exit
 
