@@ -7,8 +7,8 @@ See device.py (the device and its network side), transport.py (host controller
 semantics) and faults.py (what can go wrong, and the counters of what did).
 """
 
-from .device import NetworkSide, QueueNetworkSide, SimDevice
+from .device import EemFunction, NetworkSide, QueueNetworkSide, SimDevice
 from .faults import FAULT_COUNTERS, Faults
 from .transport import SimTransport
 
-__all__ = ["FAULT_COUNTERS", "Faults", "NetworkSide", "QueueNetworkSide", "SimDevice", "SimTransport"]
+__all__ = ["FAULT_COUNTERS", "EemFunction", "Faults", "NetworkSide", "QueueNetworkSide", "SimDevice", "SimTransport"]

@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 The device has its own EEM codec (eembridge's Framer and Deframer) and two threads:
 
-* IN thread: `_TxStream` turns what the device has to send (answers to Echo first,
+* IN thread: `TxStream` turns what the device has to send (answers to Echo first,
   then injected commands, then frames from the network side) into USB packets, and
   the thread offers each to the host's head IN transfer (`SimTransport._offer_in`).
   batch=False: one EEM packet per device transfer. batch=True: one continuous stream
@@ -22,6 +22,10 @@ through the callback it was given with `attach`; received frames are pushed to i
 
 Unplug bumps `_generation`; each thread notices and forgets its codec state, as a
 device that lost power would.
+
+The function itself (codec, faults, TxStream, OUT handling, what it owes the host) is
+`EemFunction`, with no bus and no threads: SimDevice drives it on the simulated bus,
+tests/interop/ffs_eem_device.py on FunctionFS endpoints of a real USB gadget.
 """
 
 from __future__ import annotations
@@ -133,8 +137,16 @@ class QueueNetworkSide(NetworkSide):
         return len(self._to_host)
 
 
-class SimDevice:
-    """A simulated EEM device; `connect()` gives the host a SimTransport to it."""
+class EemFunction:
+    """The device's EEM function without a bus: its codec, its faults and what it owes
+    the host. Whatever moves USB packets drives it: SimDevice's threads on the simulated
+    bus, or a FunctionFS gadget on real USB (tests/interop/ffs_eem_device.py).
+
+    The driver takes USB packets for bulk IN from `tx` (`next_packet`/`next_burst`) and
+    hands bulk OUT data to `_receive_packet`/`_receive_transfer`/`_receive_request`; it
+    must call `_flush_rx` when the OUT endpoint halts or the host goes. `_wake` is
+    called (from any thread) whenever `tx` may have something new to send.
+    """
 
     def __init__(
         self,
@@ -177,13 +189,6 @@ class SimDevice:
         self._fault_counters = FaultCounters()
         self._in_faults = FaultInjector(self.faults, Direction.IN, self._fault_counters)
         self._out_faults = FaultInjector(self.faults, Direction.OUT, self._fault_counters)
-        self._bus = _Bus()
-        self._host: SimTransport | None = None
-        self._plugged = True
-        self._generation = 0
-        self._stopping = False
-        self._tx_signal = False
-        self._busy_until = 0.0
         self._answers: deque[tuple[str, Any]] = deque()  # Echo Responses owed to the host
         self._injected: deque[tuple[str, Any]] = deque()
         self._echo_responses: deque[bytes] = deque()
@@ -198,7 +203,156 @@ class SimDevice:
         self._one_frame_per_transfer = one_frame_per_transfer
         self.lost_batched_frames = 0  # one_frame_per_transfer: frames after the first
         self._rx = bytearray()
-        self._tx = _TxStream(self, batch_bytes)
+        self.tx = TxStream(self, batch_bytes)
+
+    def _wake(self) -> None:
+        """`tx` may have something new to send; the driver says how it is told."""
+        raise NotImplementedError
+
+    # -- what the device sends of its own ----------------------------------------------
+
+    def send_echo(self, data: bytes = b"") -> None:
+        """The device's own Echo (the host must answer; see echo_responses())."""
+        self._inject("echo", bytes(self._checked_echo(data)))
+
+    def inject_echo_response(self, data: bytes = b"") -> None:
+        """An Echo Response the host never asked for."""
+        self._inject("echo_response", bytes(self._checked_echo(data)))
+
+    def inject_hint(self, command: int, param: int = 0) -> None:
+        """A hint command (2..5; 6 and 7 give reserved commands) with an 11-bit param."""
+        if not 2 <= command <= 7 or not 0 <= param <= COMMAND_PARAM_MASK:
+            raise ValueError(f"hint command {command} param {param} out of range")
+        self._inject("hint", (command, param))
+
+    def inject_garbage(self, data: bytes = b"\xff\xff") -> None:
+        """Raw bytes put in front of the next EEM packet, inside the same device transfer."""
+        self._inject("garbage", bytes(data))
+
+    def _inject(self, kind: str, arg: Any) -> None:
+        self._injected.append((kind, arg))
+        self._fault_counters.add(INJECTED_COUNTER[kind])
+        self._wake()
+
+    @staticmethod
+    def _checked_echo(data: bytes) -> bytes:
+        if len(data) > MAX_ECHO_DATA:
+            raise ValueError(f"echo data of {len(data)} bytes exceeds {MAX_ECHO_DATA}")
+        return data
+
+    # -- observation -------------------------------------------------------------------
+
+    def echo_responses(self) -> list[bytes]:
+        """Echo Responses the device received from the host, oldest first (and forgets them)."""
+        out = []
+        while self._echo_responses:
+            out.append(self._echo_responses.popleft())
+        return out
+
+    def hints(self) -> list[tuple[int, int]]:
+        """Hint commands the device received from the host, (command, param)."""
+        out = []
+        while self._hints:
+            out.append(self._hints.popleft())
+        return out
+
+    def fault_counters(self) -> dict[str, int]:
+        return self._fault_counters.snapshot()
+
+    def counters(self) -> dict[str, int]:
+        """The device codec's counters: rx_* from its deframer, tx_* from its framer."""
+        out = {f"rx_{k}": v for k, v in self._deframer.counters().items()}
+        out.update({f"tx_{k}": v for k, v in self._framer.counters().items()})
+        # The framer closes every packet as if it were a transfer; what really ended the
+        # device's transfers on a max-packet boundary is counted by the TX stream.
+        out["tx_zlps"], out["tx_usb_zlps"] = self.tx.eem_zlps, self.tx.usb_zlps
+        out["rx_failed_requests"] = self.failed_requests
+        out["rx_failed_request_frames"] = self.failed_request_frames
+        out["rx_lost_batched_frames"] = self.lost_batched_frames
+        return out
+
+    # -- bulk OUT ------------------------------------------------------------------------
+
+    def _flush_rx(self) -> None:
+        self._rx = bytearray()
+        self._deframer.reset()
+
+    def _receive_packet(self, data: bytearray) -> None:
+        """One OUT packet: a short one (or ZLP) ends the transfer, and only then is it parsed."""
+        self._rx += data
+        if len(data) < self.max_packet:
+            self._deframe(short=True)
+        elif len(self._rx) >= self._rx_buffer:
+            self._deframe(short=False)
+
+    def _receive_transfer(self, data: bytearray) -> int:
+        """The rest of an OUT transfer at once (fast path): the same as its packets one
+        by one through _receive_packet. Returns how many packets that was."""
+        mp, n = self.max_packet, len(data)
+        if n == 0:
+            self._receive_packet(data)  # a USB ZLP
+            return 1
+        view, pos = memoryview(data), 0
+        full = n - n % mp
+        while pos < full:
+            take = min(full - pos, self._rx_buffer - len(self._rx))
+            self._rx += view[pos : pos + take]
+            pos += take
+            if len(self._rx) >= self._rx_buffer:
+                self._deframe(short=False)
+        if pos < n:
+            self._receive_packet(bytearray(view[pos:]))  # the short packet ends it
+        return -(-n // mp)
+
+    def _receive_request(self, data: bytes | bytearray, short: bool) -> None:
+        """One completed device OUT request (a FunctionFS read): `short` if it ended the
+        host's transfer (fewer bytes than asked for), else the transfer goes on."""
+        self._fault_counters.add("out_packets", max(1, -(-len(data) // self.max_packet)))
+        self._rx += data
+        self._deframe(short)
+
+    def _deframe(self, short: bool) -> None:
+        request, self._rx = self._rx, bytearray()
+        if self._whole_requests:
+            truncated = self._deframer.counters()["truncated"]
+            events = self._deframer.feed(request, True)  # nothing carries over
+            if self._deframer.counters()["truncated"] != truncated:
+                self.failed_requests += 1
+                self.failed_request_frames += sum(isinstance(e, Frame) for e in events)
+                return
+        else:
+            events = self._deframer.feed(request, short)
+        if self._one_frame_per_transfer:
+            frames = [e for e in events if isinstance(e, Frame)]
+            self.lost_batched_frames += max(0, len(frames) - 1)
+            events = [e for e in events if not isinstance(e, Frame)] + frames[:1]
+        for event in events:
+            if isinstance(event, Frame):
+                self.network.deliver(bytes(event.data))
+            elif isinstance(event, Echo):
+                self._answers.append(("echo_response", bytes(event.data)))
+                self._wake()
+            elif isinstance(event, EchoResponse):
+                self._echo_responses.append(bytes(event.data))
+            elif isinstance(event, Hint):
+                self._hints.append((event.command, event.param))
+
+
+class SimDevice(EemFunction):
+    """A simulated EEM device; `connect()` gives the host a SimTransport to it.
+
+    Takes EemFunction's options; its two threads move the function's packets over the
+    simulated bus (SimTransport)."""
+
+    def __init__(self, network: NetworkSide | None = None, **options: Any) -> None:
+        super().__init__(network, **options)
+        self._bus = _Bus()
+        self._host: SimTransport | None = None
+        self._plugged = True
+        self._generation = 0
+        self._stopping = False
+        self._tx_signal = False
+        self._busy_until = 0.0
         self.network.attach(self._wake)
         self._threads = [threading.Thread(target=self._in_loop, name="sim-in", daemon=True),
                          threading.Thread(target=self._out_loop, name="sim-out", daemon=True)]
@@ -272,66 +426,6 @@ class SimDevice:
                 self._fault_counters.add("out_busy_periods")
             self._bus.notify_all()
 
-    def send_echo(self, data: bytes = b"") -> None:
-        """The device's own Echo (the host must answer; see echo_responses())."""
-        self._inject("echo", bytes(self._checked_echo(data)))
-
-    def inject_echo_response(self, data: bytes = b"") -> None:
-        """An Echo Response the host never asked for."""
-        self._inject("echo_response", bytes(self._checked_echo(data)))
-
-    def inject_hint(self, command: int, param: int = 0) -> None:
-        """A hint command (2..5; 6 and 7 give reserved commands) with an 11-bit param."""
-        if not 2 <= command <= 7 or not 0 <= param <= COMMAND_PARAM_MASK:
-            raise ValueError(f"hint command {command} param {param} out of range")
-        self._inject("hint", (command, param))
-
-    def inject_garbage(self, data: bytes = b"\xff\xff") -> None:
-        """Raw bytes put in front of the next EEM packet, inside the same device transfer."""
-        self._inject("garbage", bytes(data))
-
-    def _inject(self, kind: str, arg: Any) -> None:
-        self._injected.append((kind, arg))
-        self._fault_counters.add(INJECTED_COUNTER[kind])
-        self._wake()
-
-    @staticmethod
-    def _checked_echo(data: bytes) -> bytes:
-        if len(data) > MAX_ECHO_DATA:
-            raise ValueError(f"echo data of {len(data)} bytes exceeds {MAX_ECHO_DATA}")
-        return data
-
-    # -- observation -------------------------------------------------------------------
-
-    def echo_responses(self) -> list[bytes]:
-        """Echo Responses the device received from the host, oldest first (and forgets them)."""
-        out = []
-        while self._echo_responses:
-            out.append(self._echo_responses.popleft())
-        return out
-
-    def hints(self) -> list[tuple[int, int]]:
-        """Hint commands the device received from the host, (command, param)."""
-        out = []
-        while self._hints:
-            out.append(self._hints.popleft())
-        return out
-
-    def fault_counters(self) -> dict[str, int]:
-        return self._fault_counters.snapshot()
-
-    def counters(self) -> dict[str, int]:
-        """The device codec's counters: rx_* from its deframer, tx_* from its framer."""
-        out = {f"rx_{k}": v for k, v in self._deframer.counters().items()}
-        out.update({f"tx_{k}": v for k, v in self._framer.counters().items()})
-        # The framer closes every packet as if it were a transfer; what really ended the
-        # device's transfers on a max-packet boundary is counted by the TX stream.
-        out["tx_zlps"], out["tx_usb_zlps"] = self._tx.eem_zlps, self._tx.usb_zlps
-        out["rx_failed_requests"] = self.failed_requests
-        out["rx_failed_request_frames"] = self.failed_request_frames
-        out["rx_lost_batched_frames"] = self.lost_batched_frames
-        return out
-
     # -- lifetime ----------------------------------------------------------------------
 
     def close(self) -> None:
@@ -371,7 +465,7 @@ class SimDevice:
                         return
                     if generation != self._generation:
                         generation, packet = self._generation, None
-                        self._tx.reset()
+                        self.tx.reset()
                     host = self._host
                     if not self._plugged:
                         wait()
@@ -394,9 +488,9 @@ class SimDevice:
                 self._tx_signal = False
             # Without the lock: it pulls from the network side.
             if fast:
-                packet, burst = self._tx.next_burst()
+                packet, burst = self.tx.next_burst()
             else:
-                packet, burst = self._tx.next_packet(), False
+                packet, burst = self.tx.next_packet(), False
             if packet is None:
                 with bus:
                     while not (self._tx_signal or self._stopping or self._generation != generation):
@@ -449,74 +543,20 @@ class SimDevice:
             with bus:
                 host._out_accepted(transfer, size)
 
-    def _flush_rx(self) -> None:
-        self._rx = bytearray()
-        self._deframer.reset()
-
-    def _receive_packet(self, data: bytearray) -> None:
-        """One OUT packet: a short one (or ZLP) ends the transfer, and only then is it parsed."""
-        self._rx += data
-        if len(data) < self.max_packet:
-            self._deframe(short=True)
-        elif len(self._rx) >= self._rx_buffer:
-            self._deframe(short=False)
-
-    def _receive_transfer(self, data: bytearray) -> int:
-        """The rest of an OUT transfer at once (fast path): the same as its packets one
-        by one through _receive_packet. Returns how many packets that was."""
-        mp, n = self.max_packet, len(data)
-        if n == 0:
-            self._receive_packet(data)  # a USB ZLP
-            return 1
-        view, pos = memoryview(data), 0
-        full = n - n % mp
-        while pos < full:
-            take = min(full - pos, self._rx_buffer - len(self._rx))
-            self._rx += view[pos : pos + take]
-            pos += take
-            if len(self._rx) >= self._rx_buffer:
-                self._deframe(short=False)
-        if pos < n:
-            self._receive_packet(bytearray(view[pos:]))  # the short packet ends it
-        return -(-n // mp)
-
-    def _deframe(self, short: bool) -> None:
-        request, self._rx = self._rx, bytearray()
-        if self._whole_requests:
-            truncated = self._deframer.counters()["truncated"]
-            events = self._deframer.feed(request, True)  # nothing carries over
-            if self._deframer.counters()["truncated"] != truncated:
-                self.failed_requests += 1
-                self.failed_request_frames += sum(isinstance(e, Frame) for e in events)
-                return
-        else:
-            events = self._deframer.feed(request, short)
-        if self._one_frame_per_transfer:
-            frames = [e for e in events if isinstance(e, Frame)]
-            self.lost_batched_frames += max(0, len(frames) - 1)
-            events = [e for e in events if not isinstance(e, Frame)] + frames[:1]
-        for event in events:
-            if isinstance(event, Frame):
-                self.network.deliver(bytes(event.data))
-            elif isinstance(event, Echo):
-                self._answers.append(("echo_response", bytes(event.data)))
-                self._wake()
-            elif isinstance(event, EchoResponse):
-                self._echo_responses.append(bytes(event.data))
-            elif isinstance(event, Hint):
-                self._hints.append((event.command, event.param))
-
-
-class _TxStream:
+class TxStream:
     """Device TX: EEM packets to USB packets on bulk IN. Only the IN thread uses it."""
 
-    def __init__(self, device: SimDevice, batch_bytes: int) -> None:
+    def __init__(self, device: EemFunction, batch_bytes: int) -> None:
         self.device = device
         self.max_packet = device.max_packet
         self.batch_bytes = batch_bytes
         self.pull = 32 if device.batch else 1
         self._pending: deque[tuple[str, Any]] = deque()  # pulled from the network side
         self.eem_zlps = self.usb_zlps = 0
+        # None, or a list that every item taken to send is appended to, (kind, argument):
+        # a driver that must know what each device transfer held (which Echo went out
+        # whole) clears it per transfer.
+        self.record: list[tuple[str, Any]] | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -592,6 +632,8 @@ class _TxStream:
             if item is None:
                 return garbage or None
             kind, arg = item
+            if self.record is not None:
+                self.record.append(item)
             if kind == "garbage":
                 garbage += arg
                 continue
