@@ -8,72 +8,27 @@ the kernel's TCP at both ends.
 
 from __future__ import annotations
 
-import select
-import threading
-from collections.abc import Callable
 from typing import Any
 
 from ..netns import configure_link, create_netns, delete_netns, unique_name
 from ..tap import Tap
-from .device import NetworkSide, SimDevice
+from .device import SimDevice
 from .faults import Faults
+from .polled import PolledNetworkSide
 from .transport import SimTransport
 
-FRAME_BUFFER = 65536
 
-
-class TapNetworkSide(NetworkSide):
+class TapNetworkSide(PolledNetworkSide):
     """Frames to and from a TAP that lives in namespace `namespace`."""
 
     def __init__(self, namespace: str, address: str, mtu: int = 1500) -> None:
         self.namespace = namespace
         # Created here, then moved: the fd keeps working in the other namespace.
-        self.tap = Tap(unique_name("eemsim"), mode="create", mtu=mtu)
-        self.name = self.tap.name
-        self.tap.move_to_netns(namespace)
+        tap = Tap(unique_name("eemsim"), mode="create", mtu=mtu)
+        super().__init__(tap, tap.name)
+        tap.move_to_netns(namespace)
         configure_link(namespace, self.name, [address], up=True, mtu=mtu)
-        self.mac = self.tap.mac
-        self._buffer = bytearray(FRAME_BUFFER)
-        self._wake: Callable[[], None] = lambda: None
-        self._drained = threading.Event()
-        self._closing = False
-        self._watcher = threading.Thread(target=self._watch, name="sim-tap", daemon=True)
-        self.write_drops = 0
-
-    def attach(self, wake: Callable[[], None]) -> None:
-        self._wake = wake
-        self._watcher.start()
-
-    def _watch(self) -> None:
-        """Tell the device when the TAP has frames; then wait until it took them all."""
-        poller = select.poll()
-        poller.register(self.tap.fileno(), select.POLLIN)
-        while not self._closing:
-            if not poller.poll(200):
-                continue
-            self._drained.clear()
-            self._wake()
-            self._drained.wait(0.2)
-
-    def next_frames(self, max_frames: int) -> list[bytes]:
-        frames: list[bytes] = []
-        while len(frames) < max_frames:
-            n = self.tap.read_into(self._buffer)
-            if n == 0:
-                self._drained.set()
-                break
-            frames.append(bytes(self._buffer[:n]))
-        return frames
-
-    def deliver(self, frame: bytes) -> None:
-        if not self.tap.write(frame):
-            self.write_drops += 1  # the kernel refused it; its reason is in tap.write_errors
-
-    def close(self) -> None:
-        self._closing = True
-        if self._watcher.is_alive():
-            self._watcher.join(1.0)
-        self.tap.close()
+        self.mac = tap.mac
 
 
 class SimLink:
