@@ -1,0 +1,275 @@
+#!/usr/bin/env bash
+# eembridge's native data path against a LOSSY EEM device on real USB, run INSIDE the
+# real-peer guest: ffs_eem_device.py (eembridge.sim's device model on FunctionFS
+# endpoints of a configfs gadget on dummy_hcd) injects the simulator's faults, the
+# bridge runs as users run it, a TCP peer sits behind the device's TAP in netns `peer`.
+#
+#   lossy.sh checks [SPEED...]        every check of test_guest_lossy.py, per speed
+#   lossy.sh soak N [SPEED...]        N runs in a row per speed, both directions, each
+#                                     with a deadline: complete or not, counters at a stall
+#
+# SPEED: full high super (default: all three, one after the other in this boot:
+# dummy_hcd is reloaded with other options between them). Results as files under
+# $RW/SPEED/ (NAME.rc = exit status, .json/.txt what it printed), so one failing step
+# does not hide the others; timings.txt = guest uptime at each stage.
+#
+# Faults (per speed, on its own packet size): 2% of the IN packets lost, 0.5% of EEM
+# packets with garbage in front that reads as an Echo Response of 2047 bytes, an Echo
+# from the device every 100 frames (1%), OUT halted every OUT_STALL_EVERY reads and
+# not read for BUSY_SECONDS every OUT_BUSY_EVERY reads.
+set -uo pipefail  # not -e: every step records its own exit code
+# shellcheck source=lib.sh
+. "$INTEROP/lib.sh"
+# Stages per speed: $D/timings.txt, guest uptime at each.
+stamp() { echo "$1 $(cut -d' ' -f1 /proc/uptime)" >> "${D:-$RW}/timings.txt"; }
+
+MODE=${1:?checks or soak}
+shift
+if [ "$MODE" = soak ]; then RUNS=${1:?number of runs}; shift; fi
+SPEEDS=${*:-full high super}
+G=/sys/kernel/config/usb_gadget/ffseem
+FFS=/dev/ffs-eem
+SERIAL=eembridge-ffs-0001
+TAP=eem0
+NS=peer
+PEER_TAP=ffstap
+HOST_IP=169.254.77.1
+PEER_IP=169.254.77.2
+SOCK=/tmp/eembridge-$TAP.sock   # guest tmpfs: UNIX sockets do not work on the 9p rwdir
+IN_LOSS=${IN_LOSS:-0.02}
+GARBAGE=${GARBAGE:-0.005}
+ECHO_P=${ECHO_P:-0.01}
+OUT_STALL_EVERY=${OUT_STALL_EVERY:-150}
+OUT_BUSY_EVERY=${OUT_BUSY_EVERY:-400}
+BUSY_SECONDS=${BUSY_SECONDS:-2}
+
+# payload bytes each way and the deadline of one transfer, by speed
+declare -A XFER_BYTES=([full]=307200 [high]=1048576 [super]=1048576)
+declare -A DEADLINE=([full]=150 [high]=90 [super]=90)
+declare -A HCD_OPTS=([full]="is_high_speed=0 is_super_speed=0"
+                     [high]="is_high_speed=1 is_super_speed=0"
+                     [super]="is_high_speed=1 is_super_speed=1")
+declare -A SYSFS_SPEED=([full]=12 [high]=480 [super]=5000)
+
+DEVICE=""
+BRIDGE=""
+
+usb_path() {  # the host side of our gadget, by serial
+    local d
+    for d in /sys/bus/usb/devices/*; do
+        [ -f "$d/serial" ] && [ "$(cat "$d/serial")" = "$SERIAL" ] && { echo "$d"; return 0; }
+    done
+    return 1
+}
+
+# ffs_up SPEED: dummy_hcd at SPEED, the configfs gadget with one FunctionFS function,
+# the device program on it (it writes the descriptors), then bind: env.txt in $D.
+ffs_up() {
+    local speed=$1 p
+    [ ! -d /sys/module/dummy_hcd ] || modprobe -r dummy_hcd
+    # shellcheck disable=SC2086
+    modprobe dummy_hcd ${HCD_OPTS[$speed]}
+    mkdir -p "$G/strings/0x409" "$G/configs/c.1/strings/0x409" "$G/functions/ffs.eem"
+    echo 0x1d6b > "$G/idVendor"; echo 0x0104 > "$G/idProduct"
+    echo 0x0200 > "$G/bcdUSB"; echo 0x0100 > "$G/bcdDevice"
+    echo "$SERIAL" > "$G/strings/0x409/serialnumber"
+    echo "eembridge" > "$G/strings/0x409/manufacturer"
+    echo "lossy EEM device (FunctionFS)" > "$G/strings/0x409/product"
+    echo EEM > "$G/configs/c.1/strings/0x409/configuration"
+    [ -e "$G/configs/c.1/ffs.eem" ] || ln -s "$G/functions/ffs.eem" "$G/configs/c.1/"
+    mkdir -p "$FFS"
+    mountpoint -q "$FFS" || mount -t functionfs eem "$FFS"
+    rm -f "$D/device.ready"
+    python3 "$INTEROP/ffs_eem_device.py" --ffs "$FFS" --speed "$speed" --tap "$PEER_TAP" \
+        --ready "$D/device.ready" --state "$D/device.json" \
+        --seed "${SEED:-1}" --in-loss "$IN_LOSS" --garbage "$GARBAGE" --echo "$ECHO_P" \
+        --out-stall-every "$OUT_STALL_EVERY" --out-busy-every "$OUT_BUSY_EVERY" \
+        --out-busy-seconds "$BUSY_SECONDS" > "$D/device.log" 2>&1 &
+    DEVICE=$!
+    # Python's start-up under TCG on a loaded host: minutes, not seconds.
+    wait_until 300 test -e "$D/device.ready"
+    echo $? > "$D/device_up.rc"
+    ip link set "$PEER_TAP" netns "$NS"
+    ip netns exec "$NS" sysctl -qw "net.ipv6.conf.$PEER_TAP.disable_ipv6=1"
+    ip -n "$NS" addr add "$PEER_IP/24" dev "$PEER_TAP"
+    ip -n "$NS" link set "$PEER_TAP" up
+    stamp device_up
+    echo dummy_udc.0 > "$G/UDC"
+    wait_until 30 usb_path > /dev/null
+    echo $? > "$D/usb.rc"
+    p=$(usb_path)
+    { echo "SPEED=$speed"; echo "USB_PATH=$p"; echo "USB_SPEED=$(cat "$p/speed" 2>/dev/null)"
+      echo "PEER_TAP=$PEER_TAP"; echo "SERIAL=$SERIAL"
+      echo "IN_LOSS=$IN_LOSS"; echo "GARBAGE=$GARBAGE"; echo "ECHO_P=$ECHO_P"
+      echo "OUT_STALL_EVERY=$OUT_STALL_EVERY"; echo "OUT_BUSY_EVERY=$OUT_BUSY_EVERY"
+      echo "BUSY_SECONDS=$BUSY_SECONDS"; echo "XFER_BYTES=${XFER_BYTES[$speed]}"; } > "$D/env.txt"
+    for p in "$p"/*:*; do echo "$(basename "$p") $(intf_class "$p") $(driver_of "$p")"; done \
+        > "$D/interfaces.txt"
+    stamp usb_up
+}
+
+ffs_down() {
+    if [ -n "$DEVICE" ]; then
+        kill -TERM "$DEVICE" 2>/dev/null
+        timeout 30 tail --pid="$DEVICE" -f /dev/null || kill -KILL "$DEVICE" 2>/dev/null
+        wait "$DEVICE" 2>/dev/null
+        echo $? > "$D/device_exit.rc"
+    fi
+    DEVICE=""
+    [ -z "$(cat "$G/UDC" 2>/dev/null)" ] || echo "" > "$G/UDC"
+    ! mountpoint -q "$FFS" || umount "$FFS"
+    rm -f "$G/configs/c.1/ffs.eem"
+    rmdir "$G/configs/c.1/strings/0x409" "$G/configs/c.1" "$G/functions/ffs.eem" \
+        "$G/strings/0x409" "$G" 2>/dev/null
+    [ ! -d /sys/module/dummy_hcd ] || modprobe -r dummy_hcd
+}
+
+# The bridge runs once for every speed of the boot: dummy_hcd's reload between speeds is
+# an unplug to it, and it takes the device back when the next speed's gadget binds
+# (Python's start-up under TCG costs more than a transfer).
+bridge_start() {
+    python3 -m eembridge --tap "$TAP" --ip "$HOST_IP/24" --serial "$SERIAL" \
+        --stats-socket "$SOCK" -v > "$RW/bridge.log" 2>&1 &
+    BRIDGE=$!
+}
+
+bridge_connected() {  # carrier on the TAP within 150 s (the first start-up) as $D/bridge_up.rc
+    bridge_up "$BRIDGE" "$TAP" 150 > "$D/bridge_up.txt"
+    echo $? > "$D/bridge_up.rc"
+    stamp bridge_up
+}
+
+bridge_stop() {
+    [ -n "$BRIDGE" ] || return 0
+    kill -TERM "$BRIDGE" 2>/dev/null
+    D=$RW bridge_exit "$BRIDGE" bridge_exit
+    BRIDGE=""
+}
+
+# stats NAME: the bridge's counters (the control socket's one JSON line) in $D/NAME.json.
+# nc rather than `eembridge stats --socket`: the same request and answer without a
+# Python start-up in the guest.
+stats() {
+    printf '{"cmd": "stats"}\n' | timeout 20 nc -N -U "$SOCK" > "$D/$1.json" 2> "$D/$1.err"
+    echo $? > "$D/$1.rc"
+}
+
+device_state() {  # device_state NAME: the device's state now, in $D/NAME.json
+    local before
+    before=$(stat -c %Y.%N "$D/device.json" 2>/dev/null)
+    kill -USR1 "$DEVICE" 2>/dev/null || return 1
+    wait_until 20 test "$(stat -c %Y.%N "$D/device.json" 2>/dev/null)" != "$before"
+    cp "$D/device.json" "$D/$1.json"
+}
+
+# lossy_xfer NAME h2p|p2h BYTES SECONDS: random bytes over TCP (nc) from the host to the
+# peer (h2p) or back (p2h), each end hashing what it saw, the client killed after
+# SECONDS. NAME.sent/.recv digests, NAME.rc the client's status (124: deadline),
+# NAME.seconds. On a missed deadline, before anything is torn down: the bridge's
+# counters, the device's state and both TCP ends (ss -tin) as NAME.stall_*.
+lossy_xfer() {
+    local name=$1 dir=$2 bytes=$3 limit=$4 port=$((5000 + RANDOM % 2000)) srv rc t0
+    head -c "$bytes" /dev/urandom > "/tmp/$name.bin"
+    sha256sum < "/tmp/$name.bin" | cut -d' ' -f1 > "$D/$name.sent"
+    rm -f "$D/$name.recv"
+    t0=$SECONDS
+    if [ "$dir" = h2p ]; then
+        ip netns exec "$NS" sh -c "nc -d -l $port | sha256sum | cut -d' ' -f1 > $D/$name.recv" &
+        srv=$!
+        wait_until 10 listening "$NS" "$port"
+        timeout "$limit" nc -N "$PEER_IP" "$port" < "/tmp/$name.bin"
+        rc=$?
+    else
+        ip netns exec "$NS" sh -c "nc -N -l $port < /tmp/$name.bin" &
+        srv=$!
+        wait_until 10 listening "$NS" "$port"
+        timeout "$limit" nc -d "$PEER_IP" "$port" > "/tmp/$name.got"
+        rc=$?
+        sha256sum < "/tmp/$name.got" | cut -d' ' -f1 > "$D/$name.recv"
+    fi
+    echo $rc > "$D/$name.rc"
+    echo $((SECONDS - t0)) > "$D/$name.seconds"
+    if [ $rc != 0 ]; then
+        stats "$name.stall_stats"
+        device_state "$name.stall_device"
+        { echo "# host (root netns)"; ss -tin; echo "# peer (netns $NS)"; ip netns exec "$NS" ss -tin
+          echo "# peer /proc/net/snmp"; ip netns exec "$NS" cat /proc/net/snmp
+        } > "$D/$name.stall_tcp.txt" 2>&1
+        ip -s link show "$TAP" >> "$D/$name.stall_tcp.txt" 2>&1
+        ip netns exec "$NS" ip -s link >> "$D/$name.stall_tcp.txt" 2>&1
+        kill "$srv" 2>/dev/null
+    fi
+    timeout 30 tail --pid=$srv -f /dev/null || kill $srv 2>/dev/null
+    rm -f "/tmp/$name.bin" "/tmp/$name.got"
+    [ $rc = 0 ] && [ "$(cat "$D/$name.recv" 2>/dev/null)" = "$(cat "$D/$name.sent")" ]
+}
+
+peer_tcp() {  # the peer's TCP counters (RetransSegs: what TCP resent) in $D/NAME.txt
+    ip netns exec "$NS" cat /proc/net/snmp > "$D/$1.txt"
+}
+
+one_speed_checks() {
+    local speed=$1
+    ffs_up "$speed"
+    [ -n "$BRIDGE" ] || bridge_start
+    bridge_connected
+    stats stats_before
+    ping -c 5 -i 0.2 -W 2 "$PEER_IP" > "$D/ping.txt" 2>&1
+    echo $? > "$D/ping.rc"
+    peer_tcp peer_tcp_before
+    lossy_xfer h2p h2p "${XFER_BYTES[$speed]}" "${DEADLINE[$speed]}"
+    stamp h2p_done
+    lossy_xfer p2h p2h "${XFER_BYTES[$speed]}" "${DEADLINE[$speed]}"
+    stamp p2h_done
+    peer_tcp peer_tcp_after
+    device_state device_before_stats
+    stats stats
+    ffs_down  # the device's final state (device.json), then the gadget goes
+    wait_until 30 carrier_is "$TAP" 0
+    echo $? > "$D/carrier_off.rc"
+    stamp down
+}
+
+# soak: N runs in a row at this speed with one device and one bridge, alternating
+# direction within each run; results.txt has one line per transfer.
+one_speed_soak() {
+    local speed=$1 i dir ok
+    ffs_up "$speed"
+    [ -n "$BRIDGE" ] || bridge_start
+    bridge_connected
+    stats stats_before
+    ping -c 3 -i 0.2 -W 2 "$PEER_IP" > "$D/ping.txt" 2>&1
+    for ((i = 1; i <= RUNS; i++)); do
+        for dir in h2p p2h; do
+            if lossy_xfer "run${i}_$dir" "$dir" "${XFER_BYTES[$speed]}" "${DEADLINE[$speed]}"; then
+                ok=complete
+            else
+                ok=incomplete
+            fi
+            echo "$speed $i $dir $ok rc=$(cat "$D/run${i}_$dir.rc") seconds=$(cat "$D/run${i}_$dir.seconds")" \
+                | tee -a "$RW/results.txt"
+        done
+    done
+    device_state device_before_stats
+    stats stats
+    ffs_down
+    wait_until 30 carrier_is "$TAP" 0
+    stamp down
+}
+
+modprobe libcomposite
+modprobe usb_f_fs
+[ -e /dev/net/tun ] || modprobe tun
+mountpoint -q /sys/kernel/config || mount -t configfs none /sys/kernel/config
+ip netns add "$NS"
+ip -n "$NS" link set lo up
+for speed in $SPEEDS; do
+    D=$RW/$speed
+    mkdir -p "$D"
+    stamp "${speed}_start"
+    "one_speed_$MODE" "$speed"
+done
+D=$RW
+bridge_stop
+stamp done
+true
