@@ -471,9 +471,11 @@ cdef void _on_out_native(libusb_transfer* transfer) noexcept nogil:
             o.short_writes += 1  # part of it went: its frames may be cut, count them lost
             o.short_write_frames += frames
         else:
-            # Not resent: a stalled or timed-out batch is dropped and counted, and TCP
-            # resends what mattered; resending it after the halt is cleared could
-            # duplicate what the device already took.
+            # The OUT-failure policy, the same as the Python loop's (Bridge._out_done):
+            # a stalled or timed-out batch is dropped and counted, the bridge thread
+            # clears the halt, and TCP resends what mattered. Not resent: the rest would
+            # reach the device after the transfers queued behind it, and after a stall
+            # a resend could duplicate what the device already took.
             k = status if <unsigned int>status < N_STATUS else 1
             o.errors_by_status[k] += 1
             o.dropped_by_status[k] += frames

@@ -68,7 +68,6 @@ BRIDGE_COUNTERS = (
     "rx_commands_dropped",  # EEM commands the native IN path had no room to hand over
     "rx_deframe_failures",  # IN transfers the native path could not deframe (no memory)
     "out_stalls",  # OUT endpoint stalls cleared
-    "out_retries",  # OUT transfers resubmitted after a stall or timeout
     "out_errors",  # OUT transfers that failed for good
     "tx_transfers",  # OUT transfers completed in full
     "tx_frames",  # frames in those transfers: really sent
@@ -784,26 +783,27 @@ class Bridge:
             self._counters["tx_frames"] += transfer.frames
             self._counters["tx_bytes"] += completion.actual
             transfer.done = True
-        elif status in (Status.STALL, Status.TIMED_OUT) and transfer.retries < 3:
-            transfer.retries += 1
-            self._counters["out_retries"] += 1
-            if status is Status.STALL:
-                self._counters["out_stalls"] += 1
-                self._clear_halt(Direction.OUT)
-            # What the device took is not sent again: resend only the rest.
-            transfer.buffer = transfer.buffer[completion.actual :]
-            assert self._transport is not None
-            try:
-                self._transport.submit_out(transfer.buffer, id(transfer))
-            except TransportGone:
-                self._counters["unplugs"] += 1
-                self._disconnect(reason="unplugged")
-            return
         else:
+            # The OUT-failure policy, the same on every transport (the C path's
+            # _on_out_native does the same): a transfer that stalled, timed out or was
+            # taken only in part is dropped, its frames counted by reason, and a stall's
+            # halt cleared. Never resent: with several transfers in flight the rest of
+            # this one would reach the device after those queued behind it, in the
+            # middle of other packets; after a stall the device's state is unknown, so
+            # a resend could duplicate what it took. Linux usbnet and FreeBSD's
+            # if_cdceem drop too; TCP resends what mattered.
             self._counters["out_errors"] += 1
             self._drop(status.value if status is not Status.COMPLETED else "short_write",
                        transfer.frames)
             transfer.done = True
+            if status is Status.STALL:
+                self._counters["out_stalls"] += 1
+                try:
+                    self._clear_halt(Direction.OUT)
+                except TransportGone:
+                    self._counters["unplugs"] += 1
+                    self._disconnect(reason="unplugged")
+                    return
         # Release in order: the TX ring is reused strictly first in, first out.
         while self._out and self._out[0].done:
             done = self._out.popleft()

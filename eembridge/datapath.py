@@ -47,7 +47,6 @@ class OutTransfer:
 
     buffer: memoryview
     frames: int
-    retries: int = 0
     done: bool = False
     owned: bool = True  # built in TxPath memory (False: a command transfer of the bridge's)
 

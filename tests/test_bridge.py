@@ -297,3 +297,21 @@ def test_keepalive_echoes_the_device_and_counts_silence(rig_factory):
     assert counters["echo_timeouts"] == 0 and counters["unsolicited_echo_responses"] == 0
     rig.sim.device.busy_out_for(1.5)  # the device stops taking anything: echoes go unanswered
     wait_for(lambda: rig.bridge.stats()["bridge"]["echo_timeouts"] >= 1, 10, "an echo timeout")
+
+
+def test_out_stalls_and_timeouts_drop_the_transfer_count_it_and_tcp_finishes(rig_factory):
+    """The one OUT-failure policy (the C path's too): a stalled or timed-out OUT transfer
+    is dropped and counted by reason, never resent; a stall's halt is cleared."""
+    faults = Faults(out_stall=0.02, out_timeout=0.02, seed=11)
+    rig = rig_factory(max_packet=512, faults=faults)
+    rig.transfer(3_000_000, 1_000_000)
+    injected = rig.sim.fault_counters()
+    assert injected["out_stalls"] > 0 and injected["out_timeouts"] > 0, injected
+    stats = rig.bridge.stats()
+    counters, reasons = stats["bridge"], stats["drop_reasons"]
+    assert "out_retries" not in counters  # nothing is resent
+    assert reasons.get("stall", 0) > 0 and reasons.get("timed_out", 0) > 0, reasons
+    assert counters["tx_dropped"] == sum(reasons.values()), (counters, reasons)
+    # Each halt injected was a stalled transfer counted here (more when transfers queued
+    # behind it stalled too), and each was cleared, or TCP could not have finished.
+    assert counters["out_stalls"] >= injected["out_stalls"]
