@@ -8,7 +8,7 @@ device (libusb's event thread, the C data path) while the device loses 2% of its
 packets (64, 512 or 1024 bytes), puts garbage that reads as an Echo Response of 2047
 bytes in front of 0.5% of its EEM packets, sends an Echo of its own every 100 frames,
 halts its OUT endpoint every OUT_STALL_EVERY reads and stops reading OUT for a while every
-OUT_BUSY_EVERY reads. The tests read the files it left: TCP both ways by SHA-256, every
+OUT_BUSY_EVERY reads. One bridge serves the three speeds (each reload is an unplug to it). The tests read the files it left: TCP both ways by SHA-256, every
 Echo that reached the bridge whole answered and no Echo Response nobody asked for, and
 the bridge's counters consistent with what the device injected.
 
@@ -151,11 +151,19 @@ def test_the_bridge_counted_the_garbage_and_the_loss(boot: Boot, speed: str) -> 
 
 
 @ALL_SPEEDS
-def test_the_bridge_cleared_the_out_stalls(boot: Boot, speed: str) -> None:
+def test_the_bridge_cleared_the_out_stalls_and_counted_what_they_cost(boot: Boot, speed: str) -> None:
+    """The OUT-failure policy (one for every transport): a stalled transfer is dropped,
+    its frames counted under drop_reasons "stall", the halt cleared; nothing else is
+    lost on OUT. The busy periods (the device not reading) only delay: no OUT timeout."""
     counted = boot.counted("bridge")
     faults = boot.device()["faults"]
-    assert faults["out_stalls"] > 0
+    assert faults["out_stalls"] > 0 and faults["out_busy_periods"] > 0, faults
+    # Every halt stalls at least the next transfer; the ones in flight stall with it.
     assert counted["out_stalls"] >= faults["out_stalls"], (counted, faults)
+    before, after = boot.stats("stats_before")["drop_reasons"], boot.stats()["drop_reasons"]
+    dropped = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+    assert sum(dropped.values()) == counted["tx_dropped"], (dropped, counted)
+    assert set(dropped) <= {"stall"}, dropped
 
 
 @ALL_SPEEDS
