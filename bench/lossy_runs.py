@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -30,6 +31,35 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "interop"))
 
 from guest import GuestError, run_in_guest  # noqa: E402
+
+
+def summarize(capture: Path) -> str:
+    """What matters in one capture: both TCP ends (ss), the bridge's queues and
+    counters, what the device is doing and its last IN transfers."""
+    text = capture.read_text()
+    if capture.name.endswith(("_tcp.txt", "_tcp_10s.txt")):
+        lines = text.splitlines()
+        keep = [ln for ln in lines if ln.startswith(("#", "ESTAB", "FIN", "\t"))]
+        return "\n".join(ln for ln in keep if "/proc" not in ln)[:4000]
+    if not capture.suffix == ".json" or not text.strip():
+        return ""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text[-2000:]
+    if "_stats" in capture.name:
+        keys = ("connected", "in_transfers_in_flight", "out_transfers_queued",
+                "tx_bytes_in_flight", "drop_reasons")
+        rx = data.get("rx", {})
+        return json.dumps({**{k: data.get(k) for k in keys},
+                           "rx": {k: rx.get(k) for k in ("frames", "truncated", "resyncs", "bytes_skipped")},
+                           "bridge": {k: v for k, v in data.get("bridge", {}).items() if v}})
+    now = data.get("now", 0.0)
+    rows = [f"  {row['t'] - now:+8.1f} s  {row['bytes']:5d} B  lost {row['lost']}  "
+            f"{'whole' if row['whole'] else 'DAMAGED'}  {', '.join(row['held'])}"
+            for row in data.get("last_in", [])]
+    return (json.dumps({"doing": data.get("doing"), "owed": data.get("owed"), "echo": data.get("echo")})
+            + "\n  last IN transfers (time before the capture):\n" + "\n".join(rows[-20:]))
 
 
 def main() -> int:
@@ -50,7 +80,11 @@ def main() -> int:
             ap.error(f"--env {item!r}: not VAR=VALUE")
     rwdir = args.rwdir or Path(tempfile.mkdtemp(prefix="eembridge-lossy-runs-"))
     timeout = args.timeout or 600 + 480 * args.runs * len(speeds)
-    script = " ".join(args.env + ["bash", "$INTEROP/lossy.sh", "soak", str(args.runs), *speeds])
+    # A copy: bash reads a script as it goes, so editing the tree's lossy.sh during a
+    # long soak would change what the running one executes next.
+    rwdir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "tests" / "interop" / "lossy.sh", rwdir / "lossy.sh")
+    script = " ".join(args.env + ["bash", "$RW/lossy.sh", "soak", str(args.runs), *speeds])
     started = time.monotonic()
     try:
         result = run_in_guest(script, rwdir, timeout=timeout)
@@ -70,15 +104,10 @@ def main() -> int:
         done = tally[speed]
         print(f"{speed}: {done['complete']} of {2 * args.runs} transfers complete, "
               f"{done['incomplete']} incomplete")
-        for capture in sorted((rwdir / speed).glob("*.stall_*")):
-            print(f"--- {speed}/{capture.name}")
-            text = capture.read_text()
-            if capture.suffix == ".json":
-                try:
-                    text = json.dumps(json.loads(text), indent=1)
-                except ValueError:
-                    pass
-            print(text[-6000:])
+        for capture in sorted((rwdir / speed).glob("*.stall_*")) + sorted((rwdir / speed).glob("*.slow_*")):
+            summary = summarize(capture)
+            if summary:
+                print(f"--- {speed}/{capture.name}\n{summary}")
     expected = 2 * args.runs * len(speeds)
     complete = sum(t["complete"] for t in tally.values())
     if result.returncode != 0:

@@ -16,7 +16,14 @@ import pytest
 from eembridge import Deframer, Framer
 from eembridge.events import Echo, EchoResponse, Frame, Hint
 from eembridge.protocol import CMD_ECHO, CMD_RESPONSE_HINT, CMD_TICKLE, command_header
-from eembridge.sim import FAULT_COUNTERS, Faults, QueueNetworkSide, SimDevice, SimTransport
+from eembridge.sim import (
+    FAULT_COUNTERS,
+    EemFunction,
+    Faults,
+    QueueNetworkSide,
+    SimDevice,
+    SimTransport,
+)
 from eembridge.transport import Completion, Direction, Status, TransportGone
 
 from eemstreams import data_packet, ethernet_frame
@@ -467,3 +474,68 @@ def test_info(make_device, max_packet, speed):
     info = device.connect().info
     assert (info.max_packet, info.speed, info.serial) == (max_packet, speed, "SIM42")
     assert info.description.startswith("simulated EEM device")
+
+
+class _Driven(EemFunction):
+    """EemFunction driven by the test itself, as a FunctionFS gadget drives it."""
+
+    def __init__(self, network: QueueNetworkSide, **options: object) -> None:
+        super().__init__(network, **options)  # type: ignore[arg-type]
+        self.wakes = 0
+        network.attach(self._wake)
+
+    def _wake(self) -> None:
+        self.wakes += 1
+
+
+def _device_transfers(function: EemFunction) -> list[bytes]:
+    """Everything TxStream has to send, cut into device transfers (ended by a short packet)."""
+    transfers, current = [], b""
+    while (packet := function.tx.next_packet()) is not None:
+        current += packet
+        if len(packet) < function.max_packet:
+            transfers.append(current)
+            current = b""
+    assert current == b""
+    return transfers
+
+
+def test_an_eem_function_without_a_bus_records_what_each_transfer_held() -> None:
+    net = QueueNetworkSide()
+    function = _Driven(net, max_packet=64)
+    function.tx.record = []
+    rng = random.Random(1)
+    frames = [ethernet_frame(rng, 46), ethernet_frame(rng, 1500)]
+    net.send(*frames)
+    function.send_echo(b"ping")
+    function.inject_garbage(b"\xff\x8f")
+    assert function.wakes >= 2  # the driver is told there is something to send
+    transfers = _device_transfers(function)
+    # The Echo, then the garbage glued in front of the first frame, then the second frame.
+    assert [kind for kind, _arg in function.tx.record] == ["echo", "garbage", "frame", "frame"]
+    assert len(transfers) == 3
+    assert list(Deframer().feed(transfers[0], True)) == [Echo(b"ping")]
+    assert transfers[1][:2] == b"\xff\x8f"
+    events = [e for t in (transfers[1][2:], transfers[2]) for e in Deframer().feed(t, True)]
+    assert [bytes(e.data) for e in events if isinstance(e, Frame)] == frames
+    assert all(isinstance(e, Frame) for e in events)
+    assert function.fault_counters()["injected_echo"] == 1
+    assert function.fault_counters()["injected_garbage"] == 1
+
+
+def test_an_eem_function_takes_functionfs_reads_as_requests() -> None:
+    """_receive_request: one completed device OUT request; short ends the host's transfer."""
+    net = QueueNetworkSide()
+    function = _Driven(net, max_packet=512)
+    framer = Framer(crc=True, max_packet=512)
+    frame = ethernet_frame(random.Random(3), 1500)
+    stream = framer.pack([frame])[0] + framer.echo(b"are you there")
+    # The host's transfer arrives in two requests: a full one, then the short rest.
+    function._receive_request(stream[:512], short=False)
+    assert net.received() == []  # nothing until the transfer ends
+    function._receive_request(stream[512:], short=True)
+    assert net.received(1, timeout=1) == [frame]
+    # The Echo is answered: its response is the next thing the device sends.
+    (answer,) = _device_transfers(function)
+    assert list(Deframer().feed(answer, True)) == [EchoResponse(b"are you there")]
+    assert function.counters()["rx_frames"] == 1

@@ -7,7 +7,8 @@ simulated bus, so the bridge's production C data path (libusb's event thread, us
 dummy_hcd) meets the faults the simulator knows:
 
 * bulk IN: TxStream gives the device's USB packets one by one (answers to Echo first,
-  then its own Echoes and injected garbage, then frames from the TAP); the fault
+  then its own Echoes and injected garbage, then frames from the TAP), the Echoes and
+  garbage by probability (the sim's Faults) or every N frames; the fault
   injector loses whole max-packet-sized packets (and flips bits if asked); what is
   left of each device transfer goes out in one write() to the IN endpoint file. A lost
   short packet does not end the host's transfer, as on the wire.
@@ -32,8 +33,8 @@ which came back (payloads compared), Echo Responses nobody asked for, frames sen
 whole, and what each thread is doing right now (for a run that hangs).
 
     ffs_eem_device.py --ffs /dev/ffs-eem --speed full --tap ffstap \
-        --ready R --state S --in-loss 0.02 --garbage 0.005 \
-        --echo 0.01 --out-stall-every 300 --out-busy-every 500 --out-busy-seconds 2
+        --ready R --state S --in-loss 0.02 --garbage-every 200 --echo-every 100 \
+        --out-stall-every 150 --out-busy-every 400 --out-busy-seconds 2
 """
 
 from __future__ import annotations
@@ -130,13 +131,16 @@ class FfsEemDevice(EemFunction):
     """EemFunction on FunctionFS endpoints; three threads (ep0 events, IN, OUT)."""
 
     def __init__(self, ffs: Path, network: PolledNetworkSide, *, out_stall_every: int,
-                 out_busy_every: int, out_busy_seconds: float, **options: Any) -> None:
+                 out_busy_every: int, out_busy_seconds: float, echo_every: int = 0,
+                 garbage_every: int = 0, **options: Any) -> None:
         super().__init__(network, **options)
+        self.echo_every, self.garbage_every = echo_every, garbage_every
         self.ffs = ffs
         self.tap = network
         self.out_stall_every, self.out_busy_every = out_stall_every, out_busy_every
         self.out_busy_seconds = out_busy_seconds
         self.tx.record = []  # what each device transfer held: which Echo went out whole
+        self._last_scheduled = 0
         self._signal = threading.Condition()
         self._woken = False
         self._enabled = threading.Event()
@@ -147,6 +151,9 @@ class FfsEemDevice(EemFunction):
         self.echo_whole: collections.Counter[bytes] = collections.Counter()
         self.echo_answers: collections.Counter[bytes] = collections.Counter()
         self.n: collections.Counter[str] = collections.Counter()  # frames/transfers sent, whole, reads, stalls, ...
+        # The last IN transfers: when, what, how many packets lost (for a run that hangs:
+        # which TCP segments went out, and whether whole).
+        self.last_in: collections.deque[dict[str, Any]] = collections.deque(maxlen=48)
         self.doing = {"ep0": "starting", "in": "starting", "out": "starting"}
         self.since = dict.fromkeys(self.doing, time.monotonic())
         self.ep0 = os.open(ffs / "ep0", os.O_RDWR)
@@ -255,7 +262,11 @@ class FfsEemDevice(EemFunction):
                     elif kind == "echo":
                         self.echo_sent[arg] += 1
                         self.echo_whole[arg] += whole
+            self.last_in.append({"t": round(time.monotonic(), 3), "bytes": len(data),
+                                 "packets": len(packets), "lost": len(packets) - len(kept),
+                                 "whole": whole, "held": [_describe(kind, arg) for kind, arg in record]})
             record.clear()
+            self._scheduled(n_frames=self.n["sent_frame"])
             while data and not self._stopping:
                 self._doing("in", f"writing {len(data)} bytes")
                 try:
@@ -268,6 +279,20 @@ class FfsEemDevice(EemFunction):
                     self.n["in_shutdown"] += 1  # the host reset or unbound: lost
                     self._wait_enabled("in")
                     break
+
+    def _scheduled(self, n_frames: int) -> None:
+        """Every echo_every frames an Echo of the device's own (payload: its number, then
+        0 to 60 bytes more), every garbage_every frames the garbage, through the same
+        calls as SimDevice's (send_echo, inject_garbage): they go out next."""
+        if n_frames == self._last_scheduled:
+            return
+        self._last_scheduled = n_frames
+        # The first a quarter of the way in, so that a short run has one of each.
+        if self.echo_every and n_frames % self.echo_every == self.echo_every // 4:
+            number = n_frames // self.echo_every
+            self.send_echo((number.to_bytes(4, "big") * 16)[: 4 + number % 61])
+        if self.garbage_every and n_frames % self.garbage_every == self.garbage_every // 4:
+            self.inject_garbage(ECHO_RESPONSE_2047)
 
     # -- bulk OUT -----------------------------------------------------------------------
 
@@ -333,6 +358,8 @@ class FfsEemDevice(EemFunction):
             },
             "ep0_events": dict(self.events),
             "enabled": self._enabled.is_set(),
+            "now": round(now, 3),
+            "last_in": list(self.last_in),
             "doing": {who: f"{what} for {now - self.since[who]:.1f} s" for who, what in self.doing.items()},
             "owed": {"answers": len(self._answers), "injected": len(self._injected)},
             "tap": {"name": self.tap.name, "write_drops": self.tap.write_drops,
@@ -342,6 +369,22 @@ class FfsEemDevice(EemFunction):
     def stop(self) -> None:
         self._stopping = True
         self._wake()
+
+
+def _describe(kind: str, arg: Any) -> str:
+    """One item a device transfer held, short: a TCP segment by its ports, sequence
+    number and payload length (what the peer's TCP resends), anything else by kind."""
+    if kind != "frame":
+        return f"{kind} {len(arg)}" if isinstance(arg, bytes) else kind
+    frame = bytes(arg)
+    if len(frame) >= 54 and frame[12:14] == b"\x08\x00" and frame[23] == 6:
+        ihl = (frame[14] & 15) * 4
+        total = int.from_bytes(frame[16:18], "big")
+        tcp = 14 + ihl
+        sport, dport, seq, ack = struct.unpack_from(">HHII", frame, tcp)
+        payload = total - ihl - (frame[tcp + 12] >> 4) * 4
+        return f"tcp {sport}>{dport} seq {seq} ack {ack} len {payload} ({len(frame)} B)"
+    return f"frame {len(frame)} B ethertype {frame[12:14].hex()}"
 
 
 def main() -> int:
@@ -356,7 +399,9 @@ def main() -> int:
     ap.add_argument("--in-flip", type=float, default=0.0, help="per IN packet")
     ap.add_argument("--garbage", type=float, default=0.0,
                     help="per EEM packet: an Echo Response header of 2047 bytes glued in front")
+    ap.add_argument("--garbage-every", type=int, default=0, help="the same, every N frames")
     ap.add_argument("--echo", type=float, default=0.0, help="per frame: the device's own Echo first")
+    ap.add_argument("--echo-every", type=int, default=0, help="an Echo of its own every N frames")
     ap.add_argument("--out-stall-every", type=int, default=0, help="halt OUT every N reads")
     ap.add_argument("--out-busy-every", type=int, default=0, help="stop reading OUT every N reads")
     ap.add_argument("--out-busy-seconds", type=float, default=2.0)
@@ -372,7 +417,8 @@ def main() -> int:
     network = PolledNetworkSide(TunFile(args.tap), args.tap)
     device = FfsEemDevice(args.ffs, network, max_packet=SPEED_MAX_PACKET[args.speed],
                           faults=faults, out_stall_every=args.out_stall_every,
-                          out_busy_every=args.out_busy_every, out_busy_seconds=args.out_busy_seconds)
+                          out_busy_every=args.out_busy_every, out_busy_seconds=args.out_busy_seconds,
+                          echo_every=args.echo_every, garbage_every=args.garbage_every)
 
     def dump() -> None:
         tmp = args.state.with_suffix(".tmp")

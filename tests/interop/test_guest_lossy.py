@@ -6,7 +6,7 @@ reloaded in between), tests/interop/ffs_eem_device.py: eembridge.sim's device mo
 on dummy_hcd, its network side a TAP in netns `peer`. The bridge claims it as any EEM
 device (libusb's event thread, the C data path) while the device loses 2% of its IN
 packets (64, 512 or 1024 bytes), puts garbage that reads as an Echo Response of 2047
-bytes in front of 0.5% of its EEM packets, sends an Echo of its own every 100 frames,
+bytes in front of a packet every 200 frames (0.5%), sends an Echo of its own every 100 frames,
 halts its OUT endpoint every OUT_STALL_EVERY reads and stops reading OUT for a while every
 OUT_BUSY_EVERY reads. One bridge serves the three speeds (each reload is an unplug to it). The tests read the files it left: TCP both ways by SHA-256, every
 Echo that reached the bridge whole answered and no Echo Response nobody asked for, and
