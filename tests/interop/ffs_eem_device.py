@@ -67,6 +67,9 @@ ECHO_RESPONSE_2047 = command_header(CMD_ECHO_RESPONSE, MAX_ECHO_DATA).to_bytes(H
 DESCRIPTORS_MAGIC_V2 = 3
 STRINGS_MAGIC = 2
 HAS_FS_DESC, HAS_HS_DESC, HAS_SS_DESC = 1, 2, 4
+# OUT reads within which the answer to an Echo is read (OUT transfers the bridge may have
+# queued ahead of it, plus slack): a halt in that window may have dropped the answer.
+ECHO_ANSWER_READS = 48
 EVENT_SIZE = 12  # struct usb_functionfs_event: usb_ctrlrequest (8), type, 3 pad
 EVENT_NAMES = ("bind", "unbind", "enable", "disable", "setup", "suspend", "resume")
 ENABLE, DISABLE, SETUP = 2, 3, 4
@@ -150,6 +153,12 @@ class FfsEemDevice(EemFunction):
         self.echo_sent: collections.Counter[bytes] = collections.Counter()
         self.echo_whole: collections.Counter[bytes] = collections.Counter()
         self.echo_answers: collections.Counter[bytes] = collections.Counter()
+        # payload -> OUT reads done when it went out whole; the OUT reads at which the
+        # device halted OUT. The bridge drops an OUT transfer that stalls (never resends),
+        # an Echo Response in it included: an Echo whose answer was due when the device
+        # halted is excused, no other.
+        self.echo_whole_at: dict[bytes, int] = {}
+        self.halts_at: list[int] = []
         self.n: collections.Counter[str] = collections.Counter()  # frames/transfers sent, whole, reads, stalls, ...
         # The last IN transfers: when, what, how many packets lost (for a run that hangs:
         # which TCP segments went out, and whether whole).
@@ -262,6 +271,8 @@ class FfsEemDevice(EemFunction):
                     elif kind == "echo":
                         self.echo_sent[arg] += 1
                         self.echo_whole[arg] += whole
+                        if whole:
+                            self.echo_whole_at[arg] = self.n["out_reads"]
             self.last_in.append({"t": round(time.monotonic(), 3), "bytes": len(data),
                                  "packets": len(packets), "lost": len(packets) - len(kept),
                                  "whole": whole, "held": [_describe(kind, arg) for kind, arg in record]})
@@ -309,6 +320,8 @@ class FfsEemDevice(EemFunction):
                     if exc.errno != errno.EBADMSG:
                         raise
                     self._fault_counters.add("out_stalls")
+                    with self._lock:
+                        self.halts_at.append(reads)
                     self._flush_rx()  # a halted request's data is gone, as SimDevice's
             if reads and self.out_busy_every and reads % self.out_busy_every == 0:
                 self._doing("out", f"busy for {self.out_busy_seconds} s")
@@ -341,7 +354,13 @@ class FfsEemDevice(EemFunction):
         with self._lock:
             sent, whole, answers = +self.echo_sent, +self.echo_whole, +self.echo_answers
             n = dict(self.n)
+            halts, whole_at = list(self.halts_at), dict(self.echo_whole_at)
         unasked = answers - sent  # payloads answered more often than they were sent
+        unanswered = whole - answers
+        # Due when the device halted: a halt within the OUT reads that can be queued ahead
+        # of the answer (the bridge's OUT transfers in flight, 32 at most) after it went.
+        excused = sum(count for payload, count in unanswered.items()
+                      if any(0 <= h - whole_at.get(payload, -10**9) <= ECHO_ANSWER_READS for h in halts))
         return {
             "max_packet": self.max_packet,
             "faults": self.fault_counters(),
@@ -352,7 +371,8 @@ class FfsEemDevice(EemFunction):
                 "whole": sum(whole.values()),
                 "responses": sum(answers.values()),
                 "whole_answered": sum((whole & answers).values()),
-                "whole_unanswered": sum((whole - answers).values()),
+                "whole_unanswered": sum(unanswered.values()) - excused,
+                "whole_unanswered_at_a_halt": excused,
                 "unasked": sum(unasked.values()),
                 "unasked_payloads": [p.hex() for p in list(unasked)[:10]],
             },
