@@ -13,10 +13,10 @@
 # $RW/SPEED/ (NAME.rc = exit status, .json/.txt what it printed), so one failing step
 # does not hide the others; timings.txt = guest uptime at each stage.
 #
-# Faults (per speed, on its own packet size): 2% of the IN packets lost, 0.5% of EEM
-# packets with garbage in front that reads as an Echo Response of 2047 bytes, an Echo
-# from the device every 100 frames (1%), OUT halted every OUT_STALL_EVERY reads and
-# not read for BUSY_SECONDS every OUT_BUSY_EVERY reads.
+# Faults (per speed, on its own packet size): 2% of the IN packets lost, garbage that
+# reads as an Echo Response of 2047 bytes in front of the next packet every 200 frames
+# (0.5%), an Echo from the device every 100 frames, OUT halted every OUT_STALL_EVERY reads and
+# not read for BUSY_SECONDS every OUT_BUSY_EVERY reads (defaults by speed below).
 set -uo pipefail  # not -e: every step records its own exit code
 # shellcheck source=lib.sh
 . "$INTEROP/lib.sh"
@@ -37,15 +37,20 @@ HOST_IP=169.254.77.1
 PEER_IP=169.254.77.2
 SOCK=/tmp/eembridge-$TAP.sock   # guest tmpfs: UNIX sockets do not work on the 9p rwdir
 IN_LOSS=${IN_LOSS:-0.02}
-GARBAGE=${GARBAGE:-0.005}
-ECHO_P=${ECHO_P:-0.01}
-OUT_STALL_EVERY=${OUT_STALL_EVERY:-150}
-OUT_BUSY_EVERY=${OUT_BUSY_EVERY:-400}
+GARBAGE_EVERY=${GARBAGE_EVERY:-200}
+ECHO_EVERY=${ECHO_EVERY:-100}
+# OUT reads between halts and between busy periods, by speed (a few of each per run
+# at its payload: about 200 OUT reads at full speed, 1300 at high and SuperSpeed).
+declare -A STALL_EVERY=([full]=${OUT_STALL_EVERY:-50} [high]=${OUT_STALL_EVERY:-150} [super]=${OUT_STALL_EVERY:-150})
+declare -A BUSY_EVERY=([full]=${OUT_BUSY_EVERY:-90} [high]=${OUT_BUSY_EVERY:-400} [super]=${OUT_BUSY_EVERY:-400})
 BUSY_SECONDS=${BUSY_SECONDS:-2}
 
 # payload bytes each way and the deadline of one transfer, by speed
-declare -A XFER_BYTES=([full]=307200 [high]=1048576 [super]=1048576)
-declare -A DEADLINE=([full]=150 [high]=90 [super]=90)
+# At full speed 2% of the 64-byte packets lost is 38.6% of full-size frames lost: the
+# peer's TCP spends long stretches in RTO backoff (each retransmission lost again with
+# that chance), so small payloads and long deadlines there.
+declare -A XFER_BYTES=([full]=${FULL_BYTES:-98304} [high]=1048576 [super]=1048576)
+declare -A DEADLINE=([full]=${FULL_DEADLINE:-300} [high]=${DEADLINE_HS:-120} [super]=${DEADLINE_HS:-120})
 declare -A HCD_OPTS=([full]="is_high_speed=0 is_super_speed=0"
                      [high]="is_high_speed=1 is_super_speed=0"
                      [super]="is_high_speed=1 is_super_speed=1")
@@ -82,8 +87,9 @@ ffs_up() {
     rm -f "$D/device.ready"
     python3 "$INTEROP/ffs_eem_device.py" --ffs "$FFS" --speed "$speed" --tap "$PEER_TAP" \
         --ready "$D/device.ready" --state "$D/device.json" \
-        --seed "${SEED:-1}" --in-loss "$IN_LOSS" --garbage "$GARBAGE" --echo "$ECHO_P" \
-        --out-stall-every "$OUT_STALL_EVERY" --out-busy-every "$OUT_BUSY_EVERY" \
+        --seed "${SEED:-1}" --in-loss "$IN_LOSS" --in-flip "${IN_FLIP:-0}" --garbage-every "$GARBAGE_EVERY" \
+        --echo-every "$ECHO_EVERY" \
+        --out-stall-every "${STALL_EVERY[$speed]}" --out-busy-every "${BUSY_EVERY[$speed]}" \
         --out-busy-seconds "$BUSY_SECONDS" > "$D/device.log" 2>&1 &
     DEVICE=$!
     # Python's start-up under TCG on a loaded host: minutes, not seconds.
@@ -100,8 +106,8 @@ ffs_up() {
     p=$(usb_path)
     { echo "SPEED=$speed"; echo "USB_PATH=$p"; echo "USB_SPEED=$(cat "$p/speed" 2>/dev/null)"
       echo "PEER_TAP=$PEER_TAP"; echo "SERIAL=$SERIAL"
-      echo "IN_LOSS=$IN_LOSS"; echo "GARBAGE=$GARBAGE"; echo "ECHO_P=$ECHO_P"
-      echo "OUT_STALL_EVERY=$OUT_STALL_EVERY"; echo "OUT_BUSY_EVERY=$OUT_BUSY_EVERY"
+      echo "IN_LOSS=$IN_LOSS"; echo "IN_FLIP=${IN_FLIP:-0}"; echo "GARBAGE_EVERY=$GARBAGE_EVERY"; echo "ECHO_EVERY=$ECHO_EVERY"
+      echo "OUT_STALL_EVERY=${STALL_EVERY[$speed]}"; echo "OUT_BUSY_EVERY=${BUSY_EVERY[$speed]}"
       echo "BUSY_SECONDS=$BUSY_SECONDS"; echo "XFER_BYTES=${XFER_BYTES[$speed]}"; } > "$D/env.txt"
     for p in "$p"/*:*; do echo "$(basename "$p") $(intf_class "$p") $(driver_of "$p")"; done \
         > "$D/interfaces.txt"
@@ -163,12 +169,14 @@ device_state() {  # device_state NAME: the device's state now, in $D/NAME.json
 }
 
 # lossy_xfer NAME h2p|p2h BYTES SECONDS: random bytes over TCP (nc) from the host to the
-# peer (h2p) or back (p2h), each end hashing what it saw, the client killed after
-# SECONDS. NAME.sent/.recv digests, NAME.rc the client's status (124: deadline),
-# NAME.seconds. On a missed deadline, before anything is torn down: the bridge's
-# counters, the device's state and both TCP ends (ss -tin) as NAME.stall_*.
+# peer (h2p) or back (p2h), each end hashing what it saw, the client given SECONDS.
+# NAME.sent/.recv digests, NAME.rc the client's status (124: deadline missed),
+# NAME.seconds. At a missed deadline, while the connection is still stuck and before
+# anything is torn down: the bridge's counters, the device's state, both TCP ends and
+# the interfaces' queues as NAME.stall_*; the same as NAME.slow_* (once, the transfer
+# goes on) when it is still running after SNAPSHOT_AFTER seconds, if that is set.
 lossy_xfer() {
-    local name=$1 dir=$2 bytes=$3 limit=$4 port=$((5000 + RANDOM % 2000)) srv rc t0
+    local name=$1 dir=$2 bytes=$3 limit=$4 port=$((5000 + RANDOM % 2000)) srv cli rc t0 end
     head -c "$bytes" /dev/urandom > "/tmp/$name.bin"
     sha256sum < "/tmp/$name.bin" | cut -d' ' -f1 > "$D/$name.sent"
     rm -f "$D/$name.recv"
@@ -177,31 +185,61 @@ lossy_xfer() {
         ip netns exec "$NS" sh -c "nc -d -l $port | sha256sum | cut -d' ' -f1 > $D/$name.recv" &
         srv=$!
         wait_until 10 listening "$NS" "$port"
-        timeout "$limit" nc -N "$PEER_IP" "$port" < "/tmp/$name.bin"
-        rc=$?
+        nc -N "$PEER_IP" "$port" < "/tmp/$name.bin" &
     else
         ip netns exec "$NS" sh -c "nc -N -l $port < /tmp/$name.bin" &
         srv=$!
         wait_until 10 listening "$NS" "$port"
-        timeout "$limit" nc -d "$PEER_IP" "$port" > "/tmp/$name.got"
-        rc=$?
-        sha256sum < "/tmp/$name.got" | cut -d' ' -f1 > "$D/$name.recv"
+        nc -d "$PEER_IP" "$port" > "/tmp/$name.got" &
     fi
+    cli=$!
+    end=$((t0 + limit))
+    while kill -0 $cli 2>/dev/null && [ $SECONDS -lt $end ]; do
+        # Slow but not over: what it looks like (once), and let it go on.
+        if [ -n "${SNAPSHOT_AFTER:-}" ] && [ $SECONDS -ge $((t0 + SNAPSHOT_AFTER)) ] \
+                && [ ! -e "$D/$name.slow_tcp.txt" ]; then
+            stall_capture "$name" slow
+        fi
+        sleep 0.2
+    done
+    if kill -0 $cli 2>/dev/null; then
+        stall_capture "$name" stall
+        kill $cli 2>/dev/null
+        wait $cli
+        rc=124
+    else
+        wait $cli
+        rc=$?
+    fi
+    [ "$dir" = h2p ] || sha256sum < "/tmp/$name.got" | cut -d' ' -f1 > "$D/$name.recv"
     echo $rc > "$D/$name.rc"
     echo $((SECONDS - t0)) > "$D/$name.seconds"
-    if [ $rc != 0 ]; then
-        stats "$name.stall_stats"
-        device_state "$name.stall_device"
-        { echo "# host (root netns)"; ss -tin; echo "# peer (netns $NS)"; ip netns exec "$NS" ss -tin
-          echo "# peer /proc/net/snmp"; ip netns exec "$NS" cat /proc/net/snmp
-        } > "$D/$name.stall_tcp.txt" 2>&1
-        ip -s link show "$TAP" >> "$D/$name.stall_tcp.txt" 2>&1
-        ip netns exec "$NS" ip -s link >> "$D/$name.stall_tcp.txt" 2>&1
-        kill "$srv" 2>/dev/null
-    fi
+    [ $rc = 0 ] || kill "$srv" 2>/dev/null
     timeout 30 tail --pid=$srv -f /dev/null || kill $srv 2>/dev/null
     rm -f "/tmp/$name.bin" "/tmp/$name.got"
     [ $rc = 0 ] && [ "$(cat "$D/$name.recv" 2>/dev/null)" = "$(cat "$D/$name.sent")" ]
+}
+
+stall_capture() {  # stall_capture NAME KIND: everything that says where a transfer is stuck
+    local name=$1 kind=$2
+    stats "$name.${kind}_stats"
+    device_state "$name.${kind}_device"
+    {
+        echo "# host (root netns): ss -tinmoe"; ss -tinmoe
+        echo "# peer (netns $NS): ss -tinmoe"; ip netns exec "$NS" ss -tinmoe
+        echo "# host /proc/net/snmp"; cat /proc/net/snmp
+        echo "# host /proc/net/netstat"; cat /proc/net/netstat
+        echo "# peer /proc/net/snmp"; ip netns exec "$NS" cat /proc/net/snmp
+        echo "# peer /proc/net/netstat"; ip netns exec "$NS" cat /proc/net/netstat
+        echo "# host $TAP"; ip -s link show "$TAP"; tc -s qdisc show dev "$TAP"
+        echo "# peer $PEER_TAP"; ip netns exec "$NS" ip -s link show "$PEER_TAP"
+        ip netns exec "$NS" tc -s qdisc show dev "$PEER_TAP"
+    } > "$D/$name.${kind}_tcp.txt" 2>&1
+    # and once more 10 s later: what moved meanwhile
+    sleep 10
+    stats "$name.${kind}_stats_10s"
+    device_state "$name.${kind}_device_10s"
+    { echo "# host"; ss -tinmoe; echo "# peer"; ip netns exec "$NS" ss -tinmoe; } > "$D/$name.${kind}_tcp_10s.txt" 2>&1
 }
 
 peer_tcp() {  # the peer's TCP counters (RetransSegs: what TCP resent) in $D/NAME.txt
