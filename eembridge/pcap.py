@@ -177,13 +177,13 @@ class CaptureReader:
             if not header:
                 return
             sec, frac, caplen, length = record.unpack(header)
+            self._check_size(caplen, f"record {self.packets + 1}", start)
             timestamp_ns = sec * 1_000_000_000 + frac * frac_ns
             if timestamp_ns >= TIMESTAMP_LIMIT_NS:
                 raise CaptureError(
                     f"{self.name}: record {self.packets + 1} at offset {start} has timestamp "
                     f"{sec}.{frac} ({'ns' if frac_ns == 1 else 'µs'}), after 2106: the file is corrupt"
                 )
-            self._check_size(caplen, f"record {self.packets + 1}", start)
             data = self._read_exact(caplen, f"record {self.packets + 1} (started at offset {start})")
             self.packets += 1
             yield Packet(linktype, timestamp_ns, data, length, order, 0)

@@ -125,25 +125,30 @@ SEEDS = {
 # -- the parsers' fields, for mutations that hit them ---------------------------------
 
 
-def walk(data: bytes) -> tuple[list[tuple[int, int, str]], list[tuple[int, int, int, str]]]:
-    """Our own walk of a capture (not eembridge.pcap's): the (offset, size, byte order) of
-    every length, timestamp and option length field, and the (start, length field offset,
-    end of data, byte order) of every pcap record and pcapng block, so a mutation can
-    resize one consistently and reach the parsing inside it."""
-    fields: list[tuple[int, int, str]] = []
-    units: list[tuple[int, int, int, str]] = []
+Field = tuple[str, int, int, str]  # role, offset, size, byte order
+Unit = tuple[str, int, int, int, str]  # role, start, offset of its length field, end of its data, byte order
+
+
+def walk(data: bytes) -> tuple[list[Field], list[Unit]]:
+    """Our own walk of a capture (not eembridge.pcap's): every length, timestamp and
+    option length field, and every pcap record and pcapng block (so a mutation can resize
+    one consistently and reach the parsing inside it), each with a role: mutations pick a
+    role first, so the one interface block is as likely a target as all packets together."""
+    fields: list[Field] = []
+    units: list[Unit] = []
     magic = data[:4]
     if magic in (b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4", b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d"):
         order = "<" if magic[0] in (0xD4, 0x4D) else ">"
-        fields += [(16, 4, order), (20, 4, order)]
+        fields += [("header", 16, 4, order), ("header", 20, 4, order)]
         pos = 24
         while pos + 16 <= len(data):
             caplen = struct.unpack_from(order + "I", data, pos + 8)[0]
             if pos + 16 + caplen > len(data):
                 break
-            fields += [(pos + i, 4, order) for i in (0, 4, 8, 12)]
-            fields += [(pos + 16 + i, 4, order) for i in (28, 32, 36)]  # usbmon status, length, len_cap
-            units.append((pos, pos + 8, pos + 16 + caplen, order))
+            fields += [("timestamp", pos + i, 4, order) for i in (0, 4)] + [("timestamp", pos, 8, order)]
+            fields += [("length", pos + i, 4, order) for i in (8, 12)]
+            fields += [("usbmon", pos + 16 + i, 4, order) for i in (28, 32, 36)]  # status, length, len_cap
+            units.append(("record", pos, pos + 8, pos + 16 + caplen, order))
             pos += 16 + caplen
         return fields, units
     pos, order = 0, "<"
@@ -153,23 +158,32 @@ def walk(data: bytes) -> tuple[list[tuple[int, int, str]], list[tuple[int, int, 
         block_type, total = struct.unpack_from(order + "II", data, pos)
         if total < 12 or total % 4 or pos + total > len(data):
             break
-        fields += [(pos + 4, 4, order), (pos + total - 4, 4, order)]
-        units.append((pos, pos + 4, pos + total - 4, order))
+        fields += [("block", pos + 4, 4, order), ("block", pos + total - 4, 4, order)]
+        units.append((f"block {block_type}", pos, pos + 4, pos + total - 4, order))
         if block_type == 6:
-            fields += [(pos + 8 + i, 4, order) for i in (0, 4, 8, 12, 16)]
+            fields += [("packet", pos + 8 + i, 4, order) for i in (0, 12, 16)]
+            fields += [("timestamp", pos + 12, 8, order), ("timestamp", pos + 12, 4, order)]
         elif block_type == 1:
+            fields.append(("interface", pos + 12, 4, order))
             opt = pos + 16
             while opt + 4 <= pos + total - 4:
-                fields.append((opt + 2, 2, order))
+                fields.append(("option", opt + 2, 2, order))
                 opt += 4 + (struct.unpack_from(order + "H", data, opt + 2)[0] + 3) // 4 * 4
         pos += total
     return fields, units
 
 
-def resize(data: bytearray, unit: tuple[int, int, int, str], delta: int, filler: bytes) -> None:
+def pick(items: list, where: int):
+    """A role by `where`, then one item of that role."""
+    roles = sorted({item[0] for item in items})
+    chosen = [item for item in items if item[0] == roles[where % len(roles)]]
+    return chosen[where // len(roles) % len(chosen)]
+
+
+def resize(data: bytearray, unit: Unit, delta: int, filler: bytes) -> None:
     """Grow or shrink one record or block by whole words at its end, its length fields
     (pcapng: header and trailer) kept consistent."""
-    start, length_at, end, order = unit
+    _role, start, length_at, end, order = unit
     pcapng = length_at == start + 4
     delta = delta * 4
     if delta < 0:
@@ -186,13 +200,17 @@ def resize(data: bytearray, unit: tuple[int, int, int, str], delta: int, filler:
 INTERESTING = (0, 1, 2, 3, 4, 7, 8, 9, 12, 16, 20, 28, 47, 48, 63, 64, 0x7F, 0x80, 0xFF, 0xFFFF,
                0x10000, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFC, 0xFFFFFFFF, 64 * 1024 * 1024 + 4)
 
+# Blind damage mostly ends at the first length check; the structure-aware kinds (a field
+# set to an edge value, a block resized with its lengths kept consistent) reach the
+# parsing behind it, so they are drawn three times as often.
+FIELD = st.tuples(st.just("field"), st.integers(0, 2**20), st.sampled_from(INTERESTING))
+RESIZE = st.tuples(st.just("resize"), st.integers(0, 2**20), st.integers(-8, 4), st.binary(min_size=1, max_size=8))
 MUTATION = st.one_of(
     st.tuples(st.just("flip"), st.integers(0, 2**20), st.integers(1, 255)),
     st.tuples(st.just("cut"), st.integers(0, 2**20)),
     st.tuples(st.just("insert"), st.integers(0, 2**20), st.binary(min_size=1, max_size=12)),
     st.tuples(st.just("delete"), st.integers(0, 2**20), st.integers(1, 12)),
-    st.tuples(st.just("field"), st.integers(0, 2**20), st.sampled_from(INTERESTING)),
-    st.tuples(st.just("resize"), st.integers(0, 2**20), st.integers(-8, 4), st.binary(min_size=1, max_size=8)),
+    FIELD, FIELD, FIELD, RESIZE, RESIZE, RESIZE,
 )
 
 
@@ -213,14 +231,15 @@ def mutate(seed: bytes, mutations: list[tuple]) -> bytes:
         elif kind == "resize":
             units = walk(bytes(data))[1]
             if units:
-                resize(data, units[where % len(units)], rest[0], rest[1])
+                resize(data, pick(units, where), rest[0], rest[1])
         else:
             fields = walk(bytes(data))[0]
             if not fields:
                 continue
-            offset, size, order = fields[where % len(fields)]
+            _role, offset, size, order = pick(fields, where)
             value = rest[0] & (0xFFFF if size == 2 else 0xFFFFFFFF)
-            data[offset : offset + size] = struct.pack(order + ("H" if size == 2 else "I"), value)
+            layout = {2: "H", 4: "I", 8: "II"}[size]
+            data[offset : offset + size] = struct.pack(order + layout, *[value] * len(layout))
     return bytes(data)
 
 
