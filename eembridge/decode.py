@@ -73,7 +73,8 @@ DeviceKey = tuple[int, int]  # (bus, address)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("capture", help="usbmon capture (pcap or pcapng, link type 220 or 189), "
-                        "e.g. from tcpdump -i usbmon0 -w capture.pcap")
+                        "e.g. from tcpdump -i usbmon0 -w capture.pcap; a pipe such as /dev/stdin "
+                        "is copied to a temporary file in TMPDIR for the second pass")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.pcap",
                         help="Ethernet pcap to write the decoded frames to")
     parser.add_argument("--device", type=parse_device, metavar="BUS:ADDR",

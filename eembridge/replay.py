@@ -43,7 +43,8 @@ DROP_COUNTERS = ("crc_errors", "sentinel_errors", "oversize", "runts", "truncate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("capture", help="usbmon capture (pcap or pcapng), e.g. from --usb-pcap")
+    parser.add_argument("capture", help="usbmon capture (pcap or pcapng), e.g. from --usb-pcap; "
+                        "a pipe such as /dev/stdin is copied to a temporary file in TMPDIR")
     parser.add_argument("--device", type=parse_device, metavar="BUS:ADDR",
                         help="the EEM device (needed when several devices carry bulk traffic)")
     parser.add_argument("--json", action="store_true",
