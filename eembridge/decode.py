@@ -131,8 +131,12 @@ class _CopyingReader:
 
 
 def _spool_error(name: str, exc: OSError) -> CaptureError:
+    try:
+        where = tempfile.gettempdir()
+    except OSError:  # no usable directory at all: the error below says so
+        where = "TMPDIR"
     return CaptureError(
-        f"{name}: cannot keep a copy of the piped capture in {tempfile.gettempdir()} "
+        f"{name}: cannot keep a copy of the piped capture in {where} "
         f"(set TMPDIR elsewhere?): {exc.strerror or exc}"
     )
 
@@ -173,7 +177,10 @@ class CaptureInput:
     def close(self) -> None:
         self._stream.close()
         if self._spool is not None:
-            self._spool.close()
+            try:
+                self._spool.close()
+            except OSError:  # its flush, on the full disk already reported: the copy is thrown away
+                pass
 
     def __enter__(self) -> CaptureInput:
         return self

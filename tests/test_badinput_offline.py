@@ -365,8 +365,8 @@ def test_every_timestamp_the_reader_accepts_is_writable(sec, frac, nanosecond, o
 
 
 def run_cli(*args: str, stdin=None, input: bytes | None = None, stdout=subprocess.PIPE,
-            pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+            pass_fds: tuple[int, ...] = (), env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     result = subprocess.run([sys.executable, "-m", "eembridge", *args], stdin=stdin, input=input,
                             stdout=stdout, stderr=subprocess.PIPE, cwd=ROOT, timeout=60, env=env,
                             pass_fds=pass_fds)
@@ -436,6 +436,16 @@ def test_full_filesystem_removes_only_the_output_we_created(small_tmpfs):
     assert_one_line(result, f"{kept}: No space left on device")
     assert "the output is incomplete" in result.stderr
     assert kept.exists()
+
+
+def test_piped_capture_whose_copy_fills_tmpdir(small_tmpfs, tmp_path):
+    """The copy of a pipe goes to TMPDIR; when that is full, one line says where and why."""
+    output = tmp_path / "eth.pcap"
+    env_tmpdir = {"TMPDIR": str(small_tmpfs)}
+    result = run_cli("decode", "/dev/stdin", "-o", str(output), input=REAL.read_bytes(), env=env_tmpdir)
+    assert_one_line(result, f"/dev/stdin: cannot keep a copy of the piped capture in {small_tmpfs}")
+    assert result.stderr.endswith(": No space left on device\n")
+    assert not output.exists() and not list(small_tmpfs.iterdir())
 
 
 @pytest.fixture
