@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import functools
 import importlib
 import logging
 import signal
@@ -20,7 +22,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from . import CODEC, __version__, observe
 from .errors import UserError
 from .logsetup import setup_logging
-from .options import add_arguments
+from .options import BY_DEST, add_arguments, one_line
 
 if TYPE_CHECKING:
     from .bridge import BridgeOptions
@@ -53,7 +55,7 @@ class Parser(argparse.ArgumentParser):
     value); what reaches error() is a mistake of form: an unknown flag, a missing value."""
 
     def error(self, message: str) -> NoReturn:
-        raise UserError(f"{message} ({self.prog} --help lists the options)")
+        raise UserError(one_line(f"{message} ({self.prog} --help lists the options)"))
 
 
 def _subcommand_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
@@ -77,16 +79,38 @@ def main_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def explicit_dests(argv: list[str]) -> set[str]:
-    """The options given on the command line (they override the config file)."""
+@functools.cache
+def _parser_and_defaults() -> tuple[argparse.ArgumentParser, dict[str, Any]]:
+    """The main parser with its defaults taken out, so what it returns is what was given."""
     parser = main_parser()
+    defaults = {}
     for action in parser._actions:
+        if action.default is not argparse.SUPPRESS:
+            defaults[action.dest] = action.default
         action.default = argparse.SUPPRESS
-    given, _rest = parser.parse_known_args(argv)
-    return set(vars(given))
+    return parser, defaults
 
 
-def apply_config(args: argparse.Namespace, argv: list[str]) -> None:
+def parse_command_line(argv: list[str]) -> tuple[argparse.Namespace, set[str]]:
+    """(options with defaults filled in, the dests given on the command line: they
+    override the config file)."""
+    parser, defaults = _parser_and_defaults()
+    args = parser.parse_args(argv)
+    explicit = set(vars(args))
+    for dest in explicit & BY_DEST.keys():
+        # argparse takes `--flag=--` as "--" removed, passing no value through type=.
+        option, value = BY_DEST[dest], getattr(args, dest)
+        if option.action in ("store", "append") and any(
+                isinstance(v, list) for v in (value if option.action == "append" else [value])):
+            raise UserError(f"{option.flag}: expected a value ({parser.prog} --help lists "
+                            "the options)")
+    for dest, value in defaults.items():
+        if dest not in explicit:
+            setattr(args, dest, copy.copy(value))
+    return args, explicit
+
+
+def apply_config(args: argparse.Namespace, explicit: set[str]) -> None:
     """Fill in options from the config file's section for this device; flags win.
 
     args.origins records the file, line and key of each value taken, so a check that
@@ -107,7 +131,6 @@ def apply_config(args: argparse.Namespace, argv: list[str]) -> None:
     identity = identify(args.serial, args.port, args.device, sysfs=None if args.sim else SYSFS_USB)
     values, section = config.values_for(identity)
     origins = config.origins_for(identity)
-    explicit = explicit_dests(argv)
     for dest, value in values.items():
         if dest not in explicit:
             setattr(args, dest, value)
@@ -126,8 +149,8 @@ def resolve(argv: list[str]) -> tuple[argparse.Namespace, BridgeOptions]:
     one line (UserError) and leaves nothing behind."""
     from .options import bridge_options
 
-    args = main_parser().parse_args(argv)
-    apply_config(args, argv)
+    args, explicit = parse_command_line(argv)
+    apply_config(args, explicit)
     return args, bridge_options(args)
 
 
@@ -230,13 +253,13 @@ def sim_replug_on_sigusr1(sim) -> None:
     signal.signal(signal.SIGUSR1, on_signal)
 
 
-def run_bridge(args: argparse.Namespace, argv: list[str]) -> int:
+def run_bridge(args: argparse.Namespace, explicit: set[str]) -> int:
     from .bridge import Bridge
     from .options import bridge_options, open_sim, usb_connector
 
     setup_logging(args.verbose, args.log_format)
     stop = stop_on_signals()
-    apply_config(args, argv)
+    apply_config(args, explicit)
     options = bridge_options(args)
     with observe.observing(args) as observers:
         if args.sim:
@@ -255,11 +278,6 @@ def run_bridge(args: argparse.Namespace, argv: list[str]) -> int:
             return run_until_signalled(bridge, stop)
 
 
-def one_line(message: str) -> str:
-    """A message as one line whatever it quotes (a file name with a newline, say)."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -267,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             parser, module = _subcommand_parser(argv[0])
             args = parser.parse_args(argv[1:])
             return int(module.run(args) or 0)  # type: ignore[attr-defined]
-        args = main_parser().parse_args(argv)
-        return run_bridge(args, argv)
+        args, explicit = parse_command_line(argv)
+        return run_bridge(args, explicit)
     except UserError as exc:
         print(f"eembridge: error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code

@@ -37,7 +37,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import UserError
-from .options import MAC_RE, OPTIONS, PORT_RE, VIDPID_RE, Invalid, Port, Text, VidPid
+from .options import (
+    MAC_RE,
+    OPTIONS,
+    PORT_RE,
+    VIDPID_RE,
+    Invalid,
+    Port,
+    Text,
+    VidPid,
+    one_line,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -53,7 +63,11 @@ MAX_FILE = 1 << 20  # a config file is a few KB; this stops `--config /dev/zero`
 
 
 class ConfigError(UserError):
-    """A configuration mistake; the message starts with FILE:LINE."""
+    """A configuration mistake; the message starts with FILE:LINE, and is one line
+    whatever the file's names and keys hold."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(message))
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,11 @@ def type_name(value: Any) -> str:
             list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
 
 
+def one_line(message: str) -> str:
+    """A message as one line whatever it quotes (a file name or key with a newline)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
 def shown(text: str) -> str:
     """A value as an error message quotes it: on one line, and not a screenful."""
     if len(text) > 60:
@@ -82,6 +87,10 @@ def _text(text: str) -> str:
         raise Invalid("must not contain a NUL character")
     if len(text) > MAX_TEXT:
         raise Invalid(f"longer than {MAX_TEXT} characters")
+    try:
+        os.fsencode(text)  # what the command line decoded, a file name can encode again
+    except UnicodeEncodeError:
+        raise Invalid("not valid text (a lone surrogate)") from None
     return text
 
 
