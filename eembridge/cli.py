@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import copy
 import functools
+import gc
 import importlib
 import logging
 import signal
@@ -286,7 +287,14 @@ def main(argv: list[str] | None = None) -> int:
             args = parser.parse_args(argv[1:])
             return int(module.run(args) or 0)  # type: ignore[attr-defined]
         args, explicit = parse_command_line(argv)
-        return run_bridge(args, explicit)
+        try:
+            return run_bridge(args, explicit)
+        finally:
+            # The stopped bridge's objects form cycles that hold memoryviews of its
+            # buffers. Collected at interpreter exit instead, a bytearray can go before
+            # its views and CPython prints "BufferError: memoryview has 1 exported
+            # buffer" after our one line (seen when the TAP is deleted under the bridge).
+            gc.collect()
     except UserError as exc:
         print(f"eembridge: error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code

@@ -296,6 +296,7 @@ def test_a_bridge_whose_usb_recording_fills_its_disk_goes_on_and_exits_cleanly(
     # What the file holds is whole records: it decodes without complaint.
     decoded = eembridge("decode", str(recording), "-o", str(tmp_path / "eth.pcap"), "--json")
     assert decoded.returncode == 0, decoded.stderr
+    assert json.loads(decoded.stdout)["in"]["frames"] > 0, decoded.stdout
 
 
 # --- mutation fuzzing: parse, or one line of UserError, never anything else ---------------
@@ -347,6 +348,27 @@ def test_fuzz_every_option_value(empty_config):
     @example(BY_DEST["ip"], "--")
     def check(option, value):
         parses_or_refuses_in_one_line("--sim", "--config", empty_config, f"{option.flag}={value}")
+
+    check()
+
+
+def test_fuzz_demo_options():
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from eembridge.cli import _subcommand_parser
+    from eembridge.demo import OPTIONS
+
+    parser, _module = _subcommand_parser("demo")
+
+    @settings(max_examples=200, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(st.sampled_from([o for o in OPTIONS if o.action == "store"]), option_values())
+    def check(option, value):
+        try:
+            parser.parse_args([f"{option.flag}={value}"])
+        except UserError as exc:
+            assert "\n" not in str(exc), repr(str(exc))
 
     check()
 
