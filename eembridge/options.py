@@ -79,6 +79,10 @@ class Kind:
     def check(self, value: Any) -> Any:
         return value
 
+    def accepted(self) -> str:
+        """What the help says is accepted ("" when the help text says it)."""
+        return ""
+
 
 def _text(text: str) -> str:
     if not text:
@@ -120,6 +124,11 @@ class Integer(Kind):
             return value
         raise Invalid(self.rule())
 
+    def accepted(self) -> str:
+        if self.multiple_of > 1:
+            return f"a multiple of {self.multiple_of}, {self.low}..{self.high}"
+        return f"{self.low}..{self.high}"
+
     def rule(self) -> str:
         if self.multiple_of > 1:
             return (f"expected a multiple of {self.multiple_of}{self.why} "
@@ -159,6 +168,9 @@ class Number(Kind):
             raise Invalid(f"must be {self.span()}" if self.low_open
                           else f"out of range ({self.span()})")
         return float(value)
+
+    def accepted(self) -> str:
+        return self.span()
 
     def span(self) -> str:
         unit = f" {self.unit}" if self.unit else ""
@@ -229,6 +241,10 @@ class SizeOrWord(Kind):
     @property
     def metavar(self) -> str:  # type: ignore[override]
         return f"BYTES|{self.word}"
+
+    def accepted(self) -> str:
+        zero = "0, " if self.zero else ""
+        return f"{zero}{self.size.accepted()}, or {self.word}"
 
 
 class Text(Kind):
@@ -451,11 +467,11 @@ OPTIONS: tuple[Option, ...] = (
            "f_eem: 12288 at high speed, 1536 at full speed and SuperSpeed); frame: one frame "
            "per transfer, as Linux's cdc_eem sends (default for a device not known to take more)",
            None, "max-transfer", EEM),
-    Option("--in-flight", Integer(1, 64), "bulk IN transfers kept queued (default 32, at most 64)",
+    Option("--in-flight", Integer(1, 64), "bulk IN transfers kept queued (default 32)",
            32, "in-flight", EEM),
     Option("--in-transfer-size",
            Integer(1024, 65536, 1024, " (every max packet size divides it)"),
-           "bytes per bulk IN transfer, a multiple of 1024 (default 4096); a device's longer "
+           "bytes per bulk IN transfer (default 4096); a device's longer "
            "transfer simply continues in the next one", 4096, "in-transfer-size", EEM,
            metavar="BYTES"),
     Option("--out-chunk", SizeOrWord("f_eem", Integer(1088, 65536, 64), zero=True),
@@ -465,7 +481,7 @@ OPTIONS: tuple[Option, ...] = (
            "anywhere)", "f_eem", "out-chunk", EEM),
     Option("--out-in-flight", Integer(1, 32),
            "bulk OUT transfers of up to --max-transfer bytes in flight (default: 12 KB worth at "
-           "full speed, 96 KB at high speed, 48 KB at SuperSpeed; at most 32)",
+           "full speed, 96 KB at high speed, 48 KB at SuperSpeed)",
            None, "out-in-flight", EEM),
     Option("--busy-poll", Integer(0, MAX_BUSY_POLLS),
            "USB: after work, the data path thread looks for more this many times before it "
@@ -473,7 +489,7 @@ OPTIONS: tuple[Option, ...] = (
            "at some CPU when idle)", BUSY_POLLS, "busy-poll", EEM),
     Option("--keepalive", Number(0.01, SECONDS_A_DAY, unit="seconds"),
            "send an EEM Echo this often and log a device that stops answering "
-           "(0.01 to 86400 seconds; default off)", None, "keepalive", EEM),
+           "(default off)", None, "keepalive", EEM),
     # general
     Option("--stats-socket", SocketPath("PATH"),
            "UNIX socket for `eembridge stats` (default /run/eembridge/TAP.sock)",
@@ -496,7 +512,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("--wait", Switch(), "wait for the device to appear instead of failing", False,
            group=DEVICE, action="store_true"),
     Option("--wait-timeout", Number(0, 7 * SECONDS_A_DAY, low_open=True, unit="seconds"),
-           "like --wait, but fail naming the device after SECONDS without it (at most a week)",
+           "like --wait, but fail naming the device after SECONDS without it",
            None, "wait-timeout", DEVICE),
     # service
     Option("--config", Text("FILE"),
@@ -568,8 +584,10 @@ def add_argument(group: Any, option: Option) -> None:
     elif option.action == "count":
         group.add_argument(*flags, action="count", default=option.default, help=option.help)
     else:
+        accepted = option.kind.accepted()
         group.add_argument(*flags, action=option.action, type=option.parse_flag,
-                           default=option.default, help=option.help,
+                           default=option.default,
+                           help=f"{option.help} [{accepted}]" if accepted else option.help,
                            metavar=option.metavar or option.kind.metavar)
 
 
