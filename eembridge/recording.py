@@ -60,6 +60,10 @@ class RecordFile:
         self.records_kept = 0
         self.error: OSError | None = None  # the write that stopped the recording
 
+    def size(self) -> int:
+        """Bytes written so far: in the file, and waiting to go there."""
+        return self._size + len(self._pending)
+
     def write(self, data: bytes | bytearray | memoryview) -> int:
         if self.error is None:
             self._pending += data
@@ -108,9 +112,12 @@ class RecordFile:
         self._ends.clear()
 
     def close(self) -> None:
+        if self._fd < 0:
+            return  # closed already: the number may belong to another file by now
         self.flush()
+        fd, self._fd = self._fd, -1
         try:
-            os.close(self._fd)
+            os.close(fd)
         except OSError as exc:  # NFS reports a failed write-back at close
             if self.error is None:
                 self.error = exc

@@ -252,8 +252,9 @@ def small_filesystem(tmp_path: Path):
         subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
-def test_a_bridge_whose_usb_recording_fills_its_disk_goes_on_and_exits_cleanly(
-        tmp_path, small_filesystem):
+@pytest.mark.parametrize("flag,key", [("--usb-pcap", "usb_pcap"), ("--pcap", "pcap")])
+def test_a_bridge_whose_capture_fills_its_disk_goes_on_and_exits_cleanly(
+        tmp_path, small_filesystem, flag, key):
     import json
     import re
     import signal
@@ -271,7 +272,7 @@ def test_a_bridge_whose_usb_recording_fills_its_disk_goes_on_and_exits_cleanly(
         proc = subprocess.Popen(
             [sys.executable, "-m", "eembridge", "--sim", "--tap", unique_name("eemfull"),
              "--ip", f"{subnet[2]}/24", "--sim-ip", f"{sim_ip}/24", "--stats-socket", sock,
-             "--usb-pcap", str(recording)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+             flag, str(recording)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
     try:
         def namespace() -> str | None:
             assert proc.poll() is None, log.read_text()
@@ -284,19 +285,26 @@ def test_a_bridge_whose_usb_recording_fills_its_disk_goes_on_and_exits_cleanly(
                      download_bytes=1 << 20).assert_intact()
         stats = eembridge("stats", "--socket", sock, "--json")
         assert stats.returncode == 0, stats.stderr
-        usb_pcap = next(iter(json.loads(stats.stdout).values()))["capture"]["usb_pcap"]
-        assert usb_pcap["write_errors"] == 1 and usb_pcap["records_lost"] > 0, usb_pcap
+        capture = next(iter(json.loads(stats.stdout).values()))["capture"][key]
+        assert capture["write_errors"] == 1 and capture["records_lost"] > 0, capture
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
     text = log.read_text()
     assert proc.returncode == 0 and "Traceback" not in text, text
-    warnings = [line for line in text.splitlines() if "--usb-pcap" in line]
+    warnings = [line for line in text.splitlines() if f"{flag} " in line]
     assert len(warnings) == 1 and "No space left on device" in warnings[0], warnings
     # What the file holds is whole records: it decodes without complaint.
-    decoded = eembridge("decode", str(recording), "-o", str(tmp_path / "eth.pcap"), "--json")
-    assert decoded.returncode == 0, decoded.stderr
-    assert json.loads(decoded.stdout)["in"]["frames"] > 0, decoded.stdout
+    if flag == "--usb-pcap":
+        decoded = eembridge("decode", str(recording), "-o", str(tmp_path / "eth.pcap"), "--json")
+        assert decoded.returncode == 0, decoded.stderr
+        assert json.loads(decoded.stdout)["in"]["frames"] > 0, decoded.stdout
+    else:  # an Ethernet pcap of whole records: every one read back, the last one whole
+        from eembridge.pcap import CaptureReader
+
+        with open(recording, "rb") as f:
+            frames = list(CaptureReader(f, str(recording)))
+        assert frames and len(recording.read_bytes()) <= 64 * 1024, len(frames)
 
 
 # --- mutation fuzzing: parse, or one line of UserError, never anything else ---------------
