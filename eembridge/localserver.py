@@ -149,6 +149,7 @@ class LocalServer:
                     result.set_exception(value)
 
         def run() -> None:
+            value: Any
             try:
                 value, ok = work(), True
             except BaseException as exc:  # handed to the awaiting handler

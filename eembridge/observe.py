@@ -85,6 +85,7 @@ class Observers:
             from .metrics import MetricsServer
 
             self.metrics = MetricsServer(self.args.metrics, bridge.stats)
+            bridge.servers["metrics"] = self.metrics.counters
             log.info("Prometheus metrics on http://%s/metrics", self.args.metrics)
 
     def close(self) -> None:

@@ -170,8 +170,11 @@ async def _gone(conn: Connection) -> None:
     The client has nothing more to say: more bytes mean it misbehaves (gone as well).
     Its EOF alone may be a half-close (shutdown(SHUT_WR), as `nc -N` does) of a client
     still reading; gone is when both directions are (POLLHUP)."""
-    if await conn.reader.read(1):
-        return
+    try:
+        if await conn.reader.read(1):
+            return
+    except (ConnectionError, OSError):
+        return  # reset: it closed with our replies unread
     sock = conn.writer.get_extra_info("socket")
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLHUP)
