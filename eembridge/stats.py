@@ -285,6 +285,12 @@ class ControlServer:
 
     def close(self) -> None:
         self._server.close()
+        # Not kept alive in a cycle with the bridge: collected at exit with the bridge's
+        # buffers, such a cycle crashed the interpreter (memoryviews cleared out of order).
+        servers = getattr(self._bridge, "servers", None)
+        if isinstance(servers, dict) and servers.get("control") == self.counters:
+            del servers["control"]
+        self._bridge = None
         # Only the socket we bound: the path may hold somebody else's file by now.
         try:
             st = os.lstat(self.path)
