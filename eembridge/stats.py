@@ -24,6 +24,7 @@ import os
 import select
 import socket
 import stat
+import time
 from collections.abc import Iterator
 from itertools import accumulate
 from typing import Any
@@ -151,9 +152,11 @@ def _claim(path: str) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
         probe.settimeout(1.0)
         try:
-            probe.connect(path)
+            _connect(probe, path, 1.0)
         except ConnectionRefusedError:
             pass  # stale: nobody listens
+        except TimeoutError:
+            raise UserError(f"{where}: another bridge is listening on it (busy)") from None
         except OSError as exc:
             raise UserError(f"{where}: a socket that cannot be checked "
                             f"({exc.strerror or exc}); not removing it") from None
@@ -303,13 +306,27 @@ class ControlServer:
 
 # -- the client -------------------------------------------------------------------------
 
+def _connect(sock: socket.socket, path: str, timeout: float) -> None:
+    """connect() with a deadline: a UNIX socket whose listen queue is full refuses at
+    once with EAGAIN (the bridge busy accepting a flood), so try again until then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError from None
+            time.sleep(0.005)
+
+
 def request(path: str, payload: dict[str, Any], timeout: float = 5.0) -> Iterator[dict[str, Any]]:
     """Send one request to a bridge; yield its replies. UserError naming the socket
     (StaleSocket if nobody listens on it)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
-            sock.connect(path)
+            _connect(sock, path, timeout)
             sock.sendall(json.dumps(payload).encode() + b"\n")
             with sock.makefile("rb") as stream:
                 for line in stream:
@@ -343,7 +360,7 @@ def is_stale(path: str) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(1.0)
         try:
-            sock.connect(path)
+            _connect(sock, path, 1.0)
         except ConnectionRefusedError:
             return True
         except OSError:
