@@ -87,6 +87,12 @@ def render(tap: str, s: dict[str, Any]) -> Any:
     if caps is not None:
         caption = ("capabilities held: " + (", ".join(caps.get("effective") or []) or "none")
                    + ("; no_new_privs" if caps.get("no_new_privs") else ""))
+    for name, c in (s.get("servers") or {}).items():
+        # What was turned away or cut off: a local client misbehaving, or an attack.
+        turned_away = {k: c.get(k, 0) for k in ("refused", "evicted", "timeouts", "bad_requests", "busy")}
+        if any(turned_away.values()):
+            line = f"{name} server: " + ", ".join(f"{k} {v}" for k, v in turned_away.items() if v)
+            caption = line if caption is None else f"{caption}\n{line}"
     table = Table(title=title, caption=caption)
     for column in ("EEM receive", "", "EEM transmit", "", "link (kernel)", ""):
         table.add_column(column, justify="right" if column == "" else "left")

@@ -274,9 +274,18 @@ def test_control_socket_answers_every_malformed_request_and_lives_on(control):
     assert ask(path, b"\n")[0]["tap"] == "fake0"  # an empty request is a stats request
     echo = ask(path, b'{"cmd": "echo", "count": 2, "interval": 0.01, "timeout": 1}\n')
     assert [r["seq"] for r in echo] == [0, 1] and all("rtt" in r for r in echo)
-    counters = ask(path, b'{"cmd": "stats"}\n')[0]["servers"]["control"]
+    snapshot = ask(path, b'{"cmd": "stats"}\n')[0]
+    counters = snapshot["servers"]["control"]
     assert counters["bad_requests"] == len(MALFORMED)
     assert counters["echo_requests"] == 1 and counters["stats_requests"] == 3
+    # Plain `eembridge stats` says so too.
+    from rich.console import Console
+
+    from eembridge.statscmd import render
+
+    console = Console(record=True, width=200)
+    console.print(render("fake0", snapshot))
+    assert f"control server: bad_requests {len(MALFORMED)}" in console.export_text()
 
 
 def test_control_socket_bounds_connections_times_out_and_keeps_answering(control):
