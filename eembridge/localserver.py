@@ -72,7 +72,8 @@ class LocalServer:
         self._handler = handler
         self._listener = listener
         self._counters = dict.fromkeys(
-            ("connections", "refused", "evicted", "timeouts", "bad_requests", "busy", *counters), 0)
+            ("connections", "refused", "evicted", "timeouts", "bad_requests", "busy", "errors",
+             *counters), 0)  # every key made here: other threads copy the dict unlocked
         self._open: dict[Connection, None] = {}  # oldest first
         self._threads = 0
         self._loop = asyncio.new_event_loop()

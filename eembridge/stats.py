@@ -267,7 +267,10 @@ class ControlServer:
                 waited = asyncio.ensure_future(asyncio.wait_for(echo, timeout + 1.0))
                 await asyncio.wait({waited, gone}, return_when=asyncio.FIRST_COMPLETED)
                 if gone.done():
-                    waited.cancel()
+                    if waited.done() and not waited.cancelled():
+                        waited.exception()  # retrieved: nobody is told of it any more
+                    else:
+                        waited.cancel()
                     server.count("peer_gone")
                     return
                 try:
