@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from eembridge.errors import UserError
 from eembridge.netns import free_linklocal_subnet, unique_name
@@ -288,6 +290,35 @@ def test_control_socket_answers_every_malformed_request_and_lives_on(control):
     assert f"control server: bad_requests {len(MALFORMED)}" in console.export_text()
 
 
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(
+    st.binary(max_size=200),
+    st.dictionaries(st.sampled_from(["cmd", "count", "timeout", "interval", "x"]),
+                    st.one_of(st.sampled_from(["stats", "echo"]), JSON_VALUES), max_size=5)
+    .map(lambda d: json.dumps(d).encode()),
+))
+def test_every_request_line_is_parsed_or_refused_by_name(line):
+    """The one invariant of the request parser: a valid request, or BadRequest."""
+    from eembridge.stats import MAX_ECHO_COUNT, MAX_ECHO_SECONDS, BadRequest, parse_request
+
+    try:
+        request = parse_request(line)
+    except BadRequest as exc:
+        assert str(exc)
+        return
+    assert request["cmd"] in ("stats", "echo")
+    if request["cmd"] == "echo":
+        assert 1 <= request["count"] <= MAX_ECHO_COUNT
+        assert 0 < request["timeout"] <= MAX_ECHO_SECONDS
+        assert 0 <= request["interval"] <= MAX_ECHO_SECONDS
+
+
 def test_control_socket_bounds_connections_times_out_and_keeps_answering(control):
     server, bridge, path = control
     baseline = threading.active_count()
@@ -441,6 +472,37 @@ def test_metrics_endpoint_answers_bad_requests_at_once(metrics):
         assert time.monotonic() - started < 1.0
     counters = server.counters()
     assert counters["bad_requests"] == 6 and counters["scrapes"] >= 2
+
+
+def test_metrics_endpoint_answers_random_bytes_with_a_status_or_a_close(metrics):
+    """Byte-mutated requests: an HTTP status line or a plain close, never a hang, never a
+    server error; the endpoint serves on."""
+    import random
+
+    server, bridge, port = metrics
+    good = b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: text/plain\r\n\r\n"
+    rng = random.Random(18)
+    for _ in range(150):
+        raw = bytearray(good)
+        for _ in range(rng.randint(1, 6)):
+            at = rng.randrange(len(raw))
+            choice = rng.random()
+            if choice < 0.4:
+                raw[at] = rng.randrange(256)
+            elif choice < 0.7:
+                del raw[at]
+            else:
+                raw[at:at] = bytes([rng.randrange(256)]) * rng.randint(1, 50)
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+            sock.sendall(bytes(raw))
+            sock.shutdown(socket.SHUT_WR)  # a request cut short is answered by a close
+            data = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := sock.recv(65536):
+                    data += chunk
+        assert data == b"" or re.match(rb"HTTP/1\.1 (200|400|405|414|431|505) ", data), (raw, data[:80])
+    assert server.counters()["errors"] == 0
+    assert "eembridge_connected" in scrape(port)
 
 
 def test_metrics_endpoint_bounds_connections_and_times_them_out(metrics):
