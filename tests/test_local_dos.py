@@ -32,21 +32,10 @@ from hypothesis import strategies as st
 from eembridge.errors import UserError
 from eembridge.netns import free_linklocal_subnet, unique_name
 
-from netfixtures import ping, require_tun_and_root
+from netfixtures import ping, require_tun_and_root, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def eembridge(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -333,17 +322,17 @@ def test_control_socket_bounds_connections_times_out_and_keeps_answering(control
     started = time.monotonic()
     assert ask(path, b'{"cmd": "stats"}\n', timeout=2)[0]["tap"] == "fake0"
     assert time.monotonic() - started < 1.0
-    counters = wait_until(lambda: (c := server.counters())["connections"] == 301 and c, 5,
+    counters = wait_for(lambda: (c := server.counters())["connections"] == 301 and c, 5,
                           "every connection accepted")
     assert counters["open"] <= 16
     assert counters["evicted"] + counters["refused"] + counters["timeouts"] >= 300 - 16
     # Those left are timed out: a request has 0.5 s here to arrive whole.
-    wait_until(lambda: server.counters()["open"] == 0, 5, "idle connections timed out")
+    wait_for(lambda: server.counters()["open"] == 0, 5, "idle connections timed out")
     assert server.counters()["timeouts"] >= 1
     assert closed_by_peer(attackers[-1], 2.0)
     for sock in attackers:
         sock.close()
-    wait_until(lambda: threading.active_count() <= baseline, 5, "threads back to baseline")
+    wait_for(lambda: threading.active_count() <= baseline, 5, "threads back to baseline")
 
 
 def test_echo_ends_when_its_client_goes_away(control):
@@ -362,7 +351,7 @@ def test_echo_ends_when_its_client_goes_away(control):
     assert threading.active_count() <= baseline + 8  # Echo timers of the stand-in device
     for sock in clients:
         sock.close()
-    wait_until(lambda: server.counters()["echo_sessions"] == 0, 2, "echo sessions ended")
+    wait_for(lambda: server.counters()["echo_sessions"] == 0, 2, "echo sessions ended")
     assert server.counters()["peer_gone"] >= 1
     sent = bridge.echoes_sent
     # No Echo is sent for a client that is gone: a stats round trip later, none more.
@@ -373,9 +362,9 @@ def test_echo_ends_when_its_client_goes_away(control):
     bridge.echo_delay = None
     sock = unix_connect(path)
     sock.sendall(b'{"cmd": "echo", "count": 5, "interval": 0.05, "timeout": 30}\n')
-    wait_until(lambda: server.counters()["echo_sessions"] == 1, 2, "echo session started")
+    wait_for(lambda: server.counters()["echo_sessions"] == 1, 2, "echo session started")
     sock.close()
-    wait_until(lambda: server.counters()["echo_sessions"] == 0, 2, "echo session ended")
+    wait_for(lambda: server.counters()["echo_sessions"] == 0, 2, "echo session ended")
 
 
 def test_stats_skips_stale_sockets_and_shows_the_live_ones(short_dir: Path):
@@ -518,15 +507,15 @@ def test_metrics_endpoint_bounds_connections_and_times_them_out(metrics):
     assert "eembridge_connected" in scrape(port, timeout=2)
     assert time.monotonic() - started < 1.0
     assert threading.active_count() <= baseline + 2
-    counters = wait_until(lambda: (c := server.counters())["connections"] == 301 and c, 5,
+    counters = wait_for(lambda: (c := server.counters())["connections"] == 301 and c, 5,
                           "every connection accepted")
     assert counters["open"] <= 16
     assert counters["evicted"] + counters["refused"] + counters["timeouts"] >= 300 - 16
-    wait_until(lambda: server.counters()["open"] == 0, 5, "half-sent requests timed out")
+    wait_for(lambda: server.counters()["open"] == 0, 5, "half-sent requests timed out")
     assert server.counters()["timeouts"] >= 1
     for sock in attackers:
         sock.close()
-    wait_until(lambda: threading.active_count() <= baseline, 5, "threads back to baseline")
+    wait_for(lambda: threading.active_count() <= baseline, 5, "threads back to baseline")
 
 
 def test_scrapes_share_a_recent_snapshot(metrics):
@@ -567,7 +556,7 @@ class Bridge:
                 return True
             return False
 
-        wait_until(up, 30, "the bridge's control socket and metrics endpoint")
+        wait_for(up, 30, "the bridge's control socket and metrics endpoint")
 
     def _drain(self) -> None:
         assert self.proc.stderr is not None
@@ -619,11 +608,11 @@ def test_bridge_keeps_forwarding_and_answering_under_local_attack(short_dir: Pat
         # Every lazily started thread exists once a stats, an echo and a scrape were served.
         assert eembridge("echo", "--socket", sock, "-c", "1", "--json").returncode == 0
         scrape(job.port)
-        wait_until(lambda: json.loads(eembridge("stats", "--socket", sock, "--json").stdout),
+        wait_for(lambda: json.loads(eembridge("stats", "--socket", sock, "--json").stdout),
                    10, "stats")
         baseline = job.threads()
         pinger = Pinger(job.sim_ip)
-        wait_until(lambda: pinger.answered >= 2, 10, "pings through the bridge")
+        wait_for(lambda: pinger.answered >= 2, 10, "pings through the bridge")
 
         for i in range(300):
             control = unix_connect(sock)
@@ -663,14 +652,14 @@ def test_bridge_keeps_forwarding_and_answering_under_local_attack(short_dir: Pat
 
         for attacker in attackers:
             attacker.close()
-        wait_until(lambda: job.threads() <= baseline, 15, "threads back to baseline")
+        wait_for(lambda: job.threads() <= baseline, 15, "threads back to baseline")
 
         def servers() -> dict[str, Any]:
             result = eembridge("stats", "--socket", sock, "--json")
             assert result.returncode == 0, result.stderr
             return next(iter(json.loads(result.stdout).values()))["servers"]
 
-        counters = wait_until(lambda: (s := servers())["control"]["echo_sessions"] == 0 and s,
+        counters = wait_for(lambda: (s := servers())["control"]["echo_sessions"] == 0 and s,
                               15, "echo sessions of vanished clients ended")
         assert counters["control"]["peer_gone"] >= 1, json.dumps(counters)
         assert counters["metrics"]["bad_requests"] >= 1
@@ -678,7 +667,7 @@ def test_bridge_keeps_forwarding_and_answering_under_local_attack(short_dir: Pat
         metrics_text = scrape(job.port)
         assert re.search(r"eembridge_server_control_bad_requests_total\{[^}]*\} [1-9]", metrics_text)
         answered = pinger.answered
-        wait_until(lambda: pinger.answered >= answered + 2, 10, "pings after the attack")
+        wait_for(lambda: pinger.answered >= answered + 2, 10, "pings after the attack")
         pinger.stop()
         assert pinger.lost == [], pinger.lost
     finally:
