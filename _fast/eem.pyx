@@ -63,7 +63,7 @@ from eem cimport (
 )
 
 from . import protocol as _protocol
-from .codec import validate_framer_options, validate_max_length
+from .codec import validate_framer_options, validate_mac, validate_max_length
 from .events import Echo, EchoResponse, Frame, Hint
 
 __all__ = ["Deframer", "Framer", "FRAME_RECORD_DTYPE"]
@@ -88,6 +88,13 @@ cdef enum:
     ETH_HEADER = 14
     MIN_DATA_LENGTH = 18
     MAX_ECHO_DATA = 0x07FF
+    CRC_BUDGET_PER_BYTE = 2
+    ALL_SHORT_LEARNED = 16
+    ETHERTYPE_IPV4 = 0x0800
+    ETHERTYPE_ARP = 0x0806
+    ETHERTYPE_VLAN = 0x8100
+    ETHERTYPE_IPV6 = 0x86DD
+    PADDED_FRAME_MAX = 64
     # Every delivered frame occupies at least this many distinct input bytes.
     MIN_PACKET = HEADER_SIZE + MIN_DATA_LENGTH
     # Transfer size deframe() takes before set_capacity() (the bridge's IN buffers).
@@ -99,6 +106,7 @@ _DEFRAMER_FIELDS = (
     "transfers", "short_transfers", "bytes_in", "frames", "bytes", "crc_frames", "zlps",
     "crc_errors", "sentinel_errors", "oversize", "runts", "truncated", "reserved_commands",
     "unconfirmed_commands", "resyncs", "bytes_skipped", "echo", "echo_response", "hints",
+    "implausible", "unchecked", "unscanned",
 )
 _FRAMER_FIELDS = (
     "frames", "bytes", "transfers", "transfer_bytes", "zlps", "oversize", "runts", "echo",
@@ -117,6 +125,10 @@ def _check_protocol() -> None:
         "CMD_ECHO_RESPONSE": CMD_ECHO_RESPONSE, "CMD_TICKLE": CMD_TICKLE,
         "ETH_HEADER": ETH_HEADER, "MIN_DATA_LENGTH": MIN_DATA_LENGTH,
         "MAX_ECHO_DATA": MAX_ECHO_DATA, "MAX_PENDING_COMMANDS": EEM_WAIT_LIMIT,
+        "CRC_BUDGET_PER_BYTE": CRC_BUDGET_PER_BYTE, "ALL_SHORT_LEARNED": ALL_SHORT_LEARNED,
+        "ETHERTYPE_IPV4": ETHERTYPE_IPV4, "ETHERTYPE_ARP": ETHERTYPE_ARP,
+        "ETHERTYPE_VLAN": ETHERTYPE_VLAN, "ETHERTYPE_IPV6": ETHERTYPE_IPV6,
+        "PADDED_FRAME_MAX": PADDED_FRAME_MAX,
         "MAX_PENDING_COMMAND_BYTES": EEM_WAIT_BYTES_LIMIT, "SENTINEL": SENTINEL_BYTES[:4],
         "DEFRAMER_COUNTERS": _DEFRAMER_FIELDS, "FRAMER_COUNTERS": _FRAMER_FIELDS,
     }
@@ -207,6 +219,56 @@ cdef inline bint _check_ok(const unsigned char* packet, Py_ssize_t length, bint 
     return memcmp(packet + n, SENTINEL_BYTES, CHECK_SIZE) == 0
 
 
+cdef inline bint _ends_right(Py_ssize_t n, Py_ssize_t end) noexcept nogil:
+    return end == n or (end < n and n <= PADDED_FRAME_MAX)
+
+
+cdef bint _plausible(const eem_deframer* d, const unsigned char* f, Py_ssize_t n) noexcept nogil:
+    """codec.plausible on the frame f[0:n] (check stripped), with d's MAC."""
+    cdef Py_ssize_t off = ETH_HEADER
+    cdef Py_ssize_t ihl, i
+    cdef unsigned int ethertype
+    cdef uint32_t total = 0
+    if n < ETH_HEADER:
+        return False
+    if d.has_mac and not f[0] & 1 and memcmp(f, d.mac, 6) != 0:
+        return False
+    ethertype = (<unsigned int>f[12] << 8) | f[13]
+    if ethertype == ETHERTYPE_VLAN:
+        if n < off + 4:
+            return False
+        ethertype = (<unsigned int>f[16] << 8) | f[17]
+        off += 4
+    if ethertype == ETHERTYPE_IPV4:
+        if n < off + 20 or f[off] >> 4 != 4:
+            return False
+        ihl = (f[off] & 0x0F) * 4
+        if ihl < 20 or off + ihl > n:
+            return False
+        for i in range(off, off + ihl, 2):
+            total += (<uint32_t>f[i] << 8) | f[i + 1]
+        while total > 0xFFFF:
+            total = (total & 0xFFFF) + (total >> 16)
+        i = (<Py_ssize_t>f[off + 2] << 8) | f[off + 3]
+        return total == 0xFFFF and i >= ihl and _ends_right(n, off + i)
+    if ethertype == ETHERTYPE_IPV6:
+        if n < off + 40 or f[off] >> 4 != 6:
+            return False
+        return _ends_right(n, off + 40 + ((<Py_ssize_t>f[off + 4] << 8) | f[off + 5]))
+    if ethertype == ETHERTYPE_ARP:
+        return (n >= off + 28 and f[off] == 0 and f[off + 1] == 1 and f[off + 2] == 8
+                and f[off + 3] == 0 and f[off + 4] == 6 and f[off + 5] == 4 and f[off + 6] == 0
+                and (f[off + 7] == 1 or f[off + 7] == 2) and _ends_right(n, off + 28))
+    return False
+
+
+cdef inline void _earn(eem_deframer* d, Py_ssize_t nbytes) noexcept nogil:
+    cdef int64_t cap = 2 * <int64_t>d.max_length
+    d.budget += CRC_BUDGET_PER_BYTE * <int64_t>nbytes
+    if d.budget > cap:
+        d.budget = cap
+
+
 cdef inline Py_ssize_t _records_for(Py_ssize_t total_bytes) noexcept nogil:
     """Most frames total_bytes of input can hold (each takes MIN_PACKET bytes or more)."""
     return total_bytes // MIN_PACKET + 1
@@ -283,6 +345,10 @@ cdef Py_ssize_t _run(eem_deframer* d, const unsigned char* data, Py_ssize_t end,
     d.command_data_len = 0
     d.failed = False
     d.carry = 0
+    if not short:
+        d.shorts = -1
+    elif d.shorts >= 0:
+        d.shorts += 1
     while True:
         if d.scanning:
             pos = _scan(d, data, pos, end, short)
@@ -299,10 +365,13 @@ cdef Py_ssize_t _run(eem_deframer* d, const unsigned char* data, Py_ssize_t end,
         header = _le16(data + pos)
         if header == 0:
             d.c.zlps += 1
+            _earn(d, HEADER_SIZE)
             pos += HEADER_SIZE
             continue
         if header & TYPE_COMMAND:
             size = _command(d, data, pos, end, header, short)
+            if size > 0:
+                _earn(d, size)
         else:
             size = _data(d, data, pos, end, header, short)
         if size < 0:  # carried or cut off
@@ -332,7 +401,6 @@ cdef Py_ssize_t _data(eem_deframer* d, const unsigned char* data, Py_ssize_t pos
     cdef Py_ssize_t length = header & DATA_LENGTH_MASK
     cdef Py_ssize_t size
     cdef bint crc
-    cdef eem_frame_record* record
     if length > d.max_length:
         d.c.oversize += 1
         return 0
@@ -344,12 +412,23 @@ cdef Py_ssize_t _data(eem_deframer* d, const unsigned char* data, Py_ssize_t pos
         _incomplete(d, pos, end, short)
         return -1
     crc = (header & DATA_CRC) != 0
+    if crc and d.budget < length:
+        d.c.unchecked += 1
+        return 0
     if not _check_ok(data + pos + HEADER_SIZE, length, crc):
         if crc:
             d.c.crc_errors += 1
+            d.budget -= length
         else:
             d.c.sentinel_errors += 1
         return 0
+    _deliver(d, pos, length, crc)
+    return size
+
+
+cdef void _deliver(eem_deframer* d, Py_ssize_t pos, Py_ssize_t length, bint crc) noexcept nogil:
+    """codec.Deframer._deliver: the verified packet at pos (bmLength `length`)."""
+    cdef eem_frame_record* record
     if d.n_waiting:
         _confirm(d)
     # Room: frames never outnumber _records_for(end), checked before _run.
@@ -361,7 +440,7 @@ cdef Py_ssize_t _data(eem_deframer* d, const unsigned char* data, Py_ssize_t pos
     d.c.frames += 1
     d.c.bytes += length - CHECK_SIZE
     d.c.crc_frames += crc
-    return size
+    _earn(d, HEADER_SIZE + length)
 
 
 cdef Py_ssize_t _command(eem_deframer* d, const unsigned char* data, Py_ssize_t pos,
@@ -478,17 +557,24 @@ cdef Py_ssize_t _start_scan(eem_deframer* d, Py_ssize_t pos) noexcept nogil:
     _drop_waiting(d)
     d.scanning = True
     d.c.bytes_skipped += 1
+    _earn(d, 1)
     return pos + 1
 
 
 cdef Py_ssize_t _scan(eem_deframer* d, const unsigned char* data, Py_ssize_t pos,
                       Py_ssize_t end, bint short) noexcept nogil:
-    """The first offset >= pos holding a data packet that verifies (scanning ends), or
-    end when the bytes run out first (the rest is carried, or skipped if short)."""
+    """codec.Deframer._scan: deliver the first packet at an offset >= pos that verifies
+    (and is plausible, or passes a CRC check the budget allows) and return the offset
+    after it (scanning ends); or end when the bytes run out first (the rest is carried,
+    or skipped if short)."""
     cdef Py_ssize_t start = pos
     cdef Py_ssize_t length, stop
     cdef unsigned int header
     cdef Py_ssize_t max_length = d.max_length
+    d.paid = pos
+    if short and d.shorts > ALL_SHORT_LEARNED:
+        d.c.unscanned += 1
+        pos = end
     while pos + HEADER_SIZE <= end:
         header = _le16(data + pos)
         length = header & DATA_LENGTH_MASK
@@ -497,17 +583,43 @@ cdef Py_ssize_t _scan(eem_deframer* d, const unsigned char* data, Py_ssize_t pos
             if stop > end:
                 if not short:
                     break  # this candidate decides; wait for the rest of it
-            elif _check_ok(data + pos + HEADER_SIZE, length, (header & DATA_CRC) != 0):
+            elif _candidate(d, data, pos, length, (header & DATA_CRC) != 0):
                 d.c.bytes_skipped += pos - start
                 d.c.resyncs += 1
                 d.scanning = False
-                return pos
+                _earn(d, pos - d.paid)
+                _deliver(d, pos, length, (header & DATA_CRC) != 0)
+                return stop
         pos += 1
     if short:
         pos = end
     d.c.bytes_skipped += pos - start
+    _earn(d, pos - d.paid)
     d.carry = end - pos
     return end
+
+
+cdef bint _candidate(eem_deframer* d, const unsigned char* data, Py_ssize_t pos,
+                     Py_ssize_t length, bint crc) noexcept nogil:
+    """codec.Deframer._candidate: whether the packet at pos, found by scanning, is taken."""
+    cdef const unsigned char* packet = data + pos + HEADER_SIZE
+    if not crc:
+        if memcmp(packet + length - CHECK_SIZE, SENTINEL_BYTES, CHECK_SIZE) != 0:
+            return False
+        if _plausible(d, packet, length - CHECK_SIZE):
+            return True
+        d.c.implausible += 1
+        return False
+    _earn(d, pos - d.paid)  # what the scan passed pays before this check
+    d.paid = pos
+    if d.budget < length or (d.budget < length + d.max_length
+                             and not _plausible(d, packet, length - CHECK_SIZE)):
+        d.c.unchecked += 1
+        return False
+    if _check_ok(packet, length, True):
+        return True
+    d.budget -= length
+    return False
 
 
 # -- the framer core: codec.Framer's rules on an eem_framer -----------------------------
@@ -624,9 +736,10 @@ cdef class Deframer:
         self.d.deframe = _deframe
         self.carry_mem = NULL
 
-    def __init__(self, max_length=_protocol.DEFAULT_MAX_LENGTH):
+    def __init__(self, max_length=_protocol.DEFAULT_MAX_LENGTH, mac=None):
         validate_max_length(max_length)
         self.d.max_length = max_length
+        self.mac = mac
         memset(&self.d.c, 0, sizeof(self.d.c))
         self.reset()
         self.set_capacity(DEFAULT_CAPACITY)
@@ -660,6 +773,23 @@ cdef class Deframer:
         return self.d.carry
 
     @property
+    def mac(self):
+        """The host's (TAP's) MAC the plausibility rule expects; None: any."""
+        return bytes(self.d.mac[:6]) if self.d.has_mac else None
+
+    @mac.setter
+    def mac(self, value) -> None:
+        cdef bytes mac = validate_mac(value)
+        self._check_idle()
+        self.d.has_mac = mac is not None
+        if mac is not None:
+            memcpy(self.d.mac, <const char*>mac, 6)
+
+    @property
+    def budget(self) -> int:
+        return self.d.budget
+
+    @property
     def waiting_commands(self) -> int:
         return self.d.n_waiting
 
@@ -676,6 +806,9 @@ cdef class Deframer:
         self.d.command_data_len = 0
         self.d.failed = False
         self.d.mode = EEM_MODE_NONE
+        self.d.budget = 2 * <int64_t>self.d.max_length
+        self.d.paid = 0
+        self.d.shorts = 0
 
     def counters(self) -> dict:
         cdef const int64_t* values = <const int64_t*>&self.d.c
@@ -1106,6 +1239,22 @@ cdef int _check_header_fits(Py_ssize_t frame_len) except -1:
     if frame_len + CHECK_SIZE > DATA_LENGTH_MASK:
         raise ValueError(f"frame of {frame_len} bytes does not fit an EEM data header")
     return 0
+
+
+def _plausible_frame(frame, mac=None) -> bool:
+    """The C plausibility rule on one frame (tests: it must be codec.plausible)."""
+    cdef eem_deframer d
+    cdef Py_buffer view
+    cdef bytes m = validate_mac(mac)
+    memset(&d, 0, sizeof(d))
+    d.has_mac = m is not None
+    if m is not None:
+        memcpy(d.mac, <const char*>m, 6)
+    _acquire(frame, &view, PyBUF_SIMPLE)
+    try:
+        return _plausible(&d, <const unsigned char*>view.buf, view.len)
+    finally:
+        PyBuffer_Release(&view)
 
 
 def _crc32_blocks(buffer, Py_ssize_t block) -> int:
