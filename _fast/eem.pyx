@@ -89,6 +89,7 @@ cdef enum:
     MIN_DATA_LENGTH = 18
     MAX_ECHO_DATA = 0x07FF
     CRC_BUDGET_PER_BYTE = 2
+    CRC_CHECK_OVERHEAD = 64
     ALL_SHORT_LEARNED = 16
     ETHERTYPE_IPV4 = 0x0800
     ETHERTYPE_ARP = 0x0806
@@ -101,6 +102,7 @@ cdef enum:
     DEFAULT_CAPACITY = 16384
 
 cdef const unsigned char* SENTINEL_BYTES = b"\xde\xad\xbe\xef"
+cdef uint32_t SENTINEL_LE32 = 0xEFBEADDE  # SENTINEL_BYTES read as a little-endian word
 
 _DEFRAMER_FIELDS = (
     "transfers", "short_transfers", "bytes_in", "frames", "bytes", "crc_frames", "zlps",
@@ -126,6 +128,7 @@ def _check_protocol() -> None:
         "ETH_HEADER": ETH_HEADER, "MIN_DATA_LENGTH": MIN_DATA_LENGTH,
         "MAX_ECHO_DATA": MAX_ECHO_DATA, "MAX_PENDING_COMMANDS": EEM_WAIT_LIMIT,
         "CRC_BUDGET_PER_BYTE": CRC_BUDGET_PER_BYTE, "ALL_SHORT_LEARNED": ALL_SHORT_LEARNED,
+        "CRC_CHECK_OVERHEAD": CRC_CHECK_OVERHEAD,
         "ETHERTYPE_IPV4": ETHERTYPE_IPV4, "ETHERTYPE_ARP": ETHERTYPE_ARP,
         "ETHERTYPE_VLAN": ETHERTYPE_VLAN, "ETHERTYPE_IPV6": ETHERTYPE_IPV6,
         "PADDED_FRAME_MAX": PADDED_FRAME_MAX,
@@ -262,8 +265,12 @@ cdef bint _plausible(const eem_deframer* d, const unsigned char* f, Py_ssize_t n
     return False
 
 
+cdef inline int64_t _budget_cap(const eem_deframer* d) noexcept nogil:
+    return 2 * (<int64_t>d.max_length + CRC_CHECK_OVERHEAD)
+
+
 cdef inline void _earn(eem_deframer* d, Py_ssize_t nbytes) noexcept nogil:
-    cdef int64_t cap = 2 * <int64_t>d.max_length
+    cdef int64_t cap = _budget_cap(d)
     d.budget += CRC_BUDGET_PER_BYTE * <int64_t>nbytes
     if d.budget > cap:
         d.budget = cap
@@ -412,13 +419,13 @@ cdef Py_ssize_t _data(eem_deframer* d, const unsigned char* data, Py_ssize_t pos
         _incomplete(d, pos, end, short)
         return -1
     crc = (header & DATA_CRC) != 0
-    if crc and d.budget < length:
+    if crc and d.budget < length + CRC_CHECK_OVERHEAD:
         d.c.unchecked += 1
         return 0
     if not _check_ok(data + pos + HEADER_SIZE, length, crc):
         if crc:
             d.c.crc_errors += 1
-            d.budget -= length
+            d.budget -= length + CRC_CHECK_OVERHEAD
         else:
             d.c.sentinel_errors += 1
         return 0
@@ -566,31 +573,58 @@ cdef Py_ssize_t _scan(eem_deframer* d, const unsigned char* data, Py_ssize_t pos
     """codec.Deframer._scan: deliver the first packet at an offset >= pos that verifies
     (and is plausible, or passes a CRC check the budget allows) and return the offset
     after it (scanning ends); or end when the bytes run out first (the rest is carried,
-    or skipped if short)."""
+    or skipped if short).
+
+    Branch-light: on random bytes whether an offset is a candidate, and of which kind,
+    is a coin toss the CPU cannot predict, so every offset computes the same few values
+    and only an offset that needs more than "nothing to do" takes the one branch:
+    a candidate running past the end (not short), a sentinel candidate whose sentinel
+    matches, a CRC candidate the budget can pay for (budget earned up to here, as
+    _candidate computes it). CRC candidates it cannot pay for are counted unchecked
+    as _candidate would count them.
+    """
     cdef Py_ssize_t start = pos
-    cdef Py_ssize_t length, stop
+    cdef Py_ssize_t length, stop, s
     cdef unsigned int header
-    cdef Py_ssize_t max_length = d.max_length
+    cdef size_t span = <size_t>(d.max_length - MIN_DATA_LENGTH)
+    cdef int64_t cap = _budget_cap(d)
+    cdef int64_t budget_now, refused = 0
+    cdef bint crc, affordable, interesting
     d.paid = pos
     if short and d.shorts > ALL_SHORT_LEARNED:
         d.c.unscanned += 1
         pos = end
     while pos + HEADER_SIZE <= end:
         header = _le16(data + pos)
-        length = header & DATA_LENGTH_MASK
-        if not header & TYPE_COMMAND and MIN_DATA_LENGTH <= length <= max_length:
+        # A data header with MIN_DATA_LENGTH <= bmLength <= max_length, in one unsigned
+        # compare (bmType set makes the value too big).
+        if <size_t>((header & ~(<unsigned int>DATA_CRC)) - MIN_DATA_LENGTH) <= span:
+            length = header & DATA_LENGTH_MASK
             stop = pos + HEADER_SIZE + length
             if stop > end:
                 if not short:
                     break  # this candidate decides; wait for the rest of it
-            elif _candidate(d, data, pos, length, (header & DATA_CRC) != 0):
-                d.c.bytes_skipped += pos - start
-                d.c.resyncs += 1
-                d.scanning = False
-                _earn(d, pos - d.paid)
-                _deliver(d, pos, length, (header & DATA_CRC) != 0)
-                return stop
+            else:
+                # Which kind of candidate is a coin toss on random bytes: decide without
+                # a branch the CPU would mispredict.
+                crc = (header >> 14) & 1
+                budget_now = d.budget + CRC_BUDGET_PER_BYTE * <int64_t>(pos - d.paid)
+                if budget_now > cap:
+                    budget_now = cap
+                affordable = length + CRC_CHECK_OVERHEAD <= budget_now
+                refused += crc & (not affordable)
+                interesting = (crc & affordable) | ((not crc) & (
+                    _le32(data + stop - CHECK_SIZE) == SENTINEL_LE32))
+                if interesting and _candidate(d, data, pos, length, crc):
+                    d.c.unchecked += refused
+                    d.c.bytes_skipped += pos - start
+                    d.c.resyncs += 1
+                    d.scanning = False
+                    _earn(d, pos - d.paid)
+                    _deliver(d, pos, length, crc)
+                    return stop
         pos += 1
+    d.c.unchecked += refused
     if short:
         pos = end
     d.c.bytes_skipped += pos - start
@@ -610,15 +644,16 @@ cdef bint _candidate(eem_deframer* d, const unsigned char* data, Py_ssize_t pos,
             return True
         d.c.implausible += 1
         return False
+    cdef int64_t cost = length + CRC_CHECK_OVERHEAD
     _earn(d, pos - d.paid)  # what the scan passed pays before this check
     d.paid = pos
-    if d.budget < length or (d.budget < length + d.max_length
-                             and not _plausible(d, packet, length - CHECK_SIZE)):
+    if d.budget < cost or (d.budget < cost + d.max_length + CRC_CHECK_OVERHEAD
+                           and not _plausible(d, packet, length - CHECK_SIZE)):
         d.c.unchecked += 1
         return False
     if _check_ok(packet, length, True):
         return True
-    d.budget -= length
+    d.budget -= cost
     return False
 
 
@@ -806,7 +841,7 @@ cdef class Deframer:
         self.d.command_data_len = 0
         self.d.failed = False
         self.d.mode = EEM_MODE_NONE
-        self.d.budget = 2 * <int64_t>self.d.max_length
+        self.d.budget = _budget_cap(&self.d)
         self.d.paid = 0
         self.d.shorts = 0
 

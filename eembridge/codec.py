@@ -66,18 +66,19 @@ Cost of garbage
 Sentinel checks cost a compare and the plausibility rule a few dozen bytes, so a
 scan is linear. CRC checks are not: a scan tries every offset, and a candidate
 claiming max_length makes zlib run over max_length bytes, at every other offset for
-a repeated `F2 45`. So the CRC work *that fails* is paid from a budget: every byte the
-deframer moves past (skipped, or consumed in a packet) earns CRC_BUDGET_PER_BYTE bytes,
-up to a cap of 2 * max_length; a failed check costs its bmLength. A CRC check is made
-only if the budget holds its bmLength (in sync, and for a scanned candidate whose frame
-is plausible), or its bmLength plus a reserve of max_length (a scanned candidate whose
-frame is not plausible: the reserve keeps room for the real, plausible packet that
-ends the garbage). A check refused is counted in `unchecked`: in sync the packet is
-garbage, in a scan the candidate is passed over. Checks that succeed cost nothing,
-being paid by the frames they deliver. So the CRC work on any input is at most the
-bytes delivered plus 2 * max_length plus CRC_BUDGET_PER_BYTE per byte fed, while on
-a real link (everything verifies, or garbage followed by a plausible frame) the
-budget is never short.
+a repeated `F2 45`. So the CRC work *that fails* is paid from a budget. A check
+costs its bmLength plus CRC_CHECK_OVERHEAD (zlib's per-call cost). Every byte the
+deframer moves past (skipped, or consumed in a packet, ZLP or command) earns
+CRC_BUDGET_PER_BYTE, up to a cap of two checks of max_length. A CRC check is made only
+if the budget holds its cost (in sync, and for a scanned candidate whose frame is
+plausible), or its cost plus a reserve of one max_length check (a scanned candidate
+whose frame is not plausible: the reserve keeps room for the real, plausible packet
+that ends the garbage). A check refused is counted in `unchecked`: in sync the packet
+is garbage, in a scan the candidate is passed over. A failed check takes its cost from
+the budget; one that succeeds costs nothing, being paid by the frame it delivers. So
+the CRC work on any input is at most the bytes delivered plus the cap plus
+CRC_BUDGET_PER_BYTE per byte fed, while on a real link (everything verifies, or
+garbage followed by a plausible frame) the budget is never short.
 
 Invariants
 * Output does not depend on how a stream is split into transfers, as long as every
@@ -106,6 +107,7 @@ from .protocol import (
     COMMAND_PARAM_MASK,
     COMMAND_SHIFT,
     CRC_BUDGET_PER_BYTE,
+    CRC_CHECK_OVERHEAD,
     DATA_CRC,
     DATA_LENGTH_MASK,
     DEFAULT_MAX_LENGTH,
@@ -247,7 +249,7 @@ class Deframer:
         self._scanning = False
         self._waiting: list[tuple[Event, int]] = []  # commands awaiting confirmation
         self._waiting_bytes = 0
-        self._budget = 2 * self.max_length  # failed CRC work allowed ("Cost of garbage")
+        self._budget = self._cap()  # failed CRC work allowed ("Cost of garbage")
         self._shorts = 0  # transfers since reset, all short; -1 once one was not
         self._paid = 0  # _scan: offset up to which skipped bytes have earned budget
 
@@ -255,8 +257,11 @@ class Deframer:
     def budget(self) -> int:
         return self._budget
 
+    def _cap(self) -> int:
+        return 2 * (self.max_length + CRC_CHECK_OVERHEAD)
+
     def _earn(self, nbytes: int) -> None:
-        self._budget = min(2 * self.max_length, self._budget + CRC_BUDGET_PER_BYTE * nbytes)
+        self._budget = min(self._cap(), self._budget + CRC_BUDGET_PER_BYTE * nbytes)
 
     def counters(self) -> dict[str, int]:
         return dict(self._counters)
@@ -348,14 +353,14 @@ class Deframer:
             self._incomplete(data, pos, short)
             return None
         crc = bool(header & DATA_CRC)
-        if crc and self._budget < length:
+        if crc and self._budget < length + CRC_CHECK_OVERHEAD:
             c["unchecked"] += 1
             return 0
         packet = data[pos + HEADER_SIZE : pos + size]
         if not check_ok(packet, crc):
             c["crc_errors" if crc else "sentinel_errors"] += 1
             if crc:
-                self._budget -= length
+                self._budget -= length + CRC_CHECK_OVERHEAD
             return 0
         self._deliver(packet, crc, events)
         return size
@@ -490,16 +495,16 @@ class Deframer:
             return False
         self._earn(pos - self._paid)  # what the scan passed pays before this check
         self._paid = pos
-        length = stop - pos - HEADER_SIZE
-        if self._budget < length or (
-            self._budget < length + self.max_length
-            and not plausible(packet[:-CHECK_SIZE], self._mac)
+        cost = stop - pos - HEADER_SIZE + CRC_CHECK_OVERHEAD
+        reserve = self.max_length + CRC_CHECK_OVERHEAD  # the most one check can cost
+        if self._budget < cost or (
+            self._budget < cost + reserve and not plausible(packet[:-CHECK_SIZE], self._mac)
         ):
             self._counters["unchecked"] += 1
             return False
         if check_ok(packet, True):
             return True
-        self._budget -= length
+        self._budget -= cost
         return False
 
 

@@ -90,6 +90,9 @@ DEFRAMER_COUNTERS = (
 # Failed CRC checks are paid from a budget (codec.py, "Cost of garbage"): every byte the
 # deframer moves past earns this many bytes of CRC work.
 CRC_BUDGET_PER_BYTE = 2
+# What a CRC check costs beyond its bytes (zlib's per-call cost is that of ~64 bytes of
+# CRC), so that short candidates at every offset are bounded too.
+CRC_CHECK_OVERHEAD = 64
 # Short transfers in a row, from reset, after which a device is taken to end every
 # transfer short, and garbage is skipped to the end of its transfer (codec.py, "Trust").
 ALL_SHORT_LEARNED = 16
