@@ -93,6 +93,7 @@ ctypedef struct eem_deframer_counters:  # protocol.DEFRAMER_COUNTERS, same order
     int64_t implausible
     int64_t unchecked
     int64_t unscanned
+    int64_t spliced
 
 ctypedef struct eem_framer_counters:  # protocol.FRAMER_COUNTERS, same order
     int64_t frames

@@ -36,7 +36,7 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyOb
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_RawFree, PyMem_RawRealloc
 from cpython.pycapsule cimport PyCapsule_New
-from libc.stdint cimport int32_t, int64_t, uint32_t
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memmove, memset
 
 from eem cimport (
@@ -108,7 +108,7 @@ _DEFRAMER_FIELDS = (
     "transfers", "short_transfers", "bytes_in", "frames", "bytes", "crc_frames", "zlps",
     "crc_errors", "sentinel_errors", "oversize", "runts", "truncated", "reserved_commands",
     "unconfirmed_commands", "resyncs", "bytes_skipped", "echo", "echo_response", "hints",
-    "implausible", "unchecked", "unscanned",
+    "implausible", "unchecked", "unscanned", "spliced",
 )
 _FRAMER_FIELDS = (
     "frames", "bytes", "transfers", "transfer_bytes", "zlps", "oversize", "runts", "echo",
@@ -429,8 +429,102 @@ cdef Py_ssize_t _data(eem_deframer* d, const unsigned char* data, Py_ssize_t pos
         else:
             d.c.sentinel_errors += 1
         return 0
+    if not crc and _spliced(d, data, pos, pos + size):
+        return 0
     _deliver(d, pos, length, crc)
     return size
+
+
+cdef uint64_t _native_sum(const unsigned char* p, Py_ssize_t n) noexcept nogil:
+    """Sum of p's bytes as little-endian 32-bit words (a last 2 or 1 bytes as a shorter
+    one): congruent modulo 0xFFFF to the one's complement sum of its 16-bit words, byte
+    order aside (RFC 1071), which is all a check against zero needs."""
+    cdef uint64_t total = 0
+    cdef uint32_t word
+    cdef Py_ssize_t i = 0
+    while i + 4 <= n:
+        memcpy(&word, p + i, 4)
+        total += word
+        i += 4
+    if i + 2 <= n:
+        total += p[i] | (<uint32_t>p[i + 1] << 8)
+        i += 2
+    if i < n:
+        total += p[i]
+    return total
+
+
+cdef bint _l4_intact(const unsigned char* f, Py_ssize_t n) noexcept nogil:
+    """codec.l4_intact on the frame f[0:n]."""
+    cdef Py_ssize_t off = ETH_HEADER
+    cdef Py_ssize_t ihl, total, seg_off, seg_len
+    cdef unsigned int ethertype, proto, icmp
+    cdef unsigned char pseudo[36]
+    cdef Py_ssize_t addr_len
+    cdef uint64_t sum
+    if n < off:
+        return True
+    ethertype = (<unsigned int>f[12] << 8) | f[13]
+    if ethertype == ETHERTYPE_VLAN and n >= off + 4:
+        ethertype = (<unsigned int>f[16] << 8) | f[17]
+        off += 4
+    if ethertype == ETHERTYPE_IPV4 and n >= off + 20 and f[off] >> 4 == 4:
+        ihl = (f[off] & 0x0F) * 4
+        total = (<Py_ssize_t>f[off + 2] << 8) | f[off + 3]
+        proto = f[off + 9]
+        if ihl < 20 or total < ihl or off + total > n or (
+                ((<unsigned int>f[off + 6] << 8) | f[off + 7]) & 0x3FFF):
+            return True
+        seg_off = off + ihl
+        seg_len = total - ihl
+        memcpy(pseudo, f + off + 12, 8)
+        addr_len = 8
+        icmp = 1
+    elif ethertype == ETHERTYPE_IPV6 and n >= off + 40 and f[off] >> 4 == 6:
+        seg_len = (<Py_ssize_t>f[off + 4] << 8) | f[off + 5]
+        proto = f[off + 6]
+        if off + 40 + seg_len > n:
+            return True
+        seg_off = off + 40
+        memcpy(pseudo, f + off + 8, 32)
+        addr_len = 32
+        icmp = 58
+    else:
+        return True
+    pseudo[addr_len] = 0
+    pseudo[addr_len + 1] = <unsigned char>proto
+    pseudo[addr_len + 2] = <unsigned char>(seg_len >> 8)
+    pseudo[addr_len + 3] = <unsigned char>(seg_len & 0xFF)
+    if proto == 6 and seg_len >= 20:
+        sum = _native_sum(pseudo, addr_len + 4)
+    elif proto == 17 and seg_len >= 8:
+        if f[seg_off + 6] == 0 and f[seg_off + 7] == 0:
+            return True
+        sum = _native_sum(pseudo, addr_len + 4)
+    elif proto == icmp and seg_len >= 4:
+        sum = _native_sum(pseudo, addr_len + 4) if icmp == 58 else 0
+    else:
+        return True
+    sum += _native_sum(f + seg_off, seg_len)
+    return sum % 0xFFFF == 0
+
+
+cdef bint _spliced(eem_deframer* d, const unsigned char* data, Py_ssize_t pos,
+                   Py_ssize_t stop) noexcept nogil:
+    """codec.Deframer._spliced: the sentinel packet data[pos:stop] has a wrong TCP, UDP
+    or ICMP checksum, or a whole plausible sentinel packet ends inside it at its end;
+    counted."""
+    cdef Py_ssize_t q
+    cdef Py_ssize_t last = stop - HEADER_SIZE - MIN_DATA_LENGTH
+    if not _l4_intact(data + pos + HEADER_SIZE, stop - pos - HEADER_SIZE - CHECK_SIZE):
+        d.c.spliced += 1
+        return True
+    for q in range(pos + HEADER_SIZE, last + 1):
+        if <Py_ssize_t>_le16(data + q) == stop - q - HEADER_SIZE and _plausible(
+                d, data + q + HEADER_SIZE, stop - q - HEADER_SIZE - CHECK_SIZE):
+            d.c.spliced += 1
+            return True
+    return False
 
 
 cdef void _deliver(eem_deframer* d, Py_ssize_t pos, Py_ssize_t length, bint crc) noexcept nogil:
@@ -640,10 +734,10 @@ cdef bint _candidate(eem_deframer* d, const unsigned char* data, Py_ssize_t pos,
     if not crc:
         if memcmp(packet + length - CHECK_SIZE, SENTINEL_BYTES, CHECK_SIZE) != 0:
             return False
-        if _plausible(d, packet, length - CHECK_SIZE):
-            return True
-        d.c.implausible += 1
-        return False
+        if not _plausible(d, packet, length - CHECK_SIZE):
+            d.c.implausible += 1
+            return False
+        return not _spliced(d, data, pos, pos + HEADER_SIZE + length)
     cdef int64_t cost = length + CRC_CHECK_OVERHEAD
     _earn(d, pos - d.paid)  # what the scan passed pays before this check
     d.paid = pos
@@ -1288,6 +1382,16 @@ def _plausible_frame(frame, mac=None) -> bool:
     _acquire(frame, &view, PyBUF_SIMPLE)
     try:
         return _plausible(&d, <const unsigned char*>view.buf, view.len)
+    finally:
+        PyBuffer_Release(&view)
+
+
+def _l4_intact_frame(frame) -> bool:
+    """The C checksum rule on one frame (tests: it must be codec.l4_intact)."""
+    cdef Py_buffer view
+    _acquire(frame, &view, PyBUF_SIMPLE)
+    try:
+        return _l4_intact(<const unsigned char*>view.buf, view.len)
     finally:
         PyBuffer_Release(&view)
 

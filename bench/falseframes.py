@@ -40,27 +40,51 @@ SENTINEL = b"\xde\xad\xbe\xef"
 POOL = 20000  # distinct frames; a false frame equal to one of them would go unseen
 
 
-def _ipv4_checksum(header: bytes) -> int:
-    total = sum(struct.unpack(f"!{len(header) // 2}H", header))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
+def _ipv4_checksum(data: bytes) -> int:
+    """The Internet checksum of data (RFC 1071): the one's complement sum of its 16-bit
+    words is the number they make modulo 0xFFFF."""
+    if len(data) % 2:
+        data += b"\0"
+    total = int.from_bytes(data, "big") % 0xFFFF
     return ~total & 0xFFFF
 
 
+def _with_checksum(segment: bytes, at: int, pseudo: bytes) -> bytes:
+    checksum = _ipv4_checksum(pseudo + segment)
+    return segment[:at] + struct.pack("!H", checksum) + segment[at + 2 :]
+
+
+SRC_IP, DST_IP = bytes([10, 0, 0, 2]), bytes([10, 0, 0, 1])
+SRC_IP6, DST_IP6 = b"\xfe\x80" + bytes(13) + b"\x02", b"\xfe\x80" + bytes(13) + b"\x01"
+
+
 def _ipv4(rng: np.random.Generator, proto: int, payload: bytes) -> bytes:
+    """An IPv4 packet; TCP, UDP and ICMP payloads get their checksum (the first two
+    over the pseudo-header), as a real stack sends them."""
+    if proto in (6, 17):
+        pseudo = SRC_IP + DST_IP + struct.pack("!BBH", 0, proto, len(payload))
+        payload = _with_checksum(payload, 16 if proto == 6 else 6, pseudo)
+    elif proto == 1:
+        payload = _with_checksum(payload, 2, b"")
     header = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload),
-                                   int(rng.integers(65536)), 0x4000, 64, proto, 0,
-                                   bytes([10, 0, 0, 2]), bytes([10, 0, 0, 1])))
+                                   int(rng.integers(65536)), 0x4000, 64, proto, 0, SRC_IP,
+                                   DST_IP))
     header[10:12] = struct.pack("!H", _ipv4_checksum(bytes(header)))
     return bytes(header) + payload
 
 
 def _tcp(rng: np.random.Generator, data: bytes) -> bytes:
-    # Ports, sequence numbers and a checksum that is random rather than computed: the
-    # deframer never looks past the IP header.
+    """A TCP segment, checksum zero until _ipv4/_ipv6 computes it."""
     return struct.pack("!HHIIHHHH", 5201, int(rng.integers(1024, 65536)),
                        int(rng.integers(1 << 32)), int(rng.integers(1 << 32)), 0x5010,
-                       65535, int(rng.integers(65536)), 0) + data
+                       65535, 0, 0) + data
+
+
+def _ipv6(proto: int, segment: bytes) -> bytes:
+    pseudo = SRC_IP6 + DST_IP6 + struct.pack("!I3xB", len(segment), proto)
+    segment = _with_checksum(segment, 16 if proto == 6 else 6, pseudo)
+    return struct.pack("!IHBB16s16s", 0x60000000, len(segment), proto, 64, SRC_IP6,
+                       DST_IP6) + segment
 
 
 def _eth(dst: bytes, ethertype: int, payload: bytes) -> bytes:
@@ -81,14 +105,16 @@ def make_pool(rng: np.random.Generator, count: int = POOL) -> list[bytes]:
         elif kind < 0.80:  # TCP ACK
             frame = _eth(dst, 0x0800, _ipv4(rng, 6, _tcp(rng, b"")))
         elif kind < 0.88:  # IPv6: UDP or TCP of any size
-            size = int(rng.integers(8, 1441))
-            header = struct.pack("!IHBB16s16s", 0x60000000, size, 17, 64,
-                                 b"\xfe\x80" + bytes(13) + b"\x02", b"\xfe\x80" + bytes(13) + b"\x01")
+            data = rng.bytes(int(rng.integers(0, 1421)))
+            if rng.random() < 0.5:
+                segment, proto = struct.pack("!HHHH", 5353, 5353, 8 + len(data), 0) + data, 17
+            else:
+                segment, proto = _tcp(rng, data), 6
             if rng.random() < 0.2:
                 dst = bytes.fromhex("333300000001")
-            frame = _eth(dst, 0x86DD, header + rng.bytes(size))
+            frame = _eth(dst, 0x86DD, _ipv6(proto, segment))
         elif kind < 0.94:  # ICMP echo of any size
-            frame = _eth(dst, 0x0800, _ipv4(rng, 1, b"\x00\x00" + rng.bytes(int(rng.integers(6, 1473)))))
+            frame = _eth(dst, 0x0800, _ipv4(rng, 1, b"\x00\x00\x00\x00" + rng.bytes(int(rng.integers(4, 1473)))))
         else:  # ARP request (broadcast) or reply
             request = rng.random() < 0.5
             arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1 if request else 2, DEVICE_MAC,

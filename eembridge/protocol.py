@@ -85,6 +85,7 @@ DEFRAMER_COUNTERS = (
     "implausible",  # sentinel packets found by scanning refused by the plausibility rule
     "unchecked",  # CRC packets refused unchecked: the budget for failed CRC work was spent
     "unscanned",  # garbage skipped to the end of its transfer unscanned (device ends all short)
+    "spliced",  # sentinel packets refused: a whole plausible packet ends inside at their sentinel
 )
 
 # Failed CRC checks are paid from a budget (codec.py, "Cost of garbage"): every byte the
