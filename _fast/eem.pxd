@@ -131,6 +131,7 @@ cdef struct eem_deframer:
     int64_t budget  # failed CRC work still allowed (codec.py, "Cost of garbage")
     Py_ssize_t paid  # _scan: offset up to which skipped bytes have earned budget
     int64_t shorts  # transfers since reset, all short; -1 once one was not
+    bint damaged  # the scan began at a data packet that went wrong
     bint has_mac  # the plausibility rule checks the destination against mac
     unsigned char mac[6]
 

@@ -379,8 +379,10 @@ cdef Py_ssize_t _run(eem_deframer* d, const unsigned char* data, Py_ssize_t end,
             size = _command(d, data, pos, end, header, short)
             if size > 0:
                 _earn(d, size)
+            d.damaged = False
         else:
             size = _data(d, data, pos, end, header, short)
+            d.damaged = True  # matters only if size == 0: a data packet went wrong
         if size < 0:  # carried or cut off
             break
         if size == 0:  # garbage
@@ -685,7 +687,7 @@ cdef Py_ssize_t _scan(eem_deframer* d, const unsigned char* data, Py_ssize_t pos
     cdef int64_t budget_now, refused = 0
     cdef bint crc, affordable, interesting
     d.paid = pos
-    if short and d.shorts > ALL_SHORT_LEARNED:
+    if short and d.damaged and d.shorts > ALL_SHORT_LEARNED:
         d.c.unscanned += 1
         pos = end
     while pos + HEADER_SIZE <= end:
@@ -938,6 +940,7 @@ cdef class Deframer:
         self.d.budget = _budget_cap(&self.d)
         self.d.paid = 0
         self.d.shorts = 0
+        self.d.damaged = False
 
     def counters(self) -> dict:
         cdef const int64_t* values = <const int64_t*>&self.d.c

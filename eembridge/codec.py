@@ -74,11 +74,13 @@ candidate (bench/falseframes.py: none in 10 million frames at 1, 2 and 5% loss).
 
 A device whose transfers all ended short (every transfer since reset, at least
 ALL_SHORT_LEARNED of them before this one, and this one) puts a packet boundary at
-every transfer start: garbage there is the rest of a damaged transfer, so it is
-skipped to the transfer's end without scanning (`unscanned` counts it) and the next
+every transfer start: a data packet that goes wrong there (a failed check, a length
+out of range or past the transfer) was damaged by loss and what follows is its rest,
+so it is skipped to the transfer's end without scanning (`unscanned` counts it) and the next
 transfer starts in sync. Linux f_eem is such a device (one packet per transfer, and
 the bridge's IN transfers are longer than any packet); a batching device is not, once
-it fills one transfer, and is scanned as before.
+it fills one transfer, and is scanned as before. Garbage that is not a data packet
+(a reserved command) is still scanned.
 
 Cost of garbage
 ---------------
@@ -117,6 +119,7 @@ from collections.abc import Iterable
 
 from .events import Echo, EchoResponse, Event, Frame, Hint
 from .protocol import (
+    ALL_SHORT_LEARNED,
     CHECK_SIZE,
     CMD_ECHO,
     CMD_ECHO_RESPONSE,
@@ -143,7 +146,6 @@ from .protocol import (
     MAX_PENDING_COMMAND_BYTES,
     MAX_PENDING_COMMANDS,
     MIN_DATA_LENGTH,
-    ALL_SHORT_LEARNED,
     PADDED_FRAME_MAX,
     SENTINEL,
     TYPE_COMMAND,
@@ -320,6 +322,7 @@ class Deframer:
         self._waiting_bytes = 0
         self._budget = self._cap()  # failed CRC work allowed ("Cost of garbage")
         self._shorts = 0  # transfers since reset, all short; -1 once one was not
+        self._damaged = False  # the scan began at a data packet that went wrong
         self._paid = 0  # _scan: offset up to which skipped bytes have earned budget
 
     @property
@@ -383,6 +386,7 @@ class Deframer:
                 if size is None:  # carried or cut off
                     break
                 if size == 0:  # garbage
+                    self._damaged = False
                     pos = self._start_scan(pos)
                 else:
                     self._earn(size)
@@ -392,6 +396,7 @@ class Deframer:
                 if size is None:
                     break
                 if size == 0:
+                    self._damaged = True  # a data packet went wrong here
                     pos = self._start_scan(pos)
                 else:
                     pos += size
@@ -543,7 +548,7 @@ class Deframer:
         end = len(data)
         start = pos
         self._paid = pos  # bytes before this offset have earned their budget
-        if short and self._shorts > ALL_SHORT_LEARNED:
+        if short and self._damaged and self._shorts > ALL_SHORT_LEARNED:
             c["unscanned"] += 1
             pos = end
         while pos + HEADER_SIZE <= end:

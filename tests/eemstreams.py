@@ -8,7 +8,6 @@ import zlib
 
 from eembridge.protocol import SENTINEL, command_header
 
-
 HOST_MAC = bytes([0x02, 0, 0, 0, 0, 1])
 
 
@@ -56,3 +55,34 @@ def feed_all(deframer, transfers, short_last: bool = True):
 
 def split(data: bytes, size: int) -> list[bytes]:
     return [data[i : i + size] for i in range(0, len(data), size)] or [b""]
+
+
+def transport_frame(rng: random.Random, size: int, dst: bytes = HOST_MAC) -> bytes:
+    """A UDP/IPv4, TCP/IPv6 or ARP frame with right checksums, as a device sends."""
+    kind = rng.randrange(3)
+    if kind == 2:
+        arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, bytes(6), bytes(4), bytes(6),
+                          bytes(4))
+        return b"\xff" * 6 + bytes(6) + b"\x08\x06" + arp + bytes(18)
+    data = rng.randbytes(size)
+    if kind == 0:
+        udp = bytearray(struct.pack("!HHHH", 1, 2, 8 + size, 0) + data)
+        pseudo = bytes([10, 0, 0, 2, 10, 0, 0, 1, 0, 17]) + struct.pack("!H", len(udp))
+        udp[6:8] = struct.pack("!H", _internet_checksum(pseudo + udp) or 0xFFFF)
+        ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
+                                   bytes([10, 0, 0, 2]), bytes([10, 0, 0, 1])))
+        ip[10:12] = struct.pack("!H", _internet_checksum(bytes(ip)))
+        frame = dst + bytes(6) + b"\x08\x00" + bytes(ip) + bytes(udp)
+    else:
+        tcp = bytearray(struct.pack("!HHIIHHHH", 1, 2, 3, 4, 0x5010, 100, 0, 0) + data)
+        pseudo = bytes(32) + struct.pack("!I3xB", len(tcp), 6)
+        tcp[16:18] = struct.pack("!H", _internet_checksum(pseudo + tcp))
+        frame = dst + bytes(6) + b"\x86\xdd" + struct.pack("!IHBB16s16s", 0x60000000, len(tcp),
+                                                           6, 64, bytes(16), bytes(16)) + bytes(tcp)
+    return frame + bytes(max(0, 60 - len(frame)))
+
+
+def _internet_checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    return ~(int.from_bytes(data, "big") % 0xFFFF) & 0xFFFF

@@ -14,7 +14,7 @@ from eembridge.events import Frame
 from eembridge.protocol import ALL_SHORT_LEARNED, CRC_BUDGET_PER_BYTE, CRC_CHECK_OVERHEAD
 
 from conftest import load_codec
-from eemstreams import HOST_MAC, data_packet, ethernet_frame, ipv4_header
+from eemstreams import HOST_MAC, data_packet, ethernet_frame, ipv4_header, transport_frame
 
 OTHER_MAC = bytes.fromhex("020000000009")
 SRC = bytes.fromhex("020000000002")
@@ -127,11 +127,12 @@ def test_sentinel_false_frame_regression(codec):
 
 
 def lossy_sentinel_transfers(seed: int, frames: int, loss: float) -> tuple[list, set]:
-    """Sentinel packets batched into 2 KB device transfers, 512-byte USB packets lost."""
+    """Sentinel packets (UDP, TCP, ARP with right checksums) batched into 2 KB device
+    transfers, 512-byte USB packets lost."""
     rng = random.Random(seed)
     sent, transfers = set(), []
     framer = reference.Framer(crc=False, max_transfer=2048, max_packet=512)
-    pool = [ethernet_frame(rng, rng.choice([1500, 40, rng.randrange(20, 1501)]))
+    pool = [transport_frame(rng, rng.choice([1400, 40, rng.randrange(20, 1441)]))
             for _ in range(frames)]
     sent.update(pool)
     pending = b""
@@ -148,12 +149,12 @@ def lossy_sentinel_transfers(seed: int, frames: int, loss: float) -> tuple[list,
 
 def test_lossy_sentinel_stream_delivers_only_frames_sent(codec):
     """Seeded loss of 512-byte packets (5%): the old rule delivered frames never sent."""
-    transfers, sent = lossy_sentinel_transfers(11, 1200, 0.05)
+    transfers, sent = lossy_sentinel_transfers(0, 1200, 0.05)
     deframer = codec.Deframer(mac=HOST_MAC)
     delivered = [e.data for t, short in transfers for e in deframer.feed(t, short)
                  if isinstance(e, Frame)]
     assert not [f for f in delivered if f not in sent]
-    assert len(delivered) > 1000  # and loss costs only the frames it hit, about
+    assert len(delivered) > 900  # and loss costs only the frames it hit, about
 
 
 def one_packet_transfers(count: int, crc: bool) -> list[bytes]:
@@ -166,7 +167,9 @@ def test_a_device_that_ends_every_transfer_short_is_not_scanned(codec, crc):
     """After ALL_SHORT_LEARNED short transfers, garbage skips to the transfer's end; the
     packet a scan would have found behind it is not looked for."""
     packets = one_packet_transfers(ALL_SHORT_LEARNED + 2, crc)
-    damaged = b"\xff\xff" + packets[-1]  # a scan finds this packet
+    broken = bytearray(packets[1])
+    broken[-1] ^= 1  # its check fails: a data packet damaged (by loss, say)
+    damaged = bytes(broken) + packets[-1]  # a scan finds the second packet
 
     learning = codec.Deframer()
     for packet in packets[: ALL_SHORT_LEARNED - 1]:
@@ -181,6 +184,8 @@ def test_a_device_that_ends_every_transfer_short_is_not_scanned(codec, crc):
     c = learned.counters()
     assert c["unscanned"] == 1 and c["bytes_skipped"] == len(damaged) and c["resyncs"] == 1
     assert learned.feed(packets[0], True) == [Frame(packets[0][2:-4], crc)]  # in sync again
+    # Garbage that is not a data packet (a reserved command) is still scanned.
+    assert learned.feed(b"\xff\xff" + packets[-1], True) == [Frame(packets[-1][2:-4], crc)]
 
     batching = codec.Deframer()  # one full transfer: it batches, so it is scanned
     batching.feed(packets[0][:10], False)
