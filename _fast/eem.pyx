@@ -37,7 +37,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_RawFree, PyMem_RawRealloc
 from cpython.pycapsule cimport PyCapsule_New
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
-from libc.string cimport memcmp, memcpy, memmove, memset
+from libc.string cimport memchr, memcmp, memcpy, memmove, memset
 
 from eem cimport (
     DEFRAME_BAD_CARRY,
@@ -516,16 +516,33 @@ cdef bint _spliced(eem_deframer* d, const unsigned char* data, Py_ssize_t pos,
     """codec.Deframer._spliced: the sentinel packet data[pos:stop] has a wrong TCP, UDP
     or ICMP checksum, or a whole plausible sentinel packet ends inside it at its end;
     counted."""
-    cdef Py_ssize_t q
+    cdef Py_ssize_t q, block_end
     cdef Py_ssize_t last = stop - HEADER_SIZE - MIN_DATA_LENGTH
+    cdef unsigned int high
+    cdef const unsigned char* hit
     if not _l4_intact(data + pos + HEADER_SIZE, stop - pos - HEADER_SIZE - CHECK_SIZE):
         d.c.spliced += 1
         return True
-    for q in range(pos + HEADER_SIZE, last + 1):
-        if <Py_ssize_t>_le16(data + q) == stop - q - HEADER_SIZE and _plausible(
+    # The header a packet at q ending at stop needs is stop - q - 2. Its high byte is
+    # the same over runs of 256 offsets: memchr finds where it appears (rarely, in a
+    # payload), and only there is the low byte compared. The offsets tried are those
+    # of codec.Deframer._spliced, in the same order.
+    q = pos + HEADER_SIZE
+    while q <= last:
+        high = <unsigned int>((stop - q - HEADER_SIZE) >> 8)
+        block_end = stop - HEADER_SIZE - (<Py_ssize_t>high << 8)  # last q with this high byte
+        if block_end > last:
+            block_end = last
+        hit = <const unsigned char*>memchr(data + q + 1, <int>high, block_end - q + 1)
+        if hit == NULL:
+            q = block_end + 1
+            continue
+        q = hit - data - 1
+        if data[q] == ((stop - q - HEADER_SIZE) & 0xFF) and _plausible(
                 d, data + q + HEADER_SIZE, stop - q - HEADER_SIZE - CHECK_SIZE):
             d.c.spliced += 1
             return True
+        q += 1
     return False
 
 

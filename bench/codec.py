@@ -44,9 +44,26 @@ STREAM = 4 << 20  # bytes of packets per stream (a multiple of TRANSFER)
 FRAME_SIZES = (1514, 64)
 
 
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    return ~(int.from_bytes(data, "big") % 0xFFFF) & 0xFFFF
+
+
 def make_frames(frame_size: int, count: int = 64) -> list[bytes]:
-    header = bytes.fromhex("020000000001020000000002") + b"\x08\x00"
-    return [header + os.urandom(frame_size - len(header)) for _ in range(count)]
+    """UDP/IPv4 frames of frame_size bytes, random payload, right checksums: what the
+    deframer's plausibility and checksum rules (codec.py, "Trust") take."""
+    frames = []
+    for _ in range(count):
+        data = os.urandom(frame_size - 14 - 20 - 8)
+        udp = bytearray(struct.pack("!HHHH", 1, 2, 8 + len(data), 0) + data)
+        pseudo = bytes([10, 0, 0, 2, 10, 0, 0, 1, 0, 17]) + struct.pack("!H", len(udp))
+        udp[6:8] = struct.pack("!H", _checksum(pseudo + udp) or 0xFFFF)
+        ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
+                                   bytes([10, 0, 0, 2]), bytes([10, 0, 0, 1])))
+        ip[10:12] = struct.pack("!H", _checksum(bytes(ip)))
+        frames.append(bytes.fromhex("020000000001020000000002") + b"\x08\x00" + ip + udp)
+    return frames
 
 
 def make_stream(frames: list[bytes], crc: bool) -> bytes:

@@ -99,7 +99,11 @@ is garbage, in a scan the candidate is passed over. A failed check takes its cos
 the budget; one that succeeds costs nothing, being paid by the frame it delivers. So
 the CRC work on any input is at most the bytes delivered plus the cap plus
 CRC_BUDGET_PER_BYTE per byte fed, while on a real link (everything verifies, or
-garbage followed by a plausible frame) the budget is never short.
+garbage followed by a plausible frame) the budget is never short. The price: after
+garbage, a CRC packet whose frame is not plausible (another EtherType, another unicast
+MAC) is checked only while the budget stands above the reserve, which random garbage
+keeps it below; such packets are passed over until a plausible one, or the end of a
+short transfer, ends the scan.
 
 Invariants
 * Output does not depend on how a stream is split into transfers, as long as every
@@ -448,12 +452,24 @@ class Deframer:
         if not l4_intact(data[pos + HEADER_SIZE : stop - CHECK_SIZE]):
             self._counters["spliced"] += 1
             return True
-        for q in range(pos + HEADER_SIZE, stop - HEADER_SIZE - MIN_DATA_LENGTH + 1):
-            if data[q] | data[q + 1] << 8 == stop - q - HEADER_SIZE and plausible(
+        # The header a packet at q ending at stop needs is stop - q - 2: find where its
+        # high byte appears (the same over runs of 256 offsets), then compare the low.
+        last = stop - HEADER_SIZE - MIN_DATA_LENGTH
+        q = pos + HEADER_SIZE
+        while q <= last:
+            high = (stop - q - HEADER_SIZE) >> 8
+            block_end = min(last, stop - HEADER_SIZE - (high << 8))
+            hit = data.find(high.to_bytes(1, "little"), q + 1, block_end + 2)
+            if hit < 0:
+                q = block_end + 1
+                continue
+            q = hit - 1
+            if data[q] == (stop - q - HEADER_SIZE) & 0xFF and plausible(
                 data[q + HEADER_SIZE : stop - CHECK_SIZE], self._mac
             ):
                 self._counters["spliced"] += 1
                 return True
+            q += 1
         return False
 
     def _deliver(self, packet: bytes, crc: bool, events: list[Event]) -> None:
