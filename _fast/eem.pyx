@@ -470,23 +470,28 @@ cdef bint _l4_intact(const unsigned char* f, Py_ssize_t n) noexcept nogil:
     if ethertype == ETHERTYPE_VLAN and n >= off + 4:
         ethertype = (<unsigned int>f[16] << 8) | f[17]
         off += 4
-    if ethertype == ETHERTYPE_IPV4 and n >= off + 20 and f[off] >> 4 == 4:
+    if ethertype == ETHERTYPE_IPV4 and n >= off + 20:
+        if f[off] >> 4 != 4:
+            return False
         ihl = (f[off] & 0x0F) * 4
         total = (<Py_ssize_t>f[off + 2] << 8) | f[off + 3]
         proto = f[off + 9]
-        if ihl < 20 or total < ihl or off + total > n or (
-                ((<unsigned int>f[off + 6] << 8) | f[off + 7]) & 0x3FFF):
+        if ihl < 20 or off + ihl > n or _native_sum(f + off, ihl) % 0xFFFF != 0:
+            return False  # a broken IPv4 header: no stack sends one
+        if total < ihl or off + total > n:
+            return False  # an IPv4 packet longer than its frame
+        if ((<unsigned int>f[off + 6] << 8) | f[off + 7]) & 0x3FFF:
             return True
         seg_off = off + ihl
         seg_len = total - ihl
         memcpy(pseudo, f + off + 12, 8)
         addr_len = 8
         icmp = 1
-    elif ethertype == ETHERTYPE_IPV6 and n >= off + 40 and f[off] >> 4 == 6:
+    elif ethertype == ETHERTYPE_IPV6 and n >= off + 40:
         seg_len = (<Py_ssize_t>f[off + 4] << 8) | f[off + 5]
         proto = f[off + 6]
-        if off + 40 + seg_len > n:
-            return True
+        if f[off] >> 4 != 6 or off + 40 + seg_len > n:
+            return False
         seg_off = off + 40
         memcpy(pseudo, f + off + 8, 32)
         addr_len = 32

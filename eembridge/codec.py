@@ -63,10 +63,12 @@ EEM packet ending at its own end, a chance below 1e-9 for a random one (2^-15 pe
 offset for the header, then the rule above). A splice that lost P's header as well
 is not caught by that, nor a splice of two packets of the same size (loss of the
 end of one and the start of the next). Those keep a whole IP header and change the
-payload, so a sentinel packet is also refused (counted in `spliced`) when it carries
-TCP, UDP or ICMP over IPv4 (not a fragment), or TCP, UDP or ICMPv6 right after an IPv6
-header, whose checksum is wrong (l4_intact() below; a UDP checksum of zero means none
-and passes). The host's stack would drop such a frame anyway; a real device computes
+payload, so a sentinel packet is also refused (counted in `spliced`) when its
+EtherType says IPv4 or IPv6 and the header there is broken (version, IPv4 header
+checksum, a length past the frame), or when it carries TCP, UDP or ICMP over IPv4 (not
+a fragment), or TCP, UDP or ICMPv6 right after an IPv6 header, whose checksum is wrong
+(l4_intact() below; a UDP checksum of zero means none and passes; a frame too short
+for the IP header it names is not judged). The host's stack would drop such a frame anyway; a real device computes
 these checksums (EEM carries no offload).
 
 CRC packets found by scanning need no such rule: a CRC-32 match by chance is 2^-32 per
@@ -226,8 +228,10 @@ def _ones_sum_is_zero(data: bytes) -> bool:
 
 
 def l4_intact(frame: bytes | memoryview) -> bool:
-    """False only if the frame carries a TCP, UDP or ICMP(v6) packet whose checksum is
-    wrong (module docstring: "Trust"); anything it cannot judge passes."""
+    """False if the frame's EtherType says IPv4 or IPv6 and what follows is long enough
+    for that header but is no such packet (version, IPv4 header checksum, a length past
+    the frame), or if it carries a TCP, UDP or ICMP(v6) packet whose checksum is wrong
+    (module docstring: "Trust"); anything it cannot judge passes."""
     frame = bytes(frame)
     n = len(frame)
     off = ETH_HEADER
@@ -237,21 +241,27 @@ def l4_intact(frame: bytes | memoryview) -> bool:
     if ethertype == ETHERTYPE_VLAN and n >= off + 4:
         ethertype = frame[16] << 8 | frame[17]
         off += 4
-    if ethertype == ETHERTYPE_IPV4 and n >= off + 20 and frame[off] >> 4 == 4:
+    if ethertype == ETHERTYPE_IPV4 and n >= off + 20:
+        if frame[off] >> 4 != 4:
+            return False
         ihl = (frame[off] & 0x0F) * 4
         total = frame[off + 2] << 8 | frame[off + 3]
         proto = frame[off + 9]
         fragment = (frame[off + 6] << 8 | frame[off + 7]) & 0x3FFF
-        if ihl < 20 or total < ihl or off + total > n or fragment:
+        if ihl < 20 or off + ihl > n or not _ones_sum_is_zero(frame[off : off + ihl]):
+            return False  # a broken IPv4 header: no stack sends one
+        if total < ihl or off + total > n:
+            return False  # an IPv4 packet longer than its frame
+        if fragment:
             return True
         segment = frame[off + ihl : off + total]
         addresses = frame[off + 12 : off + 20]
         icmp = 1
-    elif ethertype == ETHERTYPE_IPV6 and n >= off + 40 and frame[off] >> 4 == 6:
+    elif ethertype == ETHERTYPE_IPV6 and n >= off + 40:
         length = frame[off + 4] << 8 | frame[off + 5]
         proto = frame[off + 6]
-        if off + 40 + length > n:
-            return True
+        if frame[off] >> 4 != 6 or off + 40 + length > n:
+            return False
         segment = frame[off + 40 : off + 40 + length]
         addresses = frame[off + 8 : off + 40]
         icmp = 58  # ICMPv6, whose checksum covers the pseudo-header as TCP's does
