@@ -22,6 +22,12 @@ How the C core maps to the reference's theory of operation
 * Memory stays bounded as the reference's: the records are sized from the transfer
   size (a frame takes at least 20 bytes), the carry is shorter than one packet, and
   the command output of one call is bounded by its bytes plus what waited.
+* The trust rules (plausibility, splices, the all-short device) and the CRC budget of
+  codec.py are ``_plausible``, ``_l4_intact``, ``_spliced``, ``_candidate`` and
+  ``_earn``, with the same arithmetic. Two are written for speed, not line for line:
+  ``_scan`` decides which kind of candidate an offset is without a branch per kind
+  (random bytes make that a coin toss the CPU mispredicts), and ``_spliced`` finds the
+  inner header with memchr; both try the same offsets in the same order.
 * Counters are C structs in protocol.DEFRAMER_COUNTERS / FRAMER_COUNTERS order.
 * The framer's rules (header, CRC or sentinel, refusals, _fits, _close with its ZLP)
   are ``_seal``, ``_frame_in_place``, ``_fits`` and ``_close_transfer`` on an

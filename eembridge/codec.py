@@ -33,7 +33,8 @@ transfer that follows a short one (or the first after reset), right after a pack
 verified, a ZLP or a command. A frame found by scanning is not: the scan tries every
 byte offset, and in sentinel mode every later packet ends in the same four bytes, so a
 random header inside a payload whose length happens to reach a real packet's
-DE AD BE EF "verifies". (At 2% USB packet loss that delivered 7 false frames in 10,000.)
+DE AD BE EF "verifies" (bench/falseframes.py: about one false frame in 1,000 at 2%
+USB packet loss before this rule).
 So a sentinel packet found by scanning is delivered only if its frame is *plausible*
 (plausible() below); otherwise it is counted in `implausible` and the scan goes on.
 The rule, on the frame without its check (n bytes):
@@ -68,18 +69,19 @@ EtherType says IPv4 or IPv6 and the header there is broken (version, IPv4 header
 checksum, a length past the frame), or when it carries TCP, UDP or ICMP over IPv4 (not
 a fragment), or TCP, UDP or ICMPv6 right after an IPv6 header, whose checksum is wrong
 (l4_intact() below; a UDP checksum of zero means none and passes; a frame too short
-for the IP header it names is not judged). The host's stack would drop such a frame anyway; a real device computes
-these checksums (EEM carries no offload).
+for the IP header it names is not judged). The host's stack would drop such a frame
+anyway; a real device computes these checksums (EEM carries no offload).
 
 CRC packets found by scanning need no such rule: a CRC-32 match by chance is 2^-32 per
-candidate (bench/falseframes.py: none in 10 million frames at 1, 2 and 5% loss).
+candidate (bench/falseframes.py: none in 10 million frames at 2% loss, nor in 1
+million at 1 and 5%).
 
 A device whose transfers all ended short (every transfer since reset, at least
 ALL_SHORT_LEARNED of them before this one, and this one) puts a packet boundary at
 every transfer start: a data packet that goes wrong there (a failed check, a length
 out of range or past the transfer) was damaged by loss and what follows is its rest,
-so it is skipped to the transfer's end without scanning (`unscanned` counts it) and the next
-transfer starts in sync. Linux f_eem is such a device (one packet per transfer, and
+so it is skipped to the transfer's end without scanning (`unscanned` counts it) and
+the next transfer starts in sync. Linux f_eem is such a device (one packet per transfer, and
 the bridge's IN transfers are longer than any packet); a batching device is not, once
 it fills one transfer, and is scanned as before. Garbage that is not a data packet
 (a reserved command) is still scanned.
