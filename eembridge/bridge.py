@@ -255,6 +255,7 @@ class Bridge:
             self._tap = Tap(self.options.tap, mtu=self.options.mtu, mac=self.options.mac,
                             txqueuelen=self.options.txqueuelen, persist=self.options.persist,
                             offload=bool(self.options.offload))
+        self.deframer.mac = _mac_bytes(getattr(self._tap, "mac", None))
         self._configure_link()
         if self._on_link_ready is not None:
             self._on_link_ready()
@@ -857,3 +858,14 @@ def _merge_native(native: NativeDataPath, counters: dict[str, int], in_errors: d
         for name, count in more.items():
             errors[name] = errors.get(name, 0) + count
     return rx, tx
+
+
+def _mac_bytes(mac: object) -> bytes | None:
+    """The TAP's MAC as the deframer's plausibility rule takes it (codec.py, "Trust"):
+    frames found by scanning after garbage must be addressed to it or to a group. None
+    (any destination) if the TAP does not say."""
+    try:
+        value = bytes.fromhex(str(mac).replace(":", "")) if isinstance(mac, str) else b""
+    except ValueError:
+        return None
+    return value if len(value) == 6 else None
