@@ -92,7 +92,6 @@ ctypedef struct eem_deframer_counters:  # protocol.DEFRAMER_COUNTERS, same order
     int64_t hints
     int64_t implausible
     int64_t unchecked
-    int64_t unscanned
     int64_t spliced
 
 ctypedef struct eem_framer_counters:  # protocol.FRAMER_COUNTERS, same order
@@ -130,8 +129,6 @@ cdef struct eem_deframer:
     bint failed  # the last call could not grow the command output
     int64_t budget  # failed CRC work still allowed (codec.py, "Cost of garbage")
     Py_ssize_t paid  # _scan: offset up to which skipped bytes have earned budget
-    int64_t shorts  # transfers since reset, all short; -1 once one was not
-    bint damaged  # the scan began at a data packet that went wrong
     bint has_mac  # the plausibility rule checks the destination against mac
     unsigned char mac[6]
 

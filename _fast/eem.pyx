@@ -96,7 +96,6 @@ cdef enum:
     MAX_ECHO_DATA = 0x07FF
     CRC_BUDGET_PER_BYTE = 2
     CRC_CHECK_OVERHEAD = 64
-    ALL_SHORT_LEARNED = 16
     ETHERTYPE_IPV4 = 0x0800
     ETHERTYPE_ARP = 0x0806
     ETHERTYPE_VLAN = 0x8100
@@ -114,7 +113,7 @@ _DEFRAMER_FIELDS = (
     "transfers", "short_transfers", "bytes_in", "frames", "bytes", "crc_frames", "zlps",
     "crc_errors", "sentinel_errors", "oversize", "runts", "truncated", "reserved_commands",
     "unconfirmed_commands", "resyncs", "bytes_skipped", "echo", "echo_response", "hints",
-    "implausible", "unchecked", "unscanned", "spliced",
+    "implausible", "unchecked", "spliced",
 )
 _FRAMER_FIELDS = (
     "frames", "bytes", "transfers", "transfer_bytes", "zlps", "oversize", "runts", "echo",
@@ -133,7 +132,7 @@ def _check_protocol() -> None:
         "CMD_ECHO_RESPONSE": CMD_ECHO_RESPONSE, "CMD_TICKLE": CMD_TICKLE,
         "ETH_HEADER": ETH_HEADER, "MIN_DATA_LENGTH": MIN_DATA_LENGTH,
         "MAX_ECHO_DATA": MAX_ECHO_DATA, "MAX_PENDING_COMMANDS": EEM_WAIT_LIMIT,
-        "CRC_BUDGET_PER_BYTE": CRC_BUDGET_PER_BYTE, "ALL_SHORT_LEARNED": ALL_SHORT_LEARNED,
+        "CRC_BUDGET_PER_BYTE": CRC_BUDGET_PER_BYTE,
         "CRC_CHECK_OVERHEAD": CRC_CHECK_OVERHEAD,
         "ETHERTYPE_IPV4": ETHERTYPE_IPV4, "ETHERTYPE_ARP": ETHERTYPE_ARP,
         "ETHERTYPE_VLAN": ETHERTYPE_VLAN, "ETHERTYPE_IPV6": ETHERTYPE_IPV6,
@@ -358,10 +357,6 @@ cdef Py_ssize_t _run(eem_deframer* d, const unsigned char* data, Py_ssize_t end,
     d.command_data_len = 0
     d.failed = False
     d.carry = 0
-    if not short:
-        d.shorts = -1
-    elif d.shorts >= 0:
-        d.shorts += 1
     while True:
         if d.scanning:
             pos = _scan(d, data, pos, end, short)
@@ -385,10 +380,8 @@ cdef Py_ssize_t _run(eem_deframer* d, const unsigned char* data, Py_ssize_t end,
             size = _command(d, data, pos, end, header, short)
             if size > 0:
                 _earn(d, size)
-            d.damaged = False
         else:
             size = _data(d, data, pos, end, header, short)
-            d.damaged = True  # matters only if size == 0: a data packet went wrong
         if size < 0:  # carried or cut off
             break
         if size == 0:  # garbage
@@ -715,9 +708,6 @@ cdef Py_ssize_t _scan(eem_deframer* d, const unsigned char* data, Py_ssize_t pos
     cdef int64_t budget_now, refused = 0
     cdef bint crc, affordable, interesting
     d.paid = pos
-    if short and d.damaged and d.shorts > ALL_SHORT_LEARNED:
-        d.c.unscanned += 1
-        pos = end
     while pos + HEADER_SIZE <= end:
         header = _le16(data + pos)
         # A data header with MIN_DATA_LENGTH <= bmLength <= max_length, in one unsigned
@@ -967,8 +957,6 @@ cdef class Deframer:
         self.d.mode = EEM_MODE_NONE
         self.d.budget = _budget_cap(&self.d)
         self.d.paid = 0
-        self.d.shorts = 0
-        self.d.damaged = False
 
     def counters(self) -> dict:
         cdef const int64_t* values = <const int64_t*>&self.d.c

@@ -84,7 +84,6 @@ DEFRAMER_COUNTERS = (
     "hints",  # Suspend Hint, Response Hint, Response Complete Hint, Tickle
     "implausible",  # sentinel packets found by scanning refused by the plausibility rule
     "unchecked",  # CRC packets refused unchecked: the budget for failed CRC work was spent
-    "unscanned",  # garbage skipped to the end of its transfer unscanned (device ends all short)
     "spliced",  # sentinel packets refused: a whole plausible packet ends inside at their sentinel
 )
 
@@ -94,9 +93,6 @@ CRC_BUDGET_PER_BYTE = 2
 # What a CRC check costs beyond its bytes (zlib's per-call cost is that of ~64 bytes of
 # CRC), so that short candidates at every offset are bounded too.
 CRC_CHECK_OVERHEAD = 64
-# Short transfers in a row, from reset, after which a device is taken to end every
-# transfer short, and garbage is skipped to the end of its transfer (codec.py, "Trust").
-ALL_SHORT_LEARNED = 16
 
 ETHERTYPE_IPV4 = 0x0800
 ETHERTYPE_ARP = 0x0806

@@ -113,7 +113,9 @@ def render(tap: str, s: dict[str, Any]) -> Any:
 # -- the live view ---------------------------------------------------------------------
 
 # Deframer counters of packets thrown away on the way in (see protocol.DEFRAMER_COUNTERS).
-IN_DROP_COUNTERS = ("crc_errors", "sentinel_errors", "oversize", "runts", "truncated")
+# "spliced" packets passed their sentinel but were refused (codec.py, "Trust"): drops.
+# "implausible" and "unchecked" count scan candidates refused in garbage, not frames.
+IN_DROP_COUNTERS = ("crc_errors", "sentinel_errors", "oversize", "runts", "truncated", "spliced")
 
 
 def _get(s: dict[str, Any], section: str, name: str) -> int:
