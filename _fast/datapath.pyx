@@ -29,6 +29,7 @@ Commands never pass through here: the bridge submits Echo / Echo Response transf
 of its own, ahead of TAP data not yet submitted.
 """
 
+cimport cython
 from libc.string cimport memcpy, memset
 from libc.stdint cimport int64_t
 
@@ -68,6 +69,12 @@ cdef dict _errno_names(int64_t* counts):
     return out
 
 
+# no_gc_clear, and buffers taken from objects the collector does not clear (the ring, a
+# bytearray, never a memoryview): a bridge that stopped on an error stays in a cycle
+# (its error's traceback) until the collection at exit, and there tp_clear dropped the
+# Py_buffers' owners first. The interpreter then freed a bytearray still exported
+# ("SystemError: deallocated bytearray object has exported buffers") or crashed.
+@cython.no_gc_clear
 cdef class RxPath:
     """RX in place on a mirrored ring; frames go to the TAP from one C loop per transfer.
 
@@ -100,7 +107,8 @@ cdef class RxPath:
         if self.ring.size % slot_size:
             raise ValueError(f"slot size {slot_size} must divide the ring ({self.ring.size})")
         self._whole = memoryview(self.ring)  # both copies: 2 * size bytes
-        PyObject_GetBuffer(self._whole, &self._view, PyBUF_SIMPLE)
+        # From the ring itself, not from _whole: see no_gc_clear above.
+        PyObject_GetBuffer(self.ring, &self._view, PyBUF_SIMPLE)
         self._have_view = True
         memset(&self.state, 0, sizeof(self.state))
         self.state.d = deframer_of(deframer)
@@ -170,6 +178,7 @@ cdef class RxPath:
         self.deframer.reset()
 
 
+@cython.no_gc_clear  # see RxPath
 cdef class TxPath:
     """TAP reads framed in place in TX memory, batched into OUT transfers."""
 
@@ -204,7 +213,7 @@ cdef class TxPath:
         self.size = max_bytes_in_flight + 2 * self.slot_size
         self._memory = bytearray(self.size)
         self._whole = memoryview(self._memory)
-        PyObject_GetBuffer(self._whole, &self._view, PyBUF_SIMPLE | PyBUF_WRITABLE)
+        PyObject_GetBuffer(self._memory, &self._view, PyBUF_SIMPLE | PyBUF_WRITABLE)
         self._have_view = True
         memset(&self.state, 0, sizeof(self.state))
         self.state.f = framer_of(framer)

@@ -90,6 +90,9 @@ ctypedef struct eem_deframer_counters:  # protocol.DEFRAMER_COUNTERS, same order
     int64_t echo
     int64_t echo_response
     int64_t hints
+    int64_t implausible
+    int64_t unchecked
+    int64_t spliced
 
 ctypedef struct eem_framer_counters:  # protocol.FRAMER_COUNTERS, same order
     int64_t frames
@@ -124,6 +127,10 @@ cdef struct eem_deframer:
     Py_ssize_t carry  # bytes held over; they sit right before the next transfer
     int mode  # EEM_MODE_*
     bint failed  # the last call could not grow the command output
+    int64_t budget  # failed CRC work still allowed (codec.py, "Cost of garbage")
+    Py_ssize_t paid  # _scan: offset up to which skipped bytes have earned budget
+    bint has_mac  # the plausibility rule checks the destination against mac
+    unsigned char mac[6]
 
     # Output of the last call, valid until the next one.
     eem_frame_record* frames

@@ -22,6 +22,12 @@ How the C core maps to the reference's theory of operation
 * Memory stays bounded as the reference's: the records are sized from the transfer
   size (a frame takes at least 20 bytes), the carry is shorter than one packet, and
   the command output of one call is bounded by its bytes plus what waited.
+* The trust rules (plausibility, splices, the all-short device) and the CRC budget of
+  codec.py are ``_plausible``, ``_l4_intact``, ``_spliced``, ``_candidate`` and
+  ``_earn``, with the same arithmetic. Two are written for speed, not line for line:
+  ``_scan`` decides which kind of candidate an offset is without a branch per kind
+  (random bytes make that a coin toss the CPU mispredicts), and ``_spliced`` finds the
+  inner header with memchr; both try the same offsets in the same order.
 * Counters are C structs in protocol.DEFRAMER_COUNTERS / FRAMER_COUNTERS order.
 * The framer's rules (header, CRC or sentinel, refusals, _fits, _close with its ZLP)
   are ``_seal``, ``_frame_in_place``, ``_fits`` and ``_close_transfer`` on an
@@ -36,8 +42,8 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyOb
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_RawFree, PyMem_RawRealloc
 from cpython.pycapsule cimport PyCapsule_New
-from libc.stdint cimport int32_t, int64_t, uint32_t
-from libc.string cimport memcmp, memcpy, memmove, memset
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
+from libc.string cimport memchr, memcmp, memcpy, memmove, memset
 
 from eem cimport (
     DEFRAME_BAD_CARRY,
@@ -63,7 +69,7 @@ from eem cimport (
 )
 
 from . import protocol as _protocol
-from .codec import validate_framer_options, validate_max_length
+from .codec import validate_framer_options, validate_mac, validate_max_length
 from .events import Echo, EchoResponse, Frame, Hint
 
 __all__ = ["Deframer", "Framer", "FRAME_RECORD_DTYPE"]
@@ -88,17 +94,26 @@ cdef enum:
     ETH_HEADER = 14
     MIN_DATA_LENGTH = 18
     MAX_ECHO_DATA = 0x07FF
+    CRC_BUDGET_PER_BYTE = 2
+    CRC_CHECK_OVERHEAD = 64
+    ETHERTYPE_IPV4 = 0x0800
+    ETHERTYPE_ARP = 0x0806
+    ETHERTYPE_VLAN = 0x8100
+    ETHERTYPE_IPV6 = 0x86DD
+    PADDED_FRAME_MAX = 64
     # Every delivered frame occupies at least this many distinct input bytes.
     MIN_PACKET = HEADER_SIZE + MIN_DATA_LENGTH
     # Transfer size deframe() takes before set_capacity() (the bridge's IN buffers).
     DEFAULT_CAPACITY = 16384
 
 cdef const unsigned char* SENTINEL_BYTES = b"\xde\xad\xbe\xef"
+cdef uint32_t SENTINEL_LE32 = 0xEFBEADDE  # SENTINEL_BYTES read as a little-endian word
 
 _DEFRAMER_FIELDS = (
     "transfers", "short_transfers", "bytes_in", "frames", "bytes", "crc_frames", "zlps",
     "crc_errors", "sentinel_errors", "oversize", "runts", "truncated", "reserved_commands",
     "unconfirmed_commands", "resyncs", "bytes_skipped", "echo", "echo_response", "hints",
+    "implausible", "unchecked", "spliced",
 )
 _FRAMER_FIELDS = (
     "frames", "bytes", "transfers", "transfer_bytes", "zlps", "oversize", "runts", "echo",
@@ -117,6 +132,11 @@ def _check_protocol() -> None:
         "CMD_ECHO_RESPONSE": CMD_ECHO_RESPONSE, "CMD_TICKLE": CMD_TICKLE,
         "ETH_HEADER": ETH_HEADER, "MIN_DATA_LENGTH": MIN_DATA_LENGTH,
         "MAX_ECHO_DATA": MAX_ECHO_DATA, "MAX_PENDING_COMMANDS": EEM_WAIT_LIMIT,
+        "CRC_BUDGET_PER_BYTE": CRC_BUDGET_PER_BYTE,
+        "CRC_CHECK_OVERHEAD": CRC_CHECK_OVERHEAD,
+        "ETHERTYPE_IPV4": ETHERTYPE_IPV4, "ETHERTYPE_ARP": ETHERTYPE_ARP,
+        "ETHERTYPE_VLAN": ETHERTYPE_VLAN, "ETHERTYPE_IPV6": ETHERTYPE_IPV6,
+        "PADDED_FRAME_MAX": PADDED_FRAME_MAX,
         "MAX_PENDING_COMMAND_BYTES": EEM_WAIT_BYTES_LIMIT, "SENTINEL": SENTINEL_BYTES[:4],
         "DEFRAMER_COUNTERS": _DEFRAMER_FIELDS, "FRAMER_COUNTERS": _FRAMER_FIELDS,
     }
@@ -205,6 +225,60 @@ cdef inline bint _check_ok(const unsigned char* packet, Py_ssize_t length, bint 
     if crc:
         return crc32(0, packet, <unsigned int>n) == _le32(packet + n)
     return memcmp(packet + n, SENTINEL_BYTES, CHECK_SIZE) == 0
+
+
+cdef inline bint _ends_right(Py_ssize_t n, Py_ssize_t end) noexcept nogil:
+    return end == n or (end < n and n <= PADDED_FRAME_MAX)
+
+
+cdef bint _plausible(const eem_deframer* d, const unsigned char* f, Py_ssize_t n) noexcept nogil:
+    """codec.plausible on the frame f[0:n] (check stripped), with d's MAC."""
+    cdef Py_ssize_t off = ETH_HEADER
+    cdef Py_ssize_t ihl, i
+    cdef unsigned int ethertype
+    cdef uint32_t total = 0
+    if n < ETH_HEADER:
+        return False
+    if d.has_mac and not f[0] & 1 and memcmp(f, d.mac, 6) != 0:
+        return False
+    ethertype = (<unsigned int>f[12] << 8) | f[13]
+    if ethertype == ETHERTYPE_VLAN:
+        if n < off + 4:
+            return False
+        ethertype = (<unsigned int>f[16] << 8) | f[17]
+        off += 4
+    if ethertype == ETHERTYPE_IPV4:
+        if n < off + 20 or f[off] >> 4 != 4:
+            return False
+        ihl = (f[off] & 0x0F) * 4
+        if ihl < 20 or off + ihl > n:
+            return False
+        for i in range(off, off + ihl, 2):
+            total += (<uint32_t>f[i] << 8) | f[i + 1]
+        while total > 0xFFFF:
+            total = (total & 0xFFFF) + (total >> 16)
+        i = (<Py_ssize_t>f[off + 2] << 8) | f[off + 3]
+        return total == 0xFFFF and i >= ihl and _ends_right(n, off + i)
+    if ethertype == ETHERTYPE_IPV6:
+        if n < off + 40 or f[off] >> 4 != 6:
+            return False
+        return _ends_right(n, off + 40 + ((<Py_ssize_t>f[off + 4] << 8) | f[off + 5]))
+    if ethertype == ETHERTYPE_ARP:
+        return (n >= off + 28 and f[off] == 0 and f[off + 1] == 1 and f[off + 2] == 8
+                and f[off + 3] == 0 and f[off + 4] == 6 and f[off + 5] == 4 and f[off + 6] == 0
+                and (f[off + 7] == 1 or f[off + 7] == 2) and _ends_right(n, off + 28))
+    return False
+
+
+cdef inline int64_t _budget_cap(const eem_deframer* d) noexcept nogil:
+    return 2 * (<int64_t>d.max_length + CRC_CHECK_OVERHEAD)
+
+
+cdef inline void _earn(eem_deframer* d, Py_ssize_t nbytes) noexcept nogil:
+    cdef int64_t cap = _budget_cap(d)
+    d.budget += CRC_BUDGET_PER_BYTE * <int64_t>nbytes
+    if d.budget > cap:
+        d.budget = cap
 
 
 cdef inline Py_ssize_t _records_for(Py_ssize_t total_bytes) noexcept nogil:
@@ -299,10 +373,13 @@ cdef Py_ssize_t _run(eem_deframer* d, const unsigned char* data, Py_ssize_t end,
         header = _le16(data + pos)
         if header == 0:
             d.c.zlps += 1
+            _earn(d, HEADER_SIZE)
             pos += HEADER_SIZE
             continue
         if header & TYPE_COMMAND:
             size = _command(d, data, pos, end, header, short)
+            if size > 0:
+                _earn(d, size)
         else:
             size = _data(d, data, pos, end, header, short)
         if size < 0:  # carried or cut off
@@ -332,7 +409,6 @@ cdef Py_ssize_t _data(eem_deframer* d, const unsigned char* data, Py_ssize_t pos
     cdef Py_ssize_t length = header & DATA_LENGTH_MASK
     cdef Py_ssize_t size
     cdef bint crc
-    cdef eem_frame_record* record
     if length > d.max_length:
         d.c.oversize += 1
         return 0
@@ -344,12 +420,139 @@ cdef Py_ssize_t _data(eem_deframer* d, const unsigned char* data, Py_ssize_t pos
         _incomplete(d, pos, end, short)
         return -1
     crc = (header & DATA_CRC) != 0
+    if crc and d.budget < length + CRC_CHECK_OVERHEAD:
+        d.c.unchecked += 1
+        return 0
     if not _check_ok(data + pos + HEADER_SIZE, length, crc):
         if crc:
             d.c.crc_errors += 1
+            d.budget -= length + CRC_CHECK_OVERHEAD
         else:
             d.c.sentinel_errors += 1
         return 0
+    if not crc and _spliced(d, data, pos, pos + size):
+        return 0
+    _deliver(d, pos, length, crc)
+    return size
+
+
+cdef uint64_t _native_sum(const unsigned char* p, Py_ssize_t n) noexcept nogil:
+    """Sum of p's bytes as little-endian 32-bit words (a last 2 or 1 bytes as a shorter
+    one): congruent modulo 0xFFFF to the one's complement sum of its 16-bit words, byte
+    order aside (RFC 1071), which is all a check against zero needs."""
+    cdef uint64_t total = 0
+    cdef uint32_t word
+    cdef Py_ssize_t i = 0
+    while i + 4 <= n:
+        memcpy(&word, p + i, 4)
+        total += word
+        i += 4
+    if i + 2 <= n:
+        total += p[i] | (<uint32_t>p[i + 1] << 8)
+        i += 2
+    if i < n:
+        total += p[i]
+    return total
+
+
+cdef bint _l4_intact(const unsigned char* f, Py_ssize_t n) noexcept nogil:
+    """codec.l4_intact on the frame f[0:n]."""
+    cdef Py_ssize_t off = ETH_HEADER
+    cdef Py_ssize_t ihl, total, seg_off, seg_len
+    cdef unsigned int ethertype, proto, icmp
+    cdef unsigned char pseudo[36]
+    cdef Py_ssize_t addr_len
+    cdef uint64_t sum
+    if n < off:
+        return True
+    ethertype = (<unsigned int>f[12] << 8) | f[13]
+    if ethertype == ETHERTYPE_VLAN and n >= off + 4:
+        ethertype = (<unsigned int>f[16] << 8) | f[17]
+        off += 4
+    if ethertype == ETHERTYPE_IPV4 and n >= off + 20:
+        if f[off] >> 4 != 4:
+            return False
+        ihl = (f[off] & 0x0F) * 4
+        total = (<Py_ssize_t>f[off + 2] << 8) | f[off + 3]
+        proto = f[off + 9]
+        if ihl < 20 or off + ihl > n or _native_sum(f + off, ihl) % 0xFFFF != 0:
+            return False  # a broken IPv4 header: no stack sends one
+        if total < ihl or off + total > n:
+            return False  # an IPv4 packet longer than its frame
+        if ((<unsigned int>f[off + 6] << 8) | f[off + 7]) & 0x3FFF:
+            return True
+        seg_off = off + ihl
+        seg_len = total - ihl
+        memcpy(pseudo, f + off + 12, 8)
+        addr_len = 8
+        icmp = 1
+    elif ethertype == ETHERTYPE_IPV6 and n >= off + 40:
+        seg_len = (<Py_ssize_t>f[off + 4] << 8) | f[off + 5]
+        proto = f[off + 6]
+        if f[off] >> 4 != 6 or off + 40 + seg_len > n:
+            return False
+        seg_off = off + 40
+        memcpy(pseudo, f + off + 8, 32)
+        addr_len = 32
+        icmp = 58
+    else:
+        return True
+    pseudo[addr_len] = 0
+    pseudo[addr_len + 1] = <unsigned char>proto
+    pseudo[addr_len + 2] = <unsigned char>(seg_len >> 8)
+    pseudo[addr_len + 3] = <unsigned char>(seg_len & 0xFF)
+    if proto == 6 and seg_len >= 20:
+        sum = _native_sum(pseudo, addr_len + 4)
+    elif proto == 17 and seg_len >= 8:
+        if f[seg_off + 6] == 0 and f[seg_off + 7] == 0:
+            return True
+        sum = _native_sum(pseudo, addr_len + 4)
+    elif proto == icmp and seg_len >= 4:
+        sum = _native_sum(pseudo, addr_len + 4) if icmp == 58 else 0
+    else:
+        return True
+    sum += _native_sum(f + seg_off, seg_len)
+    return sum % 0xFFFF == 0
+
+
+cdef bint _spliced(eem_deframer* d, const unsigned char* data, Py_ssize_t pos,
+                   Py_ssize_t stop) noexcept nogil:
+    """codec.Deframer._spliced: the sentinel packet data[pos:stop] has a wrong TCP, UDP
+    or ICMP checksum, or a whole plausible sentinel packet ends inside it at its end;
+    counted."""
+    cdef Py_ssize_t q, block_end
+    cdef Py_ssize_t last = stop - HEADER_SIZE - MIN_DATA_LENGTH
+    cdef unsigned int high
+    cdef const unsigned char* hit
+    if not _l4_intact(data + pos + HEADER_SIZE, stop - pos - HEADER_SIZE - CHECK_SIZE):
+        d.c.spliced += 1
+        return True
+    # The header a packet at q ending at stop needs is stop - q - 2. Its high byte is
+    # the same over runs of 256 offsets: memchr finds where it appears (rarely, in a
+    # payload), and only there is the low byte compared. The offsets tried are those
+    # of codec.Deframer._spliced, in the same order.
+    q = pos + HEADER_SIZE
+    while q <= last:
+        high = <unsigned int>((stop - q - HEADER_SIZE) >> 8)
+        block_end = stop - HEADER_SIZE - (<Py_ssize_t>high << 8)  # last q with this high byte
+        if block_end > last:
+            block_end = last
+        hit = <const unsigned char*>memchr(data + q + 1, <int>high, block_end - q + 1)
+        if hit == NULL:
+            q = block_end + 1
+            continue
+        q = hit - data - 1
+        if data[q] == ((stop - q - HEADER_SIZE) & 0xFF) and _plausible(
+                d, data + q + HEADER_SIZE, stop - q - HEADER_SIZE - CHECK_SIZE):
+            d.c.spliced += 1
+            return True
+        q += 1
+    return False
+
+
+cdef void _deliver(eem_deframer* d, Py_ssize_t pos, Py_ssize_t length, bint crc) noexcept nogil:
+    """codec.Deframer._deliver: the verified packet at pos (bmLength `length`)."""
+    cdef eem_frame_record* record
     if d.n_waiting:
         _confirm(d)
     # Room: frames never outnumber _records_for(end), checked before _run.
@@ -361,7 +564,7 @@ cdef Py_ssize_t _data(eem_deframer* d, const unsigned char* data, Py_ssize_t pos
     d.c.frames += 1
     d.c.bytes += length - CHECK_SIZE
     d.c.crc_frames += crc
-    return size
+    _earn(d, HEADER_SIZE + length)
 
 
 cdef Py_ssize_t _command(eem_deframer* d, const unsigned char* data, Py_ssize_t pos,
@@ -478,36 +681,94 @@ cdef Py_ssize_t _start_scan(eem_deframer* d, Py_ssize_t pos) noexcept nogil:
     _drop_waiting(d)
     d.scanning = True
     d.c.bytes_skipped += 1
+    _earn(d, 1)
     return pos + 1
 
 
 cdef Py_ssize_t _scan(eem_deframer* d, const unsigned char* data, Py_ssize_t pos,
                       Py_ssize_t end, bint short) noexcept nogil:
-    """The first offset >= pos holding a data packet that verifies (scanning ends), or
-    end when the bytes run out first (the rest is carried, or skipped if short)."""
+    """codec.Deframer._scan: deliver the first packet at an offset >= pos that verifies
+    (and is plausible, or passes a CRC check the budget allows) and return the offset
+    after it (scanning ends); or end when the bytes run out first (the rest is carried,
+    or skipped if short).
+
+    Branch-light: on random bytes whether an offset is a candidate, and of which kind,
+    is a coin toss the CPU cannot predict, so every offset computes the same few values
+    and only an offset that needs more than "nothing to do" takes the one branch:
+    a candidate running past the end (not short), a sentinel candidate whose sentinel
+    matches, a CRC candidate the budget can pay for (budget earned up to here, as
+    _candidate computes it). CRC candidates it cannot pay for are counted unchecked
+    as _candidate would count them.
+    """
     cdef Py_ssize_t start = pos
-    cdef Py_ssize_t length, stop
+    cdef Py_ssize_t length, stop, s
     cdef unsigned int header
-    cdef Py_ssize_t max_length = d.max_length
+    cdef size_t span = <size_t>(d.max_length - MIN_DATA_LENGTH)
+    cdef int64_t cap = _budget_cap(d)
+    cdef int64_t budget_now, refused = 0
+    cdef bint crc, affordable, interesting
+    d.paid = pos
     while pos + HEADER_SIZE <= end:
         header = _le16(data + pos)
-        length = header & DATA_LENGTH_MASK
-        if not header & TYPE_COMMAND and MIN_DATA_LENGTH <= length <= max_length:
+        # A data header with MIN_DATA_LENGTH <= bmLength <= max_length, in one unsigned
+        # compare (bmType set makes the value too big).
+        if <size_t>((header & ~(<unsigned int>DATA_CRC)) - MIN_DATA_LENGTH) <= span:
+            length = header & DATA_LENGTH_MASK
             stop = pos + HEADER_SIZE + length
             if stop > end:
                 if not short:
                     break  # this candidate decides; wait for the rest of it
-            elif _check_ok(data + pos + HEADER_SIZE, length, (header & DATA_CRC) != 0):
-                d.c.bytes_skipped += pos - start
-                d.c.resyncs += 1
-                d.scanning = False
-                return pos
+            else:
+                # Which kind of candidate is a coin toss on random bytes: decide without
+                # a branch the CPU would mispredict.
+                crc = (header >> 14) & 1
+                budget_now = d.budget + CRC_BUDGET_PER_BYTE * <int64_t>(pos - d.paid)
+                if budget_now > cap:
+                    budget_now = cap
+                affordable = length + CRC_CHECK_OVERHEAD <= budget_now
+                refused += crc & (not affordable)
+                interesting = (crc & affordable) | ((not crc) & (
+                    _le32(data + stop - CHECK_SIZE) == SENTINEL_LE32))
+                if interesting and _candidate(d, data, pos, length, crc):
+                    d.c.unchecked += refused
+                    d.c.bytes_skipped += pos - start
+                    d.c.resyncs += 1
+                    d.scanning = False
+                    _earn(d, pos - d.paid)
+                    _deliver(d, pos, length, crc)
+                    return stop
         pos += 1
+    d.c.unchecked += refused
     if short:
         pos = end
     d.c.bytes_skipped += pos - start
+    _earn(d, pos - d.paid)
     d.carry = end - pos
     return end
+
+
+cdef bint _candidate(eem_deframer* d, const unsigned char* data, Py_ssize_t pos,
+                     Py_ssize_t length, bint crc) noexcept nogil:
+    """codec.Deframer._candidate: whether the packet at pos, found by scanning, is taken."""
+    cdef const unsigned char* packet = data + pos + HEADER_SIZE
+    if not crc:
+        if memcmp(packet + length - CHECK_SIZE, SENTINEL_BYTES, CHECK_SIZE) != 0:
+            return False
+        if not _plausible(d, packet, length - CHECK_SIZE):
+            d.c.implausible += 1
+            return False
+        return not _spliced(d, data, pos, pos + HEADER_SIZE + length)
+    cdef int64_t cost = length + CRC_CHECK_OVERHEAD
+    _earn(d, pos - d.paid)  # what the scan passed pays before this check
+    d.paid = pos
+    if d.budget < cost or (d.budget < cost + d.max_length + CRC_CHECK_OVERHEAD
+                           and not _plausible(d, packet, length - CHECK_SIZE)):
+        d.c.unchecked += 1
+        return False
+    if _check_ok(packet, length, True):
+        return True
+    d.budget -= cost
+    return False
 
 
 # -- the framer core: codec.Framer's rules on an eem_framer -----------------------------
@@ -624,9 +885,10 @@ cdef class Deframer:
         self.d.deframe = _deframe
         self.carry_mem = NULL
 
-    def __init__(self, max_length=_protocol.DEFAULT_MAX_LENGTH):
+    def __init__(self, max_length=_protocol.DEFAULT_MAX_LENGTH, mac=None):
         validate_max_length(max_length)
         self.d.max_length = max_length
+        self.mac = mac
         memset(&self.d.c, 0, sizeof(self.d.c))
         self.reset()
         self.set_capacity(DEFAULT_CAPACITY)
@@ -660,6 +922,23 @@ cdef class Deframer:
         return self.d.carry
 
     @property
+    def mac(self):
+        """The host's (TAP's) MAC the plausibility rule expects; None: any."""
+        return bytes(self.d.mac[:6]) if self.d.has_mac else None
+
+    @mac.setter
+    def mac(self, value) -> None:
+        cdef bytes mac = validate_mac(value)
+        self._check_idle()
+        self.d.has_mac = mac is not None
+        if mac is not None:
+            memcpy(self.d.mac, <const char*>mac, 6)
+
+    @property
+    def budget(self) -> int:
+        return self.d.budget
+
+    @property
     def waiting_commands(self) -> int:
         return self.d.n_waiting
 
@@ -676,6 +955,8 @@ cdef class Deframer:
         self.d.command_data_len = 0
         self.d.failed = False
         self.d.mode = EEM_MODE_NONE
+        self.d.budget = _budget_cap(&self.d)
+        self.d.paid = 0
 
     def counters(self) -> dict:
         cdef const int64_t* values = <const int64_t*>&self.d.c
@@ -1106,6 +1387,32 @@ cdef int _check_header_fits(Py_ssize_t frame_len) except -1:
     if frame_len + CHECK_SIZE > DATA_LENGTH_MASK:
         raise ValueError(f"frame of {frame_len} bytes does not fit an EEM data header")
     return 0
+
+
+def _plausible_frame(frame, mac=None) -> bool:
+    """The C plausibility rule on one frame (tests: it must be codec.plausible)."""
+    cdef eem_deframer d
+    cdef Py_buffer view
+    cdef bytes m = validate_mac(mac)
+    memset(&d, 0, sizeof(d))
+    d.has_mac = m is not None
+    if m is not None:
+        memcpy(d.mac, <const char*>m, 6)
+    _acquire(frame, &view, PyBUF_SIMPLE)
+    try:
+        return _plausible(&d, <const unsigned char*>view.buf, view.len)
+    finally:
+        PyBuffer_Release(&view)
+
+
+def _l4_intact_frame(frame) -> bool:
+    """The C checksum rule on one frame (tests: it must be codec.l4_intact)."""
+    cdef Py_buffer view
+    _acquire(frame, &view, PyBUF_SIMPLE)
+    try:
+        return _l4_intact(<const unsigned char*>view.buf, view.len)
+    finally:
+        PyBuffer_Release(&view)
 
 
 def _crc32_blocks(buffer, Py_ssize_t block) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import struct
 import sys
 import time
 import zlib
@@ -30,7 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's eembridge
+# This checkout's eembridge, or another tree's (--checkout DIR, for before/after tables).
+_checkout = Path(__file__).resolve().parent.parent
+if "--checkout" in sys.argv:
+    _checkout = Path(sys.argv[sys.argv.index("--checkout") + 1]).resolve()
+sys.path.insert(0, str(_checkout))
 from eembridge import _eem as cython  # noqa: E402  (directly: a broken build must fail)
 from eembridge import codec as reference  # noqa: E402
 
@@ -39,9 +44,26 @@ STREAM = 4 << 20  # bytes of packets per stream (a multiple of TRANSFER)
 FRAME_SIZES = (1514, 64)
 
 
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    return ~(int.from_bytes(data, "big") % 0xFFFF) & 0xFFFF
+
+
 def make_frames(frame_size: int, count: int = 64) -> list[bytes]:
-    header = bytes.fromhex("020000000001020000000002") + b"\x08\x00"
-    return [header + os.urandom(frame_size - len(header)) for _ in range(count)]
+    """UDP/IPv4 frames of frame_size bytes, random payload, right checksums: what the
+    deframer's plausibility and checksum rules (codec.py, "Trust") take."""
+    frames = []
+    for _ in range(count):
+        data = os.urandom(frame_size - 14 - 20 - 8)
+        udp = bytearray(struct.pack("!HHHH", 1, 2, 8 + len(data), 0) + data)
+        pseudo = bytes([10, 0, 0, 2, 10, 0, 0, 1, 0, 17]) + struct.pack("!H", len(udp))
+        udp[6:8] = struct.pack("!H", _checksum(pseudo + udp) or 0xFFFF)
+        ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
+                                   bytes([10, 0, 0, 2]), bytes([10, 0, 0, 1])))
+        ip[10:12] = struct.pack("!H", _checksum(bytes(ip)))
+        frames.append(bytes.fromhex("020000000001020000000002") + b"\x08\x00" + ip + udp)
+    return frames
 
 
 def make_stream(frames: list[bytes], crc: bool) -> bytes:
@@ -50,15 +72,16 @@ def make_stream(frames: list[bytes], crc: bool) -> bytes:
     return (packets * (STREAM // len(packets) + 1))[:STREAM]
 
 
-def timed(step: Callable[[], tuple[int, int]], seconds: float) -> tuple[float, float]:
+def timed(step: Callable[[], tuple[int, int]], seconds: float,
+          clock: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
     """Run step() (returns bytes, frames done) until `seconds` passed: bytes/s, frames/s."""
     done_bytes = done_frames = 0
-    start = time.perf_counter()
+    start = clock()
     while True:
         nbytes, nframes = step()
         done_bytes += nbytes
         done_frames += nframes
-        elapsed = time.perf_counter() - start
+        elapsed = clock() - start
         if elapsed >= seconds:
             return done_bytes / elapsed, done_frames / elapsed
 
@@ -135,6 +158,111 @@ def frame_in_place(frames: list[bytes], crc: bool, seconds: float) -> tuple[floa
     return timed(step, seconds)
 
 
+def _ipv4_packet(length: int, crc_bit: bool, check: bytes) -> bytes:
+    """An EEM data packet holding a plausible IPv4 frame (to the group address
+    01:00:5e:00:00:01) of bmLength `length`, with the given 4-byte check."""
+    frame_len = length - 4
+    ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, frame_len - 14, 0, 0, 64, 17, 0,
+                               bytes(4), bytes(4)))
+    total = sum(struct.unpack("!10H", ip))
+    total = (total & 0xFFFF) + (total >> 16)
+    ip[10:12] = struct.pack("!H", ~total & 0xFFFF)
+    frame = bytes.fromhex("01005e000001020000000002") + b"\x08\x00" + bytes(ip)
+    frame += bytes(frame_len - len(frame))
+    return struct.pack("<H", (0x4000 if crc_bit else 0) | length) + frame + check
+
+
+def _garbage_patterns() -> dict[str, tuple[bytes, int]]:
+    """name -> (bytes repeated to fill the stream, max_length)."""
+    rng = np.random.default_rng(7)
+    random = rng.bytes(1 << 20)
+    longest = 16383
+    plausible_bad_crc = _ipv4_packet(1522, True, b"\0\0\0\0")
+    plausible_long = _ipv4_packet(longest, True, b"\0\0\0\0")
+    # A plausible sentinel frame, its sentinel broken, right after a header claiming
+    # it: every candidate is plausible until the sentinel compare.
+    plausible_no_sentinel = _ipv4_packet(1522, False, b"\xde\xad\xbe\xee")
+    # Short CRC candidates at every other byte (bmLength 18, bmCRC 1).
+    short_crc = b"\x12\x40"
+    # DE AD BE EF every 20 bytes with data headers (bmLength 18) right before each
+    # position 18 bytes earlier: sentinel candidates that verify, then are refused.
+    sentinel_every_20 = (b"\x12\x00" + bytes(14) + b"\xde\xad\xbe\xef")
+    # A valid tiny packet, then a header claiming max_length with a wrong CRC: the
+    # in-sync check runs, fails, the scan finds the next tiny packet at once.
+    tiny = _ipv4_packet(18 + 24, False, b"\xde\xad\xbe\xef")
+    tiny_then_bad = tiny + struct.pack("<H", 0x4000 | 1522)
+    return {
+        "random": (random, DEFAULT_MAX_LENGTH_),
+        "random, max_length 16383": (random, longest),
+        "F2 45 repeated (CRC, bmLength 1522)": (b"\xf2\x45", DEFAULT_MAX_LENGTH_),
+        "FF 7F repeated (CRC, bmLength 16383)": (b"\xff\x7f", longest),
+        "F2 05 repeated (sentinel, bmLength 1522)": (b"\xf2\x05", DEFAULT_MAX_LENGTH_),
+        "12 40 repeated (CRC, bmLength 18)": (short_crc, DEFAULT_MAX_LENGTH_),
+        "all zero (ZLPs)": (bytes(4096), DEFAULT_MAX_LENGTH_),
+        "all 0xFF (reserved commands)": (b"\xff" * 4096, DEFAULT_MAX_LENGTH_),
+        "plausible IPv4, CRC wrong, back to back": (plausible_bad_crc, DEFAULT_MAX_LENGTH_),
+        "plausible IPv4 16383, CRC wrong": (plausible_long, longest),
+        "plausible IPv4, sentinel wrong": (plausible_no_sentinel, DEFAULT_MAX_LENGTH_),
+        "sentinel every 20 bytes": (sentinel_every_20, DEFAULT_MAX_LENGTH_),
+        "valid tiny packet + bad 1522 CRC header": (tiny_then_bad, DEFAULT_MAX_LENGTH_),
+    }
+
+
+DEFAULT_MAX_LENGTH_ = 1522
+GARBAGE_STREAM = 2 << 20
+
+
+def garbage_rate(pattern: bytes, max_length: int, seconds: float, module=None) -> float:
+    """MB/s of garbage deframed: in place (Cython) or, with module, through feed()."""
+    stream = (pattern * (GARBAGE_STREAM // len(pattern) + 1))[:GARBAGE_STREAM]
+    if module is not None:
+        deframer = module.Deframer(max_length=max_length)
+        transfers = [stream[i : i + TRANSFER] for i in range(0, len(stream), TRANSFER)]
+        where = [0]
+
+        def feed_step() -> tuple[int, int]:
+            transfer = transfers[where[0]]
+            where[0] = (where[0] + 1) % len(transfers)
+            return len(transfer), len(deframer.feed(transfer, False))
+
+        return timed(feed_step, seconds, time.thread_time)[0] / 1e6
+    memory = np.frombuffer(bytearray(stream), dtype=np.uint8)
+    deframer = cython.Deframer(max_length=max_length)
+    deframer.set_capacity(TRANSFER)
+    offsets = list(range(0, len(memory), TRANSFER))
+    at = [0]
+
+    def step() -> tuple[int, int]:
+        if at[0] == len(offsets):
+            deframer.reset()
+            at[0] = 0
+        offset = offsets[at[0]]
+        at[0] += 1
+        records, _ = deframer.feed_buffer(memory, offset, deframer.carried, TRANSFER, False)
+        return TRANSFER, len(records)
+
+    return timed(step, seconds, time.thread_time)[0] / 1e6
+
+
+def garbage_main(seconds: float, with_reference: bool, as_json: bool) -> None:
+    rows = []
+    for name, (pattern, max_length) in _garbage_patterns().items():
+        row = {"pattern": name, "max_length": max_length,
+               "cython_mb_s": garbage_rate(pattern, max_length, seconds)}
+        if with_reference:
+            row["reference_mb_s"] = garbage_rate(pattern, max_length, seconds, reference)
+        rows.append(row)
+        if not as_json:
+            ref = f"{row['reference_mb_s']:>10.2f}" if with_reference else ""
+            print(f"{name:<44}{max_length:>6}{row['cython_mb_s']:>10.1f}{ref}", flush=True)
+    worst = min(rows, key=lambda r: r["cython_mb_s"])
+    if as_json:
+        print(json.dumps({"checkout": str(_checkout), "transfer": TRANSFER, "rows": rows,
+                          "worst": worst["pattern"]}, indent=2))
+    else:
+        print(f"worst (Cython, in place): {worst['pattern']}: {worst['cython_mb_s']:.1f} MB/s")
+
+
 def bound(fn: Callable[[], None], nbytes: int, seconds: float) -> float:
     return timed(lambda: (fn(), (nbytes, 0))[1], seconds)[0]
 
@@ -143,8 +271,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=1.0, help="time per cell (default 1)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--garbage", action="store_true", help="garbage patterns instead")
+    parser.add_argument("--reference", action="store_true", help="with --garbage: the reference too")
+    parser.add_argument("--checkout", type=Path, help="run another tree's eembridge")
     args = parser.parse_args()
     s = args.seconds
+    if args.garbage:
+        if not args.json:
+            print(f"EEM garbage, {_checkout}, {TRANSFER}-byte full transfers, {s:g} s per cell; MB/s")
+            print(f"{'pattern':<44}{'maxlen':>6}{'cython':>10}{'reference' if args.reference else '':>10}")
+        garbage_main(s, args.reference, args.json)
+        return
     rows = []
     crc_in_c = {}  # zlib crc32 called from C on frame-sized blocks: the CRC work per frame
     for frame_size in FRAME_SIZES:

@@ -226,6 +226,8 @@ class Bridge:
         self._control: Any = None
         # Extra snapshot sections from observers (e.g. the --pcap capture): name -> counters.
         self.observers: dict[str, Callable[[], dict[str, Any]]] = {}
+        # Counters of what serves other local processes (control socket, --metrics).
+        self.servers: dict[str, Callable[[], dict[str, Any]]] = {}
         self._garbage = GarbageSummary(log, opts.garbage_log_interval)
         self._unsolicited = RepeatSummary(log, "unsolicited_echo_response",
                                           "Echo Responses nobody asked for: device or link fault",
@@ -253,6 +255,7 @@ class Bridge:
             self._tap = Tap(self.options.tap, mtu=self.options.mtu, mac=self.options.mac,
                             txqueuelen=self.options.txqueuelen, persist=self.options.persist,
                             offload=bool(self.options.offload))
+        self.deframer.mac = _mac_bytes(getattr(self._tap, "mac", None))
         self._configure_link()
         if self._on_link_ready is not None:
             self._on_link_ready()
@@ -319,10 +322,15 @@ class Bridge:
 
         Raises TimeoutError if no matching Echo Response came back in time.
         """
+        return self.echo_async(data, timeout).result(timeout + 1.0)
+
+    def echo_async(self, data: bytes | None = None, timeout: float = 2.0) -> Future[float]:
+        """echo() without waiting: the Future gets the round-trip time, or TimeoutError
+        once `timeout` passed (the control socket waits on it without a thread)."""
         future: Future[float] = Future()
         self._requests.put(lambda: self._send_echo(data, future, timeout))
         self._wake()
-        return future.result(timeout + 1.0)
+        return future
 
     def stats(self) -> dict[str, Any]:
         """A snapshot of every counter, safe to call from any thread."""
@@ -377,6 +385,8 @@ class Bridge:
                                             self._native.loop_stats() if self._native else {})
         if self.observers:
             snapshot["capture"] = {name: get() for name, get in self.observers.items()}
+        if self.servers:
+            snapshot["servers"] = {name: get() for name, get in self.servers.items()}
         if self._tap is not None and hasattr(self._tap, "kernel_stats"):
             try:
                 snapshot["link"] = self._tap.kernel_stats().as_dict()
@@ -848,3 +858,14 @@ def _merge_native(native: NativeDataPath, counters: dict[str, int], in_errors: d
         for name, count in more.items():
             errors[name] = errors.get(name, 0) + count
     return rx, tx
+
+
+def _mac_bytes(mac: object) -> bytes | None:
+    """The TAP's MAC as the deframer's plausibility rule takes it (codec.py, "Trust"):
+    frames found by scanning after garbage must be addressed to it or to a group. None
+    (any destination) if the TAP does not say."""
+    try:
+        value = bytes.fromhex(str(mac).replace(":", "")) if isinstance(mac, str) else b""
+    except ValueError:
+        return None
+    return value if len(value) == 6 else None

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import functools
+import gc
 import importlib
 import logging
 import signal
@@ -15,12 +18,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import CODEC, __version__, observe
 from .errors import UserError
-from .logsetup import FORMATS, setup_logging
-from .transport import BUSY_POLLS
+from .logsetup import setup_logging
+from .options import BY_DEST, add_arguments, one_line
+
+if TYPE_CHECKING:
+    from .bridge import BridgeOptions
 
 # Subcommand name -> module with add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS = {
@@ -43,146 +49,77 @@ def version_text() -> str:
     return f"eembridge {__version__} (codec: {CODEC})"
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line (UserError), not the usage block and a line.
+
+    Values are checked by options.OPTIONS (their type= raises UserError naming flag and
+    value); what reaches error() is a mistake of form: an unknown flag, a missing value."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(one_line(f"{message} ({self.prog} --help lists the options)"))
+
+
 def _subcommand_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
     module_name, help_text = SUBCOMMANDS[name]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"eembridge {name}", description=help_text)
+    parser = Parser(prog=f"eembridge {name}", description=help_text)
     module.add_arguments(parser)  # type: ignore[attr-defined]
     return parser, module
 
 
-def add_bridge_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of the main job, shared with `demo`."""
-    link = parser.add_argument_group("link (the TAP interface)")
-    link.add_argument("--tap", default="usb0", help="TAP interface name (default usb0)")
-    link.add_argument("--ip", action="append", default=[], metavar="ADDR/PREFIX",
-                      help="address for the TAP, e.g. 169.254.7.2/24 (repeatable)")
-    link.add_argument("--peer", metavar="ADDR", help="the device's IP, for a static neighbour entry")
-    link.add_argument("--peer-mac", metavar="MAC", help="the device's MAC for the static neighbour")
-    link.add_argument("--mtu", type=int, default=1500)
-    link.add_argument("--mac", help="MAC address of the TAP (default: random, locally administered)")
-    link.add_argument("--txqueuelen", type=int, default=None, metavar="PACKETS",
-                      help="the TAP's transmit queue: packets waiting for the bridge (default 8 "
-                           "with --offload, 64 without; the kernel's 500 adds ~100 ms under an "
-                           "upload); drops are counted")
-    link.add_argument("--persist", action="store_true", help="keep the TAP after exit")
-    link.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
-                      help="let the kernel hand the bridge TCP packets of up to 64 KB and "
-                           "checksums to fill in, and merge consecutive TCP segments on the way "
-                           "up (TAP TSO/checksum offload, cut and merged by the C data path; "
-                           "default: on when the C data path is there)")
-    eem = parser.add_argument_group("EEM")
-    mode = eem.add_mutually_exclusive_group()
-    mode.add_argument("--tx-crc", dest="tx_crc", action="store_true", default=True,
-                      help="send frames with a real CRC-32 (default)")
-    mode.add_argument("--tx-sentinel", dest="tx_crc", action="store_false",
-                      help="send frames with the DE AD BE EF sentinel instead of a CRC")
-    eem.add_argument("--max-transfer", default=None, metavar="BYTES|frame",
-                     help="largest bulk OUT transfer in bytes, batching frames into it "
-                          "(default, for Linux f_eem: 12288 at high speed, 1536 at full "
-                          "speed and SuperSpeed); frame: one frame per transfer, as Linux's "
-                          "cdc_eem sends (default for a device not known to take more)")
-    eem.add_argument("--in-flight", type=int, default=32,
-                     help="bulk IN transfers kept queued (default 32, at most 64)")
-    eem.add_argument("--in-transfer-size", type=int, default=4096, metavar="BYTES",
-                     help="bytes per bulk IN transfer, a multiple of 1024 (default 4096); "
-                          "a device's longer transfer simply continues in the next one")
-    eem.add_argument("--out-chunk", default="f_eem", metavar="BYTES|f_eem",
-                     help="the device receives OUT data into buffers of this size and takes "
-                          "each on its own: no EEM packet crosses one, so a transfer of up to "
-                          "--max-transfer carries many frames (default f_eem: Linux f_eem's "
-                          "size, 1536; 2048 at SuperSpeed; 0: packets may cross anywhere)")
-    eem.add_argument("--out-in-flight", type=int, default=None,
-                     help="bulk OUT transfers of up to --max-transfer bytes in flight (default: "
-                          "12 KB worth at full speed, 96 KB at high speed, 48 KB at "
-                          "SuperSpeed; at most 32)")
-    eem.add_argument("--busy-poll", type=int, default=BUSY_POLLS, metavar="N",
-                     help="USB: after work, the data path thread looks for more this many "
-                          f"times before it sleeps (default {BUSY_POLLS}; 0: sleep at once, "
-                          "least CPU; more: faster under load, at some CPU when idle)")
-    eem.add_argument("--keepalive", type=float, metavar="SECONDS",
-                     help="send an EEM Echo this often and log a device that stops answering")
-    parser.add_argument("--stats-socket", metavar="PATH",
-                        help="UNIX socket for `eembridge stats` (default /run/eembridge/TAP.sock)")
-    parser.add_argument("-v", "--verbose", action="count", default=0)
-    parser.add_argument("--log-format", choices=FORMATS, default="auto",
-                        help="journal (<N> priority prefixes, no time), text, or json (one "
-                             "object per line); auto: journal under systemd, else text")
-    parser.add_argument("--garbage-log-interval", type=float, default=5.0, metavar="SECONDS",
-                        help="at most one line per interval summarising dropped garbage (default 5)")
-
-
-def add_device_arguments(parser: argparse.ArgumentParser) -> None:
-    """Which real device to bridge (--sim ignores them, except to pick a config section)."""
-    dev = parser.add_argument_group("USB device (see `eembridge list`)")
-    dev.add_argument("--device", metavar="VID:PID|BUS:ADDR",
-                     help="the device by vendor:product id (hex) or bus:address (decimal)")
-    dev.add_argument("--serial", metavar="S", help="the device with this serial number")
-    dev.add_argument("--port", metavar="1-2.3", help="the device at this USB port path")
-    dev.add_argument("--interface", type=int, metavar="N",
-                     help="the EEM interface with this number, for a device that has several")
-    dev.add_argument("--wait", action="store_true",
-                     help="wait for the device to appear instead of failing")
-    dev.add_argument("--wait-timeout", type=float, metavar="SECONDS",
-                     help="like --wait, but fail naming the device after SECONDS without it")
-    service = parser.add_argument_group("service and configuration")
-    service.add_argument("--config", action="append", metavar="FILE",
-                         help="TOML configuration (repeatable; default /etc/eembridge/*.toml)")
-    service.add_argument("--instance", metavar="NAME",
-                         help="systemd instance: a port path (1-2.3) or serial:SERIAL "
-                              "(\\xNN escapes as systemd-escape writes them)")
-
-
-def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
-    sim = parser.add_argument_group("simulated device (--sim)")
-    sim.add_argument("--sim-loss", type=float, default=0.0, metavar="P",
-                     help="probability that a USB packet is lost (each direction)")
-    sim.add_argument("--sim-flip", type=float, default=0.0, metavar="P",
-                     help="probability that a USB packet has one bit flipped")
-    sim.add_argument("--sim-garbage", type=float, default=0.0, metavar="P",
-                     help="probability that garbage (a reserved command) precedes a packet on IN")
-    sim.add_argument("--sim-max-packet", type=int, choices=(64, 512, 1024), default=512)
-    sim.add_argument("--sim-tx", choices=("crc", "sentinel"), default="sentinel",
-                     help="how the simulated device checks its frames (default sentinel, as f_eem)")
-    sim.add_argument("--sim-batch", action="store_true",
-                     help="device batches EEM packets in transfers that span IN buffers")
-    sim.add_argument("--sim-ip", default="169.254.7.1/24",
-                     help="the simulated device's own address, in its namespace")
-    sim.add_argument("--sim-seed", type=int, help="seed for the fault generator")
-
-
 def main_parser() -> argparse.ArgumentParser:
     lines = "\n".join(f"  {name:<8} {help_text}" for name, (_m, help_text) in SUBCOMMANDS.items())
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="eembridge",
         description="Userspace USB CDC-EEM host bridge: EEM device <-> TAP interface.",
         epilog=f"subcommands (eembridge SUBCOMMAND --help):\n{lines}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=version_text())
-    parser.add_argument("--sim", action="store_true",
-                        help="bridge a simulated EEM device instead of real hardware")
-    add_bridge_arguments(parser)
-    add_device_arguments(parser)
-    add_sim_arguments(parser)
-    observe.add_arguments(parser)
+    add_arguments(parser)
     return parser
 
 
-def explicit_dests(argv: list[str]) -> set[str]:
-    """The options given on the command line (they override the config file)."""
+@functools.cache
+def _parser_and_defaults() -> tuple[argparse.ArgumentParser, dict[str, Any]]:
+    """The main parser with its defaults taken out, so what it returns is what was given."""
     parser = main_parser()
+    defaults = {}
     for action in parser._actions:
+        if action.default is not argparse.SUPPRESS:
+            defaults[action.dest] = action.default
         action.default = argparse.SUPPRESS
-    given, _rest = parser.parse_known_args(argv)
-    return set(vars(given))
+    return parser, defaults
 
 
-def apply_config(args: argparse.Namespace, argv: list[str]) -> None:
-    """Fill in options from the config file's section for this device; flags win."""
+def parse_command_line(argv: list[str]) -> tuple[argparse.Namespace, set[str]]:
+    """(options with defaults filled in, the dests given on the command line: they
+    override the config file)."""
+    parser, defaults = _parser_and_defaults()
+    args = parser.parse_args(argv)
+    explicit = set(vars(args))
+    for dest in explicit & BY_DEST.keys():
+        # argparse takes `--flag=--` as "--" removed, passing no value through type=.
+        option, value = BY_DEST[dest], getattr(args, dest)
+        if option.action in ("store", "append") and any(
+                isinstance(v, list) for v in (value if option.action == "append" else [value])):
+            raise UserError(f"{option.flag}: expected a value ({parser.prog} --help lists "
+                            "the options)")
+    for dest, value in defaults.items():
+        if dest not in explicit:
+            setattr(args, dest, copy.copy(value))
+    return args, explicit
+
+
+def apply_config(args: argparse.Namespace, explicit: set[str]) -> None:
+    """Fill in options from the config file's section for this device; flags win.
+
+    args.origins records the file, line and key of each value taken, so a check that
+    relates two options (options.bridge_options) names the line, not a flag."""
     from .config import SYSFS_USB, config_files, identify, load
     from .service import parse_instance
 
+    args.origins = {}
     if args.instance:
         kind, value = parse_instance(args.instance)
         if getattr(args, kind) not in (None, value):
@@ -194,15 +131,28 @@ def apply_config(args: argparse.Namespace, argv: list[str]) -> None:
     config = load(paths)
     identity = identify(args.serial, args.port, args.device, sysfs=None if args.sim else SYSFS_USB)
     values, section = config.values_for(identity)
-    explicit = explicit_dests(argv)
+    origins = config.origins_for(identity)
     for dest, value in values.items():
         if dest not in explicit:
             setattr(args, dest, value)
+            args.origins[dest] = origins[dest]
     if section is None:
         log.info("config %s: no section for %s; [defaults] only", ", ".join(config.files),
                  identity.describe())
     else:
         log.info("config %s for %s", section.where, identity.describe())
+
+
+def resolve(argv: list[str]) -> tuple[argparse.Namespace, BridgeOptions]:
+    """The command line and the config file to checked options; opens nothing.
+
+    Every value is checked here, before a namespace, TAP or file is made: bad input is
+    one line (UserError) and leaves nothing behind."""
+    from .options import bridge_options
+
+    args, explicit = parse_command_line(argv)
+    apply_config(args, explicit)
+    return args, bridge_options(args)
 
 
 def stop_on_signals() -> threading.Event:
@@ -304,13 +254,13 @@ def sim_replug_on_sigusr1(sim) -> None:
     signal.signal(signal.SIGUSR1, on_signal)
 
 
-def run_bridge(args: argparse.Namespace, argv: list[str]) -> int:
+def run_bridge(args: argparse.Namespace, explicit: set[str]) -> int:
     from .bridge import Bridge
     from .options import bridge_options, open_sim, usb_connector
 
     setup_logging(args.verbose, args.log_format)
     stop = stop_on_signals()
-    apply_config(args, argv)
+    apply_config(args, explicit)
     options = bridge_options(args)
     with observe.observing(args) as observers:
         if args.sim:
@@ -336,10 +286,17 @@ def main(argv: list[str] | None = None) -> int:
             parser, module = _subcommand_parser(argv[0])
             args = parser.parse_args(argv[1:])
             return int(module.run(args) or 0)  # type: ignore[attr-defined]
-        args = main_parser().parse_args(argv)
-        return run_bridge(args, argv)
+        args, explicit = parse_command_line(argv)
+        try:
+            return run_bridge(args, explicit)
+        finally:
+            # The stopped bridge's objects form cycles that hold memoryviews of its
+            # buffers. Collected at interpreter exit instead, a bytearray can go before
+            # its views and CPython prints "BufferError: memoryview has 1 exported
+            # buffer" after our one line (seen when the TAP is deleted under the bridge).
+            gc.collect()
     except UserError as exc:
-        print(f"eembridge: error: {exc}", file=sys.stderr)
+        print(f"eembridge: error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

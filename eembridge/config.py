@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import difflib
 import glob
-import ipaddress
 import os
 import re
 import sys
@@ -38,167 +37,52 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import UserError
-from .transport import MAX_BUSY_POLLS
+from .options import (
+    MAC_RE,
+    OPTIONS,
+    PORT_RE,
+    VIDPID_RE,
+    Invalid,
+    Port,
+    Text,
+    VidPid,
+    one_line,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10 gets the same parser from PyPI
     import tomli as tomllib
 
+__all__ = ["MAC_RE", "PORT_RE", "VIDPID_RE", "ConfigError", "Config", "KEYS", "load", "identify"]
+
 CONFIG_DIR = "/etc/eembridge"
 DEFAULTS = "defaults"
 SYSFS_USB = "/sys/bus/usb/devices"
-
-MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
-PORT_RE = re.compile(r"^\d+-\d+(\.\d+)*$")  # bus-port.port...: what sysfs and --port use
-VIDPID_RE = re.compile(r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{4}$")
+MAX_FILE = 1 << 20  # a config file is a few KB; this stops `--config /dev/zero`
 
 
 class ConfigError(UserError):
-    """A configuration mistake; the message starts with FILE:LINE."""
+    """A configuration mistake; the message starts with FILE:LINE, and is one line
+    whatever the file's names and keys hold."""
 
-
-class _Invalid(ValueError):
-    """A value that is wrong; the caller adds file, line and key."""
-
-
-# --- value checks: each takes the TOML value and returns what goes into argparse -------
-
-def _string(value: Any) -> str:
-    if not isinstance(value, str):
-        raise _Invalid(f"expected a string, got {_type(value)}")
-    if not value:
-        raise _Invalid("must not be empty")
-    return value
-
-
-def _out_chunk(value: Any) -> str:
-    if value == "f_eem" or (isinstance(value, int) and not isinstance(value, bool)):
-        return str(value)  # options.parse_out_chunk checks the number as for the flag
-    raise _Invalid(f'expected a number of bytes or "f_eem", got {_type(value)}')
-
-
-def _max_transfer(value: Any) -> str:
-    if value == "frame" or (isinstance(value, int) and not isinstance(value, bool)):
-        return str(value)  # options.parse_max_transfer checks the number as for the flag
-    raise _Invalid(f'expected a number of bytes or "frame", got {_type(value)}')
-
-
-def _integer(low: int, high: int | None = None) -> Callable[[Any], int]:
-    def check(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):  # TOML true is not 1
-            raise _Invalid(f"expected an integer, got {_type(value)}")
-        if value < low or (high is not None and value > high):
-            raise _Invalid(f"{value} out of range ({low}..{high if high is not None else ''})")
-        return value
-    return check
-
-
-def _seconds(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _Invalid(f"expected a number of seconds, got {_type(value)}")
-    if not value > 0:
-        raise _Invalid(f"{value} must be more than 0 seconds")
-    return float(value)
-
-
-def _boolean(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise _Invalid(f"expected true or false, got {_type(value)}")
-    return value
-
-
-def _ifname(value: Any) -> str:
-    from .tap import validate_ifname
-
-    name = _string(value)
-    try:
-        return validate_ifname(name)
-    except ValueError as exc:
-        raise _Invalid(str(exc)) from None
-
-
-def _addresses(value: Any) -> list[str]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list):
-        raise _Invalid(f"expected a list of ADDR/PREFIX strings, got {_type(value)}")
-    for item in value:
-        if not isinstance(item, str) or "/" not in item:
-            raise _Invalid(f"{item!r} is not ADDR/PREFIX (e.g. \"169.254.7.2/24\")")
-        try:
-            ipaddress.ip_interface(item)
-        except ValueError as exc:
-            raise _Invalid(str(exc)) from None
-    return list(value)
-
-
-def _ip(value: Any) -> str:
-    try:
-        return str(ipaddress.ip_address(_string(value)))
-    except ValueError as exc:
-        raise _Invalid(str(exc)) from None
-
-
-def _mac(value: Any) -> str:
-    if not MAC_RE.match(_string(value)):
-        raise _Invalid(f"{value!r} is not a MAC address like 02:00:00:00:00:01")
-    return str(value).lower()
-
-
-def _tx(value: Any) -> bool:
-    if value not in ("crc", "sentinel"):
-        raise _Invalid(f"expected \"crc\" or \"sentinel\", got {value!r}")
-    return value == "crc"
-
-
-def _port(value: Any) -> str:
-    if not PORT_RE.match(_string(value)):
-        raise _Invalid(f"{value!r} is not a USB port path like \"1-2.3\"")
-    return str(value)
-
-
-def _vidpid(value: Any) -> str:
-    if not VIDPID_RE.match(_string(value)):
-        raise _Invalid(f"{value!r} is not VID:PID in hex like \"1d6b:0104\"")
-    return str(value).lower()
-
-
-def _type(value: Any) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-            list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(message))
 
 
 @dataclass(frozen=True)
 class Key:
     dest: str  # the argparse dest the value goes to
-    check: Callable[[Any], Any]
+    check: Callable[[Any], Any]  # the TOML value -> the option's value, or Invalid
 
 
-KEYS: dict[str, Key] = {
-    "tap": Key("tap", _ifname),
-    "addresses": Key("ip", _addresses),
-    "peer": Key("peer", _ip),
-    "peer-mac": Key("peer_mac", _mac),
-    "mtu": Key("mtu", _integer(576, 9000)),
-    "mac": Key("mac", _mac),
-    "txqueuelen": Key("txqueuelen", _integer(1, 100000)),
-    "tx": Key("tx_crc", _tx),
-    "keepalive": Key("keepalive", _seconds),
-    "max-transfer": Key("max_transfer", _max_transfer),
-    "in-flight": Key("in_flight", _integer(1, 64)),
-    "in-transfer-size": Key("in_transfer_size", _integer(1024, 65536)),
-    "out-in-flight": Key("out_in_flight", _integer(1, 256)),
-    "out-chunk": Key("out_chunk", _out_chunk),
-    "busy-poll": Key("busy_poll", _integer(0, MAX_BUSY_POLLS)),
-    "interface": Key("interface", _integer(0, 255)),  # a device with several EEM functions
-    "persist": Key("persist", _boolean),
-    "offload": Key("offload", _boolean),
-    "stats-socket": Key("stats_socket", _string),
-    "garbage-log-interval": Key("garbage_log_interval", _seconds),
-    "wait-timeout": Key("wait_timeout", _seconds),
-}
-SELECTORS: dict[str, Callable[[Any], str]] = {"serial": _string, "port": _port, "device": _vidpid}
+# Generated from the one table of option facts (options.OPTIONS): a key refuses what its
+# flag refuses, in the same words.
+KEYS: dict[str, Key] = {option.key: Key(option.dest, option.from_toml)
+                        for option in OPTIONS if option.key}
+SELECTORS: dict[str, Callable[[Any], str]] = {"serial": Text().from_toml,
+                                              "port": Port().from_toml,
+                                              "device": VidPid().from_toml}
 MATCH_ORDER = ("serial", "port", "device")
 
 
@@ -233,6 +117,8 @@ class Section:
     line: int
     selector: tuple[str, str] | None  # ("serial", "X"), ...; None for [defaults]
     values: dict[str, Any] = field(default_factory=dict)  # argparse dest -> value
+    # argparse dest -> "FILE:LINE: [section] key", how an error about the value starts
+    origins: dict[str, str] = field(default_factory=dict)
 
     @property
     def where(self) -> str:
@@ -268,6 +154,14 @@ class Config:
             values.update(section.values)
         return values, section
 
+    def origins_for(self, identity: DeviceIdentity) -> dict[str, str]:
+        """Where each of values_for's values was set, for errors found later."""
+        origins: dict[str, str] = {}
+        for section in [*self.defaults, self.find(identity)]:
+            if section is not None:
+                origins.update(section.origins)
+        return origins
+
 
 def config_files(explicit: Iterable[str] | None, directory: str = CONFIG_DIR) -> list[str]:
     """The files to read: the explicit ones, or every *.toml in `directory` by name."""
@@ -284,14 +178,20 @@ def load(paths: Iterable[str]) -> Config:
     for path in paths:
         try:
             with open(path, "rb") as stream:
-                raw = stream.read()
+                raw = stream.read(MAX_FILE + 1)
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        except ValueError as exc:  # a NUL in the name
+            raise ConfigError(f"{path!r}: cannot read: {exc}") from None
+        if len(raw) > MAX_FILE:
+            raise ConfigError(f"{path}: longer than {MAX_FILE} bytes: not a configuration file")
         text = raw.decode("utf-8", errors="replace")
         try:
             document = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:  # its message names line and column
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        except RecursionError:  # tomllib recurses into nested arrays and inline tables
+            raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
         config.files.append(path)
         lines = _locate(text)
         for name, table in document.items():
@@ -322,8 +222,11 @@ def _section(path: str, name: str, table: dict[str, Any],
              lines: dict[tuple[str | None, str | None], int]) -> Section:
     header = lines.get((name, None), 1)
 
+    def where(key: str) -> str:
+        return f"{path}:{lines.get((name, key), header)}: [{name}] {key}"
+
     def fail(key: str, problem: str) -> ConfigError:
-        return ConfigError(f"{path}:{lines.get((name, key), header)}: [{name}] {key}: {problem}")
+        return ConfigError(f"{where(key)}: {problem}")
 
     section = Section(name, path, header, selector=None)
     selectors = []
@@ -333,7 +236,7 @@ def _section(path: str, name: str, table: dict[str, Any],
                 raise fail(key, f"a selector cannot be in [{DEFAULTS}]")
             try:
                 selectors.append((key, SELECTORS[key](value)))
-            except _Invalid as exc:
+            except Invalid as exc:
                 raise fail(key, str(exc)) from None
             continue
         spec = KEYS.get(key)
@@ -343,8 +246,9 @@ def _section(path: str, name: str, table: dict[str, Any],
             raise fail(key, f"unknown key{hint}")
         try:
             section.values[spec.dest] = spec.check(value)
-        except _Invalid as exc:
+        except Invalid as exc:
             raise fail(key, str(exc)) from None
+        section.origins[spec.dest] = where(key)
     if name != DEFAULTS:
         if not selectors:
             raise ConfigError(f"{path}:{header}: [{name}] has no selector: give one of "

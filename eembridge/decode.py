@@ -15,6 +15,15 @@ Two streaming passes over the capture, so memory never grows with its size:
    selected by eembridge, never a parser of ours), and every Frame goes to the output
    pcap at the timestamp of the record that carried it, in capture order.
 
+The capture is opened once (CaptureInput). A regular file is read twice; anything else
+(a pipe: /dev/stdin, <(...); a device) can be read only once, so the first pass copies
+what it reads into an unnamed temporary file and the second pass reads that copy.
+
+The output is created exclusively when it does not exist, so that a run that fails
+(ENOSPC, EIO, a capture damaged past what pass 1 read, Ctrl-C) removes the file it
+created and nothing else; a file that existed is the user's: truncated as -o asked, and
+on failure kept and reported incomplete. Devices and pipes are written as they are.
+
 Data usbmon or the snaplen did not keep is counted (capture_truncated) and what is
 left of that transfer is fed as short: the deframer drops the cut packet and
 resynchronises at the next transfer, so a truncated capture loses frames but never
@@ -28,16 +37,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import stat
 import sys
+import tempfile
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, NamedTuple
 
 from . import Deframer
 from .errors import CaptureError, UserError
 from .events import Event, Frame
-from .pcap import LINKTYPE_ETHERNET, PcapWriter, linktype_name
+from .pcap import LINKTYPE_ETHERNET, ByteSource, PcapWriter, linktype_name
 from .protocol import DATA_LENGTH_MASK, DEFAULT_MAX_LENGTH, DEFRAMER_COUNTERS, MIN_DATA_LENGTH
 from .usbmon import (
     ENDPOINT_IN,
@@ -61,7 +73,8 @@ DeviceKey = tuple[int, int]  # (bus, address)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("capture", help="usbmon capture (pcap or pcapng, link type 220 or 189), "
-                        "e.g. from tcpdump -i usbmon0 -w capture.pcap")
+                        "e.g. from tcpdump -i usbmon0 -w capture.pcap; a pipe such as /dev/stdin "
+                        "is copied to a temporary file in TMPDIR for the second pass")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.pcap",
                         help="Ethernet pcap to write the decoded frames to")
     parser.add_argument("--device", type=parse_device, metavar="BUS:ADDR",
@@ -102,6 +115,143 @@ def open_capture(path: str) -> BinaryIO:
         raise CaptureError(f"{path}: {exc.strerror or exc}") from None
 
 
+class _CopyingReader:
+    """Reads the capture and appends what it read to the spool (pass 1 of a pipe)."""
+
+    def __init__(self, stream: BinaryIO, spool: BinaryIO, name: str) -> None:
+        self._stream, self._spool, self._name = stream, spool, name
+
+    def read(self, n: int, /) -> bytes:
+        data = self._stream.read(n)  # its OSError is the capture's: CaptureReader names it
+        try:
+            self._spool.write(data)
+        except OSError as exc:
+            raise _spool_error(self._name, exc) from None
+        return data
+
+
+def _spool_error(name: str, exc: OSError) -> CaptureError:
+    try:
+        where = tempfile.gettempdir()
+    except OSError:  # no usable directory at all: the error below says so
+        where = "TMPDIR"
+    return CaptureError(
+        f"{name}: cannot keep a copy of the piped capture in {where} "
+        f"(set TMPDIR elsewhere?): {exc.strerror or exc}"
+    )
+
+
+class CaptureInput:
+    """The capture, opened once and read twice (the survey, then the decode).
+
+    Only a regular file can be read again. Anything else is copied as pass 1 reads it
+    into an unnamed temporary file (TMPDIR), which pass 2 reads: memory stays bounded,
+    the copy takes as much disk as the capture and is gone when the command ends.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._stream = open_capture(path)
+        self._spool: BinaryIO | None = None
+        self.rereadable = stat.S_ISREG(os.fstat(self._stream.fileno()).st_mode)
+
+    def first_pass(self) -> ByteSource:
+        if self.rereadable:
+            return self._stream
+        try:
+            self._spool = tempfile.TemporaryFile(prefix="eembridge-capture-")
+        except OSError as exc:
+            raise _spool_error(self.path, exc) from None
+        return _CopyingReader(self._stream, self._spool, self.path)
+
+    def second_pass(self) -> ByteSource:
+        stream = self._stream if self._spool is None else self._spool
+        try:
+            stream.seek(0)
+        except OSError as exc:
+            if self._spool is not None:
+                raise _spool_error(self.path, exc) from None
+            raise CaptureError(f"{self.path}: {exc.strerror or exc} rewinding for the second pass") from None
+        return stream
+
+    def close(self) -> None:
+        self._stream.close()
+        if self._spool is not None:
+            try:
+                self._spool.close()
+            except OSError:  # its flush, on the full disk already reported: the copy is thrown away
+                pass
+
+    def __enter__(self) -> CaptureInput:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_output(path: str) -> tuple[BinaryIO, os.stat_result | None, bool]:
+    """The output, open for writing; its identity if this run created it; whether it is
+    a regular file (the only kind that can be left incomplete)."""
+    created = True
+    try:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        except FileExistsError:
+            created = False
+            fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+        identity = os.fstat(fd)
+    except OSError as exc:
+        raise UserError(f"{path}: {exc.strerror or exc}") from None
+    return os.fdopen(fd, "wb", buffering=1 << 20), identity if created else None, stat.S_ISREG(identity.st_mode)
+
+
+def discard_output(path: str, created: os.stat_result | None, regular: bool) -> str:
+    """After a failure: remove the output if this run created it (and it is still that
+    file); say what became of it, as the end of the error line."""
+    if created is not None:
+        try:
+            now = os.lstat(path)
+            if (now.st_dev, now.st_ino) == (created.st_dev, created.st_ino):
+                os.unlink(path)
+                return "; removed the incomplete output"
+        except OSError:
+            pass
+        return "; the incomplete output could not be removed"
+    return "; the output is incomplete" if regular else ""
+
+
+def write_stdout(lines: Iterable[str]) -> int:
+    """Write the report to standard output; returns the exit status.
+
+    A reader that went away (EPIPE, as in `| head`) ends the command quietly with the
+    status a SIGPIPE death would have (141), as other filters do; any other failure
+    (ENOSPC, EIO) is one line. Either way stdout then points at /dev/null, or Python's
+    own flush at exit would fail again and print more.
+    """
+    out = sys.stdout
+    try:
+        for line in lines:
+            out.write(line)
+        out.flush()
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return 128 + signal.SIGPIPE
+    except OSError as exc:
+        _stdout_to_devnull()
+        raise UserError(f"standard output: {exc.strerror or exc}") from None
+    return 0
+
+
+def _stdout_to_devnull() -> None:
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError):  # replaced by a test's capture: nothing to redirect
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 # -- pass 1: survey -------------------------------------------------------------------
 
 
@@ -121,34 +271,37 @@ class Survey:
     devices: dict[DeviceKey, DeviceTraffic] = field(default_factory=dict)
 
 
-def survey_capture(path: str) -> Survey:
-    """Pass 1: devices, bulk endpoints and EEM interfaces in the capture."""
+def survey_capture(path: str, stream: ByteSource | None = None) -> Survey:
+    """Pass 1: devices, bulk endpoints and EEM interfaces in the capture (read from
+    `stream` when given, else from path)."""
+    if stream is None:
+        with CaptureInput(path) as source:
+            return survey_capture(path, source.first_pass())
     survey = Survey(path)
     config_requests: OrderedDict[tuple[int, int], None] = OrderedDict()
-    with open_capture(path) as stream:
-        reader = UsbmonReader(stream, path)
-        survey.format = reader.format
-        for r in reader:
-            if r.xfer_type == XFER_BULK:
-                traffic = survey.devices.setdefault((r.bus, r.device), DeviceTraffic())
-                traffic.bulk[r.endpoint] += 1
-                if r.event == "S" and r.is_in:
-                    traffic.in_requested.setdefault(r.endpoint, r.length)
-            elif r.xfer_type == XFER_CONTROL:
-                key = (r.bus, r.urb_id)
-                if r.event == "S" and r.flag_setup == 0 and is_get_configuration(r.setup):
-                    config_requests[key] = None
-                    if len(config_requests) > MAX_PENDING_URBS:
-                        config_requests.popitem(last=False)
-                elif r.event in "CE" and key in config_requests:
-                    del config_requests[key]
-                    if r.event == "C" and r.status == 0:
-                        traffic = survey.devices.setdefault((r.bus, r.device), DeviceTraffic())
-                        for iface in eem_interfaces(r.data):
-                            if iface not in traffic.eem:
-                                traffic.eem.append(iface)
-        survey.records = reader.records
-        survey.linktypes = list(dict.fromkeys(reader.capture.linktypes))
+    reader = UsbmonReader(stream, path)
+    survey.format = reader.format
+    for r in reader:
+        if r.xfer_type == XFER_BULK:
+            traffic = survey.devices.setdefault((r.bus, r.device), DeviceTraffic())
+            traffic.bulk[r.endpoint] += 1
+            if r.event == "S" and r.is_in:
+                traffic.in_requested.setdefault(r.endpoint, r.length)
+        elif r.xfer_type == XFER_CONTROL:
+            key = (r.bus, r.urb_id)
+            if r.event == "S" and r.flag_setup == 0 and is_get_configuration(r.setup):
+                config_requests[key] = None
+                if len(config_requests) > MAX_PENDING_URBS:
+                    config_requests.popitem(last=False)
+            elif r.event in "CE" and key in config_requests:
+                del config_requests[key]
+                if r.event == "C" and r.status == 0:
+                    traffic = survey.devices.setdefault((r.bus, r.device), DeviceTraffic())
+                    for iface in eem_interfaces(r.data):
+                        if iface not in traffic.eem:
+                            traffic.eem.append(iface)
+    survey.records = reader.records
+    survey.linktypes = list(dict.fromkeys(reader.capture.linktypes))
     return survey
 
 
@@ -314,17 +467,25 @@ def decode_capture(
     path: str, output: str, device: DeviceKey | None = None, max_length: int = DEFAULT_MAX_LENGTH
 ) -> dict[str, Any]:
     """Decode a capture into an Ethernet pcap; returns the summary `--json` prints."""
-    survey = survey_capture(path)
-    selection = choose_device(survey, device)
-    if os.path.exists(output) and os.path.samefile(path, output):
-        raise UserError(f"{output}: the output would overwrite the capture")
-    try:
-        out = open(output, "wb", buffering=1 << 20)
-    except OSError as exc:
-        raise UserError(f"{output}: {exc.strerror or exc}") from None
-    with out:
-        writer = PcapWriter(out, LINKTYPE_ETHERNET)
-        decoder, reader = run_decoder(path, survey, selection, writer.write, max_length)
+    with CaptureInput(path) as source:
+        survey = survey_capture(path, source.first_pass())
+        selection = choose_device(survey, device)
+        if os.path.exists(output) and os.path.samefile(path, output):
+            raise UserError(f"{output}: the output would overwrite the capture")
+        out, created, regular = open_output(output)
+        try:
+            with out:
+                writer = PcapWriter(out, LINKTYPE_ETHERNET)
+                decoder, reader = run_decoder(path, survey, selection, writer.write, max_length,
+                                              stream=source.second_pass())
+        except BaseException as exc:
+            note = discard_output(output, created, regular)
+            # Only the output raises OSError here: the reader turns the capture's into CaptureError.
+            if isinstance(exc, OSError):
+                raise UserError(f"{output}: {exc.strerror or exc}{note}") from None
+            if isinstance(exc, UserError):
+                raise type(exc)(f"{exc}{note}") from None
+            raise
     return {
         **capture_summary(path, survey, selection, decoder, reader),
         "output": output,
@@ -339,16 +500,19 @@ def run_decoder(
     sink: Callable[[bytes, int], None],
     max_length: int = DEFAULT_MAX_LENGTH,
     on_transfer: Callable[[str, UsbRecord, bool, list[Event], Any], None] | None = None,
+    stream: ByteSource | None = None,
 ) -> tuple[CaptureDecoder, UsbmonReader]:
-    """Pass 2 over the whole capture (shared by decode and replay)."""
+    """Pass 2 over the whole capture (shared by decode and replay), from `stream` (the
+    CaptureInput's second pass) or else from path."""
+    if stream is None:
+        with open_capture(path) as opened:
+            return run_decoder(path, survey, selection, sink, max_length, on_transfer, opened)
     key = (selection.bus, selection.device)
-    with open_capture(path) as stream:
-        decoder = CaptureDecoder(selection, sink, max_length, survey.devices[key].in_requested,
-                                 on_transfer)
-        reader = UsbmonReader(stream, path)
-        for record in reader:
-            decoder.feed(record)
-        decoder.finish()
+    decoder = CaptureDecoder(selection, sink, max_length, survey.devices[key].in_requested, on_transfer)
+    reader = UsbmonReader(stream, path)
+    for record in reader:
+        decoder.feed(record)
+    decoder.finish()
     return decoder, reader
 
 
@@ -411,9 +575,4 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     summary = decode_capture(args.capture, args.output, args.device, args.max_length)
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(format_summary(summary))
-    sys.stdout.flush()
-    return 0
+    return write_stdout([(json.dumps(summary) if args.json else format_summary(summary)) + "\n"])

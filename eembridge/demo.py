@@ -19,23 +19,37 @@ from typing import Any
 from .bridge import Bridge, BridgeOptions
 from .errors import UserError
 from .netns import NetnsThread, free_linklocal_subnet, run_in_netns, unique_name
+from .options import Choice, Integer, Number, Option, Switch, needs_privileges
+from .options import add_arguments as add_options
 from .trace import otdr_trace
 
 PORT = 5025  # SCPI raw socket port, as instruments use
 
 
+OPTIONS = (
+    Option("--size", Number(0.001, 1000.0, unit="MB"), "trace size in MB (default 24)", 24.0,
+           metavar="MB"),
+    Option("--loss", Number(0.0, 1.0), "probability a USB packet is lost (default 0.01)", 0.01,
+           metavar="P"),
+    Option("--flip", Number(0.0, 1.0), "probability of a flipped bit per packet", 0.0,
+           metavar="P"),
+    Option("--max-packet", Choice(("64", "512", "1024"), (64, 512, 1024)),
+           "the device's bulk max packet size (default 64)", 64),
+    Option("--device-tx", Choice(("crc", "sentinel")), "how the device checks its frames",
+           "sentinel"),
+    Option("--batch", Switch(), "device batches packets across transfers", False,
+           action="store_true"),
+    Option("--mtu", Integer(576, 9000), "the link's MTU (default 1500)", 1500),
+    Option("--seed", Integer(0, (1 << 64) - 1), "seed of the trace and the faults (default 1)", 1),
+    Option("--timeout", Number(0.0, 86400.0, low_open=True, unit="seconds"),
+           "give up after this many seconds (default 600)", 600.0),
+    Option("--json", Switch(), "print one JSON summary, no progress bar", False,
+           action="store_true"),
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--size", type=float, default=24.0, help="trace size in MB (default 24)")
-    parser.add_argument("--loss", type=float, default=0.01,
-                        help="probability a USB packet is lost (default 0.01)")
-    parser.add_argument("--flip", type=float, default=0.0, help="probability of a flipped bit per packet")
-    parser.add_argument("--max-packet", type=int, choices=(64, 512, 1024), default=64)
-    parser.add_argument("--device-tx", choices=("crc", "sentinel"), default="sentinel")
-    parser.add_argument("--batch", action="store_true", help="device batches packets across transfers")
-    parser.add_argument("--mtu", type=int, default=1500)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
-    parser.add_argument("--json", action="store_true", help="print one JSON summary, no progress bar")
+    add_options(parser, OPTIONS)
 
 
 def _serve_trace(listener: socket.socket, trace: bytes) -> None:
@@ -72,16 +86,17 @@ def run(args: argparse.Namespace) -> int:
     expected = hashlib.sha256(trace).hexdigest()
     subnet = free_linklocal_subnet()
     device_ip, host_ip = f"{subnet[1]}/{subnet.prefixlen}", f"{subnet[2]}/{subnet.prefixlen}"
-    sim = SimLink(
-        address=device_ip,
-        max_packet=args.max_packet,
-        tx_crc=args.device_tx == "crc",
-        batch=args.batch,
-        loss=args.loss,
-        flip=args.flip,
-        mtu=args.mtu,
-        seed=args.seed,
-    )
+    with needs_privileges("eembridge demo"):
+        sim = SimLink(
+            address=device_ip,
+            max_packet=args.max_packet,
+            tx_crc=args.device_tx == "crc",
+            batch=args.batch,
+            loss=args.loss,
+            flip=args.flip,
+            mtu=args.mtu,
+            seed=args.seed,
+        )
     with sim:
         options = BridgeOptions(tap=unique_name("eemdemo"), addresses=[host_ip], peer=str(subnet[1]),
                                 peer_mac=sim.mac, mtu=args.mtu, stats_socket=None)

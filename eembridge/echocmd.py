@@ -10,7 +10,15 @@ import argparse
 import json
 
 from .errors import UserError
-from .stats import RUN_DIR, request, running_bridges, socket_path
+from .stats import (
+    RUN_DIR,
+    BadRequest,
+    echo_parameters,
+    is_stale,
+    request,
+    running_bridges,
+    socket_path,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,14 +31,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.count < 1:
-        raise UserError("--count must be at least 1")
+    try:  # the bridge's own rule, checked before asking
+        echo_parameters(args.count, args.timeout, args.interval)
+    except BadRequest as exc:
+        raise UserError(f"--{exc}") from None
     if args.socket:
         path = args.socket
     elif args.tap:
         path = socket_path(args.tap)
     else:
-        paths = running_bridges(RUN_DIR)
+        paths = [p for p in running_bridges(RUN_DIR) if not is_stale(p)]
         if len(paths) != 1:
             raise UserError(f"{len(paths)} bridges running: name one with --tap")
         path = paths[0]

@@ -4,18 +4,32 @@ A custom Collector turns one `bridge.stats()` snapshot into metric families at s
 time, so nothing is counted twice and the data path is never touched: the counters
 already exist, the scrape only reads them. Counters are `eembridge_*_total`, state is
 gauges; every sample is labelled with the device serial and the TAP name.
+
+Every local user can reach the endpoint, so it is served by our own bounded server
+(localserver.py: 64 connections, the oldest unfinished dropped to make room, 5 s to
+send the request head, 10 s to take the answer, one thread at most) rather than
+prometheus_client's start_http_server, a thread per connection with no timeout (0.26).
+The answer is still prometheus_client's own (make_wsgi_app: content negotiation,
+gzip, name[] filters), over one snapshot that scrapes share for SNAPSHOT_MAX_AGE: a
+scrape storm costs the bridge's thread a few snapshots a second, never one each.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import re
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import unquote
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import make_wsgi_app
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from .errors import UserError
+from .localserver import Connection, LocalServer, TooLong
 
 PREFIX = "eembridge"
 LABELS = ["serial", "tap"]
@@ -34,6 +48,16 @@ GAUGES = {
     "out_transfers_queued": "bulk OUT transfers submitted and not yet completed",
     "tx_bytes_in_flight": "bytes in bulk OUT transfers not yet completed",
 }
+# Keys of a server's counters (snapshot "servers") that are states, not totals.
+SERVER_GAUGES = {"open", "threads", "echo_sessions"}
+
+MAX_CONNECTIONS = 64
+REQUEST_TIMEOUT = 5.0
+WRITE_TIMEOUT = 10.0
+MAX_LINE = 8192  # the request line, and each header line
+MAX_HEAD = 16384
+MAX_HEADERS = 100
+SNAPSHOT_MAX_AGE = 0.25
 
 
 def snapshot_families(s: dict[str, Any]) -> Iterator[Metric]:
@@ -80,6 +104,33 @@ def snapshot_families(s: dict[str, Any]) -> Iterator[Metric]:
                 yield family
 
 
+    for name, counters in (s.get("servers") or {}).items():
+        for key, value in counters.items():
+            if isinstance(value, bool) or not isinstance(value, int):
+                continue
+            if key in SERVER_GAUGES:
+                gauge = GaugeMetricFamily(f"{PREFIX}_server_{name}_{key}",
+                                          f"{name} server (local clients): {key}", labels=LABELS)
+                gauge.add_metric(labels, float(value))
+                yield gauge
+            else:
+                family = CounterMetricFamily(f"{PREFIX}_server_{name}_{key}",
+                                             f"{name} server (local clients) counter: {key}",
+                                             labels=LABELS)
+                family.add_metric(labels, float(value))
+                yield family
+
+
+class SnapshotCollector(Collector):
+    """The metric families of one snapshot already taken."""
+
+    def __init__(self, snapshot: dict[str, Any]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        yield from snapshot_families(self._snapshot)
+
+
 class BridgeCollector(Collector):
     """Reads the bridge's snapshot when Prometheus scrapes."""
 
@@ -113,18 +164,135 @@ def parse_address(text: str) -> tuple[str, int]:
 class MetricsServer:
     """The HTTP endpoint; close() stops it."""
 
-    def __init__(self, address: str, stats: Callable[[], dict[str, Any]]) -> None:
-        from prometheus_client import start_http_server
-
+    def __init__(self, address: str, stats: Callable[[], dict[str, Any]], *,
+                 max_connections: int = MAX_CONNECTIONS, request_timeout: float = REQUEST_TIMEOUT,
+                 write_timeout: float = WRITE_TIMEOUT) -> None:
         host, port = parse_address(address)
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(BridgeCollector(stats))
-        try:
-            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
-        except OSError as exc:
-            raise UserError(f"--metrics {address}: cannot listen: {exc.strerror or exc}") from None
-        self.port = self._server.server_port
+        self._stats = stats
+        self._snapshot: dict[str, Any] | None = None
+        self._taken = 0.0
+        self._fetching: asyncio.Future[dict[str, Any]] | None = None
+        listener = _listen(host, port, address)
+        self.port = listener.getsockname()[1]
+        self._server = LocalServer(
+            listener, "eembridge-metrics", self._serve, max_connections=max_connections,
+            request_timeout=request_timeout, write_timeout=write_timeout, max_threads=1,
+            limit=MAX_LINE, counters=("scrapes", "snapshots"))
+
+    def counters(self) -> dict[str, int]:
+        return self._server.counters()
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.close()
+
+    async def _snapshot_for_scrape(self, server: LocalServer) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        if self._snapshot is not None and loop.time() - self._taken < SNAPSHOT_MAX_AGE:
+            return self._snapshot
+        if self._fetching is None:  # else: share the one being taken
+            server.count("snapshots")
+            fetching = self._fetching = server.in_thread(self._stats)
+
+            def taken(done: asyncio.Future[dict[str, Any]]) -> None:
+                self._fetching = None
+                if not done.cancelled() and done.exception() is None:
+                    self._snapshot, self._taken = done.result(), loop.time()
+
+            fetching.add_done_callback(taken)
+        return await asyncio.shield(self._fetching)
+
+    async def _serve(self, server: LocalServer, conn: Connection) -> None:
+        try:
+            line = await server.read_until(conn, b"\n")
+        except TooLong:
+            return await _refuse(server, conn, "414 URI Too Long", f"request line over {MAX_LINE} bytes")
+        if not line.endswith(b"\n"):
+            return  # gone before a whole request line: nobody to answer
+        parts = line.decode("latin-1").split()
+        if len(parts) == 2 or (len(parts) == 3 and not _VERSION.fullmatch(parts[2])):
+            return await _refuse(server, conn, "400 Bad Request",
+                                 "expected METHOD /PATH HTTP/1.1 (HTTP/0.9 is not served)")
+        if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not parts[1].startswith("/"):
+            return await _refuse(server, conn, "400 Bad Request", "malformed request line")
+        method, target, version = parts
+        if version not in ("HTTP/1.0", "HTTP/1.1"):
+            return await _refuse(server, conn, "505 HTTP Version Not Supported", f"{version}")
+        headers: dict[str, str] = {}
+        size, count = 0, 0
+        while True:
+            try:
+                header = await server.read_until(conn, b"\n")
+            except TooLong:
+                header = b"x" * (MAX_HEAD + 1)
+            if not header.endswith(b"\n"):
+                return
+            size, count = size + len(header), count + 1
+            if size > MAX_HEAD or count > MAX_HEADERS:
+                return await _refuse(server, conn, "431 Request Header Fields Too Large",
+                                     f"request head over {MAX_HEAD} bytes or {MAX_HEADERS} lines")
+            if not header.strip():
+                break
+            name, colon, value = header.decode("latin-1").partition(":")
+            if not colon or not _TOKEN.fullmatch(name):
+                return await _refuse(server, conn, "400 Bad Request", "malformed header line")
+            headers[name.lower()] = value.strip()
+        conn.serving = True
+        path, _, query = target.partition("?")
+        environ = {"REQUEST_METHOD": method, "PATH_INFO": unquote(path), "QUERY_STRING": query}
+        for name in ("accept", "accept-encoding"):
+            if name in headers:
+                environ["HTTP_" + name.upper().replace("-", "_")] = headers[name]
+        registry = CollectorRegistry(auto_describe=False)
+        if method == "GET" and environ["PATH_INFO"] != "/favicon.ico":
+            try:
+                snapshot = await self._snapshot_for_scrape(server)
+            except Exception as exc:  # the bridge could not say: the scraper sees it
+                return await _refuse(server, conn, "500 Internal Server Error",
+                                     f"no snapshot: {exc}", bad=False)
+            registry.register(SnapshotCollector(snapshot))
+            server.count("scrapes")
+        answer: list[Any] = []
+
+        def start_response(status: str, response_headers: list[tuple[str, str]],
+                           exc_info: Any = None) -> None:
+            answer[:] = [status, response_headers]
+
+        body = b"".join(make_wsgi_app(registry)(environ, start_response))
+        await server.send(conn, _response(answer[0], answer[1], body))
+        await server.linger(conn)
+
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_VERSION = re.compile(r"HTTP/[0-9]+(\.[0-9]+)?")
+
+
+def _response(status: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
+    lines = [f"HTTP/1.1 {status}", *(f"{k}: {v}" for k, v in headers),
+             f"Content-Length: {len(body)}", "Connection: close", "", ""]
+    return "\r\n".join(lines).encode("latin-1") + body
+
+
+async def _refuse(server: LocalServer, conn: Connection, status: str, message: str,
+                  bad: bool = True) -> None:
+    if bad:
+        server.count("bad_requests")
+    body = f"{status}: {message}\n".encode()
+    await server.send(conn, _response(status, [("Content-Type", "text/plain; charset=utf-8")], body))
+    await server.linger(conn)
+
+
+def _listen(host: str, port: int, address: str) -> socket.socket:
+    try:
+        family, kind, proto, _, where = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind | socket.SOCK_CLOEXEC, proto)
+    except OSError as exc:
+        raise UserError(f"--metrics {address}: cannot listen: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(where)
+        sock.listen(64)
+    except OSError as exc:
+        sock.close()
+        raise UserError(f"--metrics {address}: cannot listen: {exc.strerror or exc}") from None
+    return sock

@@ -49,6 +49,7 @@ class Observers:
         self.recorder: Any = None
         self.capture: Any = None
         self.metrics: Any = None
+        self._bridge: Any = None
 
     def wrap(self, connect: Callable[[], Transport], tap: str) -> Callable[[], Transport]:
         """The connector the bridge gets: records transfers, starts the TAP capture."""
@@ -85,11 +86,17 @@ class Observers:
             from .metrics import MetricsServer
 
             self.metrics = MetricsServer(self.args.metrics, bridge.stats)
+            bridge.servers["metrics"] = self.metrics.counters
+            self._bridge = bridge
             log.info("Prometheus metrics on http://%s/metrics", self.args.metrics)
 
     def close(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
+            # No cycle left (bridge -> servers -> metrics -> bridge.stats) for the
+            # collector at exit: see ControlServer.close.
+            self._bridge.servers.pop("metrics", None)
+            self.metrics = None
         if self.capture is not None:
             self.capture.stop()
         if self.recorder is not None:

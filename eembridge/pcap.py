@@ -13,14 +13,22 @@ carry integers of their own (usbmon's) are in that same order, so every Packet s
 which order its file used.
 
 Errors in the input are eembridge.errors.CaptureError with a one-line message naming
-the file and the problem; a caller never sees struct.error or a short read.
+the file, the problem and where (byte offset, record number); a caller never sees
+struct.error, a short read or the OSError of a failing read.
+
+Timestamps: every timestamp the reader yields is in 0 .. 2**32 s (1970..2106), the range
+of a pcap record (and of usbmon's), so any of them can be written again. A pcap record's
+fraction of a second may be written as a second or more (a µs field of 4294967295): it is
+carried into the seconds, which is what the fields say and how libpcap adds them; a sum
+past 2106, like a pcapng timestamp outside the range, is corruption, not clamped, because
+a record header that garbled is no more to be trusted for its lengths.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO, NamedTuple, Protocol
 
 from .errors import CaptureError
 
@@ -50,6 +58,10 @@ PCAPNG_EPB = 0x00000006
 OPT_ENDOFOPT = 0
 OPT_IF_TSRESOL = 9
 OPT_IF_TSOFFSET = 14
+OPTION_NAMES = {OPT_IF_TSRESOL: "if_tsresol", OPT_IF_TSOFFSET: "if_tsoffset"}
+OPTION_SIZES = {OPT_IF_TSRESOL: 1, OPT_IF_TSOFFSET: 8}
+# Timestamps run from the epoch to here (exclusive): 32-bit seconds, pcap's and usbmon's.
+TIMESTAMP_LIMIT_NS = 2**32 * 1_000_000_000
 
 _SKIP_CHUNK = 1 << 16
 
@@ -69,6 +81,12 @@ class Packet(NamedTuple):
     interface: int  # pcapng interface index; 0 for pcap
 
 
+class ByteSource(Protocol):
+    """What the reader needs of its stream (a file, or decode's copy-as-you-read pipe)."""
+
+    def read(self, n: int, /) -> bytes: ...
+
+
 class _Interface(NamedTuple):
     linktype: int
     snaplen: int
@@ -84,7 +102,7 @@ class CaptureReader:
     is neither fails at once. `name` only appears in error messages.
     """
 
-    def __init__(self, stream: BinaryIO, name: str) -> None:
+    def __init__(self, stream: ByteSource, name: str) -> None:
         self._stream = stream
         self.name = name
         self.offset = 0  # of the next byte to read
@@ -120,7 +138,12 @@ class CaptureReader:
     # -- reading ---------------------------------------------------------------
 
     def _read_exact(self, n: int, what: str, allow_eof: bool = False) -> bytes:
-        data = self._stream.read(n)
+        try:
+            data = self._stream.read(n)
+        except OSError as exc:
+            raise CaptureError(
+                f"{self.name}: {exc.strerror or exc} reading {what} at offset {self.offset}"
+            ) from None
         if len(data) != n and not (allow_eof and not data):
             raise CaptureError(
                 f"{self.name}: truncated {what} at offset {self.offset}: "
@@ -155,9 +178,15 @@ class CaptureReader:
                 return
             sec, frac, caplen, length = record.unpack(header)
             self._check_size(caplen, f"record {self.packets + 1}", start)
+            timestamp_ns = sec * 1_000_000_000 + frac * frac_ns
+            if timestamp_ns >= TIMESTAMP_LIMIT_NS:
+                raise CaptureError(
+                    f"{self.name}: record {self.packets + 1} at offset {start} has timestamp "
+                    f"{sec}.{frac} ({'ns' if frac_ns == 1 else 'µs'}), after 2106: the file is corrupt"
+                )
             data = self._read_exact(caplen, f"record {self.packets + 1} (started at offset {start})")
             self.packets += 1
-            yield Packet(linktype, sec * 1_000_000_000 + frac * frac_ns, data, length, order, 0)
+            yield Packet(linktype, timestamp_ns, data, length, order, 0)
 
     # -- pcapng ----------------------------------------------------------------
 
@@ -224,16 +253,28 @@ class CaptureReader:
         linktype, _reserved, snaplen = struct.unpack_from(order + "HHI", body)
         units, offset_ns = 1_000_000, 0  # default resolution: microseconds
         pos = 8
+        # The body is whole words (the block length was checked), so an option header
+        # always fits; its value may not.
         while pos + 4 <= len(body):
             code, size = struct.unpack_from(order + "HH", body, pos)
+            where = f"{self.name}: interface block at offset {start}: option {code}"
+            where += f" ({OPTION_NAMES[code]})" if code in OPTION_NAMES else ""
+            where += f" at offset {start + 8 + pos}"
+            if pos + 4 + size > len(body):
+                raise CaptureError(
+                    f"{where} claims {size} bytes, {len(body) - pos - 4} are left in the block: "
+                    "the file is corrupt"
+                )
             value = body[pos + 4 : pos + 4 + size]
             pos += 4 + (size + 3) // 4 * 4
             if code == OPT_ENDOFOPT:
                 break
-            if code == OPT_IF_TSRESOL and size == 1:
+            if code in OPTION_SIZES and size != OPTION_SIZES[code]:
+                raise CaptureError(f"{where} has {size} bytes, not {OPTION_SIZES[code]}: the file is corrupt")
+            if code == OPT_IF_TSRESOL:
                 exp = value[0] & 0x7F
                 units = 2**exp if value[0] & 0x80 else 10**exp
-            elif code == OPT_IF_TSOFFSET and size == 8:
+            elif code == OPT_IF_TSOFFSET:
                 offset_ns = struct.unpack(order + "q", value)[0] * 1_000_000_000
         return _Interface(linktype, snaplen, units, offset_ns)
 
@@ -271,7 +312,7 @@ class CaptureReader:
         timestamp_ns = 0
         if ts is not None:
             timestamp_ns = ts * 1_000_000_000 // iface.units_per_second + iface.offset_ns
-        if not 0 <= timestamp_ns < 2**32 * 1_000_000_000:
+        if not 0 <= timestamp_ns < TIMESTAMP_LIMIT_NS:
             # Outside what any pcap (32-bit seconds) or usbmon record can hold.
             raise CaptureError(
                 f"{self.name}: packet at offset {start} has timestamp {timestamp_ns} ns, "
@@ -310,6 +351,9 @@ class PcapWriter:
 
     def write(self, data: bytes | bytearray | memoryview, timestamp_ns: int, length: int | None = None) -> None:
         """One record; `length` is the original length when data was cut (default len(data))."""
+        if not 0 <= timestamp_ns < TIMESTAMP_LIMIT_NS:
+            # CaptureReader never yields one (see the module's notes): a caller's bug.
+            raise ValueError(f"timestamp {timestamp_ns} ns is outside 1970..2106, what a pcap record holds")
         sec, ns = divmod(timestamp_ns, 1_000_000_000)
         frac = ns if self._nanosecond else ns // 1000
         n = len(data)

@@ -82,7 +82,25 @@ DEFRAMER_COUNTERS = (
     "echo",  # Echo commands received
     "echo_response",  # Echo Response commands received
     "hints",  # Suspend Hint, Response Hint, Response Complete Hint, Tickle
+    "implausible",  # sentinel packets found by scanning refused by the plausibility rule
+    "unchecked",  # CRC packets refused unchecked: the budget for failed CRC work was spent
+    "spliced",  # sentinel packets refused: a whole plausible packet ends inside at their sentinel
 )
+
+# Failed CRC checks are paid from a budget (codec.py, "Cost of garbage"): every byte the
+# deframer moves past earns this many bytes of CRC work.
+CRC_BUDGET_PER_BYTE = 2
+# What a CRC check costs beyond its bytes (zlib's per-call cost is that of ~64 bytes of
+# CRC), so that short candidates at every offset are bounded too.
+CRC_CHECK_OVERHEAD = 64
+
+ETHERTYPE_IPV4 = 0x0800
+ETHERTYPE_ARP = 0x0806
+ETHERTYPE_VLAN = 0x8100
+ETHERTYPE_IPV6 = 0x86DD
+# Longest frame (check stripped) that may carry Ethernet padding after its IP packet or
+# ARP message: 60 bytes, 64 with an 802.1Q tag.
+PADDED_FRAME_MAX = 64
 
 FRAMER_COUNTERS = (
     "frames",  # data packets framed

@@ -20,16 +20,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+from collections.abc import Iterator
 from typing import Any
 
 from .decode import (
+    CaptureInput,
     capture_summary,
     choose_device,
     max_length_arg,
     parse_device,
     run_decoder,
     survey_capture,
+    write_stdout,
 )
 from .events import Echo, EchoResponse, Event, Frame, Hint
 from .protocol import DEFAULT_MAX_LENGTH
@@ -41,7 +43,8 @@ DROP_COUNTERS = ("crc_errors", "sentinel_errors", "oversize", "runts", "truncate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("capture", help="usbmon capture (pcap or pcapng), e.g. from --usb-pcap")
+    parser.add_argument("capture", help="usbmon capture (pcap or pcapng), e.g. from --usb-pcap; "
+                        "a pipe such as /dev/stdin is copied to a temporary file in TMPDIR")
     parser.add_argument("--device", type=parse_device, metavar="BUS:ADDR",
                         help="the EEM device (needed when several devices carry bulk traffic)")
     parser.add_argument("--json", action="store_true",
@@ -99,11 +102,12 @@ class Replayer:
 
 def replay_capture(path: str, device: tuple[int, int] | None = None,
                    max_length: int = DEFAULT_MAX_LENGTH) -> dict[str, Any]:
-    survey = survey_capture(path)
-    selection = choose_device(survey, device)
-    replayer = Replayer()
-    decoder, reader = run_decoder(path, survey, selection, lambda _data, _t: None, max_length,
-                                  replayer.on_transfer)
+    with CaptureInput(path) as source:
+        survey = survey_capture(path, source.first_pass())
+        selection = choose_device(survey, device)
+        replayer = Replayer()
+        decoder, reader = run_decoder(path, survey, selection, lambda _data, _t: None, max_length,
+                                      replayer.on_transfer, source.second_pass())
     return {
         "events": replayer.events,
         "summary": {**capture_summary(path, survey, selection, decoder, reader), **replayer.actions},
@@ -129,22 +133,23 @@ def format_event(e: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     result = replay_capture(args.capture, args.device, args.max_length)
+    return write_stdout(report_lines(result, args.json))
+
+
+def report_lines(result: dict[str, Any], as_json: bool) -> Iterator[str]:
     summary = result["summary"]
-    out = sys.stdout
-    if args.json:
+    if as_json:
         for event in result["events"]:
-            out.write(json.dumps(event) + "\n")
-        out.write(json.dumps({"event": "summary", **summary}) + "\n")
-    else:
-        for event in result["events"]:
-            out.write(format_event(event) + "\n")
-        out.write("\n")
-        out.write(f"echo answered {summary['echo_answered']}, echo responses matched "
-                  f"{summary['echo_responses_matched']}, unsolicited {summary['echo_responses_unsolicited']}\n")
-        names = list(summary["in"])
-        width = max(map(len, names))
-        out.write(f"{'':<{width}}  {'IN':>12}  {'OUT':>12}\n")
-        for name in names:
-            out.write(f"{name:<{width}}  {summary['in'][name]:>12}  {summary['out'][name]:>12}\n")
-    out.flush()
-    return 0
+            yield json.dumps(event) + "\n"
+        yield json.dumps({"event": "summary", **summary}) + "\n"
+        return
+    for event in result["events"]:
+        yield format_event(event) + "\n"
+    yield "\n"
+    yield (f"echo answered {summary['echo_answered']}, echo responses matched "
+           f"{summary['echo_responses_matched']}, unsolicited {summary['echo_responses_unsolicited']}\n")
+    names = list(summary["in"])
+    width = max(map(len, names))
+    yield f"{'':<{width}}  {'IN':>12}  {'OUT':>12}\n"
+    for name in names:
+        yield f"{name:<{width}}  {summary['in'][name]:>12}  {summary['out'][name]:>12}\n"

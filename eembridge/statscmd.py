@@ -3,6 +3,10 @@
 `--watch` is a live view of every bridge on the host (rich Live): rates computed from
 successive snapshots, losses, resyncs, echo RTT, queue depths and the link state. The
 sockets are looked up again on every refresh, so bridges that start or stop come and go.
+
+A socket nobody listens on (a bridge killed with SIGKILL leaves one) is skipped, named
+in one line on stderr; the live bridges are shown. Nothing is removed: a client never
+deletes a file (the next bridge on that TAP replaces its stale socket).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import time
 from typing import Any
 
 from .errors import UserError
-from .stats import RUN_DIR, query, running_bridges, socket_path
+from .stats import RUN_DIR, StaleSocket, query, running_bridges, socket_path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,13 +43,29 @@ def _paths(args: argparse.Namespace) -> list[str]:
     return paths
 
 
+def _skipped(stale: list[str]) -> str:
+    return (f"eembridge: skipped {len(stale)} stale control socket(s), no bridge listening "
+            f"(left by a bridge that was killed): {', '.join(stale)}")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.watch:
         return watch(args)
-    snapshots = {}
+    snapshots, stale = {}, []
     for path in _paths(args):
-        snapshot = query(path)
+        try:
+            snapshot = query(path)
+        except StaleSocket:
+            if args.socket or args.tap:
+                raise  # the one asked for: that is the answer
+            stale.append(path)
+            continue
         snapshots[snapshot.get("tap", path)] = snapshot
+    if not snapshots:
+        raise UserError(f"no running bridge: the control sockets in {args.run_dir} are stale, "
+                        f"no bridge listening: {', '.join(stale)}")
+    if stale:
+        print(_skipped(stale), file=sys.stderr)
     if args.json:
         print(json.dumps(snapshots, indent=2, sort_keys=True))
         return 0
@@ -67,6 +87,12 @@ def render(tap: str, s: dict[str, Any]) -> Any:
     if caps is not None:
         caption = ("capabilities held: " + (", ".join(caps.get("effective") or []) or "none")
                    + ("; no_new_privs" if caps.get("no_new_privs") else ""))
+    for name, c in (s.get("servers") or {}).items():
+        # What was turned away or cut off: a local client misbehaving, or an attack.
+        turned_away = {k: c.get(k, 0) for k in ("refused", "evicted", "timeouts", "bad_requests", "busy")}
+        if any(turned_away.values()):
+            line = f"{name} server: " + ", ".join(f"{k} {v}" for k, v in turned_away.items() if v)
+            caption = line if caption is None else f"{caption}\n{line}"
     table = Table(title=title, caption=caption)
     for column in ("EEM receive", "", "EEM transmit", "", "link (kernel)", ""):
         table.add_column(column, justify="right" if column == "" else "left")
@@ -87,7 +113,9 @@ def render(tap: str, s: dict[str, Any]) -> Any:
 # -- the live view ---------------------------------------------------------------------
 
 # Deframer counters of packets thrown away on the way in (see protocol.DEFRAMER_COUNTERS).
-IN_DROP_COUNTERS = ("crc_errors", "sentinel_errors", "oversize", "runts", "truncated")
+# "spliced" packets passed their sentinel but were refused (codec.py, "Trust"): drops.
+# "implausible" and "unchecked" count scan candidates refused in garbage, not frames.
+IN_DROP_COUNTERS = ("crc_errors", "sentinel_errors", "oversize", "runts", "truncated", "spliced")
 
 
 def _get(s: dict[str, Any], section: str, name: str) -> int:
@@ -169,16 +197,21 @@ def watch_table(rows: list[dict[str, Any]], gone: list[str] | None = None) -> An
 
 
 def poll(args: argparse.Namespace, previous: dict[str, tuple[float, dict[str, Any]]]
-         ) -> tuple[list[dict[str, Any]], list[str]]:
-    """One refresh: query every bridge, rows against the previous snapshots (updated in place)."""
+         ) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+    """One refresh: query every bridge, rows against the previous snapshots (updated in
+    place); the sockets not answering, and the stale ones (nobody listening)."""
     try:
         paths = _paths(args)
     except UserError:
         paths = []  # none running right now: show an empty view, they may come
-    rows, gone = [], []
+    rows, gone, stale = [], [], []
     for path in paths:
         try:
             snapshot = query(path, timeout=max(1.0, args.interval))
+        except StaleSocket:
+            stale.append(path)
+            previous.pop(path, None)
+            continue
         except UserError:
             gone.append(path)
             previous.pop(path, None)
@@ -189,18 +222,29 @@ def poll(args: argparse.Namespace, previous: dict[str, tuple[float, dict[str, An
         previous[path] = (now, snapshot)
     for path in set(previous) - set(paths):
         del previous[path]  # that bridge went away
-    return rows, gone
+    return rows, gone, stale
 
 
 def watch(args: argparse.Namespace) -> int:
     if args.interval <= 0:
         raise UserError("--interval must be positive")
     previous: dict[str, tuple[float, dict[str, Any]]] = {}
+    reported: set[str] = set()
+
+    def report(stale: list[str]) -> None:
+        """Each stale socket named once, on stderr: the view shows the live bridges."""
+        new = [path for path in stale if path not in reported]
+        if new:
+            print(_skipped(new), file=sys.stderr, flush=True)
+            reported.update(new)
+
     refreshes = 0
     if args.json:
         while args.count is None or refreshes < args.count:
-            rows, gone = poll(args, previous)
-            print(json.dumps({"time": time.time(), "bridges": rows, "not_answering": gone}), flush=True)
+            rows, gone, stale = poll(args, previous)
+            report(stale)
+            print(json.dumps({"time": time.time(), "bridges": rows, "not_answering": gone,
+                              "stale": stale}), flush=True)
             refreshes += 1
             if args.count is None or refreshes < args.count:
                 time.sleep(args.interval)
@@ -212,7 +256,8 @@ def watch(args: argparse.Namespace) -> int:
     with Live(watch_table([]), console=console, auto_refresh=False,
               screen=False, transient=False) as live:
         while args.count is None or refreshes < args.count:
-            rows, gone = poll(args, previous)
+            rows, gone, stale = poll(args, previous)
+            report(stale)
             live.update(watch_table(rows, gone), refresh=True)
             refreshes += 1
             if args.count is None or refreshes < args.count:

@@ -14,15 +14,19 @@ FILE is always the newest, FILE.1 the one before, ... up to COUNT files in all.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import struct
 import threading
 import time
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from .errors import UserError
 from .pcap import LINKTYPE_ETHERNET, PcapWriter
+from .recording import RecordFile
+
+log = logging.getLogger("eembridge.tapcapture")
 
 ETH_P_ALL = 0x0003
 SOL_PACKET = 263
@@ -47,29 +51,67 @@ def parse_rotate(text: str) -> tuple[int, int]:
 
 
 class RotatingPcap:
-    """An Ethernet pcap file that starts again, under the same name, past a size."""
+    """An Ethernet pcap file that starts again, under the same name, past a size.
+
+    Written through recording.RecordFile, as `--usb-pcap` is: a capture is a side show,
+    so when its disk fills (or any write fails) the bridge goes on, the file is cut back
+    to its last whole record so it stays readable, one warning says so, and the frames
+    not kept are counted (stats: capture.pcap.records_lost). It does not resume, not
+    even by rotating: a set of files with a gap would pass for a complete one.
+    """
 
     def __init__(self, path: str, max_bytes: int | None = None, files: int = 1) -> None:
         self.path = path
         self.max_bytes = max_bytes
         self.files = files
         self.rotations = 0
+        self.records = 0  # frames handed to the capture
+        self.records_lost = 0  # of those, not in any file (a write failed)
+        self._warned = False
         self._open()
 
     def _open(self) -> None:
         try:
-            self._file: BinaryIO = open(self.path, "wb", buffering=1 << 16)
-        except OSError as exc:
-            raise UserError(f"--pcap {self.path}: {exc.strerror or exc}") from None
-        self._writer = PcapWriter(self._file, LINKTYPE_ETHERNET, SNAPLEN, nanosecond=True)
+            self._file = RecordFile(self.path)
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
+            raise UserError(f"--pcap {self.path!r}: {getattr(exc, 'strerror', None) or exc}") \
+                from None
+        self._writer = PcapWriter(cast(BinaryIO, self._file), LINKTYPE_ETHERNET, SNAPLEN,
+                                  nanosecond=True)
+        self._file.end_records(0)  # the file header
+
+    @property
+    def error(self) -> OSError | None:
+        return self._file.error
 
     def write(self, frame: bytes, timestamp_ns: int) -> None:
+        self.records += 1
+        if self._file.error is not None:
+            self.records_lost += 1
+            return
         self._writer.write(frame, timestamp_ns)
-        if self.max_bytes is not None and self._file.tell() >= self.max_bytes:
+        self._file.end_records(1)
+        self._check()
+        if (self.max_bytes is not None and self._file.error is None
+                and self._file.size() >= self.max_bytes):
             self._rotate()
+
+    def _check(self) -> None:
+        """Count what a failed write lost and warn once."""
+        if self._file.error is None or self._warned:
+            return
+        self._warned = True
+        # Every record of this file not kept is lost; earlier files were complete.
+        self.records_lost += self._writer.packets - self._file.records_kept
+        log.warning("--pcap %s: %s: capture stopped, the bridge goes on; the file keeps its "
+                    "first %d frames (stats: capture.pcap.records_lost)", self.path,
+                    self._file.error.strerror or self._file.error, self._file.records_kept)
 
     def _rotate(self) -> None:
         self._file.close()
+        self._check()
+        if self._file.error is not None:
+            return  # the last file was cut short: keep it, and stop
         if self.files <= 1:
             os.unlink(self.path)
         else:
@@ -80,13 +122,20 @@ class RotatingPcap:
                     os.rename(f"{self.path}.{i}", f"{self.path}.{i + 1}")
             os.rename(self.path, f"{self.path}.1")
         self.rotations += 1
-        self._open()
+        try:
+            self._open()
+        except UserError as exc:  # e.g. the directory went: stop capturing, go on
+            log.warning("%s: capture stopped, the bridge goes on", exc)
+            self._file.error = OSError(str(exc))  # the closed file stands for the capture
+            self._warned = True
 
     def flush(self) -> None:
         self._file.flush()
+        self._check()
 
     def close(self) -> None:
         self._file.close()
+        self._check()
 
 
 class TapCapture:
@@ -165,6 +214,8 @@ class TapCapture:
             "drops": self.kernel_drops,
             "errors": self.errors,
             "rotations": self.output.rotations,
+            "write_errors": int(self.output.error is not None),
+            "records_lost": self.output.records_lost,
         }
 
     def flush(self) -> None:

@@ -50,6 +50,7 @@ from .pcap import (
     DEFAULT_SNAPLEN,
     LINKTYPE_USB_LINUX,
     LINKTYPE_USB_LINUX_MMAPPED,
+    ByteSource,
     CaptureReader,
     Packet,
     PcapngWriter,
@@ -154,7 +155,7 @@ class UsbmonReader:
     interface) are skipped and counted; a capture holding none of ours is an error.
     """
 
-    def __init__(self, stream: BinaryIO, name: str) -> None:
+    def __init__(self, stream: ByteSource, name: str) -> None:
         self.capture = CaptureReader(stream, name)
         self.name = name
         self.records = 0

@@ -139,7 +139,11 @@ def test_without_out_chunk_long_transfers_fail_such_a_device_and_it_is_seen(rig_
     # The reason for the 1536-byte default: batched transfers longer than the device's
     # buffer lose whole buffers. The device model counts what f_eem would have dropped.
     rig = rig_factory(max_packet=512, rx_buffer=1536, whole_requests=True, max_transfer=16384)
+    # The device takes nothing while the burst comes, so the bridge batches it however
+    # fast it is (on a loaded machine it could otherwise send each datagram alone).
+    rig.sim.device.busy_out_for(30)
     _udp_burst(rig)
+    rig.sim.device.busy_out_for(0)
     wait_for(lambda: rig.sim.device.counters()["rx_failed_requests"] > 0, timeout=10)
 
 

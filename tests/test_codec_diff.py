@@ -37,7 +37,7 @@ from eembridge.protocol import (
 )
 
 from conftest import IMPLEMENTATIONS, load_codec
-from eemstreams import command, data_packet, ethernet_frame
+from eemstreams import command, data_packet, ethernet_frame, transport_frame
 
 REF = load_codec("python")
 FAST = load_codec("cython")
@@ -527,3 +527,108 @@ def test_framer_in_place_refusals_and_bytes():
     sentinel = FAST.Framer(crc=False)
     slot[2:16] = bytes(14)
     assert sentinel.frame_buffer(slot, 0, 14) == 20 and slot[16:20] == SENTINEL
+
+
+# -- false frames and the cost of garbage (codec.py: "Trust", "Cost of garbage") --------
+
+HOST = bytes.fromhex("020000000001")
+
+
+def mutate(rng: random.Random, frame: bytes) -> bytes:
+    out = bytearray(frame)
+    for _ in range(rng.randrange(0, 3)):
+        kind = rng.randrange(3)
+        if kind == 0 and out:
+            out[rng.randrange(len(out))] ^= 1 << rng.randrange(8)
+        elif kind == 1 and out:
+            del out[rng.randrange(len(out)) :]
+        else:
+            out += rng.randbytes(rng.randrange(1, 8))
+    return bytes(out)
+
+
+@settings(max_examples=400, deadline=None)
+@given(seed=seeds, size=st.integers(0, 300), mac=st.sampled_from([None, HOST, bytes(6)]),
+       vlan=st.booleans())
+def test_plausibility_and_checksum_rules_agree(seed, size, mac, vlan):
+    rng = random.Random(seed)
+    frame = transport_frame(rng, size, rng.choice([HOST, b"\xff" * 6, bytes(6)]))
+    if vlan:
+        frame = frame[:12] + b"\x81\x00\x00\x07" + frame[12:]
+    frame = mutate(rng, frame)
+    assert FAST._plausible_frame(frame, mac) == REF.plausible(frame, mac)
+    assert FAST._l4_intact_frame(frame) == REF.l4_intact(frame)
+
+
+def run_both_with(transfers, max_length: int, mac: bytes | None) -> list:
+    fast, ref = FAST.Deframer(max_length, mac=mac), REF.Deframer(max_length, mac=mac)
+    events = []
+    for transfer, short in transfers:
+        expected = ref.feed(transfer, short)
+        assert fast.feed(transfer, short) == expected
+        assert_same_state(fast, ref)
+        assert fast.budget == ref.budget
+        events += expected
+    return events
+
+
+HOSTILE_UNITS = [b"\xf2\x45", b"\x12\x40", b"\xff\x7f", b"\xf2\x05", b"\x00\x00", b"\xff\xff",
+                 b"\x12\x00" + bytes(14) + SENTINEL]
+
+
+def lossy_stream(rng: random.Random, crc_mode: str, max_packet: int, batch: bool,
+                 loss: float, hostile: bool) -> list[tuple[bytes, bool]]:
+    """Device transfers of real frames (sentinel, CRC or mixed), USB packets lost,
+    optionally with hostile garbage runs between them, cut as a host receives them."""
+    transfers = []
+    pending = b""
+    for _ in range(rng.randrange(1, 40)):
+        crc = rng.random() < 0.5 if crc_mode == "mixed" else crc_mode == "crc"
+        framer = REF.Framer(crc=crc, max_packet=max_packet, max_transfer=4096, batch=batch)
+        frames = [transport_frame(rng, rng.choice([rng.randrange(0, 100), 1400,
+                                                   rng.randrange(0, 1440)]))
+                  for _ in range(rng.randrange(1, 6))]
+        device = framer.pack(frames)
+        if hostile and rng.random() < 0.3:
+            unit = rng.choice(HOSTILE_UNITS + [data_packet(frames[0], crc)[:-4] + bytes(4)])
+            device.insert(rng.randrange(len(device) + 1), unit * rng.randrange(1, 200))
+        for transfer in device:
+            for i in range(0, len(transfer), max_packet):
+                piece = transfer[i : i + max_packet]
+                if rng.random() < loss:
+                    continue
+                pending += piece
+                if len(piece) < max_packet or len(pending) >= 8192:
+                    transfers.append((pending, len(piece) < max_packet))
+                    pending = b""
+    transfers.append((pending, True))
+    return transfers
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=seeds, crc_mode=st.sampled_from(["crc", "sentinel", "mixed"]),
+       max_packet=st.sampled_from([64, 512]), batch=st.booleans(),
+       loss=st.sampled_from([0.0, 0.02, 0.1, 0.3]), hostile=st.booleans(),
+       max_length=st.sampled_from([600, DEFAULT_MAX_LENGTH, 16383]),
+       mac=st.sampled_from([None, HOST]))
+def test_deframers_agree_on_lossy_and_hostile_streams(seed, crc_mode, max_packet, batch, loss,
+                                                      hostile, max_length, mac):
+    """Loss, splices, hostile garbage (budget exhausted), devices that end every
+    transfer short: the same events, counters and budget."""
+    run_both_with(lossy_stream(random.Random(seed), crc_mode, max_packet, batch, loss, hostile),
+                  max_length, mac)
+
+
+def test_the_lossy_streams_reach_every_new_rule():
+    """The strategy above is no use unless it makes each new counter count."""
+    totals = dict.fromkeys(["implausible", "unchecked", "spliced"], 0)
+    for seed in range(60):
+        rng = random.Random(seed)
+        transfers = lossy_stream(rng, rng.choice(["crc", "sentinel", "mixed"]),
+                                 rng.choice([64, 512]), seed % 2 == 0, 0.1, seed % 3 == 0)
+        ref = REF.Deframer(DEFAULT_MAX_LENGTH, mac=HOST)
+        for transfer, short in transfers:
+            ref.feed(transfer, short)
+        for name in totals:
+            totals[name] += ref.counters()[name]
+    assert all(totals.values()), totals

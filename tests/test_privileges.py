@@ -142,12 +142,12 @@ def test_drop_keeps_only_what_it_is_asked_to_and_threads_born_unprivileged_hold_
     assert out["born"] == 0
 
 
-def test_wait_timeout_expires_with_one_line_naming_the_device():
+def test_wait_timeout_expires_with_one_line_naming_the_device(tmp_path):
     require_tun_and_root()
     tap = unique_name("eemwt")
     start = time.monotonic()
     result = eembridge("--wait-timeout", "1.5", "--serial", "no-such-board", "--tap", tap,
-                       "--stats-socket", "")
+                       "--stats-socket", str(tmp_path / "bridge.sock"))
     took = time.monotonic() - start
     assert result.returncode == 2, result.stderr
     errors = [ln for ln in result.stderr.splitlines() if "error" in ln.lower()]

@@ -140,6 +140,7 @@ def test_bridge_link_setup_works_with_only_the_units_capabilities(tmp_path):
 
     tap = unique_name("eemcap")
     sock = tmp_path / "run" / f"{tap}.sock"
+    sock.parent.mkdir()  # as the unit's RuntimeDirectory= makes /run/eembridge
     script = f"""
 import json, pyroute2
 from eembridge.bridge import Bridge, BridgeOptions
