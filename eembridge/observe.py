@@ -18,18 +18,6 @@ from .transport import Transport
 log = logging.getLogger("eembridge.observe")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("observability")
-    group.add_argument("--metrics", metavar="HOST:PORT",
-                       help="serve Prometheus metrics over HTTP, e.g. 127.0.0.1:9850 (default off)")
-    group.add_argument("--pcap", metavar="FILE",
-                       help="capture the Ethernet frames crossing the TAP (both ways) to a pcap file")
-    group.add_argument("--pcap-rotate", metavar="SIZE_MB[:COUNT]",
-                       help="with --pcap: start a new file past SIZE_MB, keep COUNT files (default 5)")
-    group.add_argument("--usb-pcap", metavar="FILE",
-                       help="record the bulk transfers as a usbmon pcap (for eembridge decode/replay)")
-
-
 class Observers:
     """Set up before the bridge (wrap the connector), attach after it started."""
 
