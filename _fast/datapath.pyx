@@ -47,8 +47,6 @@ import errno as _errno
 from .datapath import RX_COUNTERS, TX_COUNTERS, OutTransfer
 from .protocol import CHECK_SIZE, HEADER_SIZE
 
-DEF ERRNO_SLOTS = 256
-
 from txfill cimport TX_HEADER, TX_CHECK, TX_ERRNO_SLOTS
 from rxdeliver cimport RX_ERRNO_SLOTS
 
@@ -57,13 +55,14 @@ from offload cimport (vnet_hdr_t, gso_state_t, gso_begin, gso_next, off_complete
 from .offload import OffloadError
 
 assert TX_HEADER == HEADER_SIZE and TX_CHECK == CHECK_SIZE
-assert <int>TX_ERRNO_SLOTS == <int>RX_ERRNO_SLOTS == ERRNO_SLOTS
+# Both paths count errno values in arrays of the same size, read by _errno_names.
+assert <int>TX_ERRNO_SLOTS == <int>RX_ERRNO_SLOTS
 
 
 cdef dict _errno_names(int64_t* counts):
     cdef int i
     out = {}
-    for i in range(ERRNO_SLOTS):
+    for i in range(RX_ERRNO_SLOTS):
         if counts[i]:
             out[_errno.errorcode.get(i, str(i))] = counts[i]
     return out
