@@ -7,7 +7,7 @@ Deframe: streams of back-to-back EEM packets cut into 16 KB full bulk IN transfe
   in place  Deframer.feed_buffer(), the Cython C path the bridge uses (eem_deframe on
             memory holding the carried bytes right before each transfer; frames come
             back as records, no per-frame Python object, GIL released)
-  reference eembridge.codec.Deframer.feed()
+  reference eembridge.core.codec.Deframer.feed()
 Frame: Framer.pack() of the same frames into 1536-byte transfers (Cython and
 reference), and in place (frame_buffer/close_buffer on frames already sitting 2 bytes
 into their slots; one Python call per frame, so it measures call overhead for small
@@ -37,7 +37,7 @@ if "--checkout" in sys.argv:
     _checkout = Path(sys.argv[sys.argv.index("--checkout") + 1]).resolve()
 sys.path.insert(0, str(_checkout))
 from eembridge import _eem as cython  # noqa: E402  (directly: a broken build must fail)
-from eembridge import codec as reference  # noqa: E402
+from eembridge.core import codec as reference  # noqa: E402
 
 TRANSFER = 16384
 STREAM = 4 << 20  # bytes of packets per stream (a multiple of TRANSFER)

@@ -26,9 +26,9 @@ from typing import Any
 
 import pytest
 
-from eembridge import netns as nsmod
-from eembridge.netns import free_linklocal_subnet  # noqa: F401  (re-exported for tests)
-from eembridge.tap import Tap
+from eembridge.link import netns as nsmod
+from eembridge.link.netns import free_linklocal_subnet  # noqa: F401  (re-exported for tests)
+from eembridge.link.tap import Tap
 
 TAP_PREFIX = "eemt"  # test TAPs: eemt + 8 hex digits, well under IFNAMSIZ
 NETNS_PREFIX = "eemt-"

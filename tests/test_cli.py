@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from eembridge.netns import free_linklocal_subnet, link_names, unique_name
+from eembridge.link.netns import free_linklocal_subnet, link_names, unique_name
 
 from netfixtures import require_tun_and_root, wait_for_control_socket
 
@@ -72,7 +72,7 @@ def test_main_job_on_sim_with_stats_echo_and_clean_stop(tmp_path):
 def test_tap_deleted_under_the_bridge_stops_it_with_one_line(tmp_path):
     """Before, the loop kept polling a TAP whose interface was gone: 60% of a CPU, forever."""
     require_tun_and_root()
-    from eembridge.netns import iproute, link_index
+    from eembridge.link.netns import iproute, link_index
 
     tap = unique_name("eemdel")
     sock = str(tmp_path / "bridge.sock")
@@ -100,7 +100,7 @@ def test_sigterm_during_start_up_still_stops_cleanly(tmp_path):
     control socket exist): the bridge finishes starting, then stops as on any SIGTERM,
     exit 0, its namespace and TAP gone. Before, the default action killed it there."""
     require_tun_and_root()
-    from eembridge.netns import netns_exists
+    from eembridge.link.netns import netns_exists
 
     tap = unique_name("eemsu")
     proc = subprocess.Popen(

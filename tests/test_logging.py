@@ -16,7 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from eembridge.logsetup import (
+from eembridge.link.netns import free_linklocal_subnet, unique_name
+from eembridge.observe.logs import (
     GARBAGE_COUNTERS,
     GarbageSummary,
     JournalFormatter,
@@ -25,7 +26,6 @@ from eembridge.logsetup import (
     journal_connected,
     resolve_format,
 )
-from eembridge.netns import free_linklocal_subnet, unique_name
 
 from netfixtures import _inet_checksum, require_tun_and_root, wait_for, wait_for_control_socket
 

@@ -15,9 +15,10 @@ import textwrap
 import time
 from pathlib import Path
 
-from eembridge import discovery, privileges
-from eembridge.netns import free_linklocal_subnet, link_names, unique_name
-from eembridge.usbselect import Selector
+from eembridge.link import privileges
+from eembridge.link.netns import free_linklocal_subnet, link_names, unique_name
+from eembridge.usb import discovery
+from eembridge.usb.selector import Selector
 
 from netfixtures import ping, require_tun_and_root, wait_for
 
@@ -108,8 +109,8 @@ def test_drop_keeps_only_what_it_is_asked_to_and_threads_born_unprivileged_hold_
     tap = unique_name("eempd")
     script = textwrap.dedent(f"""
         import json, threading
-        from eembridge import privileges
-        from eembridge.tap import Tap
+        from eembridge.link import privileges
+        from eembridge.link.tap import Tap
         t = Tap({tap!r})
         t.up()
         seen = {{}}
@@ -175,7 +176,7 @@ def test_stale_claim_records(tmp_path):
     alive = discovery.claim_path("9-8", 1, str(tmp_path))
     Path(alive).write_text(json.dumps({"pid": os.getpid(), "tap": "eem1"}))
     assert discovery.stale_claim("9-8", 1, str(tmp_path)) is None
-    from eembridge.usb import reattach_stale
+    from eembridge.usb.device import reattach_stale
 
     lines = reattach_stale(Selector(), str(tmp_path))
     assert lines == [f"9-9:1.2: device gone; removed the record of eembridge pid {dead.pid}"]
