@@ -33,7 +33,6 @@ import fcntl
 import ipaddress
 import logging
 import os
-import platform
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
 from pyroute2.netlink.rtnl.ndmsg import states as NUD_STATES
 
 from ..core.errors import UserError
+from ..core.ioctl import IOR, IOW
 from ..core.offload import TUN_OFFLOADS
 from ..core.options import IFNAMSIZ, ifname_problem
 from . import networkmanager
@@ -57,46 +57,11 @@ TUN_DEVICE = "/dev/net/tun"
 IFF_UP = 0x1
 IFF_PERSIST = 0x0800  # reported by TUNGETIFF (include/uapi/linux/if_tun.h)
 
-# --- ioctl numbers ------------------------------------------------------------------
-# Computed the way <asm-generic/ioctl.h> does (_IOC/_IOW/_IOR) rather than pasted as
-# magic numbers. A few architectures lay the request word out differently (3 direction
-# bits, 13 size bits, other direction codes: asm/ioctl.h on powerpc, mips, sparc, alpha,
-# parisc); everything else (x86, arm, arm64, riscv, s390, loongarch) uses the generic one.
-_MACHINE = platform.machine().lower()
-if _MACHINE.startswith(("ppc", "powerpc", "mips", "sparc", "alpha")):
-    _IOC_SIZEBITS, _IOC_WRITE, _IOC_READ = 13, 4, 2
-elif _MACHINE.startswith("parisc"):
-    _IOC_SIZEBITS, _IOC_WRITE, _IOC_READ = 14, 2, 1
-else:
-    _IOC_SIZEBITS, _IOC_WRITE, _IOC_READ = 14, 1, 2
-_IOC_NRSHIFT = 0
-_IOC_TYPESHIFT = _IOC_NRSHIFT + 8
-_IOC_SIZESHIFT = _IOC_TYPESHIFT + 8
-_IOC_DIRSHIFT = _IOC_SIZESHIFT + _IOC_SIZEBITS
 _SIZEOF_INT = struct.calcsize("i")
-
-
-def _IOC(direction: int, type_: str, nr: int, size: int) -> int:  # noqa: N802 - C macro name
-    return (
-        (direction << _IOC_DIRSHIFT)
-        | (ord(type_) << _IOC_TYPESHIFT)
-        | (nr << _IOC_NRSHIFT)
-        | (size << _IOC_SIZESHIFT)
-    )
-
-
-def _IOW(type_: str, nr: int, size: int) -> int:  # noqa: N802
-    return _IOC(_IOC_WRITE, type_, nr, size)
-
-
-def _IOR(type_: str, nr: int, size: int) -> int:  # noqa: N802
-    return _IOC(_IOC_READ, type_, nr, size)
-
-
-TUNSETPERSIST = _IOW("T", 203, _SIZEOF_INT)
-TUNGETIFF = _IOR("T", 210, _SIZEOF_INT)  # (declared unsigned int; fills a struct ifreq)
-TUNSETCARRIER = _IOW("T", 226, _SIZEOF_INT)  # Linux >= 4.20; older kernels: EINVAL
-TUNSETOFFLOAD = _IOW("T", 208, _SIZEOF_INT)  # takes the flags by value
+TUNSETPERSIST = IOW("T", 203, _SIZEOF_INT)
+TUNGETIFF = IOR("T", 210, _SIZEOF_INT)  # (declared unsigned int; fills a struct ifreq)
+TUNSETCARRIER = IOW("T", 226, _SIZEOF_INT)  # Linux >= 4.20; older kernels: EINVAL
+TUNSETOFFLOAD = IOW("T", 208, _SIZEOF_INT)  # takes the flags by value
 _IFREQ_SIZE = 40  # struct ifreq on 64- and 32-bit Linux alike (name[16] + 24-byte union)
 # -------------------------------------------------------------------------------------
 

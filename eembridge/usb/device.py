@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..core.errors import UserError
+from ..core.ioctl import IO, IOWR
 from ..core.transport import BUSY_POLLS, DeviceInfo, Direction, Transport, TransportGone
 from ..link import privileges
 from . import discovery
@@ -239,11 +240,10 @@ def _note_stale_claim(record: EemInterface) -> None:
 
 
 # <linux/usbdevice_fs.h>: USBDEVFS_IOCTL = _IOWR('U', 18, struct usbdevfs_ioctl), the struct
-# being {int ifno; int ioctl_code; void *data}; USBDEVFS_CONNECT = _IO('U', 23). The
-# generic ioctl encoding (x86, arm, riscv): dir << 30 | size << 16 | type << 8 | nr.
+# being {int ifno; int ioctl_code; void *data}; USBDEVFS_CONNECT = _IO('U', 23).
 _USBDEVFS_IOCTL_ARG = "iiP"
-USBDEVFS_IOCTL = (3 << 30) | (struct.calcsize(_USBDEVFS_IOCTL_ARG) << 16) | (ord("U") << 8) | 18
-USBDEVFS_CONNECT = (ord("U") << 8) | 23
+USBDEVFS_IOCTL = IOWR("U", 18, struct.calcsize(_USBDEVFS_IOCTL_ARG))
+USBDEVFS_CONNECT = IO("U", 23)
 
 
 def bind_kernel_driver(record: EemInterface) -> None:
