@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 from eembridge.link import privileges
-from eembridge.link.netns import free_linklocal_subnet, link_names, unique_name
+from eembridge.link.netns import link_names, unique_name
 from eembridge.usb import discovery
 from eembridge.usb.selector import Selector
 
-from netfixtures import ping, require_tun_and_root, wait_for
+from netfixtures import ping, require_tun_and_root, start_sim_bridge, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,14 +44,9 @@ def test_sim_bridge_holds_no_capability_after_start_and_still_recovers_from_a_re
     require_tun_and_root()
     assert status_of("/proc/self/status")["CapEff"] >> privileges.CAP_NUMBERS["net_admin"] & 1, \
         "this test starts the bridge with CAP_NET_ADMIN and needs it itself"
-    subnet = free_linklocal_subnet()
-    tap = unique_name("eempv")
-    sock = str(tmp_path / "bridge.sock")
     err = open(tmp_path / "stderr", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "eembridge", "--sim", "--tap", tap, "--ip", f"{subnet[2]}/24",
-         "--sim-ip", f"{subnet[1]}/24", "--stats-socket", sock],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+    bridge = start_sim_bridge(tmp_path, "eempv", stdout=subprocess.DEVNULL, stderr=err, text=False)
+    proc, subnet, tap, sock = bridge.proc, bridge.subnet, bridge.tap, bridge.sock
     try:
         wait_for(lambda: os.path.exists(sock) or proc.poll() is not None, 30, "control socket")
         assert proc.poll() is None, (tmp_path / "stderr").read_text()

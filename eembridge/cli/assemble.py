@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -41,27 +42,18 @@ def bridge_options(args: argparse.Namespace) -> BridgeOptions:
         raise UserError(f"--peer and --peer-mac go together: a static neighbour entry needs "
                         f"both; missing {missing}")
     max_transfer, batch = max_transfer_and_batch(args.max_transfer)
-    options = BridgeOptions(
-        tap=args.tap,
-        addresses=list(args.ip),
-        peer=args.peer,
-        peer_mac=args.peer_mac,
-        mtu=args.mtu,
-        mac=args.mac,
-        txqueuelen=args.txqueuelen,
-        tx_crc=args.tx_crc,
-        max_transfer=max_transfer,
-        batch=batch,
-        in_flight=args.in_flight,
-        in_transfer_size=args.in_transfer_size,
-        out_in_flight=args.out_in_flight,
-        out_chunk=args.out_chunk,
-        keepalive=args.keepalive,
-        persist=args.persist,
-        offload=_offload(args),
-        stats_socket=args.stats_socket or socket_path(args.tap),
-        garbage_log_interval=getattr(args, "garbage_log_interval", 5.0),
-    )
+    # Every option whose name is a BridgeOptions field goes across as it is (the option
+    # table's dest names are the field names); these are the ones that change on the way.
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(BridgeOptions)
+             if hasattr(args, f.name)}
+    options = BridgeOptions(**{
+        **given,
+        "addresses": list(args.ip),
+        "max_transfer": max_transfer,
+        "batch": batch,
+        "offload": _offload(args),
+        "stats_socket": args.stats_socket or socket_path(args.tap),
+    })
     if options.max_transfer is not None and options.max_transfer < options.max_length + 4:
         raise UserError(
             f"{origin(args, 'max_transfer')}: cannot hold one full frame of MTU "

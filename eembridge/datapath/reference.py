@@ -59,9 +59,12 @@ class RxPath:
         self.deframer = deframer
         self.tap_fd = tap_fd
         self.slot_size = slot_size
-        self._slots = [bytearray(slot_size) for _ in range(slots)]
         self._counters = dict.fromkeys(RX_COUNTERS, 0)
         self.write_errors: dict[str, int] = {}
+        self._make_slots(slots)
+
+    def _make_slots(self, slots: int) -> None:
+        self._slots = [bytearray(self.slot_size) for _ in range(slots)]
 
     def counters(self) -> dict[str, int]:
         return dict(self._counters)
@@ -182,21 +185,13 @@ class RingRxPath(RxPath):
     copied on its way from USB to the kernel.
     """
 
-    def __init__(self, deframer, tap_fd: int, slots: int, slot_size: int,
-                 vnet: bool = False) -> None:
-        if vnet:
-            raise ValueError("TAP offload (a virtio_net_hdr per read) needs eembridge._datapath")
+    def _make_slots(self, slots: int) -> None:
         from .._ring import Ring
 
-        self.deframer = deframer
-        self.tap_fd = tap_fd
-        self.slot_size = slot_size
-        self.ring = Ring(slots * slot_size)
-        if self.ring.size % slot_size:
-            raise ValueError(f"slot size {slot_size} must divide the ring ({self.ring.size})")
+        self.ring = Ring(slots * self.slot_size)
+        if self.ring.size % self.slot_size:
+            raise ValueError(f"slot size {self.slot_size} must divide the ring ({self.ring.size})")
         self._whole = memoryview(self.ring)  # both copies: 2 * size bytes
-        self._counters = dict.fromkeys(RX_COUNTERS, 0)
-        self.write_errors = {}
 
     def slot_buffer(self, sequence: int) -> memoryview:
         start = (sequence * self.slot_size) % self.ring.size
