@@ -8,7 +8,7 @@ import argparse
 import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..core.errors import UserError
 from ..core.options import max_transfer_and_batch, origin
@@ -44,16 +44,11 @@ def bridge_options(args: argparse.Namespace) -> BridgeOptions:
     max_transfer, batch = max_transfer_and_batch(args.max_transfer)
     # Every option whose name is a BridgeOptions field goes across as it is (the option
     # table's dest names are the field names); these are the ones that change on the way.
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(BridgeOptions)
-             if hasattr(args, f.name)}
-    options = BridgeOptions(**{
-        **given,
-        "addresses": list(args.ip),
-        "max_transfer": max_transfer,
-        "batch": batch,
-        "offload": _offload(args),
-        "stats_socket": args.stats_socket or socket_path(args.tap),
-    })
+    fields: dict[str, Any] = {f.name: getattr(args, f.name)
+                              for f in dataclasses.fields(BridgeOptions) if hasattr(args, f.name)}
+    fields.update(addresses=list(args.ip), max_transfer=max_transfer, batch=batch,
+                  offload=_offload(args), stats_socket=args.stats_socket or socket_path(args.tap))
+    options = BridgeOptions(**fields)
     if options.max_transfer is not None and options.max_transfer < options.max_length + 4:
         raise UserError(
             f"{origin(args, 'max_transfer')}: cannot hold one full frame of MTU "
