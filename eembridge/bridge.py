@@ -99,6 +99,7 @@ class BridgeOptions:
     """Everything a bridge can be told; the CLI and the config file fill this in."""
 
     tap: str = "usb0"
+    link: str = "tap"  # "tun": a layer-3 TUN, Ethernet translated in userspace (link/tun.py)
     addresses: list[str] = field(default_factory=list)  # e.g. ["169.254.7.2/24"]
     peer: str | None = None  # peer IP for a static neighbour entry
     peer_mac: str | None = None
@@ -137,7 +138,7 @@ class BridgeOptions:
         """A copy with every automatic (None) choice made."""
         from . import datapath
 
-        offload = datapath.OFFLOAD if self.offload is None else self.offload
+        offload = (datapath.OFFLOAD and self.link == "tap") if self.offload is None else self.offload
         txqueuelen = self.txqueuelen
         if txqueuelen is None:
             txqueuelen = 8 if offload else 64
@@ -253,9 +254,12 @@ class Bridge:
             if self.options.offload and not datapath.OFFLOAD:
                 raise UserError("--offload needs the compiled data path (eembridge._datapath); "
                                 "this install runs the pure-Python one")
-            self._tap = Tap(self.options.tap, mtu=self.options.mtu, mac=self.options.mac,
-                            txqueuelen=self.options.txqueuelen, persist=self.options.persist,
-                            offload=bool(self.options.offload))
+            if self.options.link == "tun":
+                self._tap = _open_tun(self.options)
+            else:
+                self._tap = Tap(self.options.tap, mtu=self.options.mtu, mac=self.options.mac,
+                                txqueuelen=self.options.txqueuelen, persist=self.options.persist,
+                                offload=bool(self.options.offload))
         self.deframer.mac = _mac_bytes(getattr(self._tap, "mac", None))
         self._configure_link()
         if self._on_link_ready is not None:
@@ -388,6 +392,8 @@ class Bridge:
             snapshot["capture"] = {name: get() for name, get in self.observers.items()}
         if self.servers:
             snapshot["servers"] = {name: get() for name, get in self.servers.items()}
+        if self._tap is not None and hasattr(self._tap, "l3_stats"):  # --link tun
+            snapshot["l3"] = self._tap.l3_stats()
         if self._tap is not None and hasattr(self._tap, "kernel_stats"):
             try:
                 snapshot["link"] = self._tap.kernel_stats().as_dict()
@@ -859,6 +865,18 @@ def _merge_native(native: NativeDataPath, counters: dict[str, int], in_errors: d
         for name, count in more.items():
             errors[name] = errors.get(name, 0) + count
     return rx, tx
+
+
+def _open_tun(options: BridgeOptions) -> Any:
+    """--link tun: a TUN and the Ethernet translation in front of it (link/tun.py)."""
+    from .link.tun import TunLink
+
+    if options.offload:
+        raise UserError("--offload is for the TAP link: the TUN link's frames are made by "
+                        "its translation, not the kernel's TCP (drop --offload or --link tun)")
+    return TunLink(options.tap, mtu=options.mtu, mac=options.mac,
+                   txqueuelen=options.txqueuelen, persist=options.persist,
+                   peer_mac=options.peer_mac)
 
 
 def _mac_bytes(mac: object) -> bytes | None:

@@ -101,6 +101,7 @@ def render(tap: str, s: dict[str, Any]) -> Any:
         (f"dropped:{k}", v) for k, v in s.get("drop_reasons", {}).items()
     ]
     link = [(k, v) for k, v in (s.get("link") or {}).items()]
+    link += [(f"l3:{k}", v) for k, v in (s.get("l3") or {}).items() if v or k.startswith("dropped")]
     for i in range(max(len(rx), len(tx), len(link))):
         row: list[str] = []
         for cells in (rx, tx, link):

@@ -477,6 +477,11 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     # link
     Option("--tap", IfName("NAME"), "TAP interface name (default usb0)", "usb0", "tap", LINK),
+    Option("--link", Choice(("tap", "tun")),
+           "tap: the host's side is a TAP, the kernel does ARP/NDP (default); tun: a layer-3 "
+           "TUN, eembridge adds and strips Ethernet and answers ARP/NDP itself (no --offload; "
+           "what it cannot carry is counted in `eembridge stats`, section l3)",
+           "tap", "link", LINK),
     Option("--ip", InterfaceAddress(), "address for the TAP, e.g. 169.254.7.2/24 (repeatable)",
            [], "addresses", LINK, action="append", metavar="ADDR/PREFIX"),
     Option("--peer", Address("ADDR"), "the device's IP, for a static neighbour entry",

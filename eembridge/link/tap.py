@@ -125,19 +125,19 @@ def _errno_name(code: int) -> str:
     return errno.errorcode.get(code, str(code))
 
 
-def _open_error(name: str, exc: OSError) -> TapError:
+def _open_error(name: str, exc: OSError, kind: str = "TAP") -> TapError:
     code = exc.errno
     if code in (errno.ENOENT, errno.ENODEV, errno.ENXIO):
         return TapError(f"{TUN_DEVICE} is missing: load the tun module (modprobe tun)")
     if code in (errno.EPERM, errno.EACCES):
-        return TapError(f"opening TAP {name} needs CAP_NET_ADMIN (run as root)")
+        return TapError(f"opening {kind} {name} needs CAP_NET_ADMIN (run as root)")
     if code == errno.EBUSY:
-        return TapError(f"TAP {name} is already in use by another process")
+        return TapError(f"{kind} {name} is already in use by another process")
     if code == errno.EINVAL:
         return TapError(
-            f"{name} exists but is not a TAP device (or is a TAP with other flags)"
+            f"{name} exists but is not a {kind} device (or is a {kind} with other flags)"
         )
-    return TapError(f"cannot open TAP {name}: {exc.strerror or exc}")
+    return TapError(f"cannot open {kind} {name}: {exc.strerror or exc}")
 
 
 class Tap:
@@ -148,6 +148,9 @@ class Tap:
     TUNSETPERSIST (None leaves an attached TAP's setting as it is; a new TAP is not
     persistent). ``mtu``/``mac``/``txqueuelen`` are applied at once when given.
     """
+
+    KIND = "TAP"
+    MODE = pytun.IFF_TAP  # link.tun.Tun: IFF_TUN, the same device at layer 3
 
     def __init__(
         self,
@@ -182,12 +185,12 @@ class Tap:
         try:
             self._device = pytun.TunTapDevice(
                 name=name,
-                flags=pytun.IFF_TAP | pytun.IFF_NO_PI | (pytun.IFF_VNET_HDR if offload else 0),
+                flags=self.MODE | pytun.IFF_NO_PI | (pytun.IFF_VNET_HDR if offload else 0),
             )
         except OSError as exc:  # pytun.Error is an OSError carrying errno
             if self._nm is not None:
                 self._nm.forget()
-            raise _open_error(name, exc) from None
+            raise _open_error(name, exc, self.KIND) from None
         if self._nm is not None:
             self._nm.after_create()
         self.created = not exists

@@ -40,6 +40,7 @@ COUNTER_SECTIONS = {
     "rx": ("eem_rx", "EEM deframer counter (device to host)"),
     "tx": ("eem_tx", "EEM framer counter (host to device)"),
     "link": ("link", "kernel counter of the TAP interface"),
+    "l3": ("l3", "--link tun: Ethernet translation counter (dropped_*: not carried, by reason)"),
     "event_loop": ("event_loop", "counter of the thread moving frames in C (real USB)"),
 }
 # Gauges: snapshot key -> help.
