@@ -84,9 +84,11 @@ COUNTERS = (
     "arp_answered",  # ARP requests for the host's addresses answered
     "arp_ignored",  # ARP requests for other addresses (not ours to answer)
     "arp_sent",  # our ARP requests (first tries and retries)
+    "arp_replies",  # ARP replies from the device
     "ns_answered",  # Neighbor Solicitations for the host's addresses answered
     "ns_ignored",  # Neighbor Solicitations for other addresses
     "ns_sent",  # our Neighbor Solicitations
+    "na_received",  # Neighbor Advertisements from the device
     "neighbours_learned",  # table entries added or changed
     "neighbours_evicted",  # entries pushed out by a full table
     "address_conflicts",  # the device claimed one of the host's addresses
@@ -120,7 +122,7 @@ def multicast_mac(destination: bytes) -> bytes | None:
 
 def solicited_node(address: bytes) -> bytes:
     """ff02::1:ffXX:XXXX, where a Neighbor Solicitation for `address` goes."""
-    return bytes.fromhex("ff020000000000000000000000000001ff") + address[13:16]
+    return bytes.fromhex("ff0200000000000000000001ff") + address[13:16]
 
 
 def icmpv6_checksum(source: bytes, destination: bytes, message: bytes | memoryview) -> int:
@@ -307,7 +309,9 @@ class Translator:
             if not self._fixed_peer:
                 self.peer_mac = source_mac
             sent = self._learn(sender_ip, sender_mac, now)
-        if op == ARP_REQUEST:
+        if op == ARP_REPLY:
+            self._counts["arp_replies"] += 1
+        elif op == ARP_REQUEST:
             if target_ip in self._own and target_ip != sender_ip:
                 reply = arp_packet(ARP_REPLY, self.host_mac, target_ip, sender_mac, sender_ip)
                 sent.append(ethernet(sender_mac, self.host_mac, ETH_P_ARP, reply))
@@ -330,6 +334,7 @@ class Translator:
             self.drops["bad_ndp"] += 1
             return []
         if message[0] == NDP_NA:
+            self._counts["na_received"] += 1
             mac = options.get(OPT_TLLA, source_mac)
             return self._learn(target, mac, now) if not mac[0] & 1 else []
         sent: list[bytes] = []
