@@ -5,7 +5,10 @@ offloads (TAP devices have none unless asked; veth's are turned off with ethtool
 the ratio says what the userspace bridge costs relative to the kernel moving the same
 frames. Prints one table; run as root:
 
-    python3 bench/bridge.py [--mb 64] [--json]
+    python3 bench/bridge.py [--mb 64] [--json] [--tun]
+
+--tun adds the TUN link (--link tun: Ethernet translated by a Python pump thread between
+a socketpair and the TUN) beside the TAP link, in the same run, and their ratio.
 """
 
 from __future__ import annotations
@@ -191,11 +194,13 @@ def run_veth(nbytes: int, mtu: int) -> dict[str, float]:
         delete_netns(namespace)
 
 
-def run_bridge(nbytes: int, mtu: int, max_packet: int) -> dict[str, float]:
+def run_bridge(nbytes: int, mtu: int, max_packet: int, link: str = "tap",
+               offload: bool | None = None) -> dict[str, float]:
     subnet = free_linklocal_subnet()
     with SimLink(f"{subnet[1]}/24", max_packet=max_packet, mtu=mtu, batch=True) as sim:
         options = BridgeOptions(tap=unique_name("eembench"), addresses=[f"{subnet[2]}/24"],
-                                peer=str(subnet[1]), peer_mac=sim.mac, mtu=mtu, stats_socket=None)
+                                peer=str(subnet[1]), peer_mac=sim.mac, mtu=mtu, stats_socket=None,
+                                link=link, offload=offload)
         with Bridge(sim.connect, options) as bridge:
             if not bridge.connected.wait(10):
                 raise RuntimeError("bridge did not connect")
@@ -208,17 +213,28 @@ def main() -> None:
     parser.add_argument("--mtu", type=int, default=1500)
     parser.add_argument("--max-packet", type=int, default=512, choices=(64, 512, 1024))
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--tun", action="store_true", help="also the TUN link (--link tun)")
     args = parser.parse_args()
     nbytes = int(args.mb * 1e6)
     veth = run_veth(nbytes, args.mtu)
     bridge = run_bridge(nbytes, args.mtu, args.max_packet)
     rows = {"veth (kernel ceiling)": veth, f"eembridge + sim (codec {CODEC})": bridge}
+    tun = run_bridge(nbytes, args.mtu, args.max_packet, link="tun") if args.tun else None
+    if tun is not None:
+        # The TUN link has no offload: the TAP without it is the like-for-like row.
+        rows["  the same, TAP --no-offload"] = run_bridge(nbytes, args.mtu, args.max_packet,
+                                                          offload=False)
+        rows["  the same, --link tun"] = tun
     ratio = bridge["mb_per_s"] / veth["mb_per_s"]
     ratio_iperf = bridge["iperf_mb_per_s"] / veth["iperf_mb_per_s"]
     ratio_small = bridge["small_frames_per_s"] / veth["small_frames_per_s"]
     if args.json:
         print(json.dumps({"rows": rows, "ratio_tcp": ratio, "ratio_tcp_iperf3": ratio_iperf,
-                          "ratio_64b_frames": ratio_small}, indent=2))
+                          "ratio_64b_frames": ratio_small,
+                          **({"tun_over_tap": _ratios(tun, bridge),
+                              "tun_over_tap_no_offload":
+                                  _ratios(tun, rows["  the same, TAP --no-offload"])}
+                             if tun else {})}, indent=2))
         return
     import eembridge
 
@@ -234,6 +250,17 @@ def main() -> None:
               f"{row['small_frames_per_s']:>14.0f}")
     print(f"ratio eembridge/veth: TCP in-process {ratio:.3f}, TCP iperf3 {ratio_iperf:.3f}, "
           f"64-byte frames {ratio_small:.3f}")
+    if tun is not None:
+        print("ratio tun/tap: " + ", ".join(f"{k} {v:.3f}" for k, v in _ratios(tun, bridge).items()))
+        plain = rows["  the same, TAP --no-offload"]
+        print("ratio tun/tap --no-offload: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in _ratios(tun, plain).items()))
+
+
+def _ratios(tun: dict[str, float], tap: dict[str, float]) -> dict[str, float]:
+    return {"TCP in-process": tun["mb_per_s"] / tap["mb_per_s"],
+            "TCP iperf3": tun["iperf_mb_per_s"] / tap["iperf_mb_per_s"],
+            "64-byte frames": tun["small_frames_per_s"] / tap["small_frames_per_s"]}
 
 
 if __name__ == "__main__":

@@ -18,7 +18,13 @@ import pytest
 
 from eembridge.bridge import Bridge, BridgeOptions
 from eembridge.core.offload import ones_sum
-from eembridge.link.netns import free_linklocal_subnet, iproute, link_index, run_in_netns, unique_name
+from eembridge.link.netns import (
+    free_linklocal_subnet,
+    iproute,
+    link_index,
+    run_in_netns,
+    unique_name,
+)
 from eembridge.sim.link import SimLink
 
 from netfixtures import ping, ping_in, require_tun_and_root, tcp_transfer, wait_for

@@ -125,7 +125,8 @@ def solicited_node(address: bytes) -> bytes:
     return bytes.fromhex("ff0200000000000000000001ff") + address[13:16]
 
 
-def icmpv6_checksum(source: bytes, destination: bytes, message: bytes | memoryview) -> int:
+def icmpv6_checksum(source: bytes, destination: bytes,
+                    message: bytes | bytearray | memoryview) -> int:
     """The ICMPv6 checksum of `message` (its own checksum field taken as is)."""
     pseudo = source + destination + struct.pack("!IxxxB", len(message), ICMPV6)
     return ~ones_sum(pseudo + bytes(message)) & 0xFFFF
@@ -335,8 +336,8 @@ class Translator:
             return []
         if message[0] == NDP_NA:
             self._counts["na_received"] += 1
-            mac = options.get(OPT_TLLA, source_mac)
-            return self._learn(target, mac, now) if not mac[0] & 1 else []
+            advertised = options.get(OPT_TLLA, source_mac)
+            return self._learn(target, advertised, now) if not advertised[0] & 1 else []
         sent: list[bytes] = []
         mac = options.get(OPT_SLLA)
         if source == UNSPECIFIED6:
