@@ -9,10 +9,14 @@ entries anywhere.
 from __future__ import annotations
 
 import ipaddress
+import json
+import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -27,7 +31,15 @@ from eembridge.link.netns import (
 )
 from eembridge.sim.link import SimLink
 
-from netfixtures import ping, ping_in, require_tun_and_root, tcp_transfer, wait_for
+from netfixtures import (
+    ping,
+    ping_in,
+    require_tun_and_root,
+    start_sim_bridge,
+    tcp_transfer,
+    wait_for,
+    wait_for_control_socket,
+)
 
 
 class TunRig:
@@ -214,3 +226,39 @@ def test_what_a_tun_cannot_carry_is_dropped_and_counted(tun_rig):
 
     names = {family.name for family in snapshot_families(stats)}
     assert "eembridge_l3_dropped_non_ip" in names and "eembridge_l3_dropped_vlan" in names
+
+
+def _eembridge(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "eembridge", *args], capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parent.parent, timeout=60)
+
+
+def test_cli_link_tun_shows_its_counters_in_stats(tmp_path):
+    bridge = start_sim_bridge(tmp_path, "eemcli", "--link", "tun")
+    proc, sock = bridge.proc, bridge.sock
+    try:
+        wait_for_control_socket(proc, sock)
+
+        def snapshot() -> dict:
+            stats = _eembridge("stats", "--socket", sock, "--json")
+            assert stats.returncode == 0, stats.stderr
+            return next(iter(json.loads(stats.stdout).values()))
+
+        wait_for(lambda: snapshot()["connected"], 20, "connected")
+        assert len(ping(str(bridge.subnet[1]))) == 3
+        l3 = snapshot()["l3"]
+        assert l3["arp_sent"] >= 1 and l3["to_device_frames"] >= 3 and "dropped_vlan" in l3
+        table = _eembridge("stats", "--socket", sock)
+        assert table.returncode == 0 and "l3:arp_sent" in table.stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+
+
+def test_cli_refuses_offload_with_the_tun_link_in_one_line():
+    bad = _eembridge("--sim", "--link", "tun", "--offload")
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and "--offload" in bad.stderr
+    bad = _eembridge("--sim", "--link", "tn")
+    assert bad.returncode != 0 and "--link tn: expected one of tap, tun" in bad.stderr

@@ -42,8 +42,9 @@ def bridge_options(args: argparse.Namespace) -> BridgeOptions:
         raise UserError(f"--peer and --peer-mac go together: a static neighbour entry needs "
                         f"both; missing {missing}")
     if getattr(args, "link", "tap") == "tun" and getattr(args, "offload", None):
-        raise UserError(f"{origin(args, 'offload')}: TAP offload is for --link tap; the TUN "
-                        "link's frames are made by its translation (link/tun.py)")
+        where = getattr(args, "origins", {}).get("offload") or "--offload"
+        raise UserError(f"{where}: TAP offload is for --link tap; the TUN link's frames are "
+                        "made by its own translation (--no-offload, or --link tap)")
     max_transfer, batch = max_transfer_and_batch(args.max_transfer)
     # Every option whose name is a BridgeOptions field goes across as it is (the option
     # table's dest names are the field names); these are the ones that change on the way.
