@@ -153,8 +153,7 @@ def test_ipv6_link_local_ping_both_ways_through_ndp(tun_rig):
     board = "fe80::beef"
     subprocess.run(["ip", "-n", rig.sim.namespace, "addr", "add", f"{board}/64", "dev",
                     rig.sim.network.name, "nodad"], check=True)
-    host = str(rig.bridge.tap.translator.host_addresses - {rig.host_ip}).strip("{}'")
-    assert host.startswith("fe80::")
+    host = str(l3_link_local(rig))
     assert len(ping(f"{board}%{rig.bridge.tap.tun.name}")) == 3
     l3 = rig.l3
     assert l3["ns_sent"] >= 1 and l3["na_received"] >= 1 and l3["released"] >= 1
@@ -173,6 +172,32 @@ def test_tcp_both_ways_intact(tun_rig):
     l3 = rig.l3
     assert all(v == 0 for k, v in l3.items() if k.startswith("dropped_")), l3
     assert rig.bridge.stats()["bridge"]["tx_dropped"] == 0
+
+
+def test_tcp_over_ipv6_link_local_both_ways_intact(tun_rig):
+    rig = tun_rig()
+    board = rig.board_link_local()
+    host = str(l3_link_local(rig))
+    tun, board_if = rig.bridge.tap.tun.name, rig.sim.network.name
+    tcp_transfer(f"{board}%{board_if}", server_netns=rig.sim.namespace,
+                 connect_address=f"{board}%{tun}", upload_bytes=2_000_000,
+                 download_bytes=2_000_000, timeout=60).assert_intact()
+    tcp_transfer(f"{host}%{tun}", server_netns=None, client_netns=rig.sim.namespace,
+                 connect_address=f"{host}%{board_if}", upload_bytes=2_000_000,
+                 download_bytes=2_000_000, timeout=60).assert_intact()
+
+
+def l3_link_local(rig: TunRig) -> ipaddress.IPv6Address:
+    return ipaddress.IPv6Address(next(a for a in rig.bridge.tap.translator.host_addresses
+                                      if a.startswith("fe80:")))
+
+
+def test_a_deleted_tun_stops_the_bridge_with_one_line(tun_rig):
+    rig = tun_rig()
+    subprocess.run(["ip", "link", "del", rig.bridge.tap.tun.name], check=True)
+    assert rig.bridge.wait(10), "the bridge did not stop"
+    assert "is gone" in str(rig.bridge.error)
+    rig.bridge.error = None  # expected here; the fixture checks for others
 
 
 def test_replug_then_traffic_again(tun_rig):

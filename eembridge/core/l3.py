@@ -215,8 +215,9 @@ class Translator:
         self._static[ipaddress.ip_address(ip).packed] = bytes(mac)
 
     def flush(self) -> None:
-        """Forget every learned neighbour (as `ip neigh flush`); static ones stay."""
-        self._table.clear()
+        """Forget every learned neighbour (as `ip neigh flush`); static ones stay. Safe
+        from another thread: the table is replaced, not emptied under an iteration."""
+        self._table = {}
 
     def neighbours(self, now: float) -> dict[str, str]:
         """IP -> MAC of every valid entry, static ones included."""

@@ -170,9 +170,16 @@ class TunLink:
     def _pump_guarded(self) -> None:
         try:
             self._pump()
-        except BaseException as exc:  # the bridge sees its link stop; the log says why
+        except BaseException as exc:
             self.error = exc
-            log.exception("TUN pump for %s stopped: %s", self.name, exc)
+            log.error("TUN pump for %s stopped: %s", self.name, exc,
+                      exc_info=not isinstance(exc, TapError))
+            # The bridge polls its end: a hang-up there stops it with one line, as a
+            # deleted TAP does, instead of a bridge that moves frames to nowhere.
+            try:
+                self._pump_end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _pump(self) -> None:
         translator = self.translator
