@@ -444,3 +444,66 @@ def start_sim_bridge(tmp_path: Any, prefix: str, *extra: str, **popen: Any) -> S
          "--sim-ip", f"{subnet[1]}/24", "--stats-socket", sock, *extra],
         cwd=Path(__file__).resolve().parent.parent, **popen)
     return SimBridgeProcess(proc, tap, subnet, sock)
+
+
+# --- bridges to the simulated device, in this process -------------------------------------
+
+@dataclass
+class SimRig:
+    """A simulated device at .1 of a free link-local /24 and a bridge to it at .2."""
+
+    sim: Any  # eembridge.sim.link.SimLink
+    bridge: Any  # eembridge.bridge.Bridge
+    device_ip: str
+    host_ip: str
+
+    def transfer(self, up: int, down: int, *, server_on_board: bool = True,
+                 timeout: float = 60.0) -> Transfer:
+        """TCP both ways by SHA-256, the server on the device's side (or the host's)."""
+        if server_on_board:
+            result = tcp_transfer(self.device_ip, server_netns=self.sim.namespace,
+                                  upload_bytes=up, download_bytes=down, timeout=timeout)
+        else:
+            result = tcp_transfer(self.host_ip, server_netns=None,
+                                  client_netns=self.sim.namespace,
+                                  upload_bytes=up, download_bytes=down, timeout=timeout)
+        result.assert_intact()
+        return result
+
+
+@contextlib.contextmanager
+def sim_rigs() -> Iterator[Callable[..., SimRig]]:
+    """``make(sim_options, static_neighbour=True, **bridge_options) -> SimRig``, each
+    bridge connected; at exit every bridge stops (its thread must not have died) and
+    every simulated device closes."""
+    from eembridge.bridge import Bridge, BridgeOptions
+    from eembridge.sim.link import SimLink
+
+    require_tun_and_root()
+    made: list[Any] = []
+
+    def make(sim_options: dict[str, Any], static_neighbour: bool = True,
+             **bridge_options: Any) -> SimRig:
+        subnet = free_linklocal_subnet()
+        device_ip, host_ip = str(subnet[1]), str(subnet[2])
+        sim = SimLink(f"{device_ip}/24", **sim_options)
+        made.append(sim)
+        if static_neighbour:
+            bridge_options.update(peer=device_ip, peer_mac=sim.mac)
+        options = BridgeOptions(tap=nsmod.unique_name("eemb"), addresses=[f"{host_ip}/24"],
+                                stats_socket=None, **bridge_options)
+        bridge = Bridge(sim.connect, options)
+        bridge.start()
+        made.append(bridge)
+        assert bridge.connected.wait(10), "bridge did not connect to the simulated device"
+        return SimRig(sim, bridge, device_ip, host_ip)
+
+    try:
+        yield make
+    finally:
+        for thing in reversed(made):
+            if isinstance(thing, Bridge):
+                thing.stop()
+                assert thing.error is None, f"bridge thread died: {thing.error!r}"
+            else:
+                thing.close()

@@ -14,56 +14,26 @@ import time
 
 import pytest
 
-from eembridge.bridge import Bridge, BridgeOptions
 from eembridge.core.protocol import DEFAULT_MAX_TRANSFER
-from eembridge.link.netns import free_linklocal_subnet, unique_name
 from eembridge.sim.faults import Faults
-from eembridge.sim.link import SimLink
 
-from netfixtures import require_tun_and_root, tcp_transfer, wait_for
+from netfixtures import SimRig, sim_rigs, wait_for
 
-
-class Rig:
-    def __init__(self, sim: SimLink, bridge: Bridge, device_ip: str, host_ip: str) -> None:
-        self.sim, self.bridge = sim, bridge
-        self.device_ip, self.host_ip = device_ip, host_ip
-
-    def transfer(self, up: int, down: int, timeout: float = 60.0):
-        result = tcp_transfer(self.device_ip, server_netns=self.sim.namespace,
-                              upload_bytes=up, download_bytes=down, timeout=timeout)
-        result.assert_intact()
-        return result
+Rig = SimRig
 
 
 @pytest.fixture
 def rig_factory():
-    require_tun_and_root()
-    made = []
+    with sim_rigs() as make_rig:
 
-    def make(host_crc: bool = True, mtu: int = 1500, keepalive: float | None = None,
-             in_transfer_size: int = 16384, offload: bool = False, out_chunk: int | str = 0,
-             max_transfer: int | None = DEFAULT_MAX_TRANSFER, **sim_options) -> Rig:
-        subnet = free_linklocal_subnet()
-        device_ip, host_ip = str(subnet[1]), str(subnet[2])
-        sim = SimLink(f"{device_ip}/24", mtu=mtu, **sim_options)
-        made.append(sim)
-        options = BridgeOptions(tap=unique_name("eemb"), addresses=[f"{host_ip}/24"],
-                                peer=device_ip, peer_mac=sim.mac, tx_crc=host_crc, mtu=mtu, keepalive=keepalive,
-                                in_transfer_size=in_transfer_size, offload=offload,
-                                out_chunk=out_chunk, max_transfer=max_transfer, stats_socket=None)
-        bridge = Bridge(sim.connect, options)
-        bridge.start()
-        made.append(bridge)
-        assert bridge.connected.wait(10), "bridge did not connect to the simulated device"
-        return Rig(sim, bridge, device_ip, host_ip)
+        def make(host_crc: bool = True, mtu: int = 1500, keepalive: float | None = None,
+                 in_transfer_size: int = 16384, offload: bool = False, out_chunk: int | str = 0,
+                 max_transfer: int | None = DEFAULT_MAX_TRANSFER, **sim_options) -> Rig:
+            return make_rig(dict(sim_options, mtu=mtu), tx_crc=host_crc, mtu=mtu,
+                            keepalive=keepalive, in_transfer_size=in_transfer_size,
+                            offload=offload, out_chunk=out_chunk, max_transfer=max_transfer)
 
-    yield make
-    for thing in reversed(made):
-        if isinstance(thing, Bridge):
-            thing.stop()
-            assert thing.error is None, f"bridge thread died: {thing.error!r}"
-        else:
-            thing.close()
+        yield make
 
 
 @pytest.mark.parametrize("max_packet", [64, 512, 1024])

@@ -20,21 +20,18 @@ from pathlib import Path
 
 import pytest
 
-from eembridge.bridge import Bridge, BridgeOptions
 from eembridge.core.offload import ones_sum
 from eembridge.link.netns import (
-    free_linklocal_subnet,
     iproute,
     link_index,
     run_in_netns,
-    unique_name,
 )
-from eembridge.sim.link import SimLink
 
 from netfixtures import (
+    SimRig,
     ping,
     ping_in,
-    require_tun_and_root,
+    sim_rigs,
     start_sim_bridge,
     tcp_transfer,
     wait_for,
@@ -42,11 +39,7 @@ from netfixtures import (
 )
 
 
-class TunRig:
-    def __init__(self, sim: SimLink, bridge: Bridge, device_ip: str, host_ip: str) -> None:
-        self.sim, self.bridge = sim, bridge
-        self.device_ip, self.host_ip = device_ip, host_ip
-
+class TunRig(SimRig):
     @property
     def l3(self) -> dict[str, int]:
         return self.bridge.stats()["l3"]
@@ -79,43 +72,17 @@ class TunRig:
             return None
         return str(wait_for(ready, 10, "the board's link-local address"))
 
-    def transfer(self, up: int, down: int, *, server_on_board: bool = True, timeout: float = 60.0):
-        if server_on_board:
-            result = tcp_transfer(self.device_ip, server_netns=self.sim.namespace,
-                                  upload_bytes=up, download_bytes=down, timeout=timeout)
-        else:
-            result = tcp_transfer(self.host_ip, server_netns=None,
-                                  client_netns=self.sim.namespace,
-                                  upload_bytes=up, download_bytes=down, timeout=timeout)
-        result.assert_intact()
-        return result
-
 
 @pytest.fixture
 def tun_rig():
-    require_tun_and_root()
-    made: list = []
+    """No static neighbour: the translator and the board's kernel learn each other."""
+    with sim_rigs() as make_rig:
 
-    def make(**sim_options) -> TunRig:
-        subnet = free_linklocal_subnet()
-        device_ip, host_ip = str(subnet[1]), str(subnet[2])
-        sim = SimLink(f"{device_ip}/24", **sim_options)
-        made.append(sim)
-        options = BridgeOptions(tap=unique_name("eemu"), link="tun",
-                                addresses=[f"{host_ip}/24"], stats_socket=None)
-        bridge = Bridge(sim.connect, options)
-        bridge.start()
-        made.append(bridge)
-        assert bridge.connected.wait(10), "bridge did not connect to the simulated device"
-        return TunRig(sim, bridge, device_ip, host_ip)
+        def make(**sim_options) -> TunRig:
+            rig = make_rig(sim_options, static_neighbour=False, link="tun")
+            return TunRig(**vars(rig))
 
-    yield make
-    for thing in reversed(made):
-        if isinstance(thing, Bridge):
-            thing.stop()
-            assert thing.error is None, f"bridge thread died: {thing.error!r}"
-        else:
-            thing.close()
+        yield make
 
 
 def test_the_host_side_is_a_tun_without_offload(tun_rig):
