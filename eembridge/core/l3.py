@@ -61,6 +61,7 @@ OPT_SLLA, OPT_TLLA = 1, 2
 NA_ROUTER, NA_SOLICITED, NA_OVERRIDE = 0x80, 0x40, 0x20
 ALL_NODES = ipaddress.IPv6Address("ff02::1").packed
 UNSPECIFIED6 = bytes(16)
+CONFIRM_EVERY = 1.0  # seconds: traffic refreshes a neighbour's age at most this often
 _LINK_LOCAL4 = (0xA9FE0000, 0xFFFF0000)  # 169.254.0.0/16
 _LINK_LOCAL6 = (0xFE80 << 112, ((1 << 10) - 1) << 118)  # fe80::/10
 
@@ -268,7 +269,9 @@ class Translator:
                 return None, self._ndp(packet, source_mac, now)
             source = bytes(packet[12:16] if ethertype == ETH_P_IP else packet[8:24])
             known = self._table.get(source)
-            if known is not None or source in self._pending or self._is_on_link(source):
+            if known is not None and known[0] == source_mac and now - known[1] < CONFIRM_EVERY:
+                pass  # confirmed a moment ago: not once per packet of a TCP stream
+            elif known is not None or source in self._pending or self._is_on_link(source):
                 sent = self._learn(source, source_mac, now)
         self._counts["to_host_packets"] += 1
         return packet, sent
@@ -421,7 +424,7 @@ class Translator:
         if mac is None:
             return self._hold(destination, bytes(view), now)
         self._counts["to_device_frames"] += 1
-        return [self._header(mac, ethertype) + bytes(view)]
+        return [b"".join((self._header(mac, ethertype), view))]
 
     def _header(self, destination: bytes, ethertype: int) -> bytes:
         return destination + self.host_mac + struct.pack("!H", ethertype)
