@@ -254,3 +254,17 @@ def test_cli_refuses_offload_with_the_tun_link_in_one_line():
     assert len(bad.stderr.strip().splitlines()) == 1 and "--offload" in bad.stderr
     bad = _eembridge("--sim", "--link", "tn")
     assert bad.returncode != 0 and "--link tn: expected one of tap, tun" in bad.stderr
+
+
+def test_the_link_is_a_config_key_checked_by_the_option_table(tmp_path):
+    from eembridge.core.config import ConfigError, DeviceIdentity, load
+
+    good = tmp_path / "good.toml"
+    good.write_text('[defaults]\nlink = "tun"\n')
+    values, _ = load([str(good)]).values_for(DeviceIdentity())
+    assert values == {"link": "tun"}
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[defaults]\nlink = "tnu"\n')
+    with pytest.raises(ConfigError) as refused:
+        load([str(bad)])
+    assert "bad.toml:2" in str(refused.value) and "expected one of tap, tun" in str(refused.value)

@@ -490,7 +490,10 @@ OPTIONS: tuple[Option, ...] = (
            LINK),
     Option("--mtu", Integer(576, 9000), "the TAP's MTU (default 1500)", 1500, "mtu", LINK),
     Option("--mac", Mac(unicast=True),
-           "MAC address of the TAP (default: random, locally administered)", None, "mac", LINK),
+           "MAC address of the TAP (default: random, locally administered); with --link tun, "
+           "the MAC eembridge answers ARP/NDP with (default: locally administered, derived "
+           "from the interface name, so the board's caches stay right across restarts)",
+           None, "mac", LINK),
     Option("--txqueuelen", Integer(1, 100000),
            "the TAP's transmit queue: packets waiting for the bridge (default 8 with --offload, "
            "64 without; the kernel's 500 adds ~100 ms under an upload); drops are counted",
