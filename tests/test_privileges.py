@@ -111,7 +111,9 @@ def test_drop_keeps_only_what_it_is_asked_to_and_threads_born_unprivileged_hold_
         seen = {{}}
         def born():
             seen["born"] = privileges.read_status()["CapEff"]
-        privileges.run_without_capabilities(lambda: threading.Thread(target=born).start())
+        thread = threading.Thread(target=born)
+        privileges.run_without_capabilities(thread.start)  # born before the drop ...
+        thread.join()  # ... and its report in before it is read
         report = privileges.drop(["net_raw"])
         out = {{"line": report.line(), "status": privileges.read_status("/proc/self/status")}}
         t.set_carrier(False); t.set_carrier(True)
