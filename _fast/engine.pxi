@@ -81,8 +81,13 @@ cdef enum:
 
 cdef enum:
     MAX_IN = 64  # native IN transfers in flight, at most
-    CMD_QUEUE = 32  # commands waiting for the bridge thread; beyond: dropped, counted
-    CMD_DATA = 2048  # room for the longest Echo payload (11-bit length)
+    # Commands waiting for the bridge thread, and the bytes of their data (Echo
+    # payloads); beyond either: dropped, counted. 32 whole-payload slots were too few:
+    # the simulated device's 50 Echo Responses in a row, each in its own transfer, lost
+    # 18 whenever the bridge thread polled late (a loaded machine); the Python loop
+    # loses none. Now a burst that fills 64 KB of IN transfers fits.
+    CMD_QUEUE = 1024
+    CMD_ARENA = 65536
     MAX_POLLFDS = 15  # the transport's; libusb's on Linux: usbfs fd, event fd, timerfd
     MAX_BUSY_POLLS = 100000  # eembridge.core.transport.MAX_BUSY_POLLS
 
@@ -134,7 +139,7 @@ cdef struct QueuedCommand:
     int command
     int param
     int length
-    unsigned char data[CMD_DATA]
+    int offset  # of its data in NativeIn.command_data
 
 
 cdef struct NativeIn:
@@ -166,6 +171,8 @@ cdef struct NativeIn:
     int64_t commands_dropped
     QueuedCommand commands[CMD_QUEUE]
     int n_commands
+    unsigned char command_data[CMD_ARENA]
+    int command_bytes
 
 
 cdef struct NativeOut:
@@ -276,18 +283,20 @@ cdef void _queue_commands(NativeIn* n) noexcept nogil:
     cdef Py_ssize_t j
     cdef int length
     for j in range(d.n_commands):
-        if n.n_commands >= CMD_QUEUE:
+        record = &d.commands[j]
+        length = 0
+        if record.command == 0 or record.command == 1:  # Echo / Echo Response carry data
+            length = record.param
+        if n.n_commands >= CMD_QUEUE or n.command_bytes + length > CMD_ARENA:
             n.commands_dropped += 1
             continue
-        record = &d.commands[j]
         q = &n.commands[n.n_commands]
         q.command = record.command
         q.param = record.param
-        length = 0
-        if record.command == 0 or record.command == 1:  # Echo / Echo Response carry data
-            length = record.param if record.param <= CMD_DATA else CMD_DATA
-            memcpy(q.data, d.command_data + record.data_offset, length)
         q.length = length
+        q.offset = n.command_bytes
+        memcpy(n.command_data + n.command_bytes, d.command_data + record.data_offset, length)
+        n.command_bytes += length
         n.n_commands += 1
 
 
@@ -641,12 +650,13 @@ cdef class Engine:
             for i in range(n.n_commands):
                 q = &n.commands[i]
                 if q.command == CMD_ECHO:
-                    events.append(Echo(q.data[:q.length]))
+                    events.append(Echo(n.command_data[q.offset:q.offset + q.length]))
                 elif q.command == CMD_ECHO_RESPONSE:
-                    events.append(EchoResponse(q.data[:q.length]))
+                    events.append(EchoResponse(n.command_data[q.offset:q.offset + q.length]))
                 else:
                     events.append(Hint(q.command, q.param))
             n.n_commands = 0
+            n.command_bytes = 0
             stalls = n.stalls
             n.stalls = 0
             gone = n.gone

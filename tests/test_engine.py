@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import socket
+import threading
 import time
 from typing import Any
 
@@ -56,6 +57,25 @@ def test_unplug_and_replug_on_the_engine(rig_factory):  # noqa: F811
     stats = rig.bridge.stats()
     assert stats["native"] is True and stats["bridge"]["unplugs"] == 1, stats["bridge"]
     assert stats["bridge"]["connects"] == 2, stats["bridge"]
+
+
+def test_a_burst_of_commands_waits_for_a_busy_bridge_thread(rig_factory):  # noqa: F811
+    # The engine deframes while the bridge thread is busy elsewhere and keeps the
+    # commands for it (rx_poll); 32 of them used to be all it kept, the rest dropped.
+    rig = rig_factory(max_packet=512)
+    gate = threading.Event()
+    rig.bridge._requests.put(gate.wait)  # the bridge thread waits here, like a slow one
+    rig.bridge._wake()
+    try:
+        for i in range(200):
+            rig.sim.device.inject_echo_response(b"stray %d" % i)
+        wait_for(lambda: rig.sim.device.counters()["tx_echo_response"] == 200, 10,
+                 "the device to send all 200")
+    finally:
+        gate.set()
+    stats = wait_for(lambda: (s := rig.bridge.stats())["bridge"]["unsolicited_echo_responses"]
+                     == 200 and s, 10, "200 unsolicited Echo Responses counted")
+    assert stats["bridge"]["rx_commands_dropped"] == 0, stats["bridge"]
 
 
 def test_native_0_keeps_the_python_loop_on_the_simulated_device(rig_factory, monkeypatch):  # noqa: F811
@@ -120,15 +140,19 @@ def _run_schedule(native: bool, monkeypatch: pytest.MonkeyPatch) -> dict[str, An
         down: list[bytes] = []
         while not down or down[-1] != markers[-1]:
             down.append(host.recv(65536))
-        # OUT: one frame at a time, each finished (sent or dropped) before the next.
-        for sent, frame in enumerate(_frames(2, FRAMES), 1):
+        # OUT: one frame at a time, each finished (sent or dropped) before the next,
+        # then the markers without faults, the same way (or they might share a transfer).
+        def send(frame: bytes, n: int) -> None:
             host.send(frame)
-            wait_for(lambda n=sent: (s := bridge.stats())["tx_path"]["tap_frames_read"] == n
-                     and s["out_transfers_queued"] == 0, 10, f"OUT frame {sent} to finish")
+            wait_for(lambda: (s := bridge.stats())["tx_path"]["tap_frames_read"] == n
+                     and s["out_transfers_queued"] == 0, 10, f"OUT frame {n} to finish")
+
+        for sent, frame in enumerate(_frames(2, FRAMES), 1):
+            send(frame, sent)
         _quiet(device, device._out_faults)
         markers = _markers(2)
-        for marker in markers:
-            host.send(marker)
+        for sent, marker in enumerate(markers, FRAMES + 1):
+            send(marker, sent)
         up: list[bytes] = []
         deadline = time.monotonic() + 10
         while not up or up[-1] != markers[-1]:
