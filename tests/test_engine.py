@@ -86,6 +86,27 @@ def test_native_0_keeps_the_python_loop_on_the_simulated_device(rig_factory, mon
     assert stats["native"] is False and "event_loop" not in stats, stats
 
 
+def test_usb_recording_keeps_the_python_loop_on_the_simulated_device(tmp_path):
+    # The recorder must see every transfer: wrapping the SimTransport hides its engine().
+    from eembridge.observe.recording import UsbRecorder
+
+    device = SimDevice(QueueNetworkSide(), max_packet=512)
+    recorder = UsbRecorder(str(tmp_path / "usb.pcapng"))
+    host, tap = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    tap.setblocking(False)
+    bridge = Bridge(recorder.wrap(device.connect), BridgeOptions(tap="recorded"), tap=tap)
+    try:
+        bridge.start()
+        assert bridge.connected.wait(10)
+        assert bridge.stats()["native"] is False
+    finally:
+        bridge.stop()
+        recorder.close()
+        device.close()
+        host.close()
+        tap.close()
+
+
 # -- the differential test -----------------------------------------------------------------
 
 FRAMES = 160
