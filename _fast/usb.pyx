@@ -101,21 +101,19 @@ cdef enum:
     QUEUE_SIZE = 1024  # more than the bridge ever keeps in flight
 
 
+cdef int _ENGINE_STATUS[8]  # libusb_transfer_status (0..6) -> the engine's (ENG_*)
+_ENGINE_STATUS[:] = [ENG_ERROR] * 8
+for _libusb, _engine in ((LIBUSB_TRANSFER_COMPLETED, ENG_COMPLETED),
+                         (LIBUSB_TRANSFER_TIMED_OUT, ENG_TIMED_OUT),
+                         (LIBUSB_TRANSFER_CANCELLED, ENG_CANCELLED),
+                         (LIBUSB_TRANSFER_STALL, ENG_STALL),
+                         (LIBUSB_TRANSFER_NO_DEVICE, ENG_NO_DEVICE),
+                         (LIBUSB_TRANSFER_OVERFLOW, ENG_OVERFLOW)):
+    _ENGINE_STATUS[_libusb] = _engine
+
+
 cdef inline int _eng_status(int status) noexcept nogil:
-    """libusb_transfer_status -> the engine's (ENG_*)."""
-    if status == LIBUSB_TRANSFER_COMPLETED:
-        return ENG_COMPLETED
-    if status == LIBUSB_TRANSFER_TIMED_OUT:
-        return ENG_TIMED_OUT
-    if status == LIBUSB_TRANSFER_CANCELLED:
-        return ENG_CANCELLED
-    if status == LIBUSB_TRANSFER_STALL:
-        return ENG_STALL
-    if status == LIBUSB_TRANSFER_NO_DEVICE:
-        return ENG_NO_DEVICE
-    if status == LIBUSB_TRANSFER_OVERFLOW:
-        return ENG_OVERFLOW
-    return ENG_ERROR
+    return _ENGINE_STATUS[status] if <unsigned int>status < 8 else ENG_ERROR
 
 
 cdef struct Link:
