@@ -35,6 +35,8 @@ extensions = [
     Extension("eembridge._ring", ["_fast/ring.pyx"]),
     Extension("eembridge._eem", ["_fast/eem.pyx"], libraries=["z"]),
     Extension("eembridge._datapath", ["_fast/datapath.pyx"]),
+    # The engine (engine.pxi) driven by the simulated device; _usb drives it by libusb.
+    Extension("eembridge._simlink", ["_fast/simlink.pyx"]),
 ]
 # Built only when their sources exist, so a partial checkout still builds.
 extensions = [ext for ext in extensions if os.path.exists(ext.sources[0])]

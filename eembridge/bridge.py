@@ -555,17 +555,23 @@ class Bridge:
         self._in_submitted = 0
         self._in_completed = 0
         self._out = deque()
+        # The data path runs in C, in the engine (_fast/engine.pxi): the libusb
+        # transport's event thread runs it, and the simulated device is driven by it
+        # through transport.engine(). It delivers IN transfers and reads the TAP into
+        # OUT ones, so no Python runs per transfer or per frame (bench/interop.py).
+        # The pure-Python data path, --usb-pcap recording and EEMBRIDGE_NATIVE=0 (to
+        # compare: bench/interop.py --variant) take the Python loop.
+        native: NativeDataPath | None = None
+        if hasattr(self.rx, "capsule") and os.environ.get("EEMBRIDGE_NATIVE") != "0":
+            engine = getattr(transport, "engine", None)
+            driven = engine() if callable(engine) else None
+            if driven is not None:
+                transport = driven
+            if callable(getattr(transport, "start_rx", None)):
+                native = cast(NativeDataPath, transport)
         self._transport = transport
         poller.register(transport.fileno(), select.POLLIN)
         self._poller = poller
-        # The libusb transport runs the data path itself, in C: its event thread
-        # delivers IN transfers and reads the TAP into OUT ones, so no Python runs per
-        # transfer or per frame (bench/interop.py). Other transports, the
-        # pure-Python data path, --usb-pcap recording and EEMBRIDGE_NATIVE=0 (to
-        # compare: bench/interop.py --variant) take the Python loop.
-        native = (cast(NativeDataPath, transport)
-                  if callable(getattr(transport, "start_rx", None)) and hasattr(self.rx, "capsule")
-                  and os.environ.get("EEMBRIDGE_NATIVE") != "0" else None)
         try:
             if native is not None:
                 native.start_rx(self.rx, opts.in_flight)

@@ -100,6 +100,13 @@ class Transport(ABC):
     def close(self) -> None:
         """Cancel everything in flight, wait until it completed, release the device."""
 
+    def engine(self) -> Transport | None:
+        """This transport driven by the C engine: a Transport that is also a
+        NativeDataPath, to use instead of this one (the simulated device's); None: the
+        transport runs the data path itself (libusb) or only offers submit/completions.
+        A wrapper (the --usb-pcap recorder) inherits None, so it keeps every transfer."""
+        return None
+
 
 # Empty polls the native data path's thread makes after work before it sleeps. Its next
 # work (a completion, the next TCP segment or ACK) tends to come within microseconds,
@@ -114,12 +121,15 @@ MAX_BUSY_POLLS = 100000
 class NativeDataPath(Protocol):
     """What a transport offers when it can run the data path itself, in C, with no
     Python per transfer or frame: its own thread also reads the TAP once start_tx runs
-    (eembridge._usb.UsbTransport, through usb.ClaimedDevice).
+    (eembridge._usb.UsbTransport, through usb.ClaimedDevice; the simulated device
+    through Transport.engine(), eembridge._simlink.SimEngine: both are the engine of
+    _fast/engine.pxi).
 
     The bridge hands it its RxPath / TxPath (the C ones: they carry a `capsule`) and
     from then on only acts on what the poll methods report; counters come from the
-    stats methods. A transport without these methods (the simulated device, the
-    --usb-pcap recorder) gets every transfer through submit_*/completions instead.
+    stats methods. A transport without these methods (the --usb-pcap recorder, any
+    transport with the pure-Python codec) gets every transfer through
+    submit_*/completions instead.
     """
 
     def start_rx(self, rxpath: Any, in_flight: int) -> None: ...

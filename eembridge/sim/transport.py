@@ -27,6 +27,9 @@ submission order per direction. All state here is guarded by the device's bus lo
   touches the caller's buffers again.
 
 `fileno()` is an eventfd, non-zero exactly while completions are waiting.
+
+The bridge drives it through the compiled engine when it can (`engine()`,
+eembridge._simlink): then the engine's thread submits and reaps the data transfers.
 """
 
 from __future__ import annotations
@@ -35,7 +38,15 @@ import os
 from collections import deque
 from typing import TYPE_CHECKING
 
-from ..core.transport import Completion, DeviceInfo, Direction, Status, Transport, TransportGone
+from ..core.transport import (
+    BUSY_POLLS,
+    Completion,
+    DeviceInfo,
+    Direction,
+    Status,
+    Transport,
+    TransportGone,
+)
 
 if TYPE_CHECKING:
     from .device import SimDevice, _Bus
@@ -116,6 +127,15 @@ class SimTransport(Transport):
             self.device._detach(self)
             self._bus.notify_all()
         os.close(self._fd)
+
+    def engine(self) -> Transport | None:
+        """This transport driven by the compiled engine (eembridge._simlink), the data
+        path real USB runs; None without it (a build without the extensions)."""
+        try:
+            from .._simlink import SimEngine
+        except ImportError:
+            return None
+        return SimEngine(self, BUSY_POLLS)
 
     # -- extras -------------------------------------------------------------------
 
