@@ -30,7 +30,8 @@ Invariants
   ignored in any other state: the disconnect already counted what they concern.
 * Actions that touch the device (SendEcho, SendEchoResponse, ClearHalt, Resume,
   Disconnect) are returned only in CONNECTED; Connect only in DISCONNECTED, when due.
-  If carrying out one action loses the device, the thread skips the rest of the list.
+  If carrying out one action loses the device, the thread skips the device actions
+  left in the list.
 * An Echo from the device is answered with the same data, ahead of TAP data not yet
   submitted. An Echo Response is matched to the oldest of our Echo requests with the
   same data; one nobody asked for is counted and reported, never acted on.
@@ -189,8 +190,11 @@ class LinkPolicy:
 
     def __init__(self, keepalive: float | None = None, reconnect_interval: float = 0.25,
                  keepalive_misses: int = 1) -> None:
+        # Either would make the thread spin: due again as soon as it was done.
         if reconnect_interval <= 0:
             raise ValueError("reconnect_interval must be positive")
+        if keepalive is not None and keepalive < 0:
+            raise ValueError("keepalive must be positive (0 or None: off)")
         if keepalive_misses < 1:
             raise ValueError("keepalive_misses must be at least 1")
         self.keepalive = keepalive or None  # 0 and None: off

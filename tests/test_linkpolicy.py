@@ -443,3 +443,10 @@ def test_any_sequence_of_events_keeps_the_invariants(keepalive, misses, steps):
             unsettled.discard(action.token)
     assert not unsettled
     assert policy.echoes_waiting == len([a for a in actions if isinstance(a, SendEcho)]) <= 1
+
+
+@pytest.mark.parametrize("options", [{"reconnect_interval": 0}, {"keepalive": -1},
+                                     {"keepalive_misses": 0}])
+def test_settings_that_would_spin_or_never_report_are_refused(options):
+    with pytest.raises(ValueError):
+        LinkPolicy(**options)
