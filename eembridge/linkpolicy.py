@@ -188,8 +188,10 @@ class _Waiting:
 class LinkPolicy:
     """The state machine: see the module's theory of operation."""
 
-    def __init__(self, keepalive: float | None = None, reconnect_interval: float = 0.25,
+    def __init__(self, reconnect_interval: float, keepalive: float | None = None,
                  keepalive_misses: int = 1) -> None:
+        """reconnect_interval: seconds between attempts to claim an absent device;
+        keepalive: seconds between our own Echo requests (0 or None: none)."""
         # Either would make the thread spin: due again as soon as it was done.
         if reconnect_interval <= 0:
             raise ValueError("reconnect_interval must be positive")

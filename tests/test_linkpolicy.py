@@ -77,7 +77,7 @@ def test_a_hint_is_advisory():
 
 
 def test_commands_without_a_device_are_ignored():
-    policy = LinkPolicy()
+    policy = LinkPolicy(RECONNECT)
     assert policy.command_received(0.0, Echo(b"x")) == []
     assert policy.counters["echo_answered"] == 0
 
@@ -128,7 +128,7 @@ def test_echo_times_out_at_its_deadline_and_not_before():
 
 
 def test_echo_refused_without_a_device_or_with_too_much_data():
-    policy = LinkPolicy()
+    policy = LinkPolicy(RECONNECT)
     assert policy.echo_requested(0.0, b"x", 1.0, token=1) == [
         EchoRefused(1, "not_connected", "no device connected")]
     policy = claimed()
@@ -449,4 +449,4 @@ def test_any_sequence_of_events_keeps_the_invariants(keepalive, misses, steps):
                                      {"keepalive_misses": 0}])
 def test_settings_that_would_spin_or_never_report_are_refused(options):
     with pytest.raises(ValueError):
-        LinkPolicy(**options)
+        LinkPolicy(**{"reconnect_interval": RECONNECT, **options})
