@@ -1,8 +1,8 @@
 # cython: language_level=3
-"""The bridge's data path in C: eembridge._datapath, the fast twin of eembridge.datapath.
+"""The bridge's data path in C: eembridge._datapath, the fast twin of eembridge.datapath.reference.
 
 Same objects, same API, same counters as the pure-Python RxPath/TxPath; the bridge does
-not know which one it drives (eembridge.datapath_impl chooses).
+not know which one it drives (eembridge.datapath chooses).
 
 RX (RxPath): IN transfers land in slots of a mirrored ring (eembridge._ring). For each
 completion the codec deframes in place (Deframer.deframe_into, one C call), then one C
@@ -44,26 +44,25 @@ from txfill cimport (tx_state, tx_has_room, tx_fill_one, tx_release_oldest, tx_r
 
 import errno as _errno
 
-from .datapath import RX_COUNTERS, TX_COUNTERS, OutTransfer
-from .protocol import CHECK_SIZE, HEADER_SIZE
-
-DEF ERRNO_SLOTS = 256
+from .datapath.reference import RX_COUNTERS, TX_COUNTERS, OutTransfer
+from .core.protocol import CHECK_SIZE, HEADER_SIZE
 
 from txfill cimport TX_HEADER, TX_CHECK, TX_ERRNO_SLOTS
 from rxdeliver cimport RX_ERRNO_SLOTS
 
 from offload cimport (vnet_hdr_t, gso_state_t, gso_begin, gso_next, off_complete_checksum,
                       VNET_HDR_SIZE, VNET_F_NEEDS_CSUM, VNET_GSO_NONE, GRO_BUF_SIZE)
-from .offload import OffloadError
+from .core.offload import OffloadError
 
 assert TX_HEADER == HEADER_SIZE and TX_CHECK == CHECK_SIZE
-assert <int>TX_ERRNO_SLOTS == <int>RX_ERRNO_SLOTS == ERRNO_SLOTS
+# Both paths count errno values in arrays of the same size, read by _errno_names.
+assert <int>TX_ERRNO_SLOTS == <int>RX_ERRNO_SLOTS
 
 
 cdef dict _errno_names(int64_t* counts):
     cdef int i
     out = {}
-    for i in range(ERRNO_SLOTS):
+    for i in range(RX_ERRNO_SLOTS):
         if counts[i]:
             out[_errno.errorcode.get(i, str(i))] = counts[i]
     return out
@@ -297,7 +296,7 @@ cdef class TxPath:
 
 def segment(bytes header, bytes packet) -> list:
     """The frames one TAP read stands for, cut by the C offload the data path uses:
-    eembridge.offload.segment's twin (tests hold them to the same bytes)."""
+    eembridge.core.offload.segment's twin (tests hold them to the same bytes)."""
     cdef vnet_hdr_t h
     cdef gso_state_t st
     cdef Py_ssize_t n

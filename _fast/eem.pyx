@@ -1,5 +1,5 @@
 # cython: language_level=3, auto_pickle=False
-"""Cython EEM codec: the rules of the reference eembridge/codec.py, in C.
+"""Cython EEM codec: the rules of the reference eembridge/core/codec.py, in C.
 
 How the C core maps to the reference's theory of operation
 -----------------------------------------------------------
@@ -68,9 +68,9 @@ from eem cimport (
     eem_place,
 )
 
-from . import protocol as _protocol
-from .codec import validate_framer_options, validate_mac, validate_max_length
-from .events import Echo, EchoResponse, Frame, Hint
+from .core import protocol as _protocol
+from .core.codec import validate_framer_options, validate_mac, validate_max_length
+from .core.events import Echo, EchoResponse, Frame, Hint
 
 __all__ = ["Deframer", "Framer", "FRAME_RECORD_DTYPE"]
 

@@ -1,6 +1,6 @@
 # TCP segmentation and checksum offload for a TAP opened with IFF_VNET_HDR, in C,
 # header-only (why header-only: see ring.pxd). The specification is the reference in
-# eembridge/offload.py: same frames, same bytes, for every input (tests/test_offload.py).
+# eembridge/core/offload.py: same frames, same bytes, for every input (tests/test_offload.py).
 #
 # Checksums are summed in native byte order over the bytes as they lie in memory and
 # stored back the same way (RFC 1071: the one's-complement sum does not care which byte

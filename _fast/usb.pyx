@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
-"""libusb-1.0 asynchronous bulk transfers behind eembridge.transport.Transport.
+"""libusb-1.0 asynchronous bulk transfers behind eembridge.core.transport.Transport.
 
 uvloop habits: libusb calls a C callback (no GIL) when a transfer ends; the callback
 pushes the transfer onto a C queue under a mutex and writes an eventfd. An event thread
@@ -29,9 +29,9 @@ from rxdeliver cimport rx_state, rx_deliver, rx_flush, rx_slot_offset, RX_STATE_
 from txfill cimport (tx_state, tx_has_room, tx_fill_one, tx_release_oldest, tx_unhold_newest,
                      TX_STATE_CAPSULE, TX_HELD_MAX)
 
-from eembridge.events import Echo, EchoResponse, Hint
-from eembridge.protocol import CMD_ECHO, CMD_ECHO_RESPONSE
-from eembridge.transport import Completion, DeviceInfo, Direction, Status, TransportGone
+from eembridge.core.events import Echo, EchoResponse, Hint
+from eembridge.core.protocol import CMD_ECHO, CMD_ECHO_RESPONSE
+from eembridge.core.transport import Completion, DeviceInfo, Direction, Status, TransportGone
 
 
 cdef extern from "<sys/eventfd.h>" nogil:
@@ -144,7 +144,7 @@ DEF CMD_QUEUE = 32  # commands waiting for the bridge thread; beyond: dropped, c
 DEF CMD_DATA = 2048  # room for the longest Echo payload (11-bit length)
 DEF N_STATUS = 8  # libusb_transfer_status values
 DEF MAX_POLLFDS = 15  # libusb's on Linux: the device's usbfs fd, its event fd and timerfd
-DEF MAX_BUSY_POLLS = 100000  # eembridge.transport.MAX_BUSY_POLLS
+DEF MAX_BUSY_POLLS = 100000  # eembridge.core.transport.MAX_BUSY_POLLS
 
 
 cdef struct QueuedCommand:
@@ -550,7 +550,7 @@ cdef class UsbTransport:
         if interface < 0 or interface > 255:
             raise ValueError(f"bad interface number {interface}")
         if not isinstance(info, DeviceInfo):
-            raise TypeError("info must be an eembridge.transport.DeviceInfo")
+            raise TypeError("info must be an eembridge.core.transport.DeviceInfo")
         if not 0 <= busy_polls <= MAX_BUSY_POLLS:
             raise ValueError(f"busy_polls {busy_polls} out of range (0..{MAX_BUSY_POLLS})")
         self.ep_in, self.ep_out, self.interface, self.info = ep_in, ep_out, interface, info

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eembridge import CODEC  # noqa: E402
 from eembridge.bridge import Bridge, BridgeOptions  # noqa: E402
-from eembridge.netns import (  # noqa: E402
+from eembridge.link.netns import (  # noqa: E402
     configure_link,
     create_netns,
     delete_netns,

@@ -7,7 +7,7 @@ Deframe: streams of back-to-back EEM packets cut into 16 KB full bulk IN transfe
   in place  Deframer.feed_buffer(), the Cython C path the bridge uses (eem_deframe on
             memory holding the carried bytes right before each transfer; frames come
             back as records, no per-frame Python object, GIL released)
-  reference eembridge.codec.Deframer.feed()
+  reference eembridge.core.codec.Deframer.feed()
 Frame: Framer.pack() of the same frames into 1536-byte transfers (Cython and
 reference), and in place (frame_buffer/close_buffer on frames already sitting 2 bytes
 into their slots; one Python call per frame, so it measures call overhead for small
@@ -37,7 +37,7 @@ if "--checkout" in sys.argv:
     _checkout = Path(sys.argv[sys.argv.index("--checkout") + 1]).resolve()
 sys.path.insert(0, str(_checkout))
 from eembridge import _eem as cython  # noqa: E402  (directly: a broken build must fail)
-from eembridge import codec as reference  # noqa: E402
+from eembridge.core import codec as reference  # noqa: E402
 
 TRANSFER = 16384
 STREAM = 4 << 20  # bytes of packets per stream (a multiple of TRANSFER)
@@ -263,6 +263,53 @@ def garbage_main(seconds: float, with_reference: bool, as_json: bool) -> None:
         print(f"worst (Cython, in place): {worst['pattern']}: {worst['cython_mb_s']:.1f} MB/s")
 
 
+def _searched_patterns(count: int, seed: int):
+    """`count` generated garbage patterns (name, bytes), five families in turn: short
+    random periods, CRC headers of random length before random bytes, sentinels at
+    random strides after random lengths, random data with every header a data packet,
+    and plausible IPv4 frames of random length with a wrong check. The named table
+    holds the worst of each family found so far; this looks for worse."""
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        family = i % 5
+        if family == 0:
+            period = int(rng.integers(2, 64))
+            yield f"period {period}, random", rng.bytes(period)
+        elif family == 1:
+            length, fill = int(rng.integers(14, 16384)), rng.bytes(int(rng.integers(0, 64)))
+            yield f"CRC header bmLength {length} + {len(fill)} random", (
+                struct.pack("<H", 0x4000 | length) + fill)
+        elif family == 2:
+            stride, length = int(rng.integers(4, 200)), int(rng.integers(14, 16384))
+            pattern = bytearray(rng.bytes(stride))
+            pattern[0:2] = struct.pack("<H", length)
+            pattern[-4:] = b"\xde\xad\xbe\xef"
+            yield f"sentinel every {stride} bytes, bmLength {length}", bytes(pattern)
+        elif family == 3:
+            data = bytearray(rng.bytes(4096))
+            data[1::2] = bytes(b & 0x3F for b in data[1::2])  # bmType 0, bmCRC 0 or 1
+            yield "random, every header a data packet", bytes(data)
+        else:
+            length = int(rng.integers(60, 16383))
+            yield f"plausible IPv4 bmLength {length}, check wrong", _ipv4_packet(
+                length, bool(rng.integers(0, 2)), rng.bytes(4))
+
+
+def search_main(count: int, seed: int, seconds: float) -> None:
+    """Every generated pattern at max_length 1522 and 16383; the worst eight, and the
+    named worst (random, max_length 16383) measured in the same run for scale."""
+    rows = []
+    for name, pattern in _searched_patterns(count, seed):
+        for max_length in (DEFAULT_MAX_LENGTH_, 16383):
+            rows.append((garbage_rate(pattern, max_length, seconds), name, max_length))
+    rows.sort()
+    named = garbage_rate(_garbage_patterns()["random, max_length 16383"][0], 16383, 1.0)
+    print(f"{count} generated patterns (seed {seed}) x 2 max_lengths, {seconds:g} s each; "
+          f"MB/s; for scale, random with max_length 16383: {named:.1f}")
+    for rate, name, max_length in rows[:8]:
+        print(f"{name:<52}{max_length:>6}{rate:>10.1f}")
+
+
 def bound(fn: Callable[[], None], nbytes: int, seconds: float) -> float:
     return timed(lambda: (fn(), (nbytes, 0))[1], seconds)[0]
 
@@ -274,8 +321,15 @@ def main() -> None:
     parser.add_argument("--garbage", action="store_true", help="garbage patterns instead")
     parser.add_argument("--reference", action="store_true", help="with --garbage: the reference too")
     parser.add_argument("--checkout", type=Path, help="run another tree's eembridge")
+    parser.add_argument("--search", type=int, metavar="N",
+                        help="with --garbage: N generated patterns besides the named ones, "
+                             "the worst eight shown")
+    parser.add_argument("--seed", type=int, default=1, help="with --search (default 1)")
     args = parser.parse_args()
     s = args.seconds
+    if args.garbage and args.search:
+        search_main(args.search, args.seed, s)
+        return
     if args.garbage:
         if not args.json:
             print(f"EEM garbage, {_checkout}, {TRANSFER}-byte full transfers, {s:g} s per cell; MB/s")

@@ -1,7 +1,15 @@
 """eembridge: a userspace, driverless USB CDC-EEM host bridge.
 
+The package face: `Bridge` and `BridgeOptions` (the bridge, to embed), `Transport`
+(what a device offers it), `Deframer` and `Framer` (the EEM codec), the events they
+produce and the errors. The layers live in sub-packages: core (sans-IO: protocol,
+codec, options, events, errors, the transport interface), datapath (the data path's
+Python face), usb (real devices), link (the TAP and the host's network), observe
+(control socket, metrics, logs, captures of a running bridge), capture (offline
+pcap/usbmon), sim (the simulated device), cli (the subcommands).
+
 The codec is chosen here, once: EEMBRIDGE_PUREPYTHON=1 forces the pure-Python
-reference (eembridge.codec); otherwise the Cython extension is used, falling back to
+reference (eembridge.core.codec); otherwise the Cython extension is used, falling back to
 the reference only if the extension is not built. EEMBRIDGE_REQUIRE_CYTHON=1 turns
 that fallback into an ImportError, so CI cannot pass on a broken build.
 """
@@ -9,13 +17,19 @@ that fallback into an ImportError, so CI cannot pass on a broken build.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Any
 
-from .events import Echo, EchoResponse, Event, Frame, Hint
+from .core import errors, events
+from .core.events import Echo, EchoResponse, Event, Frame, Hint
+from .core.transport import Transport
+
+if TYPE_CHECKING:
+    from .bridge import Bridge, BridgeOptions
 
 __version__ = "0.1.0"
 
 if os.environ.get("EEMBRIDGE_PUREPYTHON"):
-    from .codec import Deframer, Framer
+    from .core.codec import Deframer, Framer
 
     CODEC = "python"
 else:
@@ -26,11 +40,23 @@ else:
     except ImportError:
         if os.environ.get("EEMBRIDGE_REQUIRE_CYTHON"):
             raise
-        from .codec import Deframer, Framer  # type: ignore[assignment]
+        from .core.codec import Deframer, Framer  # type: ignore[assignment]
 
         CODEC = "python"
 
+
+def __getattr__(name: str) -> Any:
+    # The bridge imports this module (for the codec): loaded on first use, not here.
+    if name in ("Bridge", "BridgeOptions"):
+        from . import bridge
+
+        return getattr(bridge, name)
+    raise AttributeError(f"module 'eembridge' has no attribute {name!r}")
+
+
 __all__ = [
+    "Bridge",
+    "BridgeOptions",
     "CODEC",
     "Deframer",
     "Echo",
@@ -39,5 +65,8 @@ __all__ = [
     "Frame",
     "Framer",
     "Hint",
+    "Transport",
     "__version__",
+    "errors",
+    "events",
 ]

@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 One thread runs one poll loop over three sources: the transport's completion fd, the
 TAP fd and a wake-up fd (stop requests, echo requests, stats). Everything that touches
-frames happens in the data path objects (eembridge.datapath or its Cython twin); this
+frames happens in the data path objects (eembridge.datapath.reference or its Cython twin); this
 module only schedules transfers and decides what to do with their outcome. With the
 libusb transport's native data path, that transport's event thread reads the TAP and
 moves every frame itself; this loop then sees only commands, faults and timers.
@@ -20,7 +20,7 @@ Invariants
   that is the backpressure. No frame is counted as sent before its OUT transfer
   completed in full; every frame that is not sent is counted under a reason.
 * What is not per frame (commands, our Echo and keepalive, failed transfers, stalls,
-  reconnecting) is decided by eembridge.linkpolicy, fed from this loop: the loop only
+  reconnecting) is decided by eembridge.core.linkpolicy, fed from this loop: the loop only
   carries out its actions (`_carry_out`). When one of them finds the device gone, the
   device actions left in that list are skipped (they were for the device that went).
 * When the device goes (NO_DEVICE), carrier goes off, the TAP and its addresses stay,
@@ -42,13 +42,13 @@ from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, cast
 
-from . import CODEC, Deframer, Framer, linkpolicy, privileges
-from .errors import UserError
-from .events import Event
-from .linkpolicy import LinkPolicy
-from .logsetup import GarbageSummary, RepeatSummary, event
-from .protocol import DEFAULT_MAX_LENGTH, HEADER_SIZE
-from .transport import (
+from . import CODEC, Deframer, Framer
+from .core import linkpolicy
+from .core.errors import UserError
+from .core.events import Event
+from .core.linkpolicy import LinkPolicy
+from .core.protocol import DEFAULT_MAX_LENGTH, HEADER_SIZE
+from .core.transport import (
     Completion,
     DeviceInfo,
     Direction,
@@ -57,6 +57,8 @@ from .transport import (
     Transport,
     TransportGone,
 )
+from .link import privileges
+from .observe.logs import GarbageSummary, RepeatSummary, event
 
 log = logging.getLogger("eembridge.bridge")
 
@@ -132,7 +134,7 @@ class BridgeOptions:
     out_chunk: int | str = "f_eem"
     keepalive: float | None = None  # seconds between our own Echo requests
     persist: bool = False  # keep the TAP when the bridge exits
-    # TAP TSO and checksum offload (eembridge/offload.py); None: on when the C data path
+    # TAP TSO and checksum offload (eembridge/core/offload.py); None: on when the C data path
     # is there (it is the one that can cut and merge TCP segments).
     offload: bool | None = None
     stats_socket: str | None = None  # path of the UNIX stats socket; None: no socket
@@ -141,9 +143,9 @@ class BridgeOptions:
 
     def resolved(self) -> BridgeOptions:
         """A copy with every automatic (None) choice made."""
-        from . import datapath_impl
+        from . import datapath
 
-        offload = datapath_impl.OFFLOAD if self.offload is None else self.offload
+        offload = datapath.OFFLOAD if self.offload is None else self.offload
         txqueuelen = self.txqueuelen
         if txqueuelen is None:
             txqueuelen = 8 if offload else 64
@@ -199,7 +201,7 @@ class Bridge:
         on_link_ready: Callable[[], None] | None = None,
     ) -> None:
         """on_link_ready runs in the caller's thread once the TAP is configured and before
-        the bridge starts any thread: the place to drop privileges (eembridge.privileges)."""
+        the bridge starts any thread: the place to drop privileges (eembridge.link.privileges)."""
         self.options = (options or BridgeOptions()).resolved()
         self._on_link_ready = on_link_ready
         self._connect = connect
@@ -255,10 +257,10 @@ class Bridge:
 
     def start(self) -> None:
         if self._tap is None:
-            from . import datapath_impl
-            from .tap import Tap
+            from . import datapath
+            from .link.tap import Tap
 
-            if self.options.offload and not datapath_impl.OFFLOAD:
+            if self.options.offload and not datapath.OFFLOAD:
                 raise UserError("--offload needs the compiled data path (eembridge._datapath); "
                                 "this install runs the pure-Python one")
             self._tap = Tap(self.options.tap, mtu=self.options.mtu, mac=self.options.mac,
@@ -269,7 +271,7 @@ class Bridge:
         if self._on_link_ready is not None:
             self._on_link_ready()
         if self.options.stats_socket:
-            from .stats import ControlServer
+            from .observe.control import ControlServer
 
             self._control = ControlServer(self.options.stats_socket, self)
         opts = self.options
@@ -566,7 +568,7 @@ class Bridge:
     # -- connection ----------------------------------------------------------------------
 
     def _try_connect(self, poller: select.poll) -> bool:
-        from . import datapath_impl
+        from . import datapath
 
         try:
             transport = self._connect()
@@ -597,10 +599,10 @@ class Bridge:
         tap_fd = self._tap.fileno()
         vnet = bool(getattr(self._tap, "offload", False))  # every TAP read/write has a header
         if self.rx is None:
-            self.rx = datapath_impl.RxPath(self.deframer, tap_fd, opts.in_flight + 1,
+            self.rx = datapath.RxPath(self.deframer, tap_fd, opts.in_flight + 1,
                                            opts.in_transfer_size, vnet=vnet)
         self.rx.reset()
-        self.tx = datapath_impl.TxPath(self.framer, tap_fd, out_in_flight * max_transfer,
+        self.tx = datapath.TxPath(self.framer, tap_fd, out_in_flight * max_transfer,
                                        vnet=vnet)
         self._in_submitted = 0
         self._in_completed = 0
@@ -776,7 +778,7 @@ class Bridge:
 
     def _submit_out_bytes(self, transfer: bytes) -> None:
         """A command transfer: sent ahead of TAP data that is not submitted yet."""
-        from .datapath import OutTransfer
+        from .datapath.reference import OutTransfer
 
         self._submit_out(OutTransfer(memoryview(transfer), frames=0, owned=False))
 

@@ -16,7 +16,7 @@ def load_codec(name: str):
     build fails the suite instead of quietly testing the fallback twice.
     """
     if name == "python":
-        return importlib.import_module("eembridge.codec")
+        return importlib.import_module("eembridge.core.codec")
     try:
         return importlib.import_module("eembridge._eem")
     except ImportError as exc:  # a missing facility is a failure, not a skip

@@ -6,7 +6,7 @@ import random
 import struct
 import zlib
 
-from eembridge.protocol import SENTINEL, command_header
+from eembridge.core.protocol import SENTINEL, command_header
 
 HOST_MAC = bytes([0x02, 0, 0, 0, 0, 1])
 

@@ -26,9 +26,9 @@ from typing import Any
 
 import pytest
 
-from eembridge import netns as nsmod
-from eembridge.netns import free_linklocal_subnet  # noqa: F401  (re-exported for tests)
-from eembridge.tap import Tap
+from eembridge.link import netns as nsmod
+from eembridge.link.netns import free_linklocal_subnet  # noqa: F401  (re-exported for tests)
+from eembridge.link.tap import Tap
 
 TAP_PREFIX = "eemt"  # test TAPs: eemt + 8 hex digits, well under IFNAMSIZ
 NETNS_PREFIX = "eemt-"
@@ -414,3 +414,33 @@ def wait_for_control_socket(proc: Any, sock: str, timeout: float = 20.0) -> None
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         assert time.monotonic() < deadline, "control socket never appeared"
         time.sleep(0.1)
+
+
+@dataclass
+class SimBridgeProcess:
+    """`eembridge --sim` as a user starts it: the TAP at .2 of a free link-local /24, the
+    simulated device at .1, a control socket in the test's directory."""
+
+    proc: Any
+    tap: str
+    subnet: Any
+    sock: str
+
+
+def start_sim_bridge(tmp_path: Any, prefix: str, *extra: str, **popen: Any) -> SimBridgeProcess:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    require_tun_and_root()
+    subnet = free_linklocal_subnet()
+    tap = nsmod.unique_name(prefix)
+    sock = str(tmp_path / "bridge.sock")
+    popen.setdefault("stdout", subprocess.PIPE)
+    popen.setdefault("stderr", subprocess.PIPE)
+    popen.setdefault("text", True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eembridge", "--sim", "--tap", tap, "--ip", f"{subnet[2]}/24",
+         "--sim-ip", f"{subnet[1]}/24", "--stats-socket", sock, *extra],
+        cwd=Path(__file__).resolve().parent.parent, **popen)
+    return SimBridgeProcess(proc, tap, subnet, sock)

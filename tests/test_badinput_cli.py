@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from eembridge.errors import UserError
+from eembridge.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def resolve(*argv: str):
-    from eembridge.cli import resolve as cli_resolve
+    from eembridge.cli.main import resolve as cli_resolve
 
     return cli_resolve(list(argv))
 
@@ -131,8 +131,8 @@ def test_a_config_value_failing_a_check_across_options_names_its_line(tmp_path):
 def test_a_flag_and_its_config_key_refuse_the_same_values(tmp_path, empty_config):
     """One set of option facts: every key's value is refused by the flag too, and the
     other way round, with the same words."""
-    from eembridge.config import KEYS
-    from eembridge.options import OPTIONS
+    from eembridge.core.config import KEYS
+    from eembridge.core.options import OPTIONS
 
     by_key = {o.key: o for o in OPTIONS if o.key}
     assert set(by_key) == set(KEYS)
@@ -218,12 +218,12 @@ def test_without_privileges_sim_and_demo_say_what_they_need(tmp_path, argv):
 # --- --usb-pcap on a full disk ------------------------------------------------------------
 
 def test_usb_recording_on_a_full_device_warns_once_counts_and_closes_cleanly(caplog):
-    from eembridge.recording import UsbRecorder
-    from eembridge.usbmon import ENDPOINT_IN, XFER_BULK
+    from eembridge.capture.usbmon import ENDPOINT_IN, XFER_BULK
+    from eembridge.observe.recording import UsbRecorder
 
     recorder = UsbRecorder("/dev/full")
     writer = recorder.writer
-    with caplog.at_level("WARNING", logger="eembridge.recording"):
+    with caplog.at_level("WARNING", logger="eembridge.observe.recording"):
         for n in range(2000):  # past one batch of records
             with recorder.lock:
                 writer.record("C", XFER_BULK, writer.endpoint_in | ENDPOINT_IN, n, 100,
@@ -259,7 +259,7 @@ def test_a_bridge_whose_capture_fills_its_disk_goes_on_and_exits_cleanly(
     import re
     import signal
 
-    from eembridge.netns import free_linklocal_subnet, unique_name
+    from eembridge.link.netns import free_linklocal_subnet, unique_name
 
     from netfixtures import require_tun_and_root, tcp_transfer, wait_for
 
@@ -300,7 +300,7 @@ def test_a_bridge_whose_capture_fills_its_disk_goes_on_and_exits_cleanly(
         assert decoded.returncode == 0, decoded.stderr
         assert json.loads(decoded.stdout)["in"]["frames"] > 0, decoded.stdout
     else:  # an Ethernet pcap of whole records: every one read back, the last one whole
-        from eembridge.pcap import CaptureReader
+        from eembridge.capture.pcap import CaptureReader
 
         with open(recording, "rb") as f:
             frames = list(CaptureReader(f, str(recording)))
@@ -345,7 +345,7 @@ def test_fuzz_every_option_value(empty_config):
     from hypothesis import HealthCheck, example, given, settings
     from hypothesis import strategies as st
 
-    from eembridge.options import BY_DEST, OPTIONS
+    from eembridge.core.options import BY_DEST, OPTIONS
 
     valued = [o for o in OPTIONS if o.action in ("store", "append") and o.flag != "--config"]
 
@@ -364,8 +364,8 @@ def test_fuzz_demo_options():
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from eembridge.cli import _subcommand_parser
-    from eembridge.demo import OPTIONS
+    from eembridge.cli.demo import OPTIONS
+    from eembridge.cli.main import _subcommand_parser
 
     parser, _module = _subcommand_parser("demo")
 
@@ -385,7 +385,7 @@ def test_fuzz_many_options_at_once(empty_config):
     from hypothesis import HealthCheck, example, given, settings
     from hypothesis import strategies as st
 
-    from eembridge.options import OPTIONS
+    from eembridge.core.options import OPTIONS
 
     flags = [o.flag for o in OPTIONS if o.action in ("store", "append") and o.flag != "--config"]
     switches = ["--persist", "--offload", "--no-offload", "--tx-crc", "--tx-sentinel", "--wait",
@@ -443,7 +443,7 @@ def test_fuzz_config_files(tmp_path):
     from hypothesis import HealthCheck, example, given, settings
     from hypothesis import strategies as st
 
-    from eembridge.config import KEYS, SELECTORS
+    from eembridge.core.config import KEYS, SELECTORS
 
     keys = st.one_of(st.sampled_from(sorted([*KEYS, *SELECTORS])), st.text(min_size=1, max_size=12))
     tables = st.dictionaries(keys, toml_values(), max_size=6)

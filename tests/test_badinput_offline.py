@@ -30,10 +30,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from eembridge import Framer
-from eembridge.cli import main
-from eembridge.decode import decode_capture
-from eembridge.errors import UserError
-from eembridge.pcap import (
+from eembridge.capture.decode import decode_capture
+from eembridge.capture.pcap import (
     LINKTYPE_ETHERNET,
     LINKTYPE_USB_LINUX,
     PCAPNG_IDB,
@@ -41,8 +39,10 @@ from eembridge.pcap import (
     PcapngWriter,
     PcapWriter,
 )
-from eembridge.replay import replay_capture
-from eembridge.usbmon import Transfer, UsbmonWriter
+from eembridge.capture.replay import replay_capture
+from eembridge.capture.usbmon import Transfer, UsbmonWriter
+from eembridge.cli.main import main
+from eembridge.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL = ROOT / "tests" / "fixtures" / "cdc_eem_usbmon.pcap"
@@ -130,7 +130,7 @@ Unit = tuple[str, int, int, int, str]  # role, start, offset of its length field
 
 
 def walk(data: bytes) -> tuple[list[Field], list[Unit]]:
-    """Our own walk of a capture (not eembridge.pcap's): every length, timestamp and
+    """Our own walk of a capture (not eembridge.capture.pcap's): every length, timestamp and
     option length field, and every pcap record and pcapng block (so a mutation can resize
     one consistently and reach the parsing inside it), each with a role: mutations pick a
     role first, so the one interface block is as likely a target as all packets together."""

@@ -15,8 +15,8 @@ import time
 import pytest
 
 from eembridge.bridge import Bridge, BridgeOptions
-from eembridge.netns import free_linklocal_subnet, unique_name
-from eembridge.protocol import DEFAULT_MAX_TRANSFER
+from eembridge.core.protocol import DEFAULT_MAX_TRANSFER
+from eembridge.link.netns import free_linklocal_subnet, unique_name
 from eembridge.sim.faults import Faults
 from eembridge.sim.link import SimLink
 

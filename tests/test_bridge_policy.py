@@ -1,4 +1,4 @@
-"""The bridge carrying out the link policy (eembridge.linkpolicy) on the simulated device:
+"""The bridge carrying out the link policy (eembridge.core.linkpolicy) on the simulated device:
 what the policy decides, done for real, where the doing had its own ways to go wrong."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import logging
 
 from test_bridge import rig_factory  # noqa: F401  (the fixture)
 
+from eembridge.core.transport import Direction, TransportGone
 from eembridge.sim.link import SimLink
-from eembridge.transport import Direction, TransportGone
 
 from netfixtures import wait_for
 

@@ -7,12 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from eembridge.netns import free_linklocal_subnet, link_names, unique_name
+from eembridge.link.netns import link_names, unique_name
 
-from netfixtures import require_tun_and_root, wait_for_control_socket
+from netfixtures import require_tun_and_root, start_sim_bridge, wait_for, wait_for_control_socket
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,23 +34,22 @@ def test_demo_streams_a_verified_trace_over_a_lossy_link():
 
 
 def test_main_job_on_sim_with_stats_echo_and_clean_stop(tmp_path):
-    require_tun_and_root()
-    subnet = free_linklocal_subnet()
-    tap = unique_name("eemcli")
-    sock = str(tmp_path / "bridge.sock")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "eembridge", "--sim", "--tap", tap, "--ip", f"{subnet[2]}/24",
-         "--sim-ip", f"{subnet[1]}/24", "--stats-socket", sock, "--sim-loss", "0.01"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    bridge = start_sim_bridge(tmp_path, "eemcli", "--sim-loss", "0.01")
+    proc, tap, sock = bridge.proc, bridge.tap, bridge.sock
     try:
         wait_for_control_socket(proc, sock)
         assert oct(os.stat(sock).st_mode & 0o777) == "0o600"
-        time.sleep(0.5)
-        stats = eembridge("stats", "--socket", sock, "--json")
-        assert stats.returncode == 0, stats.stderr
-        snapshot = next(iter(json.loads(stats.stdout).values()))
-        assert snapshot["connected"] and snapshot["tap"] == tap
+
+        def snapshot() -> dict:
+            stats = eembridge("stats", "--socket", sock, "--json")
+            assert stats.returncode == 0, stats.stderr
+            return next(iter(json.loads(stats.stdout).values()))
+
+        def connected() -> dict | None:
+            state = snapshot()
+            return state if state["connected"] else None
+
+        assert wait_for(connected, 20, "connected")["tap"] == tap
         assert tap in link_names(None)
         echo = eembridge("echo", "--socket", sock, "-c", "3", "--json")
         assert echo.returncode == 0, echo.stderr
@@ -72,7 +70,7 @@ def test_main_job_on_sim_with_stats_echo_and_clean_stop(tmp_path):
 def test_tap_deleted_under_the_bridge_stops_it_with_one_line(tmp_path):
     """Before, the loop kept polling a TAP whose interface was gone: 60% of a CPU, forever."""
     require_tun_and_root()
-    from eembridge.netns import iproute, link_index
+    from eembridge.link.netns import iproute, link_index
 
     tap = unique_name("eemdel")
     sock = str(tmp_path / "bridge.sock")
@@ -100,7 +98,7 @@ def test_sigterm_during_start_up_still_stops_cleanly(tmp_path):
     control socket exist): the bridge finishes starting, then stops as on any SIGTERM,
     exit 0, its namespace and TAP gone. Before, the default action killed it there."""
     require_tun_and_root()
-    from eembridge.netns import netns_exists
+    from eembridge.link.netns import netns_exists
 
     tap = unique_name("eemsu")
     proc = subprocess.Popen(

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eembridge.events import Echo, EchoResponse, Frame, Hint
-from eembridge.protocol import (
+from eembridge.core.events import Echo, EchoResponse, Frame, Hint
+from eembridge.core.protocol import (
     CMD_ECHO,
     CMD_ECHO_RESPONSE,
     CMD_RESPONSE_HINT,

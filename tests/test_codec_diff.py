@@ -1,5 +1,5 @@
 """Differential tests: the Cython codec (eembridge._eem) equals the reference
-(eembridge.codec, the specification) on every event, counter and byte.
+(eembridge.core.codec, the specification) on every event, counter and byte.
 
 Hypothesis draws EEM streams: frames framed by the reference Framer (CRC, sentinel or
 mixed; 64/512/1024-byte max packets; random transfer limits), commands (Echo, Echo
@@ -23,8 +23,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eembridge.events import Echo, EchoResponse, Frame, Hint
-from eembridge.protocol import (
+from eembridge.core.events import Echo, EchoResponse, Frame, Hint
+from eembridge.core.protocol import (
     CMD_ECHO,
     CMD_ECHO_RESPONSE,
     CMD_RESPONSE_HINT,

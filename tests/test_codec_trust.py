@@ -9,9 +9,9 @@ import struct
 
 import pytest
 
-from eembridge import codec as reference
-from eembridge.events import Frame
-from eembridge.protocol import CRC_BUDGET_PER_BYTE, CRC_CHECK_OVERHEAD
+from eembridge.core import codec as reference
+from eembridge.core.events import Frame
+from eembridge.core.protocol import CRC_BUDGET_PER_BYTE, CRC_CHECK_OVERHEAD
 
 from conftest import load_codec
 from eemstreams import HOST_MAC, data_packet, ethernet_frame, ipv4_header, transport_frame

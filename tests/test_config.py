@@ -14,8 +14,8 @@ from pathlib import Path
 import pyroute2
 import pytest
 
-from eembridge.config import ConfigError, DeviceIdentity, config_files, identify, load
-from eembridge.netns import free_linklocal_subnet, link_names, unique_name
+from eembridge.core.config import ConfigError, DeviceIdentity, config_files, identify, load
+from eembridge.link.netns import free_linklocal_subnet, link_names, unique_name
 
 from netfixtures import require_tun_and_root, wait_for_control_socket
 
@@ -218,8 +218,8 @@ def test_the_readme_example_is_a_valid_config(tmp_path):
 
 def test_every_config_key_sets_a_real_option_of_the_main_job():
     """A key whose dest the command line does not have would be silently ignored."""
-    from eembridge.cli import main_parser
-    from eembridge.config import KEYS
+    from eembridge.cli.main import main_parser
+    from eembridge.core.config import KEYS
 
     dests = {action.dest for action in main_parser()._actions}
     assert {key: k.dest for key, k in KEYS.items() if k.dest not in dests} == {}

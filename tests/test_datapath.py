@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from eembridge import codec
-from eembridge import datapath as pydatapath
-from eembridge.events import Frame
+from eembridge.core import codec
+from eembridge.core.events import Frame
+from eembridge.datapath import reference as pydatapath
 
 try:
     from eembridge import _datapath, _eem

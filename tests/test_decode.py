@@ -1,4 +1,4 @@
-"""`eembridge decode` on usbmon captures written by eembridge.usbmon.
+"""`eembridge decode` on usbmon captures written by eembridge.capture.usbmon.
 
 Frames are framed (Framer.pack), captured as the kernel would show them (UsbmonWriter:
 both link types, pcap and pcapng, both byte orders), decoded through the CLI, and read
@@ -24,10 +24,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eembridge import Framer
-from eembridge.cli import main
-from eembridge.decode import decode_capture
-from eembridge.errors import CaptureError
-from eembridge.pcap import (
+from eembridge.capture.decode import decode_capture
+from eembridge.capture.pcap import (
     LINKTYPE_ETHERNET,
     LINKTYPE_USB_LINUX,
     LINKTYPE_USB_LINUX_MMAPPED,
@@ -35,7 +33,7 @@ from eembridge.pcap import (
     PcapngWriter,
     PcapWriter,
 )
-from eembridge.usbmon import (
+from eembridge.capture.usbmon import (
     XFER_BULK,
     Transfer,
     UsbmonReader,
@@ -43,6 +41,8 @@ from eembridge.usbmon import (
     eem_configuration_descriptor,
     eem_interfaces,
 )
+from eembridge.cli.main import main
+from eembridge.core.errors import CaptureError
 
 from eemstreams import ipv4_header
 

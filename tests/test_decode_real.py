@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from eembridge.cli import main
-from eembridge.pcap import CaptureReader
+from eembridge.capture.pcap import CaptureReader
+from eembridge.cli.main import main
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

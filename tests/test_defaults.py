@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from eembridge import datapath_impl
+from eembridge import datapath
 from eembridge.bridge import BridgeOptions
-from eembridge.cli import main_parser
-from eembridge.errors import UserError
-from eembridge.options import bridge_options
+from eembridge.cli.assemble import bridge_options
+from eembridge.cli.main import main_parser
+from eembridge.core.errors import UserError
 
 
 def options(*argv: str) -> BridgeOptions:
@@ -18,7 +18,7 @@ def options(*argv: str) -> BridgeOptions:
 
 def test_bare_command_line_batches_for_f_eem_offloads_and_keeps_queues_short():
     opts = options()
-    assert opts.offload is datapath_impl.OFFLOAD
+    assert opts.offload is datapath.OFFLOAD
     assert opts.txqueuelen == (8 if opts.offload else 64)
     assert opts.out_chunk == "f_eem"
     # A device known to take batches (Linux f_eem): at high speed 12 KB transfers of
@@ -53,7 +53,7 @@ def test_explicit_flags_win():
 def test_pcap_turns_offload_off_unless_asked_for(tmp_path):
     pcap = str(tmp_path / "x.pcap")
     assert options("--pcap", pcap).offload is False
-    if datapath_impl.OFFLOAD:
+    if datapath.OFFLOAD:
         assert options("--pcap", pcap, "--offload").offload is True
 
 
@@ -74,8 +74,8 @@ def test_bad_values_are_one_line_errors():
 
 
 def test_busy_poll_default_and_range():
-    from eembridge.options import usb_connector
-    from eembridge.transport import BUSY_POLLS
+    from eembridge.cli.assemble import usb_connector
+    from eembridge.core.transport import BUSY_POLLS
 
     assert main_parser().parse_args(["--tap", "t0"]).busy_poll == BUSY_POLLS == 100
     assert main_parser().parse_args(["--tap", "t0", "--busy-poll", "0"]).busy_poll == 0

@@ -1,4 +1,4 @@
-"""The link policy on its own (eembridge.linkpolicy): events in, actions out, a fake clock.
+"""The link policy on its own (eembridge.core.linkpolicy): events in, actions out, a fake clock.
 
 No device, no TAP, no thread: every decision the bridge carries out is checked here as
 the actions the policy returns and the counters it keeps. The last test feeds it any
@@ -12,8 +12,8 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from eembridge.bridge import BRIDGE_COUNTERS, BridgeOptions
-from eembridge.events import Echo, EchoResponse, Hint
-from eembridge.linkpolicy import (
+from eembridge.core.events import Echo, EchoResponse, Hint
+from eembridge.core.linkpolicy import (
     DEVICE_ACTIONS,
     KEEPALIVE_MIN_TIMEOUT,
     POLICY_COUNTERS,
@@ -32,8 +32,8 @@ from eembridge.linkpolicy import (
     SendEchoResponse,
     UnsolicitedEchoResponse,
 )
-from eembridge.protocol import MAX_ECHO_DATA
-from eembridge.transport import Direction, Status
+from eembridge.core.protocol import MAX_ECHO_DATA
+from eembridge.core.transport import Direction, Status
 
 IN, OUT = Direction.IN, Direction.OUT
 RECONNECT = BridgeOptions().reconnect_interval  # the bridge's retry interval

@@ -29,8 +29,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eembridge.errors import UserError
-from eembridge.netns import free_linklocal_subnet, unique_name
+from eembridge.core.errors import UserError
+from eembridge.link.netns import free_linklocal_subnet, unique_name
 
 from netfixtures import ping, require_tun_and_root, wait_for
 
@@ -148,7 +148,7 @@ def short_dir() -> Iterator[Path]:
 
 @pytest.fixture
 def control(short_dir: Path) -> Iterator[tuple[Any, FakeBridge, str]]:
-    from eembridge.stats import ControlServer
+    from eembridge.observe.control import ControlServer
 
     bridge = FakeBridge()
     path = str(short_dir / "c.sock")
@@ -163,7 +163,7 @@ def control(short_dir: Path) -> Iterator[tuple[Any, FakeBridge, str]]:
 # -- the socket's path: nothing of the user's removed ----------------------------------------
 
 def test_control_socket_never_removes_what_is_not_its_own(short_dir: Path):
-    from eembridge.stats import ControlServer
+    from eembridge.observe.control import ControlServer
 
     precious = short_dir / "precious.txt"
     precious.write_text("keep me\n")
@@ -272,7 +272,7 @@ def test_control_socket_answers_every_malformed_request_and_lives_on(control):
     # Plain `eembridge stats` says so too.
     from rich.console import Console
 
-    from eembridge.statscmd import render
+    from eembridge.cli.stats import render
 
     console = Console(record=True, width=200)
     console.print(render("fake0", snapshot))
@@ -294,7 +294,12 @@ JSON_VALUES = st.recursive(
 ))
 def test_every_request_line_is_parsed_or_refused_by_name(line):
     """The one invariant of the request parser: a valid request, or BadRequest."""
-    from eembridge.stats import MAX_ECHO_COUNT, MAX_ECHO_SECONDS, BadRequest, parse_request
+    from eembridge.observe.control import (
+        MAX_ECHO_COUNT,
+        MAX_ECHO_SECONDS,
+        BadRequest,
+        parse_request,
+    )
 
     try:
         request = parse_request(line)
@@ -368,7 +373,7 @@ def test_echo_ends_when_its_client_goes_away(control):
 
 
 def test_stats_skips_stale_sockets_and_shows_the_live_ones(short_dir: Path):
-    from eembridge.stats import ControlServer
+    from eembridge.observe.control import ControlServer
 
     stale_socket(str(short_dir / "dead0.sock"))
     stale_socket(str(short_dir / "dead1.sock"))
@@ -413,7 +418,7 @@ def test_echo_command_checks_its_numbers_before_asking():
 
 @pytest.fixture
 def metrics() -> Iterator[tuple[Any, FakeBridge, int]]:
-    from eembridge.metrics import MetricsServer
+    from eembridge.observe.metrics import MetricsServer
 
     bridge = FakeBridge()
     port = free_port()

@@ -16,7 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from eembridge.logsetup import (
+from eembridge.link.netns import free_linklocal_subnet, unique_name
+from eembridge.observe.logs import (
     GARBAGE_COUNTERS,
     GarbageSummary,
     JournalFormatter,
@@ -25,9 +26,14 @@ from eembridge.logsetup import (
     journal_connected,
     resolve_format,
 )
-from eembridge.netns import free_linklocal_subnet, unique_name
 
-from netfixtures import _inet_checksum, require_tun_and_root, wait_for, wait_for_control_socket
+from netfixtures import (
+    _inet_checksum,
+    require_tun_and_root,
+    start_sim_bridge,
+    wait_for,
+    wait_for_control_socket,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -130,16 +136,9 @@ def flood_pings(destination: str, seconds: float, rate: int = 400) -> int:
 
 
 def test_bridge_events_and_rate_limited_garbage_under_a_flood(tmp_path):
-    require_tun_and_root()
-    subnet = free_linklocal_subnet()
-    tap = unique_name("eemlog")
-    sock = str(tmp_path / "bridge.sock")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "eembridge", "--sim", "--tap", tap, "--ip", f"{subnet[2]}/24",
-         "--sim-ip", f"{subnet[1]}/24", "--stats-socket", sock, "--sim-garbage", "0.5",
-         "--log-format", "json", "--garbage-log-interval", "1"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    bridge = start_sim_bridge(tmp_path, "eemlog", "--sim-garbage", "0.5", "--log-format", "json",
+                              "--garbage-log-interval", "1")
+    proc, subnet, sock = bridge.proc, bridge.subnet, bridge.sock
     try:
         wait_for_control_socket(proc, sock)
         flooded_at = time.monotonic()

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from eembridge.netns import free_linklocal_subnet, unique_name
-from eembridge.pcap import CaptureReader
+from eembridge.capture.pcap import CaptureReader
+from eembridge.link.netns import free_linklocal_subnet, unique_name
 
 from netfixtures import ping, require_tun_and_root, tcp_transfer
 
@@ -217,7 +217,7 @@ def test_bad_metrics_address_and_rotate_are_one_line(tmp_path):
 def test_stats_watch_rates_and_rendering_on_real_snapshots(tmp_path):
     from rich.console import Console
 
-    from eembridge.statscmd import bridge_row, watch_table
+    from eembridge.cli.stats import bridge_row, watch_table
 
     job = MainJob(tmp_path, "--pcap", str(tmp_path / "eth.pcap"))
     try:
@@ -263,7 +263,7 @@ def test_stats_watch_rates_and_rendering_on_real_snapshots(tmp_path):
 
 
 def test_pcap_rotation_keeps_count_files_of_the_newest_frames(tmp_path):
-    from eembridge.tapcapture import RotatingPcap, parse_rotate
+    from eembridge.observe.tapcapture import RotatingPcap, parse_rotate
 
     max_bytes, files = parse_rotate("0.01:3")  # 10 kB, three files
     assert (max_bytes, files) == (10_000, 3)
@@ -289,7 +289,7 @@ def test_pcap_rotation_keeps_count_files_of_the_newest_frames(tmp_path):
 def test_event_loop_counters_become_metrics():
     """With real USB the snapshot has the event thread's counters (tests/interop checks
     they move); each is an eembridge_event_loop_*_total counter like the others."""
-    from eembridge.metrics import snapshot_families
+    from eembridge.observe.metrics import snapshot_families
 
     snapshot = {"tap": "usb9", "connected": True, "device": {"serial": "B1"},
                 "event_loop": {"sleeps": 7, "empty_polls": 300, "usb_passes": 41, "tap_passes": 12}}

@@ -1,4 +1,4 @@
-"""The TAP offload: TCP segmentation and checksum completion (eembridge/offload.py is the
+"""The TAP offload: TCP segmentation and checksum completion (eembridge/core/offload.py is the
 specification; the C twin in _fast/offload.pxd must give the same bytes on every input).
 
 The frames are checked on their own terms too: every IP and TCP checksum verifies, the
@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eembridge import offload
 from eembridge._datapath import segment as c_segment
-from eembridge.offload import (
+from eembridge.core import offload
+from eembridge.core.offload import (
     F_NEEDS_CSUM,
     GSO_TCPV4,
     GSO_TCPV6,
@@ -151,9 +151,9 @@ def test_what_was_not_offered_is_refused():
 # A SOCK_SEQPACKET pair keeps message boundaries as a TAP does: one message per frame
 # (or per merged packet), each led by its virtio_net_hdr.
 
-from eembridge import codec  # noqa: E402
 from eembridge._datapath import RxPath, TxPath  # noqa: E402
 from eembridge._eem import Deframer, Framer  # noqa: E402
+from eembridge.core import codec  # noqa: E402
 
 
 def _pair():

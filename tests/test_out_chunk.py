@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eembridge.protocol import CHECK_SIZE, DEFAULT_MAX_LENGTH, FRAMER_COUNTERS
+from eembridge.core.protocol import CHECK_SIZE, DEFAULT_MAX_LENGTH, FRAMER_COUNTERS
 
 from conftest import load_codec
 

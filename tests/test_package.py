@@ -55,3 +55,59 @@ def test_mypy_is_clean():
         [sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+LAYERS = ("core", "datapath", "usb", "link", "observe", "capture", "sim", "cli")
+
+
+def _imports(path: Path) -> set[str]:
+    """The eembridge modules a source file imports (absolute names)."""
+    import ast
+
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return {n for n in names if n == "eembridge" or n.startswith("eembridge.")}
+
+
+def test_the_package_is_laid_out_in_layers():
+    """Each layer is a sub-package with a docstring saying what it holds; at the top
+    only the face (__init__), the bridge and __main__."""
+    top = {p.name for p in (ROOT / "eembridge").glob("*.py")}
+    assert top == {"__init__.py", "__main__.py", "bridge.py"}, top
+    for layer in LAYERS:
+        init = ROOT / "eembridge" / layer / "__init__.py"
+        assert init.read_text().startswith('"""'), f"{layer} has no docstring"
+
+
+def test_core_is_sans_io_and_depends_on_nothing_outside_it():
+    for path in (ROOT / "eembridge" / "core").glob("*.py"):
+        outside = {n for n in _imports(path)
+                   if not n.startswith("eembridge.core") and n not in ("eembridge", "eembridge.CODEC")}
+        assert not outside, f"{path.name} imports {sorted(outside)}"
+        source = path.read_text()
+        for io in ("import socket", "import threading", "import select", "os.read(", "os.write("):
+            assert io not in source, f"{path.name}: {io}"
+
+
+def test_the_face_exports_what_an_embedding_program_needs():
+    code = ("import eembridge as e; "
+            "print(sorted(n for n in e.__all__ if getattr(e, n, None) is None))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout
+    import eembridge
+
+    assert {"Bridge", "BridgeOptions", "Transport", "Deframer", "Framer", "events", "errors",
+            "__version__"} <= set(eembridge.__all__)

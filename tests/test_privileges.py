@@ -15,11 +15,12 @@ import textwrap
 import time
 from pathlib import Path
 
-from eembridge import discovery, privileges
-from eembridge.netns import free_linklocal_subnet, link_names, unique_name
-from eembridge.usbselect import Selector
+from eembridge.link import privileges
+from eembridge.link.netns import link_names, unique_name
+from eembridge.usb import discovery
+from eembridge.usb.selector import Selector
 
-from netfixtures import ping, require_tun_and_root, wait_for
+from netfixtures import ping, require_tun_and_root, start_sim_bridge, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,14 +44,9 @@ def test_sim_bridge_holds_no_capability_after_start_and_still_recovers_from_a_re
     require_tun_and_root()
     assert status_of("/proc/self/status")["CapEff"] >> privileges.CAP_NUMBERS["net_admin"] & 1, \
         "this test starts the bridge with CAP_NET_ADMIN and needs it itself"
-    subnet = free_linklocal_subnet()
-    tap = unique_name("eempv")
-    sock = str(tmp_path / "bridge.sock")
     err = open(tmp_path / "stderr", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "eembridge", "--sim", "--tap", tap, "--ip", f"{subnet[2]}/24",
-         "--sim-ip", f"{subnet[1]}/24", "--stats-socket", sock],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+    bridge = start_sim_bridge(tmp_path, "eempv", stdout=subprocess.DEVNULL, stderr=err, text=False)
+    proc, subnet, tap, sock = bridge.proc, bridge.subnet, bridge.tap, bridge.sock
     try:
         wait_for(lambda: os.path.exists(sock) or proc.poll() is not None, 30, "control socket")
         assert proc.poll() is None, (tmp_path / "stderr").read_text()
@@ -108,8 +104,8 @@ def test_drop_keeps_only_what_it_is_asked_to_and_threads_born_unprivileged_hold_
     tap = unique_name("eempd")
     script = textwrap.dedent(f"""
         import json, threading
-        from eembridge import privileges
-        from eembridge.tap import Tap
+        from eembridge.link import privileges
+        from eembridge.link.tap import Tap
         t = Tap({tap!r})
         t.up()
         seen = {{}}
@@ -175,7 +171,7 @@ def test_stale_claim_records(tmp_path):
     alive = discovery.claim_path("9-8", 1, str(tmp_path))
     Path(alive).write_text(json.dumps({"pid": os.getpid(), "tap": "eem1"}))
     assert discovery.stale_claim("9-8", 1, str(tmp_path)) is None
-    from eembridge.usb import reattach_stale
+    from eembridge.usb.device import reattach_stale
 
     lines = reattach_stale(Selector(), str(tmp_path))
     assert lines == [f"9-9:1.2: device gone; removed the record of eembridge pid {dead.pid}"]

@@ -6,9 +6,9 @@ import json
 import random
 from pathlib import Path
 
-from eembridge.cli import main
-from eembridge.protocol import CMD_ECHO, CMD_ECHO_RESPONSE, CMD_TICKLE
-from eembridge.usbmon import Transfer, UsbmonWriter
+from eembridge.capture.usbmon import Transfer, UsbmonWriter
+from eembridge.cli.main import main
+from eembridge.core.protocol import CMD_ECHO, CMD_ECHO_RESPONSE, CMD_TICKLE
 
 from eemstreams import command, data_packet, ethernet_frame
 

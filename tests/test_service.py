@@ -23,8 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from eembridge.errors import UserError
-from eembridge.service import RULES_NAME, UNIT_NAME, parse_instance
+from eembridge.cli.service import RULES_NAME, UNIT_NAME
+from eembridge.core.errors import UserError
+from eembridge.core.options import parse_instance
 
 from netfixtures import require_tun_and_root
 
@@ -136,7 +137,7 @@ def test_bridge_link_setup_works_with_only_the_units_capabilities(tmp_path):
     the bridge creates its TAP, sets MTU, address and neighbour, carrier, and its control
     socket, and stops cleanly; without CAP_NET_ADMIN it fails with a one-line error."""
     require_tun_and_root()
-    from eembridge.netns import link_names, unique_name
+    from eembridge.link.netns import link_names, unique_name
 
     tap = unique_name("eemcap")
     sock = tmp_path / "run" / f"{tap}.sock"
@@ -144,7 +145,7 @@ def test_bridge_link_setup_works_with_only_the_units_capabilities(tmp_path):
     script = f"""
 import json, pyroute2
 from eembridge.bridge import Bridge, BridgeOptions
-from eembridge.transport import TransportGone
+from eembridge.core.transport import TransportGone
 def absent():
     raise TransportGone("no device yet")
 options = BridgeOptions(tap={tap!r}, mtu=1400, addresses=["169.254.250.2/24"],

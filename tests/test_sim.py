@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from eembridge import Deframer, Framer
-from eembridge.events import Echo, EchoResponse, Frame, Hint
-from eembridge.protocol import CMD_ECHO, CMD_RESPONSE_HINT, CMD_TICKLE, command_header
+from eembridge.core.events import Echo, EchoResponse, Frame, Hint
+from eembridge.core.protocol import CMD_ECHO, CMD_RESPONSE_HINT, CMD_TICKLE, command_header
+from eembridge.core.transport import Completion, Direction, Status, TransportGone
 from eembridge.sim import (
     FAULT_COUNTERS,
     EemFunction,
@@ -24,7 +25,6 @@ from eembridge.sim import (
     SimDevice,
     SimTransport,
 )
-from eembridge.transport import Completion, Direction, Status, TransportGone
 
 from eemstreams import data_packet, ethernet_frame
 

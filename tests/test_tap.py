@@ -18,10 +18,10 @@ import pytest
 from pyroute2 import IPRoute
 from pyroute2.netlink.rtnl.ndmsg import states as NUD_STATES
 
-from eembridge import netns as nsmod
-from eembridge import networkmanager
-from eembridge.errors import UserError
-from eembridge.tap import (
+from eembridge.core.errors import UserError
+from eembridge.link import netns as nsmod
+from eembridge.link import networkmanager
+from eembridge.link.tap import (
     TUNGETIFF,
     TUNSETCARRIER,
     TUNSETPERSIST,
@@ -354,7 +354,7 @@ def test_namespace_and_its_interfaces_are_gone_after_delete() -> None:
 # --- NetworkManager ---------------------------------------------------------------------------
 
 def test_networkmanager_absent_is_a_debug_note(tmp_path, caplog, tap_name: str) -> None:
-    caplog.set_level(logging.DEBUG, logger="eembridge.networkmanager")
+    caplog.set_level(logging.DEBUG, logger="eembridge.link.networkmanager")
     absent = tmp_path / "no-networkmanager"
     assert networkmanager.unmanage(tap_name, run_dir=absent) is None
     assert "NetworkManager not running" in caplog.text
@@ -420,7 +420,7 @@ def test_networkmanager_refusing_everything_is_one_warning(tmp_path, caplog,
                                                            tap_name: str) -> None:
     (tmp_path / "NetworkManager").mkdir()
     nmcli, calls, keyfile = fake_nmcli(tmp_path, tap_name, exit_code=8)
-    caplog.set_level(logging.DEBUG, logger="eembridge.networkmanager")
+    caplog.set_level(logging.DEBUG, logger="eembridge.link.networkmanager")
     with Tap.create(tap_name, nm_run_dir=tmp_path / "NetworkManager", nmcli=nmcli) as tap:
         assert tap.fileno() >= 0  # the bridge works without NM's consent
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

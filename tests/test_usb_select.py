@@ -11,11 +11,11 @@ import sys
 
 import pytest
 
-from eembridge import discovery
-from eembridge.discovery import EemInterface, holder
-from eembridge.errors import UserError
-from eembridge.transport import DeviceInfo, Direction
-from eembridge.usbselect import Selector, identity, select
+from eembridge.core.errors import UserError
+from eembridge.core.transport import DeviceInfo, Direction
+from eembridge.usb import discovery
+from eembridge.usb.discovery import EemInterface, holder
+from eembridge.usb.selector import Selector, identity, select
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -38,8 +38,8 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import Deframer, EchoResponse, Frame, Framer
-from ..events import Echo, Hint
-from ..protocol import (
+from ..core.events import Echo, Hint
+from ..core.protocol import (
     CHECK_SIZE,
     COMMAND_PARAM_MASK,
     DEFAULT_MAX_LENGTH,
@@ -49,7 +49,7 @@ from ..protocol import (
     MAX_PACKET_SIZES,
     command_header,
 )
-from ..transport import DeviceInfo, Direction, TransportGone
+from ..core.transport import DeviceInfo, Direction, TransportGone
 from .faults import FaultCounters, FaultInjector, Faults
 from .transport import SimTransport
 

@@ -15,7 +15,7 @@ import random
 import threading
 from dataclasses import dataclass, fields
 
-from ..transport import Direction
+from ..core.transport import Direction
 
 FAULT_COUNTERS = (
     "in_packets",  # USB packets the device sent on bulk IN (the denominator)

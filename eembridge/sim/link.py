@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..netns import configure_link, create_netns, delete_netns, unique_name
-from ..tap import Tap
+from ..link.netns import configure_link, create_netns, delete_netns, unique_name
+from ..link.tap import Tap
 from .device import SimDevice
 from .faults import Faults
 from .polled import PolledNetworkSide

@@ -2,7 +2,7 @@
 
 `PolledNetworkSide` moves frames between the device and an object with `fileno()`,
 `read_into(buffer)` (one frame, 0 when none waits, never blocking), `write(frame)`
-(bytes written, 0 when refused) and `close()`: eembridge.tap.Tap for SimLink's TAP in its
+(bytes written, 0 when refused) and `close()`: eembridge.link.tap.Tap for SimLink's TAP in its
 namespace (link.TapNetworkSide), or a bare tun fd. It imports no pyroute2, so a device
 started in a slow guest (tests/interop/ffs_eem_device.py) is up in a fraction of the
 time; whoever created the interface configures it.

@@ -35,7 +35,7 @@ import os
 from collections import deque
 from typing import TYPE_CHECKING
 
-from ..transport import Completion, DeviceInfo, Direction, Status, Transport, TransportGone
+from ..core.transport import Completion, DeviceInfo, Direction, Status, Transport, TransportGone
 
 if TYPE_CHECKING:
     from .device import SimDevice, _Bus

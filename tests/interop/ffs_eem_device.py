@@ -53,7 +53,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from eembridge.protocol import CMD_ECHO_RESPONSE, HEADER_SIZE, MAX_ECHO_DATA, command_header
+from eembridge.core.protocol import CMD_ECHO_RESPONSE, HEADER_SIZE, MAX_ECHO_DATA, command_header
 from eembridge.sim.device import EemFunction
 from eembridge.sim.faults import Faults
 from eembridge.sim.polled import PolledNetworkSide

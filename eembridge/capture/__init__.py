@@ -1,0 +1,1 @@
+"""Offline captures: pcap/pcapng, usbmon, `eembridge decode` and `eembridge replay`."""

@@ -1,0 +1,21 @@
+"""Chooses the data path along with the codec (see __init__): with the Cython codec, the
+C data path of _fast/datapath.pyx (RX in place on a mirrored ring, TX framed in place,
+TAP I/O in C loops); with the reference, everything is plain Python (datapath.py)."""
+
+from .. import CODEC
+from .reference import RxPath, TxPath
+
+OFFLOAD = False  # whether the data path reads and writes a TAP with IFF_VNET_HDR
+if CODEC == "cython":
+    try:
+        from .._datapath import RxPath, TxPath  # type: ignore[assignment, no-redef]
+
+        OFFLOAD = True
+    except ImportError:
+        import os
+
+        if os.environ.get("EEMBRIDGE_REQUIRE_CYTHON"):
+            raise
+        from .reference import RingRxPath as RxPath  # type: ignore[assignment, misc]
+
+__all__ = ["OFFLOAD", "RxPath", "TxPath"]

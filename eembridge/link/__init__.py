@@ -1,0 +1,2 @@
+"""The host's side of the bridge: the TAP device, network namespaces,
+NetworkManager, privileges."""

@@ -1,0 +1,1 @@
+"""Real USB: finding EEM interfaces (sysfs), choosing one, claiming it through libusb."""
