@@ -19,20 +19,21 @@ Invariants
   stalled nothing more is read, the kernel's queue absorbs the burst and TCP slows down:
   that is the backpressure. No frame is counted as sent before its OUT transfer
   completed in full; every frame that is not sent is counted under a reason.
-* Commands are answered here: an Echo gets an Echo Response carrying the same data,
-  sent ahead of queued data. An Echo Response we did not ask for is counted and logged,
-  never acted on.
+* What is not per frame (commands, our Echo and keepalive, failed transfers, stalls,
+  reconnecting) is decided by eembridge.core.linkpolicy, fed from this loop: the loop only
+  carries out its actions (`_carry_out`). When one of them finds the device gone, the
+  device actions left in that list are skipped (they were for the device that went).
 * When the device goes (NO_DEVICE), carrier goes off, the TAP and its addresses stay,
   and `connect()` is retried until the device is back.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import queue
 import select
-import struct
 import threading
 import time
 from collections import deque
@@ -42,9 +43,11 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, cast
 
 from . import CODEC, Deframer, Framer
+from .core import linkpolicy
 from .core.errors import UserError
-from .core.events import Echo, EchoResponse, Event
-from .core.protocol import DEFAULT_MAX_LENGTH, HEADER_SIZE, MAX_ECHO_DATA
+from .core.events import Event
+from .core.linkpolicy import LinkPolicy
+from .core.protocol import DEFAULT_MAX_LENGTH, HEADER_SIZE
 from .core.transport import (
     Completion,
     DeviceInfo,
@@ -59,6 +62,9 @@ from .observe.logs import GarbageSummary, RepeatSummary, event
 
 log = logging.getLogger("eembridge.bridge")
 
+# In the order `eembridge stats` shows them. The policy's (linkpolicy.POLICY_COUNTERS:
+# connects, unplugs, stalls, drops, echoes) are counted by it; those of the native data
+# path are added from it, under the same names.
 BRIDGE_COUNTERS = (
     "connects",  # device claimed (first time and after every replug)
     "unplugs",  # device lost (NO_DEVICE)
@@ -80,6 +86,8 @@ BRIDGE_COUNTERS = (
     "echo_matched",  # Echo Responses that answered one of ours
     "unsolicited_echo_responses",  # Echo Responses nobody asked for: a symptom
     "echo_timeouts",  # our Echo requests that got no answer in time
+    "keepalives_lost",  # times the device stopped answering the keepalive
+    "connect_failures",  # attempts to claim the device that found none (retried)
 )
 
 
@@ -204,22 +212,25 @@ class Bridge:
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._requests: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        opts = self.options
+        # Decides everything that is not a frame; touched only by the bridge thread (and
+        # by the caller once that thread ended).
+        self.policy = LinkPolicy(keepalive=opts.keepalive,
+                                 reconnect_interval=opts.reconnect_interval)
+        # The loop's and the native data path's counters; the policy's are added to them.
         self._counters = dict.fromkeys(BRIDGE_COUNTERS, 0)
         self._loop_totals: dict[str, int] = {}  # event-thread counters of past connections
-        self.drop_reasons: dict[str, int] = {}
+        self.drop_reasons: dict[str, int] = {}  # of the native data path's past connections
         self.in_errors: dict[str, int] = {}
         self.connected = threading.Event()
         self.error: BaseException | None = None
-        self.echo_rtt_last: float | None = None
-        # Our Echo requests by their data: (sent at, give up at, the caller's future).
-        self._echo_waiting: dict[bytes, tuple[float, float, Future[float]]] = {}
-        self._echo_seq = 0
+        # Callers' Echo requests by the policy's token, until it settles them.
+        self._echo_futures: dict[int, Future[float]] = {}
+        self._echo_tokens = itertools.count()
         self._transport: Transport | None = None
         self._native: NativeDataPath | None = None  # the transport runs the data path (libusb)
         self._in_submitted = self._in_completed = 0
         self._out: deque[Any] = deque()  # OUT transfers in flight, oldest first
-        self._next_keepalive = 0.0
-        opts = self.options
         self.deframer = Deframer(max_length=opts.max_length)
         self.framer: Any = None  # made when the device's max packet is known
         self.rx: Any = None
@@ -235,7 +246,6 @@ class Bridge:
                                           "Echo Responses nobody asked for: device or link fault",
                                           opts.garbage_log_interval)
         self._next_garbage_check = 0.0
-        self._keepalive_lost = False
 
     # -- life cycle ----------------------------------------------------------------
 
@@ -303,7 +313,7 @@ class Bridge:
         if started:
             self._garbage.update(time.monotonic(), self.deframer.counters(), final=True)
             self._unsolicited.tick(time.monotonic(), final=True)
-            c = self._counters
+            c = self._counters_now()
             log.info("stopped: TAP %s (%d connects, %d unplugs, %d frames sent, %d dropped)",
                      self.options.tap, c["connects"], c["unplugs"], c["tx_frames"], c["tx_dropped"],
                      extra=event("stopped", tap=self.options.tap, **c))
@@ -320,6 +330,11 @@ class Bridge:
     def tap(self) -> Any:
         return self._tap
 
+    @property
+    def echo_rtt_last(self) -> float | None:
+        """Round-trip time of the last answered Echo (ours or the keepalive's), seconds."""
+        return self.policy.echo_rtt_last
+
     # -- requests from other threads --------------------------------------------
 
     def echo(self, data: bytes | None = None, timeout: float = 2.0) -> float:
@@ -333,7 +348,7 @@ class Bridge:
         """echo() without waiting: the Future gets the round-trip time, or TimeoutError
         once `timeout` passed (the control socket waits on it without a thread)."""
         future: Future[float] = Future()
-        self._requests.put(lambda: self._send_echo(data, future, timeout))
+        self._requests.put(lambda: self._request_echo(data, future, timeout))
         self._wake()
         return future
 
@@ -349,9 +364,17 @@ class Bridge:
         except TimeoutError:
             return self._snapshot()
 
+    def _counters_now(self) -> dict[str, int]:
+        """The loop's counters with the policy's added (not the native path's live ones)."""
+        counters = dict(self._counters)
+        for name, value in self.policy.counters.items():
+            counters[name] += value
+        return counters
+
     def _snapshot(self) -> dict[str, Any]:
-        counters, in_errors = dict(self._counters), dict(self.in_errors)
-        drop_reasons = dict(self.drop_reasons)
+        counters = self._counters_now()
+        in_errors = _added(self.in_errors, self.policy.in_errors)
+        drop_reasons = _added(self.drop_reasons, self.policy.drop_reasons)
         in_flight, out_queued = self._in_submitted - self._in_completed, len(self._out)
         in_buffers = "ring"
         if self._native is not None:  # plus the live counts of the native data path
@@ -424,17 +447,16 @@ class Bridge:
     def _run(self) -> None:
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
+        self._poller = poller
         tap_fd = self._tap.fileno()
         # Always registered: with no events asked for, poll still reports the TAP's
         # errors (tun says POLLERR once its interface is deleted under us).
         poller.register(tap_fd, 0)
-        next_connect = 0.0
         reading_tap = False
         while not self._stop.is_set():
             now = time.monotonic()
-            if self._transport is None and now >= next_connect:
-                if not self._try_connect(poller):
-                    next_connect = now + self.options.reconnect_interval
+            self._carry_out(self.policy.tick(now))  # reconnect, keepalive, echo timeouts
+            self._log_summaries(now)
             # Backpressure: poll the TAP only while there is room to send what we read.
             # The native data path reads the TAP in its own thread.
             want_tap = (self._transport is not None and self.tx is not None
@@ -444,8 +466,7 @@ class Bridge:
                 if not want_tap and self._transport is not None:
                     self._counters["backpressure"] += 1
                 reading_tap = want_tap
-            timeout = self._timeout_ms(now, next_connect)
-            for fd, mask in poller.poll(timeout):
+            for fd, mask in poller.poll(self._timeout_ms(now)):
                 if fd == self._wake_r:
                     self._drain_wake()
                 elif fd == tap_fd:
@@ -456,17 +477,12 @@ class Bridge:
                     self._send_from_tap()
                 elif self._transport is not None and fd == self._transport.fileno():
                     self._reap()
-            self._timers(time.monotonic())
 
-    def _timeout_ms(self, now: float, next_connect: float) -> int:
-        deadlines = [now + 1.0]
-        if self._transport is None:
-            deadlines.append(next_connect)
-        elif self.options.keepalive:
-            deadlines.append(self._next_keepalive)
-        for _sent, deadline, _future in self._echo_waiting.values():
-            deadlines.append(deadline)
-        return max(0, int((min(deadlines) - now) * 1000) + 1)
+    def _timeout_ms(self, now: float) -> int:
+        deadline = self.policy.next_deadline()
+        # At least once a second: the log summaries.
+        wait = 1.0 if deadline is None else min(1.0, max(0.0, deadline - now))
+        return int(wait * 1000) + 1
 
     def _drain_wake(self) -> None:
         try:
@@ -481,37 +497,79 @@ class Bridge:
                 return
             request()
 
-    def _timers(self, now: float) -> None:
-        for data, (_sent, deadline, future) in list(self._echo_waiting.items()):
-            if now >= deadline:
-                del self._echo_waiting[data]
-                self._counters["echo_timeouts"] += 1
-                if not future.done():
-                    future.set_exception(TimeoutError("no Echo Response from the device"))
+    def _log_summaries(self, now: float) -> None:
         if now >= self._next_garbage_check:  # not per wake-up: once a second is enough
             self._next_garbage_check = now + 1.0
             self._garbage.update(now, self.deframer.counters())
             self._unsolicited.tick(now)
-        if self._transport is not None and self.options.keepalive and now >= self._next_keepalive:
-            self._next_keepalive = now + self.options.keepalive
-            keepalive: Future[float] = Future()
-            connection = self._counters["connects"]
-            # Runs here, in this thread, when the Echo is answered or times out.
-            keepalive.add_done_callback(lambda future: self._keepalive_done(future, connection))
-            self._send_echo(None, keepalive, timeout=max(1.0, self.options.keepalive))
 
-    def _keepalive_done(self, future: Future[float], connection: int) -> None:
-        """One line when the device stops answering keepalives, one when it answers again."""
-        if self._transport is None or connection != self._counters["connects"]:
-            return  # sent before an unplug: its loss is the unplug, logged already
-        lost = future.exception() is not None
-        if lost != self._keepalive_lost:
-            self._keepalive_lost = lost
+    # -- the link policy's actions -----------------------------------------------------------
+
+    def _carry_out(self, actions: list[linkpolicy.Action]) -> None:
+        """Do what the policy decided, in order."""
+        for action in actions:
+            if isinstance(action, linkpolicy.DEVICE_ACTIONS) and self._transport is None:
+                continue  # the device went while carrying out an earlier one
+            try:
+                self._carry_out_one(action)
+            except TransportGone:
+                self._carry_out(self.policy.device_gone())
+
+    def _carry_out_one(self, action: linkpolicy.Action) -> None:
+        if isinstance(action, linkpolicy.SendEchoResponse):
+            self._submit_out_bytes(self.framer.echo_response(action.data))
+        elif isinstance(action, linkpolicy.SendEcho):
+            self._submit_out_bytes(self.framer.echo(action.data))
+        elif isinstance(action, linkpolicy.ClearHalt):
+            self._clear_halt(action.direction)
+        elif isinstance(action, linkpolicy.Resume):
+            # The Python loop never stops a direction: it resubmits every IN slot as it
+            # completes, and reads the TAP again once OUT has room. The native data path
+            # stops on a stall until told.
+            if self._native is None:
+                pass
+            elif action.direction is Direction.OUT:
+                self._native.tx_resume()
+            else:
+                try:
+                    self._native.rx_resume()
+                except TransportGone:
+                    raise
+                except OSError as exc:  # counted by the transport; the next poll retries
+                    log.warning("resubmitting IN transfers failed: %s", exc)
+        elif isinstance(action, linkpolicy.Disconnect):
+            self._disconnect(reason=action.reason)
+        elif isinstance(action, linkpolicy.Connect):
+            if not self._try_connect(self._poller):
+                self._carry_out(self.policy.connect_failed(time.monotonic()))
+        elif isinstance(action, linkpolicy.EchoAnswered):
+            future = self._echo_futures.pop(cast(int, action.token))
+            if not future.done():
+                future.set_result(action.rtt)
+        elif isinstance(action, (linkpolicy.EchoTimedOut, linkpolicy.EchoRefused)):
+            future = self._echo_futures.pop(cast(int, action.token))
+            if future.done():
+                pass
+            elif isinstance(action, linkpolicy.EchoTimedOut):
+                future.set_exception(TimeoutError("no Echo Response from the device"))
+            elif action.reason == "not_connected":
+                future.set_exception(ConnectionError(action.message))
+            else:
+                future.set_exception(ValueError(action.message))
+        elif isinstance(action, linkpolicy.UnsolicitedEchoResponse):
+            self._unsolicited.hit(time.monotonic(), f"{action.length} bytes")
+        elif isinstance(action, (linkpolicy.KeepaliveLost, linkpolicy.KeepaliveBack)):
+            lost = isinstance(action, linkpolicy.KeepaliveLost)
             name = "keepalive_lost" if lost else "keepalive_back"
             (log.warning if lost else log.info)(
                 "%s: the device %s", name,
                 "does not answer EEM Echo" if lost else "answers EEM Echo again",
                 extra=event(name, tap=self.options.tap))
+
+    def _request_echo(self, data: bytes | None, future: Future[float], timeout: float) -> None:
+        token = next(self._echo_tokens)
+        self._echo_futures[token] = future
+        self._carry_out(self.policy.echo_requested(time.monotonic(), data, timeout, token))
 
     # -- connection ----------------------------------------------------------------------
 
@@ -583,11 +641,10 @@ class Bridge:
         except TransportGone:
             self._disconnect(reason="gone while starting")
             return False
-        self._counters["connects"] += 1
-        self._next_keepalive = time.monotonic() + (opts.keepalive or 0)
+        self._carry_out(self.policy.connected(time.monotonic()))
         self._set_carrier(True)
         self.connected.set()
-        name = "claimed" if self._counters["connects"] == 1 else "reconnected"
+        name = "claimed" if self.policy.counters["connects"] == 1 else "reconnected"
         busy_polls = self._native.busy_polls if self._native is not None else None
         path = (f"frames moved in C, busy-poll {busy_polls}" if busy_polls is not None
                 else "frames moved by the bridge loop")
@@ -609,7 +666,7 @@ class Bridge:
                  extra=event(name, tap=opts.tap, device=info.description, serial=info.serial,
                              max_packet=info.max_packet, busy_polls=busy_polls,
                              out_batch=framer.batch, max_transfer=framer.max_transfer))
-        if not framer.batch and opts.batch is None and self._counters["connects"] == 1:
+        if not framer.batch and opts.batch is None and self.policy.counters["connects"] == 1:
             log.info("OUT: one frame per transfer, as Linux's cdc_eem sends: this device is "
                      "not known to take several (--max-transfer N batches them)")
         return True
@@ -636,7 +693,7 @@ class Bridge:
             dropped += tx["closing_frames"]
             self._loop_totals = _added(self._loop_totals, self._native.loop_stats())
             self._native = None
-        self._drop("stopped" if close_quietly else "no_device", dropped)
+        self._carry_out(self.policy.disconnected(time.monotonic(), reason, dropped))
         self._out.clear()
         if self.tx is not None:
             self.tx.bytes_in_flight = 0
@@ -680,8 +737,7 @@ class Bridge:
             if self._transport is None:
                 return
             if completion.status is Status.NO_DEVICE:
-                self._counters["unplugs"] += 1
-                self._disconnect(reason="unplugged")
+                self._carry_out(self.policy.device_gone())
                 return
             if completion.direction is Direction.IN:
                 self._in_done(completion)
@@ -694,83 +750,43 @@ class Bridge:
         """What the native data path handed over: commands, stalls, the device going."""
         commands, in_stalls, in_gone, short_of = native.rx_poll()
         out_stalls, out_gone = native.tx_poll()
-        if commands:
-            self._commands(commands)
-            if self._transport is None:
-                return  # answering an Echo found the device gone: already handled
-        try:
-            if in_gone or out_gone:
-                raise TransportGone("device gone")
-            if in_stalls:
-                self._clear_halt(Direction.IN)
-            if in_stalls or short_of:
-                native.rx_resume()
-            if out_stalls:
-                self._clear_halt(Direction.OUT)
-                native.tx_resume()
-        except TransportGone:
-            self._counters["unplugs"] += 1
-            self._disconnect(reason="unplugged")
-        except OSError as exc:  # a refused resubmission: counted there, retried next time
-            log.warning("resubmitting IN transfers failed: %s", exc)
+        self._commands(commands)
+        policy = self.policy
+        if in_gone or out_gone:
+            self._carry_out(policy.device_gone())
+            return
+        # Counted (and OUT's batch dropped) by the native path already: only clear them.
+        actions = policy.halted(Direction.IN) if in_stalls else []
+        if short_of and not in_stalls:
+            actions += policy.in_submit_refused()
+        if out_stalls:
+            actions += policy.halted(Direction.OUT)
+        self._carry_out(actions)
 
     def _in_done(self, completion: Completion) -> None:
         status = completion.status
         actual = completion.actual
         if status is not Status.COMPLETED:
-            if status is Status.CANCELLED:
+            self._carry_out(self.policy.in_failed(status))
+            if status is Status.CANCELLED or self._transport is None:
                 return
-            self._counters["in_errors"] += 1
-            self.in_errors[status.value] = self.in_errors.get(status.value, 0) + 1
-            if status is Status.STALL:
-                self._counters["in_stalls"] += 1
-                self._clear_halt(Direction.IN)
             if status is not Status.TIMED_OUT:
                 actual = 0  # an error's data, if any, is not to be trusted
         # Every non-normal end of a transfer also ends the EEM stream (short=True).
         commands = self.rx.complete(completion.tag, actual, completion.short)
         self._in_completed += 1
-        if commands:
-            self._commands(commands)
+        self._commands(commands)
+        if self._transport is None:
+            return  # answering an Echo found the device gone
         try:
             self._submit_in()
         except TransportGone:
-            self._counters["unplugs"] += 1
-            self._disconnect(reason="unplugged")
+            self._carry_out(self.policy.device_gone())
 
     def _commands(self, commands: list[Event]) -> None:
-        for command in commands:
-            if isinstance(command, Echo):
-                self._submit_out_bytes(self.framer.echo_response(command.data))
-                self._counters["echo_answered"] += 1
-            elif isinstance(command, EchoResponse):
-                waiting = self._echo_waiting.pop(bytes(command.data), None)
-                if waiting is None:
-                    self._counters["unsolicited_echo_responses"] += 1
-                    self._unsolicited.hit(time.monotonic(), f"{len(command.data)} bytes")
-                else:
-                    sent, _deadline, future = waiting
-                    rtt = time.monotonic() - sent
-                    self.echo_rtt_last = rtt
-                    self._counters["echo_matched"] += 1
-                    if not future.done():
-                        future.set_result(rtt)
-            # Hints are advisory; the deframer already counted them.
-
-    def _send_echo(self, data: bytes | None, future: Future[float], timeout: float) -> None:
-        if self._transport is None or self.framer is None:
-            future.set_exception(ConnectionError("no device connected"))
-            return
-        if data is None:
-            self._echo_seq += 1
-            data = b"eembridge" + struct.pack("<Qd", self._echo_seq, time.time())
-        if len(data) > MAX_ECHO_DATA:
-            future.set_exception(ValueError(f"echo data longer than {MAX_ECHO_DATA} bytes"))
-            return
         now = time.monotonic()
-        self._echo_waiting[bytes(data)] = (now, now + timeout, future)
-        self._counters["echo_sent"] += 1
-        self._submit_out_bytes(self.framer.echo(data))
+        for command in commands:
+            self._carry_out(self.policy.command_received(now, command))
 
     def _submit_out_bytes(self, transfer: bytes) -> None:
         """A command transfer: sent ahead of TAP data that is not submitted yet."""
@@ -792,51 +808,29 @@ class Bridge:
             assert self._transport is not None
             self._transport.submit_out(transfer.buffer, id(transfer))
         except TransportGone:
-            self._counters["unplugs"] += 1
-            self._disconnect(reason="unplugged")
+            self._carry_out(self.policy.device_gone())
 
     def _out_done(self, completion: Completion) -> None:
         transfer = next((t for t in self._out if id(t) == completion.tag and not t.done), None)
         if transfer is None:
             log.error("OUT completion for an unknown transfer (tag %x)", completion.tag)
             return
-        status = completion.status
-        if status is Status.COMPLETED and completion.actual == completion.requested:
+        if completion.status is Status.COMPLETED and completion.actual == completion.requested:
             self._counters["tx_transfers"] += 1
             self._counters["tx_frames"] += transfer.frames
             self._counters["tx_bytes"] += completion.actual
             transfer.done = True
         else:
-            # The OUT-failure policy, the same on every transport (the C path's
-            # _on_out_native does the same): a transfer that stalled, timed out or was
-            # taken only in part is dropped, its frames counted by reason, and a stall's
-            # halt cleared. Never resent: with several transfers in flight the rest of
-            # this one would reach the device after those queued behind it, in the
-            # middle of other packets; after a stall the device's state is unknown, so
-            # a resend could duplicate what it took. Linux usbnet and FreeBSD's
-            # if_cdceem drop too; TCP resends what mattered.
-            self._counters["out_errors"] += 1
-            self._drop(status.value if status is not Status.COMPLETED else "short_write",
-                       transfer.frames)
+            # Dropped and counted, never resent; a stall's halt cleared (linkpolicy).
             transfer.done = True
-            if status is Status.STALL:
-                self._counters["out_stalls"] += 1
-                try:
-                    self._clear_halt(Direction.OUT)
-                except TransportGone:
-                    self._counters["unplugs"] += 1
-                    self._disconnect(reason="unplugged")
-                    return
+            self._carry_out(self.policy.out_failed(completion.status, transfer.frames))
+            if self._transport is None:
+                return  # the disconnect released every transfer
         # Release in order: the TX ring is reused strictly first in, first out.
         while self._out and self._out[0].done:
             done = self._out.popleft()
             if done.owned:
                 self.tx.release(done)
-
-    def _drop(self, reason: str, frames: int) -> None:
-        if frames:
-            self._counters["tx_dropped"] += frames
-            self.drop_reasons[reason] = self.drop_reasons.get(reason, 0) + frames
 
     def _clear_halt(self, direction: Direction) -> None:
         assert self._transport is not None
