@@ -20,6 +20,7 @@ and the device is exactly the one discovery matched (no second enumeration here)
 
 include "engine.pxi"
 
+from eembridge.core import environment
 from eembridge.core.transport import Completion, DeviceInfo
 
 
@@ -239,7 +240,7 @@ cdef class UsbTransport(Engine):
         self.shared.ops.next_timeout = _link_next_timeout
         self.shared.ops.interrupt = _link_interrupt
         self.shared.ops.release = _link_release
-        if os.environ.get("EEMBRIDGE_USBFS_MMAP") != "0":
+        if environment.ENV.usbfs_mmap:
             self.shared.ops.in_memory = _link_in_memory
         self.shared.ops.free_in_memory = _link_free_in_memory
 

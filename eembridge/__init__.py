@@ -16,10 +16,9 @@ that fallback into an ImportError, so CI cannot pass on a broken build.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
-from .core import errors, events
+from .core import environment, errors, events
 from .core.events import Echo, EchoResponse, Event, Frame, Hint
 from .core.transport import Transport
 
@@ -28,7 +27,7 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-if os.environ.get("EEMBRIDGE_PUREPYTHON"):
+if environment.ENV.purepython:
     from .core.codec import Deframer, Framer
 
     CODEC = "python"
@@ -38,7 +37,7 @@ else:
 
         CODEC = "cython"
     except ImportError:
-        if os.environ.get("EEMBRIDGE_REQUIRE_CYTHON"):
+        if environment.ENV.require_cython:
             raise
         from .core.codec import Deframer, Framer  # type: ignore[assignment]
 

@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, cast
 
 from . import CODEC, Deframer, Framer
-from .core import linkpolicy
+from .core import environment, linkpolicy
 from .core.errors import UserError
 from .core.events import Event
 from .core.linkpolicy import LinkPolicy
@@ -620,7 +620,7 @@ class Bridge:
         # The pure-Python data path, --usb-pcap recording and EEMBRIDGE_NATIVE=0 (to
         # compare: bench/interop.py --variant) take the Python loop.
         native: NativeDataPath | None = None
-        if hasattr(self.rx, "capsule") and os.environ.get("EEMBRIDGE_NATIVE") != "0":
+        if hasattr(self.rx, "capsule") and environment.ENV.native:
             engine = getattr(transport, "engine", None)
             driven = engine() if callable(engine) else None
             if driven is not None:

@@ -13,12 +13,14 @@ import random
 import socket
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 import pytest
 from test_bridge import rig_factory  # noqa: F401  (a fixture)
 
 from eembridge.bridge import Bridge, BridgeOptions
+from eembridge.core import environment
 from eembridge.sim.device import QueueNetworkSide, SimDevice
 from eembridge.sim.faults import Faults
 
@@ -79,7 +81,7 @@ def test_a_burst_of_commands_waits_for_a_busy_bridge_thread(rig_factory):  # noq
 
 
 def test_native_0_keeps_the_python_loop_on_the_simulated_device(rig_factory, monkeypatch):  # noqa: F811
-    monkeypatch.setenv("EEMBRIDGE_NATIVE", "0")
+    monkeypatch.setattr(environment, "ENV", replace(environment.ENV, native=False))
     rig = rig_factory(max_packet=512)
     rig.transfer(100_000, 100_000)
     stats = rig.bridge.stats()
@@ -141,7 +143,7 @@ def _run_schedule(native: bool, monkeypatch: pytest.MonkeyPatch) -> dict[str, An
     host, tap = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # keeps frames whole
     tap.setblocking(False)  # as a TAP is: drained means EAGAIN
     host.settimeout(10)
-    monkeypatch.setenv("EEMBRIDGE_NATIVE", "1" if native else "0")
+    monkeypatch.setattr(environment, "ENV", replace(environment.ENV, native=native))
     # One transfer in flight each way: a stall then fails exactly one transfer, however
     # fast either loop resubmits.
     options = BridgeOptions(tap="differential", in_flight=1, out_in_flight=1,

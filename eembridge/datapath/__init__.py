@@ -3,6 +3,7 @@ C data path of _fast/datapath.pyx (RX in place on a mirrored ring, TX framed in 
 TAP I/O in C loops); with the reference, everything is plain Python (datapath.py)."""
 
 from .. import CODEC
+from ..core import environment
 from .reference import RxPath, TxPath
 
 OFFLOAD = False  # whether the data path reads and writes a TAP with IFF_VNET_HDR
@@ -12,9 +13,7 @@ if CODEC == "cython":
 
         OFFLOAD = True
     except ImportError:
-        import os
-
-        if os.environ.get("EEMBRIDGE_REQUIRE_CYTHON"):
+        if environment.ENV.require_cython:
             raise
         from .reference import RingRxPath as RxPath  # type: ignore[assignment, misc]
 
