@@ -173,6 +173,9 @@ class FfsEemDevice(EemFunction):
         # hold, and what it must not.
         self.frames_sent: set[str] = set()
         self.frames_flipped: dict[str, bool] = {}
+        # The bridge merges consecutive TCP segments on their way to its TAP (--offload):
+        # what each segment carried, by flow and sequence number, "LENGTH DIGEST".
+        self.tcp_sent: collections.defaultdict[str, set[str]] = collections.defaultdict(set)
         self.echo_sent_corrupted: collections.Counter[bytes] = collections.Counter()
         self.n: collections.Counter[str] = collections.Counter()  # frames/transfers sent, whole, reads, stalls, ...
         # The last IN transfers: when, what, how many packets lost (for a run that hangs:
@@ -296,7 +299,11 @@ class FfsEemDevice(EemFunction):
                     self.n[f"sent_{kind}"] += 1
                     if kind == "frame":
                         self.n["frames_whole"] += whole
-                        self.frames_sent.add(_digest(arg))
+                        self.frames_sent.add(digest(arg))
+                        segment = tcp_segment(arg)
+                        if segment:
+                            flow, seq, payload = segment
+                            self.tcp_sent[f"{flow}@{seq}"].add(f"{len(payload)} {digest(payload)}")
                     elif kind == "echo":
                         self.echo_sent[arg] += 1
                         self.echo_whole[arg] += whole
@@ -347,7 +354,7 @@ class FfsEemDevice(EemFunction):
                     self.n["frames_flipped"] += 1
                     self.n["frames_flipped_in_header"] += header
                     if corrupted != bytes(arg):
-                        self.frames_flipped[_digest(corrupted)] = detectable
+                        self.frames_flipped[digest(corrupted)] = detectable
                     # in sync, the header whole: the check must fail right there
                     self.n["frames_flipped_whole_detectable"] += in_sync and not header and detectable
                 elif kind == "echo":
@@ -421,7 +428,8 @@ class FfsEemDevice(EemFunction):
             corrupted = +self.echo_sent_corrupted
             n = dict(self.n)
             halts, gone, whole_at = list(self.halts_at), list(self.gone_at), dict(self.echo_whole_at)
-            frames = {"sent": sorted(self.frames_sent), "flipped": dict(self.frames_flipped)}
+            frames = {"sent": sorted(self.frames_sent), "flipped": dict(self.frames_flipped),
+                      "tcp": {k: sorted(v) for k, v in self.tcp_sent.items()}}
         unasked = answers - sent - corrupted  # payloads answered more often than they were sent
         unanswered = whole - answers
 
@@ -466,7 +474,23 @@ class FfsEemDevice(EemFunction):
         self._wake()
 
 
-def _digest(frame: Any) -> str:
+def tcp_segment(frame: Any) -> tuple[str, int, bytes] | None:
+    """(flow "SRC:SPORT>DST:DPORT", sequence number, payload) of an IPv4 TCP frame,
+    merged or not; None for anything else."""
+    frame = bytes(frame)
+    if len(frame) < 54 or frame[12:14] != b"\x08\x00" or frame[23] != 6:
+        return None
+    ihl = (frame[14] & 15) * 4
+    total = int.from_bytes(frame[16:18], "big")
+    tcp = 14 + ihl
+    if len(frame) < tcp + 20:
+        return None
+    sport, dport, seq = struct.unpack_from(">HHI", frame, tcp)
+    src, dst = (".".join(map(str, frame[a:a + 4])) for a in (26, 30))
+    return f"{src}:{sport}>{dst}:{dport}", seq, frame[tcp + (frame[tcp + 12] >> 4) * 4:14 + total]
+
+
+def digest(frame: Any) -> str:
     return hashlib.sha256(bytes(frame)).hexdigest()[:16]
 
 
