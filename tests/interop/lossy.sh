@@ -48,9 +48,9 @@ ECHO_EVERY=${ECHO_EVERY:-100}
 declare -A STALL_EVERY=([full]=${OUT_STALL_EVERY:-50} [high]=${OUT_STALL_EVERY:-150} [super]=${OUT_STALL_EVERY:-150})
 declare -A BUSY_EVERY=([full]=${OUT_BUSY_EVERY:-90} [high]=${OUT_BUSY_EVERY:-400} [super]=${OUT_BUSY_EVERY:-400})
 BUSY_SECONDS=${BUSY_SECONDS:-2}
-# Flips per IN packet: at full speed a frame spans 24 packets (0.1% flips 2.4% of full
+# Flips per IN packet: at full speed a frame spans 24 packets (0.3% flips 7% of full
 # frames, on top of the 38.6% the loss takes), at high and SuperSpeed 2-3 (0.5%: 1-1.5%).
-declare -A FLIP=([full]=${IN_FLIP:-0.001} [high]=${IN_FLIP:-0.005} [super]=${IN_FLIP:-0.005})
+declare -A FLIP=([full]=${IN_FLIP:-0.003} [high]=${IN_FLIP:-0.005} [super]=${IN_FLIP:-0.005})
 declare -A FRAMING=([full]=${IN_FRAMING:-crc} [high]=${IN_FRAMING:-crc} [super]=${IN_FRAMING:-sentinel})
 UNPLUG_SPEEDS=${UNPLUG_SPEEDS:-high}
 
