@@ -71,6 +71,13 @@ class Boot(BootResults):
         before, after = self.stats(stage[0])[section], self.stats(stage[1])[section]
         return {k: v - before.get(k, 0) for k, v in after.items() if isinstance(v, int)}
 
+    def transfer_whole(self, name: str) -> None:
+        """TCP transfer NAME (lossy_xfer) finished and both ends saw the same SHA-256."""
+        self.rc(name)
+        sent = self.read(f"{name}.sent")
+        assert len(sent) == 64
+        assert self.read(f"{name}.recv") == sent
+
     def delivered(self) -> list[bytes]:
         """The frames the bridge wrote to its TAP while the transfers ran (tap_in.pcap)."""
         self.rc("tap_capture_start")
@@ -122,10 +129,7 @@ def test_the_bridge_stops_cleanly_after_every_speed(result: GuestResult) -> None
 @ALL_SPEEDS
 @pytest.mark.parametrize("direction", ["h2p", "p2h"])
 def test_tcp_both_ways_arrives_whole(boot: Boot, speed: str, direction: str) -> None:
-    boot.rc(direction)
-    sent = boot.read(f"{direction}.sent")
-    assert len(sent) == 64
-    assert boot.read(f"{direction}.recv") == sent
+    boot.transfer_whole(direction)
 
 
 @ALL_SPEEDS
@@ -285,11 +289,7 @@ def test_unplugged_in_the_middle_of_a_transfer_carrier_off_then_on(boot: Boot, s
 def test_tcp_across_the_unplug_and_after_it_arrives_whole(boot: Boot, speed: str, direction: str) -> None:
     """h2p: the connection under way when the gadget went (TCP resends across the gap);
     p2h: a new one after."""
-    name = f"unplug_{direction}"
-    boot.rc(name)
-    sent = boot.read(f"{name}.sent")
-    assert len(sent) == 64
-    assert boot.read(f"{name}.recv") == sent
+    boot.transfer_whole(f"unplug_{direction}")
 
 
 @UNPLUG_SPEEDS
