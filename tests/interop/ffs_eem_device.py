@@ -21,7 +21,7 @@ dummy_hcd) meets the faults the simulator knows:
   pyroute2: Python start-up under TCG is slow enough) that the caller moves into the
   peer's network namespace and addresses; the TCP peer runs there.
 
-The gadget is the caller's (tests/interop/lossy_checks.sh): a configfs gadget with
+The gadget is the caller's (tests/interop/lossy.sh): a configfs gadget with
 function `ffs.NAME`, FunctionFS mounted at --ffs. This program writes the descriptors
 (full, high and SuperSpeed: one interface 02/0c/07, bulk IN, bulk OUT) and strings to
 ep0 and creates the TAP --tap, then says so by creating --ready; the caller moves the
@@ -30,10 +30,13 @@ TAP into its namespace and binds the UDC.
 What happened is written as JSON to --state on SIGUSR1 and at exit (SIGTERM): the sim's
 fault counters, the device codec's counters, which of its Echoes went out whole and
 which came back (payloads compared), Echo Responses nobody asked for, frames sent
-whole, and what each thread is doing right now (for a run that hangs).
+whole, what the bit flips did to each frame (which the host's framing must refuse,
+with --crc: all of them), the digests of every frame and TCP segment sent and of every
+frame as a flip left it (to compare with a capture of what the host delivered), and
+what each thread is doing right now (for a run that hangs).
 
     ffs_eem_device.py --ffs /dev/ffs-eem --speed full --tap ffstap \
-        --ready R --state S --in-loss 0.02 --garbage-every 200 --echo-every 100 \
+        --ready R --state S --crc --in-loss 0.02 --in-flip 0.005 --garbage-every 200 --echo-every 100 \
         --out-stall-every 150 --out-busy-every 400 --out-busy-seconds 2
 """
 
