@@ -172,11 +172,18 @@ stats() {
     echo $? > "$D/$1.rc"
 }
 
+state_written_since() {  # state_written_since MTIME: device.json replaced since then
+    [ "$(stat -c %.9Y "$D/device.json" 2>/dev/null)" != "$1" ]
+}
+
 device_state() {  # device_state NAME: the device's state now, in $D/NAME.json
     local before
-    before=$(stat -c %Y.%N "$D/device.json" 2>/dev/null)
+    # mtime in ns (seconds alone, or a `test` whose $(...) is expanded once when
+    # wait_until is called, waited the whole 20 s at every snapshot)
+    before=$(stat -c %.9Y "$D/device.json" 2>/dev/null)
     kill -USR1 "$DEVICE" 2>/dev/null || return 1
-    wait_until 20 test "$(stat -c %Y.%N "$D/device.json" 2>/dev/null)" != "$before"
+    wait_until 20 state_written_since "$before"
+    echo $? > "$D/$1.rc"
     cp "$D/device.json" "$D/$1.json"
 }
 

@@ -49,6 +49,8 @@ class Boot(BootResults):
 
     def device(self, name: str = "device") -> dict[str, Any]:
         """The device's state (device.json: at its exit; NAME.json: taken earlier)."""
+        if name != "device":
+            self.rc(name)  # the snapshot came (not a stale file after a timeout)
         state: dict[str, Any] = self.json(f"{name}.json")
         return state
 
