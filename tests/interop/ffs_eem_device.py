@@ -83,7 +83,7 @@ HAS_FS_DESC, HAS_HS_DESC, HAS_SS_DESC = 1, 2, 4
 ECHO_ANSWER_READS = 48
 EVENT_SIZE = 12  # struct usb_functionfs_event: usb_ctrlrequest (8), type, 3 pad
 EVENT_NAMES = ("bind", "unbind", "enable", "disable", "setup", "suspend", "resume")
-ENABLE, DISABLE, SETUP = 2, 3, 4
+UNBIND, ENABLE, DISABLE, SETUP = 1, 2, 3, 4
 
 
 def descriptors() -> bytes:
@@ -170,7 +170,7 @@ class FfsEemDevice(EemFunction):
         # halted is excused, no other.
         self.echo_whole_at: dict[bytes, int] = {}
         self.halts_at: list[int] = []
-        self.gone_at: list[int] = []  # OUT reads done at each DISABLE (unplug, reset)
+        self.gone_at: list[int] = []  # OUT reads done at each DISABLE or UNBIND (unplug, reset)
         # sha256 prefixes (_digest) of every frame sent, and of every frame as a flip left
         # it (-> whether its framing must refuse it): what a capture on the host's TAP may
         # hold, and what it must not.
@@ -226,7 +226,7 @@ class FfsEemDevice(EemFunction):
                 self.events[EVENT_NAMES[kind] if kind < len(EVENT_NAMES) else str(kind)] += 1
                 if kind == ENABLE:
                     self._enabled.set()
-                elif kind == DISABLE:
+                elif kind in (DISABLE, UNBIND):  # an unbind from the UDC may come without DISABLE
                     self._enabled.clear()
                     with self._lock:
                         self.gone_at.append(self.n["out_reads"])
