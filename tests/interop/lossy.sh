@@ -19,7 +19,7 @@
 # every 100 frames, OUT halted every OUT_STALL_EVERY reads and not read for BUSY_SECONDS
 # every OUT_BUSY_EVERY reads (defaults by speed below). The device frames with CRC-32 at
 # full and high speed and with the sentinel (as f_eem) at SuperSpeed, so flips meet both
-# checks. checks: at UNPLUG_SPEEDS (default high) the gadget is also unbound from its UDC
+# checks (IN_FRAMING=crc|sentinel and IN_FLIP=P set every speed's). checks: at UNPLUG_SPEEDS (default high) the gadget is also unbound from its UDC
 # in the middle of a TCP transfer and bound again.
 set -uo pipefail  # not -e: every step records its own exit code
 # shellcheck source=lib.sh
