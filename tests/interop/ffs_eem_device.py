@@ -21,7 +21,7 @@ dummy_hcd) meets the faults the simulator knows:
   pyroute2: Python start-up under TCG is slow enough) that the caller moves into the
   peer's network namespace and addresses; the TCP peer runs there.
 
-The gadget is the caller's (tests/interop/lossy_checks.sh): a configfs gadget with
+The gadget is the caller's (tests/interop/lossy.sh): a configfs gadget with
 function `ffs.NAME`, FunctionFS mounted at --ffs. This program writes the descriptors
 (full, high and SuperSpeed: one interface 02/0c/07, bulk IN, bulk OUT) and strings to
 ep0 and creates the TAP --tap, then says so by creating --ready; the caller moves the
@@ -30,10 +30,13 @@ TAP into its namespace and binds the UDC.
 What happened is written as JSON to --state on SIGUSR1 and at exit (SIGTERM): the sim's
 fault counters, the device codec's counters, which of its Echoes went out whole and
 which came back (payloads compared), Echo Responses nobody asked for, frames sent
-whole, and what each thread is doing right now (for a run that hangs).
+whole, what the bit flips did to each frame (which the host's framing must refuse,
+with --crc: all of them), the digests of every frame and TCP segment sent and of every
+frame as a flip left it (to compare with a capture of what the host delivered), and
+what each thread is doing right now (for a run that hangs).
 
     ffs_eem_device.py --ffs /dev/ffs-eem --speed full --tap ffstap \
-        --ready R --state S --in-loss 0.02 --garbage-every 200 --echo-every 100 \
+        --ready R --state S --crc --in-loss 0.02 --in-flip 0.005 --garbage-every 200 --echo-every 100 \
         --out-stall-every 150 --out-busy-every 400 --out-busy-seconds 2
 """
 
@@ -43,6 +46,7 @@ import argparse
 import collections
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import signal
@@ -53,7 +57,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from eembridge.core.protocol import CMD_ECHO_RESPONSE, HEADER_SIZE, MAX_ECHO_DATA, command_header
+from eembridge.core.codec import l4_intact
+from eembridge.core.protocol import (
+    CHECK_SIZE,
+    CMD_ECHO_RESPONSE,
+    HEADER_SIZE,
+    MAX_ECHO_DATA,
+    command_header,
+)
 from eembridge.sim.device import EemFunction
 from eembridge.sim.faults import Faults
 from eembridge.sim.polled import PolledNetworkSide
@@ -72,7 +83,7 @@ HAS_FS_DESC, HAS_HS_DESC, HAS_SS_DESC = 1, 2, 4
 ECHO_ANSWER_READS = 48
 EVENT_SIZE = 12  # struct usb_functionfs_event: usb_ctrlrequest (8), type, 3 pad
 EVENT_NAMES = ("bind", "unbind", "enable", "disable", "setup", "suspend", "resume")
-ENABLE, DISABLE, SETUP = 2, 3, 4
+UNBIND, ENABLE, DISABLE, SETUP = 1, 2, 3, 4
 
 
 def descriptors() -> bytes:
@@ -159,6 +170,16 @@ class FfsEemDevice(EemFunction):
         # halted is excused, no other.
         self.echo_whole_at: dict[bytes, int] = {}
         self.halts_at: list[int] = []
+        self.gone_at: list[int] = []  # OUT reads done at each DISABLE or UNBIND (unplug, reset)
+        # sha256 prefixes (_digest) of every frame sent, and of every frame as a flip left
+        # it (-> whether its framing must refuse it): what a capture on the host's TAP may
+        # hold, and what it must not.
+        self.frames_sent: set[str] = set()
+        self.frames_flipped: dict[str, bool] = {}
+        # The bridge merges consecutive TCP segments on their way to its TAP (--offload):
+        # what each segment carried, by flow and sequence number, "LENGTH DIGEST".
+        self.tcp_sent: collections.defaultdict[str, set[str]] = collections.defaultdict(set)
+        self.echo_sent_corrupted: collections.Counter[bytes] = collections.Counter()
         self.n: collections.Counter[str] = collections.Counter()  # frames/transfers sent, whole, reads, stalls, ...
         # The last IN transfers: when, what, how many packets lost (for a run that hangs:
         # which TCP segments went out, and whether whole).
@@ -205,8 +226,10 @@ class FfsEemDevice(EemFunction):
                 self.events[EVENT_NAMES[kind] if kind < len(EVENT_NAMES) else str(kind)] += 1
                 if kind == ENABLE:
                     self._enabled.set()
-                elif kind == DISABLE:
+                elif kind in (DISABLE, UNBIND):  # an unbind from the UDC may come without DISABLE
                     self._enabled.clear()
+                    with self._lock:
+                        self.gone_at.append(self.n["out_reads"])
                 elif kind == SETUP:  # EEM has no class requests: stall them all
                     request_type = data[pos]
                     with contextlib.suppress(OSError):  # f_fs halts ep0: EL2HLT
@@ -247,17 +270,28 @@ class FfsEemDevice(EemFunction):
                 packets.append(packet)
                 if len(packet) < mp:
                     break
-            kept = []
+            kept, sent, lost_at, flipped_at = [], [], [], []
+            offset = 0
             for packet in packets:
-                if not faults.packet():
+                if faults.packet():
+                    lost_at.append((offset, offset + len(packet)))
+                else:
                     if faults.flip_p:
                         flipped = bytearray(packet)
                         faults.flip(flipped)
-                        self.n["in_packets_flipped"] += flipped != packet
-                        packet = bytes(flipped)
+                        if flipped != packet:
+                            self.n["in_packets_flipped"] += 1
+                            flipped_at += [offset + i for i, (a, b) in enumerate(zip(packet, flipped, strict=True)) if a != b]
+                            packet = bytes(flipped)
                     kept.append(packet)
-            whole = (boundary and len(kept) == len(packets)
+                sent.append(packet)
+                offset += len(packet)
+            whole = (boundary and not lost_at and not flipped_at
                      and not any(kind == "garbage" for kind, _arg in record))
+            if flipped_at:
+                self._account_flips(record, b"".join(sent), lost_at, flipped_at,
+                                    in_sync=boundary and not lost_at
+                                    and not any(kind == "garbage" for kind, _arg in record))
             data = b"".join(kept)
             if kept:
                 boundary = len(kept[-1]) < mp
@@ -268,6 +302,11 @@ class FfsEemDevice(EemFunction):
                     self.n[f"sent_{kind}"] += 1
                     if kind == "frame":
                         self.n["frames_whole"] += whole
+                        self.frames_sent.add(digest(arg))
+                        segment = tcp_segment(arg)
+                        if segment:
+                            flow, seq, payload = segment
+                            self.tcp_sent[f"{flow}@{seq}"].add(f"{len(payload)} {digest(payload)}")
                     elif kind == "echo":
                         self.echo_sent[arg] += 1
                         self.echo_whole[arg] += whole
@@ -288,8 +327,44 @@ class FfsEemDevice(EemFunction):
                     if exc.errno != errno.ESHUTDOWN:
                         raise
                     self.n["in_shutdown"] += 1  # the host reset or unbound: lost
+                    boundary = True  # the host's next transfer starts afresh
                     self._wait_enabled("in")
                     break
+
+    def _account_flips(self, record: list[tuple[str, Any]], sent: bytes, lost_at: list[tuple[int, int]],
+                       flipped_at: list[int], in_sync: bool) -> None:
+        """What the flipped bits of one device transfer (`sent`: its bytes as the host
+        would see them were no packet lost) did to each item in it. A frame is
+        *detectable* when its framing must refuse it: any flip in CRC mode, in sentinel
+        mode a flip in the sentinel or one that breaks its IP header or TCP/UDP/ICMP
+        checksum (codec.l4_intact); a frame flipped otherwise may be delivered as it is.
+        A flipped Echo is still an Echo (commands carry no check): its answer is one the
+        device asked for."""
+        offset = 0
+        with self._lock:
+            for kind, arg in record:
+                size = _item_size(kind, arg)
+                start, end = offset, offset + size
+                offset = end
+                flips = [at - start for at in flipped_at if start <= at < end]
+                if not flips or any(a < end and start < b for a, b in lost_at):
+                    continue  # unflipped, or lost anyway
+                header = any(at < HEADER_SIZE for at in flips)
+                if kind == "frame":
+                    corrupted = sent[start + HEADER_SIZE:end - CHECK_SIZE]
+                    detectable = (self.crc or any(at >= size - CHECK_SIZE for at in flips)
+                                  or not l4_intact(corrupted))
+                    self.n["frames_flipped"] += 1
+                    self.n["frames_flipped_in_header"] += header
+                    if corrupted != bytes(arg):
+                        self.frames_flipped[digest(corrupted)] = detectable
+                    # in sync, the header whole: the check must fail right there
+                    self.n["frames_flipped_whole_detectable"] += in_sync and not header and detectable
+                elif kind == "echo":
+                    if header:
+                        self.n["echo_flipped_header"] += 1
+                    else:
+                        self.echo_sent_corrupted[sent[start + HEADER_SIZE:end]] += 1
 
     def _scheduled(self, n_frames: int) -> None:
         """Every echo_every frames an Echo of the device's own (payload: its number, then
@@ -353,14 +428,22 @@ class FfsEemDevice(EemFunction):
         now = time.monotonic()
         with self._lock:
             sent, whole, answers = +self.echo_sent, +self.echo_whole, +self.echo_answers
+            corrupted = +self.echo_sent_corrupted
             n = dict(self.n)
-            halts, whole_at = list(self.halts_at), dict(self.echo_whole_at)
-        unasked = answers - sent  # payloads answered more often than they were sent
+            halts, gone, whole_at = list(self.halts_at), list(self.gone_at), dict(self.echo_whole_at)
+            frames = {"sent": sorted(self.frames_sent), "flipped": dict(self.frames_flipped),
+                      "tcp": {k: sorted(v) for k, v in self.tcp_sent.items()}}
+        unasked = answers - sent - corrupted  # payloads answered more often than they were sent
         unanswered = whole - answers
-        # Due when the device halted: a halt within the OUT reads that can be queued ahead
-        # of the answer (the bridge's OUT transfers in flight, 32 at most) after it went.
-        excused = sum(count for payload, count in unanswered.items()
-                      if any(0 <= h - whole_at.get(payload, -10**9) <= ECHO_ANSWER_READS for h in halts))
+
+        # Due when the device halted or went (unplug): a halt within the OUT reads that
+        # can be queued ahead of the answer (the bridge's OUT transfers in flight, 32 at
+        # most) after it went.
+        def due_at(events: list[int]) -> int:
+            return sum(count for payload, count in unanswered.items()
+                       if any(0 <= e - whole_at.get(payload, -10**9) <= ECHO_ANSWER_READS for e in events))
+        excused = due_at(halts)
+        excused_gone = due_at(gone)
         return {
             "max_packet": self.max_packet,
             "faults": self.fault_counters(),
@@ -371,11 +454,14 @@ class FfsEemDevice(EemFunction):
                 "whole": sum(whole.values()),
                 "responses": sum(answers.values()),
                 "whole_answered": sum((whole & answers).values()),
-                "whole_unanswered": sum(unanswered.values()) - excused,
+                "whole_unanswered": max(0, sum(unanswered.values()) - excused - excused_gone),
                 "whole_unanswered_at_a_halt": excused,
+                "whole_unanswered_at_an_unplug": excused_gone,
+                "sent_corrupted": sum(corrupted.values()),
                 "unasked": sum(unasked.values()),
                 "unasked_payloads": [p.hex() for p in list(unasked)[:10]],
             },
+            "frames": frames,
             "ep0_events": dict(self.events),
             "enabled": self._enabled.is_set(),
             "now": round(now, 3),
@@ -389,6 +475,38 @@ class FfsEemDevice(EemFunction):
     def stop(self) -> None:
         self._stopping = True
         self._wake()
+
+
+def tcp_segment(frame: Any) -> tuple[str, int, bytes] | None:
+    """(flow "SRC:SPORT>DST:DPORT", sequence number, payload) of an IPv4 TCP frame,
+    merged or not; None for anything else."""
+    frame = bytes(frame)
+    if len(frame) < 54 or frame[12:14] != b"\x08\x00" or frame[23] != 6:
+        return None
+    ihl = (frame[14] & 15) * 4
+    total = int.from_bytes(frame[16:18], "big")
+    tcp = 14 + ihl
+    if len(frame) < tcp + 20:
+        return None
+    sport, dport, seq = struct.unpack_from(">HHI", frame, tcp)
+    src, dst = (".".join(map(str, frame[a:a + 4])) for a in (26, 30))
+    return f"{src}:{sport}>{dst}:{dport}", seq, frame[tcp + (frame[tcp + 12] >> 4) * 4:14 + total]
+
+
+def digest(frame: Any) -> str:
+    return hashlib.sha256(bytes(frame)).hexdigest()[:16]
+
+
+def _item_size(kind: str, arg: Any) -> int:
+    """Bytes an item TxStream took (its record) fills in a device transfer (a frame from
+    the TAP, at its MTU of 1500, is never one the framer refuses)."""
+    if kind == "garbage":
+        return len(arg)
+    if kind == "hint":
+        return HEADER_SIZE
+    if kind == "frame":
+        return HEADER_SIZE + len(arg) + CHECK_SIZE
+    return HEADER_SIZE + len(arg)  # echo, echo_response
 
 
 def _describe(kind: str, arg: Any) -> str:
@@ -416,7 +534,8 @@ def main() -> int:
     ap.add_argument("--state", type=Path, required=True, help="JSON written on SIGUSR1 and at exit")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--in-loss", type=float, default=0.0, help="per IN packet")
-    ap.add_argument("--in-flip", type=float, default=0.0, help="per IN packet")
+    ap.add_argument("--in-flip", type=float, default=0.0, help="per IN packet: one bit flipped")
+    ap.add_argument("--crc", action="store_true", help="frames sent with CRC-32 (default: the sentinel, as f_eem)")
     ap.add_argument("--garbage", type=float, default=0.0,
                     help="per EEM packet: an Echo Response header of 2047 bytes glued in front")
     ap.add_argument("--garbage-every", type=int, default=0, help="the same, every N frames")
@@ -435,7 +554,7 @@ def main() -> int:
                     garbage=args.garbage, garbage_bytes=ECHO_RESPONSE_2047, echo=args.echo,
                     seed=args.seed)
     network = PolledNetworkSide(TunFile(args.tap), args.tap)
-    device = FfsEemDevice(args.ffs, network, max_packet=SPEED_MAX_PACKET[args.speed],
+    device = FfsEemDevice(args.ffs, network, max_packet=SPEED_MAX_PACKET[args.speed], crc=args.crc,
                           faults=faults, out_stall_every=args.out_stall_every,
                           out_busy_every=args.out_busy_every, out_busy_seconds=args.out_busy_seconds,
                           echo_every=args.echo_every, garbage_every=args.garbage_every)

@@ -13,10 +13,14 @@
 # $RW/SPEED/ (NAME.rc = exit status, .json/.txt what it printed), so one failing step
 # does not hide the others; timings.txt = guest uptime at each stage.
 #
-# Faults (per speed, on its own packet size): 2% of the IN packets lost, garbage that
-# reads as an Echo Response of 2047 bytes in front of the next packet every 200 frames
-# (0.5%), an Echo from the device every 100 frames, OUT halted every OUT_STALL_EVERY reads and
-# not read for BUSY_SECONDS every OUT_BUSY_EVERY reads (defaults by speed below).
+# Faults (per speed, on its own packet size): 2% of the IN packets lost, one bit flipped
+# in IN_FLIP of them (by speed below), garbage that reads as an Echo Response of 2047
+# bytes in front of the next packet every 200 frames (0.5%), an Echo from the device
+# every 100 frames, OUT halted every OUT_STALL_EVERY reads and not read for BUSY_SECONDS
+# every OUT_BUSY_EVERY reads (defaults by speed below). The device frames with CRC-32 at
+# full and high speed and with the sentinel (as f_eem) at SuperSpeed, so flips meet both
+# checks (IN_FRAMING=crc|sentinel and IN_FLIP=P set every speed's). checks: at UNPLUG_SPEEDS (default high) the gadget is also unbound from its UDC
+# in the middle of a TCP transfer and bound again.
 set -uo pipefail  # not -e: every step records its own exit code
 # shellcheck source=lib.sh
 . "$INTEROP/lib.sh"
@@ -44,6 +48,11 @@ ECHO_EVERY=${ECHO_EVERY:-100}
 declare -A STALL_EVERY=([full]=${OUT_STALL_EVERY:-50} [high]=${OUT_STALL_EVERY:-150} [super]=${OUT_STALL_EVERY:-150})
 declare -A BUSY_EVERY=([full]=${OUT_BUSY_EVERY:-90} [high]=${OUT_BUSY_EVERY:-400} [super]=${OUT_BUSY_EVERY:-400})
 BUSY_SECONDS=${BUSY_SECONDS:-2}
+# Flips per IN packet: at full speed a frame spans 24 packets (0.3% flips 7% of full
+# frames, on top of the 38.6% the loss takes), at high and SuperSpeed 2-3 (0.5%: 1-1.5%).
+declare -A FLIP=([full]=${IN_FLIP:-0.003} [high]=${IN_FLIP:-0.005} [super]=${IN_FLIP:-0.005})
+declare -A FRAMING=([full]=${IN_FRAMING:-crc} [high]=${IN_FRAMING:-crc} [super]=${IN_FRAMING:-sentinel})
+UNPLUG_SPEEDS=${UNPLUG_SPEEDS:-high}
 
 # payload bytes each way and the deadline of one transfer, by speed
 # At full speed 2% of the 64-byte packets lost is 38.6% of full-size frames lost: the
@@ -58,6 +67,7 @@ declare -A SYSFS_SPEED=([full]=12 [high]=480 [super]=5000)
 
 DEVICE=""
 BRIDGE=""
+CAPTURE=""
 
 usb_path() {  # the host side of our gadget, by serial
     local d
@@ -85,9 +95,11 @@ ffs_up() {
     mkdir -p "$FFS"
     mountpoint -q "$FFS" || mount -t functionfs eem "$FFS"
     rm -f "$D/device.ready"
+    local crc=()
+    [ "${FRAMING[$speed]}" = sentinel ] || crc=(--crc)
     python3 "$INTEROP/ffs_eem_device.py" --ffs "$FFS" --speed "$speed" --tap "$PEER_TAP" \
-        --ready "$D/device.ready" --state "$D/device.json" \
-        --seed "${SEED:-1}" --in-loss "$IN_LOSS" --in-flip "${IN_FLIP:-0}" --garbage-every "$GARBAGE_EVERY" \
+        --ready "$D/device.ready" --state "$D/device.json" "${crc[@]}" \
+        --seed "${SEED:-1}" --in-loss "$IN_LOSS" --in-flip "${FLIP[$speed]}" --garbage-every "$GARBAGE_EVERY" \
         --echo-every "$ECHO_EVERY" \
         --out-stall-every "${STALL_EVERY[$speed]}" --out-busy-every "${BUSY_EVERY[$speed]}" \
         --out-busy-seconds "$BUSY_SECONDS" > "$D/device.log" 2>&1 &
@@ -106,7 +118,7 @@ ffs_up() {
     p=$(usb_path)
     { echo "SPEED=$speed"; echo "USB_PATH=$p"; echo "USB_SPEED=$(cat "$p/speed" 2>/dev/null)"
       echo "PEER_TAP=$PEER_TAP"; echo "SERIAL=$SERIAL"
-      echo "IN_LOSS=$IN_LOSS"; echo "IN_FLIP=${IN_FLIP:-0}"; echo "GARBAGE_EVERY=$GARBAGE_EVERY"; echo "ECHO_EVERY=$ECHO_EVERY"
+      echo "IN_LOSS=$IN_LOSS"; echo "IN_FLIP=${FLIP[$speed]}"; echo "FRAMING=${FRAMING[$speed]}"; echo "GARBAGE_EVERY=$GARBAGE_EVERY"; echo "ECHO_EVERY=$ECHO_EVERY"
       echo "OUT_STALL_EVERY=${STALL_EVERY[$speed]}"; echo "OUT_BUSY_EVERY=${BUSY_EVERY[$speed]}"
       echo "BUSY_SECONDS=$BUSY_SECONDS"; echo "XFER_BYTES=${XFER_BYTES[$speed]}"; } > "$D/env.txt"
     for p in "$p"/*:*; do echo "$(basename "$p") $(intf_class "$p") $(driver_of "$p")"; done \
@@ -160,11 +172,18 @@ stats() {
     echo $? > "$D/$1.rc"
 }
 
+state_written_since() {  # state_written_since MTIME: device.json replaced since then
+    [ "$(stat -c %.9Y "$D/device.json" 2>/dev/null)" != "$1" ]
+}
+
 device_state() {  # device_state NAME: the device's state now, in $D/NAME.json
     local before
-    before=$(stat -c %Y.%N "$D/device.json" 2>/dev/null)
+    # mtime in ns (seconds alone, or a `test` whose $(...) is expanded once when
+    # wait_until is called, waited the whole 20 s at every snapshot)
+    before=$(stat -c %.9Y "$D/device.json" 2>/dev/null)
     kill -USR1 "$DEVICE" 2>/dev/null || return 1
-    wait_until 20 test "$(stat -c %Y.%N "$D/device.json" 2>/dev/null)" != "$before"
+    wait_until 20 state_written_since "$before"
+    echo $? > "$D/$1.rc"
     cp "$D/device.json" "$D/$1.json"
 }
 
@@ -242,6 +261,62 @@ stall_capture() {  # stall_capture NAME KIND: everything that says where a trans
     { echo "# host"; ss -tinmoe; echo "# peer"; ip netns exec "$NS" ss -tinmoe; } > "$D/$name.${kind}_tcp_10s.txt" 2>&1
 }
 
+# tap_capture_start / tap_capture_stop: every frame the bridge writes to its TAP (what it
+# delivered) in $D/tap_in.pcap, for the test to compare with what the device sent.
+tap_capture_start() {
+    rm -f /tmp/tap_in.pcap
+    tcpdump -i "$TAP" -Q in -n -s 0 -B 8192 -w /tmp/tap_in.pcap > /dev/null 2> "$D/tap_capture.txt" &
+    CAPTURE=$!
+    wait_until 30 grep -q "listening on" "$D/tap_capture.txt"
+    echo $? > "$D/tap_capture_start.rc"
+}
+
+tap_capture_stop() {
+    kill -INT "$CAPTURE"
+    wait "$CAPTURE"
+    echo $? > "$D/tap_capture.rc"
+    cp /tmp/tap_in.pcap "$D/tap_in.pcap"
+}
+
+tap_sent_since() {  # tap_sent_since BASE N: the TAP has given the bridge N bytes since BASE
+    local now
+    read -r now < "/sys/class/net/$TAP/statistics/tx_bytes"
+    [ $((now - $1)) -ge "$2" ]
+}
+
+log_lines() { wc -l < "$RW/bridge.log"; }
+
+# The gadget unbound from its UDC in the middle of a TCP transfer host -> peer (a third
+# of it through), bound again as soon as the bridge has seen it go; the transfer must
+# finish over the same connection (TCP resends across the gap) and a new one after.
+# Its stats in stats_unplug_{before,after}, the bridge's log lines of the stage between
+# the line numbers in unplug_log.txt.
+one_speed_unplug() {
+    local speed=$1 bytes=2097152 base xfer
+    stats stats_unplug_before
+    log_lines > "$D/unplug_log.txt"
+    read -r base < "/sys/class/net/$TAP/statistics/tx_bytes"
+    lossy_xfer unplug_h2p h2p "$bytes" "${DEADLINE[$speed]}" &
+    xfer=$!
+    wait_until 60 tap_sent_since "$base" $((bytes / 3))
+    echo $? > "$D/unplug_under_way.rc"
+    stamp unplug
+    echo "" > "$G/UDC"
+    wait_until 30 carrier_is "$TAP" 0
+    echo $? > "$D/unplug_carrier_off.rc"
+    stamp unplugged
+    echo dummy_udc.0 > "$G/UDC"
+    wait_until 60 carrier_is "$TAP" 1
+    echo $? > "$D/replug_carrier_on.rc"
+    stamp replugged
+    wait "$xfer"
+    stamp unplug_h2p_done
+    lossy_xfer unplug_p2h p2h "${XFER_BYTES[$speed]}" "${DEADLINE[$speed]}"
+    stamp unplug_p2h_done
+    stats stats_unplug_after
+    log_lines >> "$D/unplug_log.txt"
+}
+
 peer_tcp() {  # the peer's TCP counters (RetransSegs: what TCP resent) in $D/NAME.txt
     ip netns exec "$NS" cat /proc/net/snmp > "$D/$1.txt"
 }
@@ -252,6 +327,7 @@ one_speed_checks() {
     [ -n "$BRIDGE" ] || bridge_start
     bridge_connected
     stats stats_before
+    tap_capture_start
     ping -c 5 -i 0.2 -W 2 "$PEER_IP" > "$D/ping.txt" 2>&1
     echo $? > "$D/ping.rc"
     peer_tcp peer_tcp_before
@@ -259,9 +335,12 @@ one_speed_checks() {
     stamp h2p_done
     lossy_xfer p2h p2h "${XFER_BYTES[$speed]}" "${DEADLINE[$speed]}"
     stamp p2h_done
+    tap_capture_stop
     peer_tcp peer_tcp_after
     device_state device_before_stats
     stats stats
+    device_state device_after_stats
+    case " $UNPLUG_SPEEDS " in *" $speed "*) one_speed_unplug "$speed" ;; esac
     ffs_down  # the device's final state (device.json), then the gadget goes
     wait_until 30 carrier_is "$TAP" 0
     echo $? > "$D/carrier_off.rc"
