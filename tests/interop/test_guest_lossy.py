@@ -29,7 +29,7 @@ from bootresults import BootResults, boot_or_fail
 from ffs_eem_device import digest, tcp_segment
 from guest import GuestResult
 
-from eembridge.pcap import CaptureReader
+from eembridge.capture.pcap import CaptureReader
 
 pytestmark = pytest.mark.interop
 
