@@ -89,6 +89,13 @@ cdef extern from "libusb.h" nogil:
     const char* libusb_error_name(int code)
 
 
+ERROR_NO_DEVICE = LIBUSB_ERROR_NO_DEVICE  # UsbError.code of a device that is gone
+
+
+def error_name(int code):
+    return libusb_error_name(code).decode()
+
+
 class UsbError(OSError):
     """A libusb call failed; .code is the libusb error code."""
 
@@ -411,7 +418,9 @@ cdef class UsbTransport(Engine):
     def close(self, reattach=True):
         """Cancel, wait for every transfer to end, release, re-attach, close.
 
-        Returns a list of what was done, for the caller to log.
+        Returns what was done, for the caller to log: (step, libusb error code) pairs,
+        code 0 when it worked: ("release", code), ("reattach", code); and
+        ("cancel", transfers that did not end) if any did not.
         """
         cdef int rc
         done = []
@@ -426,16 +435,15 @@ cdef class UsbTransport(Engine):
             time.sleep(0.005)
         rx_pending = self._rx_cancel() + self._tx_cancel()
         if self.by_address or rx_pending:
-            done.append(f"{len(self.by_address) + rx_pending} transfers did not end after cancel")
+            done.append(("cancel", len(self.by_address) + rx_pending))
         self._stop_thread()
         if self.claimed:
             rc = libusb_release_interface(self.link.handle, self.interface)
             self.claimed = False
-            done.append("released" if rc == 0 else f"release: {libusb_error_name(rc).decode()}")
+            done.append(("release", rc))
         if self.detached and reattach:
             rc = libusb_attach_kernel_driver(self.link.handle, self.interface)
-            done.append("reattached" if rc == 0 else
-                        f"reattach failed: {libusb_error_name(rc).decode()}")
+            done.append(("reattach", rc))
             self.detached = False
         if not self.by_address and not rx_pending:
             self._rx_free()

@@ -49,7 +49,7 @@ class ClaimedDevice(Transport):
     """A Transport over eembridge._usb.UsbTransport that gives the device back on close."""
 
     def __init__(self, record: EemInterface, tap: str, busy_polls: int = BUSY_POLLS) -> None:
-        from .._usb import UsbError, UsbTransport
+        from .._usb import ERROR_NO_DEVICE, UsbError, UsbTransport
 
         self.record = record
         try:
@@ -77,7 +77,7 @@ class ClaimedDevice(Transport):
             self._usb.claim(record.alt_setting)
         except UsbError as exc:
             self.close()
-            if "NO_DEVICE" in str(exc):
+            if exc.code == ERROR_NO_DEVICE:
                 raise TransportGone(str(exc)) from None
             raise UserError(f"cannot claim {where} ({record.describe()}): {exc}") from None
         self._write_claim(tap)
@@ -154,15 +154,19 @@ class ClaimedDevice(Transport):
                 pass
             self._claim_file = None
         where = self.record.sysfs_interface
-        for step in self._usb.close():
-            if step == "reattached":
+        from .._usb import ERROR_NO_DEVICE, error_name
+
+        for step, code in self._usb.close():
+            if step == "cancel":
+                log.warning("%s: %d transfers did not end after cancel", where, code)
+            elif code == ERROR_NO_DEVICE:  # unplugged: the kernel already dropped both
+                log.info("%s: device gone, nothing to %s", where, step)
+            elif code:
+                log.warning("%s: %s failed: %s", where, step, error_name(code))
+            elif step == "reattach":
                 log.info("re-attached %s to %s", self.record.driver or "kernel driver", where)
-            elif step == "released":
-                log.info("released %s", where)
-            elif "NO_DEVICE" in step:  # unplugged: the kernel already dropped both
-                log.info("%s: device gone, nothing to %s", where, step.split(":")[0].split()[0])
             else:
-                log.warning("%s: %s", where, step)
+                log.info("released %s", where)
 
 
 def _find(selector: Selector) -> list[EemInterface]:
