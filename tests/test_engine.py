@@ -21,6 +21,7 @@ from test_bridge import rig_factory  # noqa: F401  (a fixture)
 
 from eembridge.bridge import Bridge, BridgeOptions
 from eembridge.core import environment
+from eembridge.core.transport import Direction
 from eembridge.sim.device import QueueNetworkSide, SimDevice
 from eembridge.sim.faults import Faults
 
@@ -121,13 +122,6 @@ def _frames(seed: int, count: int) -> list[bytes]:
             + rng.randbytes(rng.randrange(46, 1500)) for i in range(count)]
 
 
-def _quiet(device: SimDevice, injector: Any) -> None:
-    """No more faults in one direction, so that what is sent last arrives and the run has
-    a definite end (the odds are set where the device reads them, per packet/transfer)."""
-    injector.loss = injector.flip_p = injector.stall_p = injector.timeout_p = 0.0
-    device.faults.garbage = device.faults.hint = 0.0
-
-
 def _markers(direction: int) -> list[bytes]:
     return [b"\xff" * 6 + bytes([2, 0, 0, 0, direction, i]) + b"\x88\xb5" + bytes(50)
             for i in range(MARKERS)]
@@ -157,7 +151,7 @@ def _run_schedule(native: bool, monkeypatch: pytest.MonkeyPatch) -> dict[str, An
         network.send(*_frames(1, FRAMES))
         wait_for(lambda: network.unsent == 0 and device.counters()["tx_frames"] >= FRAMES, 30,
                  "the device to send every frame")
-        _quiet(device, device._in_faults)
+        device.quiet(Direction.IN)
         markers = _markers(1)
         network.send(*markers)
         down: list[bytes] = []
@@ -172,7 +166,7 @@ def _run_schedule(native: bool, monkeypatch: pytest.MonkeyPatch) -> dict[str, An
 
         for sent, frame in enumerate(_frames(2, FRAMES), 1):
             send(frame, sent)
-        _quiet(device, device._out_faults)
+        device.quiet(Direction.OUT)
         markers = _markers(2)
         for sent, marker in enumerate(markers, FRAMES + 1):
             send(marker, sent)

@@ -6,7 +6,7 @@ The device has its own EEM codec (eembridge's Framer and Deframer) and two threa
 
 * IN thread: `TxStream` turns what the device has to send (answers to Echo first,
   then injected commands, then frames from the network side) into USB packets, and
-  the thread offers each to the host's head IN transfer (`SimTransport._offer_in`).
+  the thread offers each to the host's head IN transfer (`SimTransport.offer_in`).
   batch=False: one EEM packet per device transfer. batch=True: one continuous stream
   of EEM packets, cut into full packets while data lasts; a device transfer ends with a
   short packet only when the device runs out of data. Either way a transfer that ends
@@ -51,33 +51,12 @@ from ..core.protocol import (
 )
 from ..core.transport import DeviceInfo, Direction, TransportGone
 from .faults import FaultCounters, FaultInjector, Faults
-from .transport import SimTransport
+from .transport import Bus, SimTransport
 
 ZLP_MODES = ("eem", "usb", "none")
 SPEEDS = {64: "full", 512: "high", 1024: "super"}
 INJECTED_COUNTER = {"echo": "injected_echo", "echo_response": "injected_echo_response",
                     "hint": "injected_hints", "garbage": "injected_garbage"}
-
-
-class _Bus(threading.Condition):
-    """The bus lock, with one wait queue per device thread: a host submitting an IN
-    transfer wakes the IN thread only, an OUT transfer the OUT thread only (`notify`),
-    while state changes everyone must see (plug, stall, close) wake both (notify_all).
-    One queue for both woke a thread for nothing at every transfer: a lock and GIL
-    hand-off per transfer that the bridge's process paid for."""
-
-    def __init__(self) -> None:
-        lock = threading.Lock()
-        super().__init__(lock)
-        self.queues = {Direction.IN: threading.Condition(lock), Direction.OUT: threading.Condition(lock)}
-
-    def notify_all(self) -> None:
-        super().notify_all()
-        for queue in self.queues.values():
-            queue.notify_all()
-
-    def notify_direction(self, direction: Direction) -> None:
-        self.queues[direction].notify_all()
 
 
 class NetworkSide(ABC):
@@ -259,6 +238,18 @@ class EemFunction:
     def fault_counters(self) -> dict[str, int]:
         return self._fault_counters.snapshot()
 
+    def quiet(self, direction: Direction) -> None:
+        """No more faults in `direction` from now on, nor garbage or hints: what is sent
+        next arrives (a test's run then has a definite end). The device threads read
+        the odds per packet and per transfer, so this takes effect at the next one."""
+        injector = self._in_faults if direction is Direction.IN else self._out_faults
+        injector.loss = injector.flip_p = injector.stall_p = injector.timeout_p = 0.0
+        self.faults.garbage = self.faults.hint = 0.0
+
+    def count_fault(self, name: str) -> None:
+        """A fault the host controller injected (a stall, a timeout), counted with ours."""
+        self._fault_counters.add(name)
+
     def counters(self) -> dict[str, int]:
         """The device codec's counters: rx_* from its deframer, tx_* from its framer."""
         out = {f"rx_{k}": v for k, v in self._deframer.counters().items()}
@@ -346,7 +337,7 @@ class SimDevice(EemFunction):
 
     def __init__(self, network: NetworkSide | None = None, **options: Any) -> None:
         super().__init__(network, **options)
-        self._bus = _Bus()
+        self._bus = Bus()
         self._host: SimTransport | None = None
         self._plugged = True
         self._generation = 0
@@ -374,7 +365,8 @@ class SimDevice(EemFunction):
             self._bus.notify_all()
             return self._host
 
-    def _detach(self, transport: SimTransport) -> None:
+    def detach(self, transport: SimTransport) -> None:
+        """The host controller let go of the device (its transport closed)."""
         if self._host is transport:
             self._host = None
 
@@ -388,7 +380,7 @@ class SimDevice(EemFunction):
             self._plugged = False
             self._generation += 1
             if self._host is not None:
-                self._host._unplugged()
+                self._host.unplugged()
                 self._host = None
             self._answers.clear()
             self._injected.clear()
@@ -413,7 +405,7 @@ class SimDevice(EemFunction):
         with self._bus:
             if self._host is None:
                 return False
-            self._host._halt(direction)
+            self._host.halt(direction)
             self._bus.notify_all()
             return True
 
@@ -472,18 +464,18 @@ class SimDevice(EemFunction):
                     elif packet is None:
                         break
                     elif host is not None and burst:
-                        sent = host._offer_in_burst(memoryview(packet), self._in_faults)
+                        sent = host.offer_in_burst(memoryview(packet), self._in_faults)
                         if sent == len(packet):
                             packet = None
                             break
                         if sent:
                             packet = packet[sent:]  # the rest goes in the next IN transfer
-                        elif not host._has(Direction.IN):
+                        elif not host.has_pending(Direction.IN):
                             wait()
-                    elif host is not None and host._offer_in(packet, self._in_faults):
+                    elif host is not None and host.offer_in(packet, self._in_faults):
                         packet = None
                         break
-                    elif host is None or not host._has(Direction.IN):
+                    elif host is None or not host.has_pending(Direction.IN):
                         wait()  # NAK until the host asks again
                 self._tx_signal = False
             # Without the lock: it pulls from the network side.
@@ -511,7 +503,7 @@ class SimDevice(EemFunction):
                         generation = self._generation
                         self._flush_rx()
                     host = self._host
-                    if not self._plugged or host is None or not host._has(Direction.OUT):
+                    if not self._plugged or host is None or not host.has_pending(Direction.OUT):
                         wait()
                         continue
                     busy = self._busy_until - time.monotonic()
@@ -522,11 +514,11 @@ class SimDevice(EemFunction):
                         flushed = (host, host.out_halts)
                         self._flush_rx()
                     if fast:
-                        whole = host._take_out_transfer(self._out_faults)
+                        whole = host.take_out_transfer(self._out_faults)
                         if whole is not None:
                             break
                     else:
-                        taken = host._take_out(self._out_faults)
+                        taken = host.take_out(self._out_faults)
                         if taken is not None:
                             break
             if fast:
@@ -534,14 +526,14 @@ class SimDevice(EemFunction):
                 transfer, whole_data = whole
                 packets = self._receive_transfer(whole_data)
                 with bus:
-                    host._out_accepted(transfer, len(whole_data), packets)
+                    host.out_accepted(transfer, len(whole_data), packets)
                 continue
             assert taken is not None
             transfer, data, size = taken
             if data is not None:
                 self._receive_packet(data)
             with bus:
-                host._out_accepted(transfer, size)
+                host.out_accepted(transfer, size)
 
 class TxStream:
     """Device TX: EEM packets to USB packets on bulk IN. Only the IN thread uses it."""

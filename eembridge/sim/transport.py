@@ -5,8 +5,8 @@ Theory of operation
 USB at packet granularity, as a host controller sees it. Pending transfers wait in one
 queue per direction; only the head of a queue moves data, so completions come in
 submission order per direction. All state here is guarded by the device's bus lock
-(`SimDevice._bus`, a Condition); the device's IN and OUT threads call the `_offer_in`,
-`_take_out` and `_out_accepted` methods with that lock held.
+(`SimDevice._bus`, a Condition); the device's IN and OUT threads call the `offer_in`,
+`take_out` and `out_accepted` methods with that lock held.
 
 * IN: each packet the device sends (at most max_packet bytes) is written straight into
   the caller's memoryview (the one copy a real controller makes by DMA). The transfer
@@ -35,8 +35,9 @@ eembridge._simlink): then the engine's thread submits and reaps the data transfe
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ..core.transport import (
     BUSY_POLLS,
@@ -49,10 +50,40 @@ from ..core.transport import (
 )
 
 if TYPE_CHECKING:
-    from .device import SimDevice, _Bus
     from .faults import FaultInjector
 
 IN, OUT = Direction.IN, Direction.OUT
+
+
+class Bus(threading.Condition):
+    """The bus lock, with one wait queue per device thread: a host submitting an IN
+    transfer wakes the IN thread only, an OUT transfer the OUT thread only (`notify`),
+    while state changes everyone must see (plug, stall, close) wake both (notify_all).
+    One queue for both woke a thread for nothing at every transfer: a lock and GIL
+    hand-off per transfer that the bridge's process paid for."""
+
+    def __init__(self) -> None:
+        lock = threading.Lock()
+        super().__init__(lock)
+        self.queues = {Direction.IN: threading.Condition(lock), Direction.OUT: threading.Condition(lock)}
+
+    def notify_all(self) -> None:
+        super().notify_all()
+        for queue in self.queues.values():
+            queue.notify_all()
+
+    def notify_direction(self, direction: Direction) -> None:
+        self.queues[direction].notify_all()
+
+
+class Device(Protocol):
+    """What the host controller needs of the device it serves (sim.device.SimDevice):
+    the device calls the host controller's public methods (offer_in, take_out, ...)
+    with the bus lock held; the host controller calls only these."""
+
+    def detach(self, transport: SimTransport) -> None: ...
+    def count_fault(self, name: str) -> None: ...
+    def fault_counters(self) -> dict[str, int]: ...
 
 
 class _Transfer:
@@ -72,7 +103,7 @@ class _Transfer:
 class SimTransport(Transport):
     """Bulk IN/OUT of one simulated device; get one from `SimDevice.connect()`."""
 
-    def __init__(self, device: SimDevice, bus: _Bus, info: DeviceInfo) -> None:
+    def __init__(self, device: Device, bus: Bus, info: DeviceInfo) -> None:
         self.info = info
         self.device = device
         self._bus = bus
@@ -124,7 +155,7 @@ class SimTransport(Transport):
             self._fail_all(IN, Status.CANCELLED)
             self._fail_all(OUT, Status.CANCELLED)
             self._closed = True
-            self.device._detach(self)
+            self.device.detach(self)
             self._bus.notify_all()
         os.close(self._fd)
 
@@ -167,7 +198,7 @@ class SimTransport(Transport):
         if self._gone:
             raise TransportGone(f"{self.info.description}: unplugged")
 
-    def _has(self, direction: Direction) -> bool:
+    def has_pending(self, direction: Direction) -> bool:
         return bool(self._queues[direction])
 
     def _complete(self, transfer: _Transfer, status: Status, actual: int) -> None:
@@ -182,14 +213,14 @@ class SimTransport(Transport):
             transfer = queue.popleft()
             self._complete(transfer, status, transfer.offset)
 
-    def _halt(self, direction: Direction) -> None:
+    def halt(self, direction: Direction) -> None:
         """The endpoint halts: everything pending and submitted until clear_halt STALLs."""
         self._halted[direction] = True
         self.out_halts += direction is OUT
         self._fail_all(direction, Status.STALL)
-        self.device._fault_counters.add(f"{direction.value}_stalls")
+        self.device.count_fault(f"{direction.value}_stalls")
 
-    def _unplugged(self) -> None:
+    def unplugged(self) -> None:
         self._fail_all(IN, Status.NO_DEVICE)
         self._fail_all(OUT, Status.NO_DEVICE)
         self._gone = True
@@ -202,19 +233,19 @@ class SimTransport(Transport):
             if not transfer.armed:
                 transfer.armed = True
                 if faults.stall():
-                    self._halt(direction)
+                    self.halt(direction)
                     return None
                 packets = -(-transfer.length // self._max_packet)
                 transfer.timeout_after = faults.timeout_after(packets)
             if transfer.timeout_after is not None and transfer.packets >= transfer.timeout_after:
                 queue.popleft()
                 self._complete(transfer, Status.TIMED_OUT, transfer.offset)
-                self.device._fault_counters.add(f"{direction.value}_timeouts")
+                self.device.count_fault(f"{direction.value}_timeouts")
                 continue
             return transfer
         return None
 
-    def _offer_in(self, packet: bytes, faults: FaultInjector) -> bool:
+    def offer_in(self, packet: bytes, faults: FaultInjector) -> bool:
         """The device sends one packet on bulk IN: True if it left the device.
 
         False means no IN transfer was ready to take it (the device was NAKed and keeps
@@ -244,7 +275,7 @@ class SimTransport(Transport):
             self._complete(transfer, Status.COMPLETED, transfer.offset)
         return True
 
-    def _offer_in_burst(self, data: memoryview, faults: FaultInjector) -> int:
+    def offer_in_burst(self, data: memoryview, faults: FaultInjector) -> int:
         """Fast path of `_offer_in` for a run of full packets (no per-packet fault is
         configured): as many as the head IN transfer has room for, in one copy. Returns
         the bytes that left the device (0: no IN transfer ready, the device keeps them)."""
@@ -255,7 +286,7 @@ class SimTransport(Transport):
         room = transfer.length - transfer.offset
         n = min(len(data), room - room % mp)
         if n == 0:  # less room than one packet: babble, as _offer_in handles it
-            return mp if self._offer_in(bytes(data[:mp]), faults) else 0
+            return mp if self.offer_in(bytes(data[:mp]), faults) else 0
         view = transfer.buffer
         assert view is not None
         start = transfer.offset
@@ -268,7 +299,7 @@ class SimTransport(Transport):
             self._complete(transfer, Status.COMPLETED, transfer.offset)
         return n
 
-    def _take_out_transfer(self, faults: FaultInjector) -> tuple[_Transfer, bytearray] | None:
+    def take_out_transfer(self, faults: FaultInjector) -> tuple[_Transfer, bytearray] | None:
         """Fast path of `_take_out` (no per-packet fault configured): the rest of the
         head OUT transfer at once; the caller reports `_out_accepted` with its size."""
         transfer = self._head(OUT, faults)
@@ -280,7 +311,7 @@ class SimTransport(Transport):
         faults.counters.add(faults.prefix + "packets", max(1, -(-len(data) // self._max_packet)))
         return transfer, data
 
-    def _take_out(self, faults: FaultInjector) -> tuple[_Transfer, bytearray | None, int] | None:
+    def take_out(self, faults: FaultInjector) -> tuple[_Transfer, bytearray | None, int] | None:
         """The next OUT packet: (transfer, what reaches the device or None if lost, size).
 
         The caller hands the data to the device without the bus lock and then reports
@@ -298,7 +329,7 @@ class SimTransport(Transport):
         faults.flip(data)
         return transfer, data, size
 
-    def _out_accepted(self, transfer: _Transfer, size: int, packets: int = 1) -> None:
+    def out_accepted(self, transfer: _Transfer, size: int, packets: int = 1) -> None:
         queue = self._queues[OUT]
         if not queue or queue[0] is not transfer:
             return  # stalled, unplugged or cancelled meanwhile
