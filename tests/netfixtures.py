@@ -426,6 +426,32 @@ class SimBridgeProcess:
     subnet: Any
     sock: str
 
+    def eembridge(self, *args: str) -> Any:
+        """`eembridge ARGS` against this bridge's control socket."""
+        import subprocess
+        import sys
+
+        return subprocess.run([sys.executable, "-m", "eembridge", *args, "--socket", self.sock],
+                              capture_output=True, text=True, timeout=60)
+
+    def snapshot(self) -> dict[str, Any]:
+        """`eembridge stats --json` of this bridge."""
+        import json
+
+        stats = self.eembridge("stats", "--json")
+        assert stats.returncode == 0, stats.stderr
+        return dict(next(iter(json.loads(stats.stdout).values())))
+
+    def wait_connected(self, timeout: float = 20.0) -> dict[str, Any]:
+        """Once its socket answers and the device is connected: the snapshot that said so."""
+        wait_for_control_socket(self.proc, self.sock)
+
+        def connected() -> dict[str, Any] | None:
+            state = self.snapshot()
+            return state if state["connected"] else None
+
+        return dict(wait_for(connected, timeout, "connected"))
+
 
 def start_sim_bridge(tmp_path: Any, prefix: str, *extra: str, **popen: Any) -> SimBridgeProcess:
     import subprocess

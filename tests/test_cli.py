@@ -11,7 +11,7 @@ from pathlib import Path
 
 from eembridge.link.netns import link_names, unique_name
 
-from netfixtures import require_tun_and_root, start_sim_bridge, wait_for, wait_for_control_socket
+from netfixtures import require_tun_and_root, start_sim_bridge, wait_for_control_socket
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,19 +37,8 @@ def test_main_job_on_sim_with_stats_echo_and_clean_stop(tmp_path):
     bridge = start_sim_bridge(tmp_path, "eemcli", "--sim-loss", "0.01")
     proc, tap, sock = bridge.proc, bridge.tap, bridge.sock
     try:
-        wait_for_control_socket(proc, sock)
+        assert bridge.wait_connected()["tap"] == tap
         assert oct(os.stat(sock).st_mode & 0o777) == "0o600"
-
-        def snapshot() -> dict:
-            stats = eembridge("stats", "--socket", sock, "--json")
-            assert stats.returncode == 0, stats.stderr
-            return next(iter(json.loads(stats.stdout).values()))
-
-        def connected() -> dict | None:
-            state = snapshot()
-            return state if state["connected"] else None
-
-        assert wait_for(connected, 20, "connected")["tap"] == tap
         assert tap in link_names(None)
         echo = eembridge("echo", "--socket", sock, "-c", "3", "--json")
         assert echo.returncode == 0, echo.stderr

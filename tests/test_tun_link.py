@@ -9,7 +9,6 @@ entries anywhere.
 from __future__ import annotations
 
 import ipaddress
-import json
 import signal
 import socket
 import struct
@@ -35,7 +34,6 @@ from netfixtures import (
     start_sim_bridge,
     tcp_transfer,
     wait_for,
-    wait_for_control_socket,
 )
 
 
@@ -229,16 +227,9 @@ def test_cli_link_tun_shows_its_counters_in_stats(tmp_path):
     bridge = start_sim_bridge(tmp_path, "eemcli", "--link", "tun")
     proc, sock = bridge.proc, bridge.sock
     try:
-        wait_for_control_socket(proc, sock)
-
-        def snapshot() -> dict:
-            stats = _eembridge("stats", "--socket", sock, "--json")
-            assert stats.returncode == 0, stats.stderr
-            return next(iter(json.loads(stats.stdout).values()))
-
-        wait_for(lambda: snapshot()["connected"], 20, "connected")
+        bridge.wait_connected()
         assert len(ping(str(bridge.subnet[1]))) == 3
-        l3 = snapshot()["l3"]
+        l3 = bridge.snapshot()["l3"]
         assert l3["arp_sent"] >= 1 and l3["to_device_frames"] >= 3 and "dropped_vlan" in l3
         table = _eembridge("stats", "--socket", sock)
         assert table.returncode == 0 and "l3:arp_sent" in table.stdout
