@@ -442,6 +442,14 @@ class SimBridgeProcess:
         assert stats.returncode == 0, stats.stderr
         return dict(next(iter(json.loads(stats.stdout).values())))
 
+    def stop(self) -> tuple[int, str]:
+        """SIGTERM, as a service manager stops it: (exit status, what it wrote on stderr)."""
+        import signal
+
+        self.proc.send_signal(signal.SIGTERM)
+        _out, err = self.proc.communicate(timeout=20)
+        return self.proc.returncode, err
+
     def wait_connected(self, timeout: float = 20.0) -> dict[str, Any]:
         """Once its socket answers and the device is connected: the snapshot that said so."""
         wait_for_control_socket(self.proc, self.sock)

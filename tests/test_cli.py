@@ -35,7 +35,7 @@ def test_demo_streams_a_verified_trace_over_a_lossy_link():
 
 def test_main_job_on_sim_with_stats_echo_and_clean_stop(tmp_path):
     bridge = start_sim_bridge(tmp_path, "eemcli", "--sim-loss", "0.01")
-    proc, tap, sock = bridge.proc, bridge.tap, bridge.sock
+    tap, sock = bridge.tap, bridge.sock
     try:
         assert bridge.wait_connected()["tap"] == tap
         assert oct(os.stat(sock).st_mode & 0o777) == "0o600"
@@ -46,12 +46,11 @@ def test_main_job_on_sim_with_stats_echo_and_clean_stop(tmp_path):
         # 1% of USB packets are lost, so an echo may be too; it is then reported as lost.
         assert result["sent"] == 3 and result["received"] >= 1
         assert result["loss"] == (3 - result["received"]) / 3
-        table = eembridge("stats", "--socket", sock)
+        table = bridge.eembridge("stats")
         assert table.returncode == 0 and "frames" in table.stdout
     finally:
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=20)
-    assert proc.returncode == 0, err
+        code, err = bridge.stop()
+    assert code == 0, err
     assert tap not in link_names(None)  # not persistent: removed on exit
     assert not os.path.exists(sock)
 

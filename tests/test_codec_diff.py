@@ -23,18 +23,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from eembridge.core import protocol as eem
 from eembridge.core.events import Echo, EchoResponse, Frame, Hint
-from eembridge.core.protocol import (
-    CMD_ECHO,
-    CMD_ECHO_RESPONSE,
-    CMD_RESPONSE_HINT,
-    CMD_TICKLE,
-    DEFAULT_MAX_LENGTH,
-    DEFRAMER_COUNTERS,
-    FRAMER_COUNTERS,
-    MAX_ECHO_DATA,
-    SENTINEL,
-)
 
 from conftest import IMPLEMENTATIONS, load_codec
 from eemstreams import command, data_packet, ethernet_frame, transport_frame
@@ -42,7 +32,7 @@ from eemstreams import command, data_packet, ethernet_frame, transport_frame
 REF = load_codec("python")
 FAST = load_codec("cython")
 
-MAX_LENGTHS = [18, 600, DEFAULT_MAX_LENGTH, 16383]
+MAX_LENGTHS = [18, 600, eem.DEFAULT_MAX_LENGTH, 16383]
 
 
 # -- stream builders --------------------------------------------------------------------
@@ -52,7 +42,7 @@ def random_header(rng: random.Random) -> bytes:
     """A header a lost USB packet or a confused device could leave in the stream."""
     kind = rng.randrange(6)
     if kind == 0:
-        value = 0x8000 | (CMD_ECHO << 11) | 0x7FF  # Echo "of immense length"
+        value = 0x8000 | (eem.CMD_ECHO << 11) | 0x7FF  # Echo "of immense length"
     elif kind == 1:
         value = 0x8000 | (rng.choice([6, 7]) << 11) | rng.randrange(0x800)  # reserved
     elif kind == 2:
@@ -77,13 +67,13 @@ def build_stream(seed: int, crc_mode: str, max_packet: int, max_transfer: int,
         if roll < 0.55:
             crc = rng.random() < 0.5 if crc_mode == "mixed" else crc_mode == "crc"
             framer = REF.Framer(crc=crc, max_packet=max_packet,
-                                max_transfer=max(max_transfer, DEFAULT_MAX_LENGTH + 4))
+                                max_transfer=max(max_transfer, eem.DEFAULT_MAX_LENGTH + 4))
             sizes = [rng.choice([rng.randrange(0, 100), rng.randrange(0, 1501)])
                      for _ in range(rng.randrange(1, 6))]
             parts += framer.pack(ethernet_frame(rng, n) for n in sizes)
         elif roll < 0.65:
             n = rng.randrange(0, 80)
-            parts.append(command(rng.choice([CMD_ECHO, CMD_ECHO_RESPONSE]), n, rng.randbytes(n)))
+            parts.append(command(rng.choice([eem.CMD_ECHO, eem.CMD_ECHO_RESPONSE]), n, rng.randbytes(n)))
         elif roll < 0.75:
             parts.append(command(rng.randrange(2, 6), rng.randrange(0x800)))  # hints
         elif roll < 0.8:
@@ -125,12 +115,12 @@ def cut(data: bytes, sizes: list[int], shorts: list[bool] | None) -> list[tuple[
 
 def assert_same_state(fast, ref) -> None:
     assert fast.counters() == ref.counters()
-    assert list(fast.counters()) == list(DEFRAMER_COUNTERS)
+    assert list(fast.counters()) == list(eem.DEFRAMER_COUNTERS)
     assert fast.carried == ref.carried
     assert fast.waiting_commands == ref.waiting_commands
 
 
-def run_both(transfers: list[tuple[bytes, bool]], max_length: int = DEFAULT_MAX_LENGTH,
+def run_both(transfers: list[tuple[bytes, bool]], max_length: int = eem.DEFAULT_MAX_LENGTH,
              wrap=bytes) -> list:
     fast, ref = FAST.Deframer(max_length), REF.Deframer(max_length)
     events = []
@@ -183,7 +173,7 @@ def test_deframers_agree_on_framed_transfers(seed, crc, max_packet, max_transfer
     frames = [ethernet_frame(rng, n) for n in frame_sizes]
     framer = REF.Framer(crc=crc, max_packet=max_packet, max_transfer=max_transfer, batch=batch)
     transfers = framer.pack(frames)
-    sendable = [f for f in frames if 14 <= len(f) <= DEFAULT_MAX_LENGTH - 4]
+    sendable = [f for f in frames if 14 <= len(f) <= eem.DEFAULT_MAX_LENGTH - 4]
     events = run_both([(t, True) for t in transfers])
     assert events == [Frame(f, crc) for f in sendable]
     stream = b"".join(transfers)
@@ -227,7 +217,7 @@ def test_feed_takes_what_the_reference_takes(wrap):
     """bytearray, memoryview slices, non-contiguous memoryviews (copied, as bytes() does)."""
     rng = random.Random(5)
     stream = b"".join(data_packet(ethernet_frame(rng, n), n % 2 == 0) for n in (0, 900, 46))
-    stream += command(CMD_ECHO, 3, b"abc")
+    stream += command(eem.CMD_ECHO, 3, b"abc")
     for size in (1, 7, 64, 5000):
         transfers = [(stream[i : i + size], False) for i in range(0, len(stream), size)]
         run_both(transfers + [(b"", True)], wrap=wrap)
@@ -260,9 +250,9 @@ def test_framer_counts_bytes_and_only_what_it_built():
         (transfer,) = framer.pack([memoryview(frame).cast("I")])
         assert transfer[2:-4] == frame and framer.counters()["bytes"] == len(frame)
         with pytest.raises(ValueError, match="exceeds"):
-            framer.echo(bytes(MAX_ECHO_DATA + 1))
+            framer.echo(bytes(eem.MAX_ECHO_DATA + 1))
         with pytest.raises(ValueError, match="exceeds"):
-            framer.echo_response(memoryview(bytes(MAX_ECHO_DATA + 1)))
+            framer.echo_response(memoryview(bytes(eem.MAX_ECHO_DATA + 1)))
         assert framer.counters()["echo"] == framer.counters()["echo_response"] == 0
         framer.echo(memoryview(b"abcd").cast("H"))
         assert framer.counters()["echo"] == 1
@@ -283,7 +273,7 @@ def test_reset_keeps_counters_and_forgets_the_stream(impl):
     codec = load_codec(impl)
     deframer = codec.Deframer()
     packet = data_packet(ethernet_frame(random.Random(2), 500), True)
-    assert deframer.feed(command(CMD_TICKLE, 1) + packet[:100], False) == []
+    assert deframer.feed(command(eem.CMD_TICKLE, 1) + packet[:100], False) == []
     assert deframer.carried == 100 and deframer.waiting_commands == 1
     deframer.reset()
     assert deframer.carried == 0 and deframer.waiting_commands == 0
@@ -354,7 +344,7 @@ def test_in_place_equals_reference_on_ring_memory(data, sizes, shorts, max_lengt
 @given(data=st.binary(max_size=5000), sizes=st.lists(st.integers(0, 3000), max_size=6),
        shorts=short_flags, seed=seeds)
 def test_in_place_equals_reference_on_noise(data, sizes, shorts, seed):
-    run_in_place(cut(data, sizes, shorts), DEFAULT_MAX_LENGTH, random.Random(seed))
+    run_in_place(cut(data, sizes, shorts), eem.DEFAULT_MAX_LENGTH, random.Random(seed))
 
 
 @settings(max_examples=60, deadline=None)
@@ -414,15 +404,15 @@ def test_in_place_commands_keep_their_place():
     """Commands confirmed in a call come back with the frame they precede."""
     rng = random.Random(4)
     f1, f2 = ethernet_frame(rng, 60), ethernet_frame(rng, 70)
-    stream = (command(CMD_ECHO, 2, b"hi") + data_packet(f1, True)
-              + command(CMD_RESPONSE_HINT, 9) + command(CMD_ECHO_RESPONSE, 1, b"!")
-              + data_packet(f2, False) + command(CMD_TICKLE, 0))
+    stream = (command(eem.CMD_ECHO, 2, b"hi") + data_packet(f1, True)
+              + command(eem.CMD_RESPONSE_HINT, 9) + command(eem.CMD_ECHO_RESPONSE, 1, b"!")
+              + data_packet(f2, False) + command(eem.CMD_TICKLE, 0))
     deframer = FAST.Deframer()
     frames, commands = deframer.feed_buffer(np.frombuffer(stream, np.uint8), 0, 0, len(stream), True)
     second = 4 + len(f1) + 6 + 2 + 3 + 2  # echo, packet, hint, echo response, header
     assert frames.tolist() == [(6, len(f1), 1), (second, len(f2), 0)]
-    assert commands == [(0, Echo(b"hi")), (1, Hint(CMD_RESPONSE_HINT, 9)),
-                        (1, EchoResponse(b"!")), (2, Hint(CMD_TICKLE, 0))]
+    assert commands == [(0, Echo(b"hi")), (1, Hint(eem.CMD_RESPONSE_HINT, 9)),
+                        (1, EchoResponse(b"!")), (2, Hint(eem.CMD_TICKLE, 0))]
 
 
 # -- framer: Cython == reference --------------------------------------------------------
@@ -431,9 +421,9 @@ def test_in_place_commands_keep_their_place():
 @settings(max_examples=150, deadline=None)
 @given(
     **framer_args,
-    max_length=st.sampled_from([18, 600, DEFAULT_MAX_LENGTH]),
+    max_length=st.sampled_from([18, 600, eem.DEFAULT_MAX_LENGTH]),
     sizes=st.lists(st.integers(0, 1600), max_size=40),
-    echo=st.binary(max_size=MAX_ECHO_DATA + 1),
+    echo=st.binary(max_size=eem.MAX_ECHO_DATA + 1),
 )
 def test_framers_agree(seed, crc, max_packet, max_transfer, batch, max_length, sizes, echo):
     rng = random.Random(seed)
@@ -444,7 +434,7 @@ def test_framers_agree(seed, crc, max_packet, max_transfer, batch, max_length, s
     assert fast.pack(frames) == ref.pack(frames)
     assert fast.pack(map(memoryview, frames[:5])) == ref.pack(map(bytearray, frames[:5]))
     for build in ("echo", "echo_response"):
-        if len(echo) > MAX_ECHO_DATA:
+        if len(echo) > eem.MAX_ECHO_DATA:
             with pytest.raises(ValueError, match="exceeds"):
                 getattr(ref, build)(echo)
             with pytest.raises(ValueError, match="exceeds"):
@@ -454,7 +444,7 @@ def test_framers_agree(seed, crc, max_packet, max_transfer, batch, max_length, s
     for frame in frames[:3]:
         assert fast.packet(frame) == ref.packet(frame)
     assert fast.counters() == ref.counters()
-    assert list(fast.counters()) == list(FRAMER_COUNTERS)
+    assert list(fast.counters()) == list(eem.FRAMER_COUNTERS)
 
 
 @settings(max_examples=150, deadline=None)
@@ -526,7 +516,7 @@ def test_framer_in_place_refusals_and_bytes():
     assert (c["frames"], c["runts"], c["transfers"], c["zlps"]) == (1, 1, 2, 1)
     sentinel = FAST.Framer(crc=False)
     slot[2:16] = bytes(14)
-    assert sentinel.frame_buffer(slot, 0, 14) == 20 and slot[16:20] == SENTINEL
+    assert sentinel.frame_buffer(slot, 0, 14) == 20 and slot[16:20] == eem.SENTINEL
 
 
 # -- false frames and the cost of garbage (codec.py: "Trust", "Cost of garbage") --------
@@ -573,7 +563,7 @@ def run_both_with(transfers, max_length: int, mac: bytes | None) -> list:
 
 
 HOSTILE_UNITS = [b"\xf2\x45", b"\x12\x40", b"\xff\x7f", b"\xf2\x05", b"\x00\x00", b"\xff\xff",
-                 b"\x12\x00" + bytes(14) + SENTINEL]
+                 b"\x12\x00" + bytes(14) + eem.SENTINEL]
 
 
 def lossy_stream(rng: random.Random, crc_mode: str, max_packet: int, batch: bool,
@@ -609,7 +599,7 @@ def lossy_stream(rng: random.Random, crc_mode: str, max_packet: int, batch: bool
 @given(seed=seeds, crc_mode=st.sampled_from(["crc", "sentinel", "mixed"]),
        max_packet=st.sampled_from([64, 512]), batch=st.booleans(),
        loss=st.sampled_from([0.0, 0.02, 0.1, 0.3]), hostile=st.booleans(),
-       max_length=st.sampled_from([600, DEFAULT_MAX_LENGTH, 16383]),
+       max_length=st.sampled_from([600, eem.DEFAULT_MAX_LENGTH, 16383]),
        mac=st.sampled_from([None, HOST]))
 def test_deframers_agree_on_lossy_and_hostile_streams(seed, crc_mode, max_packet, batch, loss,
                                                       hostile, max_length, mac):
@@ -626,7 +616,7 @@ def test_the_lossy_streams_reach_every_new_rule():
         rng = random.Random(seed)
         transfers = lossy_stream(rng, rng.choice(["crc", "sentinel", "mixed"]),
                                  rng.choice([64, 512]), seed % 2 == 0, 0.1, seed % 3 == 0)
-        ref = REF.Deframer(DEFAULT_MAX_LENGTH, mac=HOST)
+        ref = REF.Deframer(eem.DEFAULT_MAX_LENGTH, mac=HOST)
         for transfer, short in transfers:
             ref.feed(transfer, short)
         for name in totals:

@@ -9,7 +9,6 @@ entries anywhere.
 from __future__ import annotations
 
 import ipaddress
-import signal
 import socket
 import struct
 import subprocess
@@ -225,18 +224,16 @@ def _eembridge(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_cli_link_tun_shows_its_counters_in_stats(tmp_path):
     bridge = start_sim_bridge(tmp_path, "eemcli", "--link", "tun")
-    proc, sock = bridge.proc, bridge.sock
     try:
         bridge.wait_connected()
         assert len(ping(str(bridge.subnet[1]))) == 3
         l3 = bridge.snapshot()["l3"]
         assert l3["arp_sent"] >= 1 and l3["to_device_frames"] >= 3 and "dropped_vlan" in l3
-        table = _eembridge("stats", "--socket", sock)
+        table = bridge.eembridge("stats")
         assert table.returncode == 0 and "l3:arp_sent" in table.stdout
     finally:
-        proc.send_signal(signal.SIGTERM)
-        _out, err = proc.communicate(timeout=20)
-    assert proc.returncode == 0, err
+        code, err = bridge.stop()
+    assert code == 0, err
 
 
 def test_cli_refuses_offload_with_the_tun_link_in_one_line():
