@@ -1,4 +1,4 @@
-"""Build the Cython extensions in _fast/ into the eembridge package.
+"""Build the Cython extensions in eembridge/_fast/ into the eembridge package.
 
 A missing compiler, Cython or libusb header is reported in one line naming the
 package to install, instead of a page of compiler output.
@@ -32,11 +32,11 @@ if not any(shutil.which(cc) for cc in (os.environ.get("CC", "cc"), "cc", "gcc", 
 LIBUSB_INCLUDE = "/usr/include/libusb-1.0"
 
 extensions = [
-    Extension("eembridge._ring", ["_fast/ring.pyx"]),
-    Extension("eembridge._eem", ["_fast/eem.pyx"], libraries=["z"]),
-    Extension("eembridge._datapath", ["_fast/datapath.pyx"]),
+    Extension("eembridge._ring", ["eembridge/_fast/ring.pyx"]),
+    Extension("eembridge._eem", ["eembridge/_fast/eem.pyx"], libraries=["z"]),
+    Extension("eembridge._datapath", ["eembridge/_fast/datapath.pyx"]),
     # The engine (engine.pxi) driven by the simulated device; _usb drives it by libusb.
-    Extension("eembridge._simlink", ["_fast/simlink.pyx"]),
+    Extension("eembridge._simlink", ["eembridge/_fast/simlink.pyx"]),
 ]
 # Built only when their sources exist, so a partial checkout still builds.
 extensions = [ext for ext in extensions if os.path.exists(ext.sources[0])]
@@ -44,13 +44,13 @@ extensions = [ext for ext in extensions if os.path.exists(ext.sources[0])]
 _only = os.environ.get("EEMBRIDGE_BUILD_ONLY")
 if _only:
     extensions = [ext for ext in extensions if ext.name.split(".")[-1] in _only.split(",")]
-if os.path.exists(os.path.join("_fast", "usb.pyx")):
+if os.path.exists(os.path.join("eembridge", "_fast", "usb.pyx")):
     if not os.path.exists(os.path.join(LIBUSB_INCLUDE, "libusb.h")):
         _fail(f"libusb.h not found in {LIBUSB_INCLUDE}: apt-get install libusb-1.0-0-dev")
     extensions.append(
         Extension(
             "eembridge._usb",
-            ["_fast/usb.pyx"],
+            ["eembridge/_fast/usb.pyx"],
             include_dirs=[LIBUSB_INCLUDE],
             libraries=["usb-1.0"],
         )

@@ -613,7 +613,7 @@ class Bridge:
         self._in_submitted = 0
         self._in_completed = 0
         self._out = deque()
-        # The data path runs in C, in the engine (_fast/engine.pxi): the libusb
+        # The data path runs in C, in the engine (eembridge/_fast/engine.pxi): the libusb
         # transport's event thread runs it, and the simulated device is driven by it
         # through transport.engine(). It delivers IN transfers and reads the TAP into
         # OUT ones, so no Python runs per transfer or per frame (bench/interop.py).

@@ -1,4 +1,4 @@
-"""The engine (_fast/engine.pxi) on the simulated device: what real USB runs, under faults.
+"""The engine (eembridge/_fast/engine.pxi) on the simulated device: what real USB runs, under faults.
 
 The bridge drives the simulated device through the compiled engine (SimTransport.engine,
 eembridge._simlink), so every bridge test on the simulated device runs the data path of

@@ -1,5 +1,5 @@
 """The TAP offload: TCP segmentation and checksum completion (eembridge/core/offload.py is the
-specification; the C twin in _fast/offload.pxd must give the same bytes on every input).
+specification; the C twin in eembridge/_fast/offload.pxd must give the same bytes on every input).
 
 The frames are checked on their own terms too: every IP and TCP checksum verifies, the
 payloads put back together are the original, sequence numbers and flags are what the

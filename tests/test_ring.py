@@ -1,7 +1,7 @@
 """The mirrored ring buffer (eembridge._ring): Python API and C-level API.
 
 The C-level API (ring.pxd) is exercised by a small Cython module compiled here from
-RING_USER_PYX, which cimports ring.pxd the way any other _fast/*.pyx does. Its
+RING_USER_PYX, which cimports ring.pxd the way any other eembridge/_fast/*.pyx does. Its
 functions release the GIL, so two Python threads running them are a real
 producer/consumer pair on two cores.
 """
@@ -139,8 +139,8 @@ RING_USER_PYX = textwrap.dedent(
 
 
 def _build_ring_user() -> ModuleType:
-    """Compile RING_USER_PYX against _fast/ring.pxd (cached by source hash)."""
-    pxd = (ROOT / "_fast" / "ring.pxd").read_bytes()
+    """Compile RING_USER_PYX against eembridge/_fast/ring.pxd (cached by source hash)."""
+    pxd = (ROOT / "eembridge" / "_fast" / "ring.pxd").read_bytes()
     key = hashlib.sha256(RING_USER_PYX.encode() + pxd + sys.version.encode()).hexdigest()[:16]
     build_dir = ROOT / "build" / "tmp-ring" / f"ring_user-{key}"
     built = list(build_dir.glob("ring_user*.so"))
@@ -152,7 +152,7 @@ def _build_ring_user() -> ModuleType:
             "from Cython.Build import cythonize\n"
             "setup(ext_modules=cythonize([Extension('ring_user', ['ring_user.pyx'],"
             " extra_compile_args=['-O2'])],"
-            f" include_path=[{str(ROOT / '_fast')!r}], quiet=True),"
+            f" include_path=[{str(ROOT / 'eembridge' / '_fast')!r}], quiet=True),"
             " script_args=['build_ext', '--inplace', '-q'])\n"
         )
         result = subprocess.run(

@@ -1,7 +1,7 @@
 """Pure-Python EEM codec: the readable specification and the fallback.
 
 Sans-IO: bytes in, events out, bytes out. No I/O, no threads, no clocks. The Cython
-codec (_fast/eem.pyx) must agree with this module on every input, event and counter.
+codec (eembridge/_fast/eem.pyx) must agree with this module on every input, event and counter.
 
 Theory of operation (deframer)
 ------------------------------

@@ -1,5 +1,5 @@
 """TCP segmentation and checksum offload for the TAP: the reference (the specification
-of _fast/offload.pxd, which must give the same bytes for every input).
+of eembridge/_fast/offload.pxd, which must give the same bytes for every input).
 
 Why: a TAP opened with IFF_VNET_HDR and told TUNSETOFFLOAD(CSUM | TSO4 | TSO6) lets the
 kernel's TCP hand the bridge one packet of up to 64 KB instead of forty-odd frames: one

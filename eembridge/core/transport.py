@@ -123,7 +123,7 @@ class NativeDataPath(Protocol):
     Python per transfer or frame: its own thread also reads the TAP once start_tx runs
     (eembridge._usb.UsbTransport, through usb.ClaimedDevice; the simulated device
     through Transport.engine(), eembridge._simlink.SimEngine: both are the engine of
-    _fast/engine.pxi).
+    eembridge/_fast/engine.pxi).
 
     The bridge hands it its RxPath / TxPath (the C ones: they carry a `capsule`) and
     from then on only acts on what the poll methods report; counters come from the

@@ -1,5 +1,5 @@
 """Chooses the data path along with the codec (see __init__): with the Cython codec, the
-C data path of _fast/datapath.pyx (RX in place on a mirrored ring, TX framed in place,
+C data path of eembridge/_fast/datapath.pyx (RX in place on a mirrored ring, TX framed in place,
 TAP I/O in C loops); with the reference, everything is plain Python (datapath.py)."""
 
 from .. import CODEC

@@ -1,4 +1,4 @@
-"""Pure-Python data path: the readable reference and fallback of _fast/datapath.pyx.
+"""Pure-Python data path: the readable reference and fallback of eembridge/_fast/datapath.pyx.
 
 The bridge moves bytes through two objects and never touches frames itself:
 

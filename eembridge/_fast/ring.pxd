@@ -1,14 +1,14 @@
 # The C-level API of the mirrored ring buffer (eembridge._ring), header-only.
 #
 # Everything here is a ctypedef or a `cdef inline` function, so cimporting it
-# (`from ring cimport ring_t, ring_reserve, ...` from a .pyx in _fast/) compiles
+# (`from ring cimport ring_t, ring_reserve, ...` from a .pyx in eembridge/_fast/) compiles
 # the calls straight into the caller, with no runtime import and no vtable.
 # The Python-level `Ring` class lives in ring.pyx; `ring_of(ring)` gives its
 # ring_t*. Theory of operation (invariants, who calls what): top of ring.pyx.
 #
-# Why header-only: setup.py builds _fast/ring.pyx as `eembridge._ring`, and
+# Why header-only: setup.py builds eembridge/_fast/ring.pyx as `eembridge._ring`, and
 # Cython looks for that module's own .pxd as eembridge/_ring.pxd, never as
-# _fast/ring.pxd. A `cdef class` declared here would therefore not match the
+# eembridge/_fast/ring.pxd. A `cdef class` declared here would therefore not match the
 # one in ring.pyx, and a cimporting module would import it as top-level `ring`.
 # Plain C declarations have neither problem.
 

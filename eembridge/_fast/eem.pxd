@@ -1,7 +1,7 @@
 # The C-level API of the Cython EEM codec (eembridge._eem), for Cython code that drives
 # it without per-frame Python objects and with the GIL released (the bridge).
 #
-# Use (from a .pyx in _fast/, as `from eem cimport ...`):
+# Use (from a .pyx in eembridge/_fast/, as `from eem cimport ...`):
 #
 #     cdef eem_deframer* d = deframer_of(deframer)      # deframer: an eembridge._eem.Deframer
 #     deframer.set_capacity(slot_size)                  # once, with the GIL
@@ -23,9 +23,9 @@
 # one thread at a time; feed()/feed_buffer()/deframe_into() and eem_deframe() share the
 # same state (feed() keeps its own carry, so a stream uses feed() or in-place, not both).
 #
-# Why header-only (as ring.pxd): setup.py builds _fast/eem.pyx as `eembridge._eem`, and
+# Why header-only (as ring.pxd): setup.py builds eembridge/_fast/eem.pyx as `eembridge._eem`, and
 # Cython looks for that module's own .pxd as eembridge/_eem.pxd, never as
-# _fast/eem.pxd, so a `cdef class` declared here would not match the one in eem.pyx.
+# eembridge/_fast/eem.pxd, so a `cdef class` declared here would not match the one in eem.pyx.
 # Plain structs do. The rules are implemented once, in eem.pyx; the structs carry
 # pointers to those functions, so a cimporting module neither compiles a second copy
 # of them nor links zlib.
