@@ -80,7 +80,7 @@ BRIDGE_COUNTERS = (
     "tx_frames",  # frames in those transfers: really sent
     "tx_bytes",  # bytes in those transfers
     "tx_dropped",  # frames not sent, all reasons (see drop_reasons)
-    "backpressure",  # times the TAP stopped being read because OUT was full
+    "backpressure",  # times OUT filled up while the TAP had frames (until it drained)
     "echo_answered",  # Echo Responses sent for the device's Echo
     "echo_sent",  # our own Echo requests
     "echo_matched",  # Echo Responses that answered one of ours
@@ -209,6 +209,7 @@ class Bridge:
         self._tap = tap
         self._own_tap = tap is None
         self._thread: threading.Thread | None = None
+        self._backlogged = False  # in a backpressure episode (_send_from_tap)
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._requests: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -463,8 +464,6 @@ class Bridge:
                         and self._native is None and self.tx.has_room)
             if want_tap != reading_tap:
                 poller.modify(tap_fd, select.POLLIN if want_tap else 0)
-                if not want_tap and self._transport is not None:
-                    self._counters["backpressure"] += 1
                 reading_tap = want_tap
             for fd, mask in poller.poll(self._timeout_ms(now)):
                 if fd == self._wake_r:
@@ -613,6 +612,7 @@ class Bridge:
         self._in_submitted = 0
         self._in_completed = 0
         self._out = deque()
+        self._backlogged = False
         # The data path runs in C, in the engine (eembridge/_fast/engine.pxi): the libusb
         # transport's event thread runs it, and the simulated device is driven by it
         # through transport.engine(). It delivers IN transfers and reads the TAP into
@@ -801,6 +801,14 @@ class Bridge:
             self._submit_out(transfer)
             if self._transport is None:
                 return
+        # One backpressure episode: OUT filled up while the TAP still had frames, until
+        # a read finds the TAP drained (the engine counts the same way, _tx_pump).
+        if not self.tx.has_room:
+            if not self._backlogged:
+                self._backlogged = True
+                self._counters["backpressure"] += 1
+        else:
+            self._backlogged = False
 
     def _submit_out(self, transfer: Any) -> None:
         self._out.append(transfer)
