@@ -117,7 +117,8 @@ def _reset(frame: memoryview, header: int, v6: bool) -> bytes:
     if v6:
         source, destination = bytes(ip[8:24]), bytes(ip[24:40])
         pseudo = destination + source + struct.pack("!IxxxB", len(segment), TCP)
-        ip_header = struct.pack("!IHBB", 6 << 28, len(segment), TCP, 64) + destination + source
+        ip_header = bytearray(struct.pack("!IHBB", 6 << 28, len(segment), TCP, 64) + destination
+                              + source)
         ethertype = ETH_P_IPV6
     else:
         source, destination = bytes(ip[12:16]), bytes(ip[16:20])
