@@ -9,6 +9,7 @@ out are refused (a reset, counted) unless --nat.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import queue
 import socket
@@ -31,6 +32,18 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def passt_processes() -> set[int]:
+    """pids of every passt running (other tests' bridges may run theirs)."""
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().startswith("passt"):
+                found.add(int(pid))
+        except OSError:
+            pass
+    return found
 
 
 @pytest.fixture
@@ -192,3 +205,17 @@ def test_passt_refusing_to_start_is_one_line_with_its_reason(tmp_path):
     lines = [line for line in result.stderr.splitlines() if "error" in line]
     assert lines == [f"eembridge: error: passt refused to start: Failed to bind any port for "
                      f"'-t 127.0.0.1/{port}:22', exiting"], result.stderr
+
+
+def test_the_demo_on_the_user_link_needs_no_tap_and_leaves_nothing():
+    """demo --link user: the device's network side in an unprivileged user namespace
+    (sim/userns.py), the trace through passt and a forwarded localhost port."""
+    links_before = set(os.listdir("/sys/class/net"))
+    passt_before = passt_processes()
+    result = _run_cli("demo", "--link", "user", "--size", "3", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["ok"] and summary["bytes_received"] == 3_000_000
+    assert summary["sha256_received"] == summary["sha256_expected"]
+    assert set(os.listdir("/sys/class/net")) == links_before  # no TAP, no TUN on the host
+    assert passt_processes() <= passt_before, "a passt outlived the demo"
