@@ -12,9 +12,11 @@ import hashlib
 import json
 import os
 import queue
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -219,3 +221,46 @@ def test_the_demo_on_the_user_link_needs_no_tap_and_leaves_nothing():
     assert summary["sha256_received"] == summary["sha256_expected"]
     assert set(os.listdir("/sys/class/net")) == links_before  # no TAP, no TUN on the host
     assert passt_processes() <= passt_before, "a passt outlived the demo"
+
+
+# --- as nobody, with no capability --------------------------------------------------------
+
+def test_the_demo_runs_as_nobody_on_the_user_link(tmp_path):
+    """demo chooses --link user when not root: the device in an unprivileged user
+    namespace, the host's side in passt; nothing needs a capability."""
+    from test_badinput_cli import as_nobody
+
+    result = as_nobody(tmp_path, "demo", "--size", "3", "--json", timeout=120)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["ok"] and summary["sha256_received"] == summary["sha256_expected"]
+
+
+def test_a_sim_bridge_on_the_user_link_runs_as_nobody(tmp_path):
+    """eembridge --sim --link user as nobody: up, connected, holding no capability, and a
+    clean stop on SIGTERM."""
+    from test_badinput_cli import nobody_argv
+
+    # nobody's control socket: pytest's tmp_path is below a directory only root enters.
+    run_dir = Path(tempfile.mkdtemp(prefix="eembridge-nobody-"))
+    run_dir.chmod(0o777)
+    sock = run_dir / "bridge.sock"
+    proc = subprocess.Popen(
+        nobody_argv(tmp_path, "--sim", "--link", "user", "--ip", "169.254.98.2/24", "--peer",
+                    "169.254.98.1", "--sim-ip", "169.254.98.1/24", "--forward",
+                    f"tcp:{free_port()}:22", "--stats-socket", str(sock)),
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: sock.exists() or proc.poll() is not None, 30, "the control socket")
+        assert proc.poll() is None, proc.communicate()[1]
+        stats = subprocess.run([sys.executable, "-m", "eembridge", "stats", "--socket",
+                                str(sock), "--json"], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout
+        snapshot = next(iter(json.loads(stats).values()))
+        assert snapshot["connected"] and "user" in snapshot
+        assert snapshot["capabilities"]["effective"] == [], snapshot["capabilities"]
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=30)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    assert proc.returncode == 0, stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -83,14 +84,18 @@ def open_sim(args: argparse.Namespace, options: BridgeOptions):  # -> SimLink
     """The simulated device the main job bridges with --sim."""
     from ..sim.faults import Faults
     from ..sim.link import SimLink
+    from ..sim.userns import UserNsSimLink
 
     try:
         faults = Faults(loss=args.sim_loss, flip=args.sim_flip,
                         garbage=getattr(args, "sim_garbage", 0.0), seed=args.sim_seed)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    with needs_privileges("the simulated device (--sim)"):
-        return SimLink(
+    # The user link needs no root on the host's side: nor does the device's, then, in an
+    # unprivileged user namespace (sim/userns.py).
+    unprivileged = getattr(args, "link", "tap") == "user" and os.geteuid() != 0
+    with needs_privileges("the simulated device (--sim; with --link user it runs without root)"):
+        return (UserNsSimLink if unprivileged else SimLink)(
             address=args.sim_ip,
             max_packet=args.sim_max_packet,
             tx_crc=args.sim_tx == "crc",
