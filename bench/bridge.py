@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import socket
@@ -56,22 +57,20 @@ def cpu_seconds() -> float:
 
 
 # --user: the board's ports the transfers use, each reached through a forward.
-USER_PORTS = {"tcp": 5301, "iperf": 5302, "udp": 5303}
+USER_PORTS = {"tcp": 5301, "udp": 5303}
 
 
-def iperf_download(server_ns: str, server_ip: str, nbytes: int,
-                   via: tuple[str, int] | None = None) -> float:
+def iperf_download(server_ns: str, server_ip: str, nbytes: int) -> float:
     """Seconds to stream nbytes from iperf3 in server_ns to iperf3 here (-R): the TCP
     ends are processes of their own, as on two real machines, not threads sharing the
-    bridge's GIL. via: where the client connects (a forwarded port), if not the server."""
-    port = str(USER_PORTS["iperf"] if via else 5201 + os.getpid() % 1000)
-    target, target_port = (via[0], str(via[1])) if via else (server_ip, port)
+    bridge's GIL."""
+    port = str(5201 + os.getpid() % 1000)
     server = subprocess.Popen(["ip", "netns", "exec", server_ns, "iperf3", "-s", "-1", "-B", server_ip,
                                "-p", port], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         for _ in range(50):
-            client = subprocess.run(["iperf3", "-c", target, "-p", target_port, "-R", "-n",
-                                     str(nbytes), "-J"], capture_output=True, text=True)
+            client = subprocess.run(["iperf3", "-c", server_ip, "-p", port, "-R", "-n", str(nbytes),
+                                     "-J"], capture_output=True, text=True)
             try:
                 report = json.loads(client.stdout)
             except ValueError:
@@ -79,7 +78,7 @@ def iperf_download(server_ns: str, server_ip: str, nbytes: int,
             result = report.get("end", {}).get("sum_received")
             if result and not report.get("error"):
                 break
-            if "connect" not in str(report.get("error")) and not via:
+            if "connect" not in str(report.get("error")):
                 raise RuntimeError(f"iperf3: {report.get('error') or 'no result'}")
             time.sleep(0.1)  # the server is not listening yet
         else:
@@ -188,13 +187,15 @@ def measure(namespace: str, server_ip: str, nbytes: int,
     seconds = tcp_download(namespace, server_ip, nbytes, via("tcp"))
     cpu = cpu_seconds() - cpu
     iperf_cpu = cpu_seconds()
-    iperf_seconds = iperf_download(namespace, server_ip, nbytes, via("iperf"))
+    # --user: iperf3 -R through passt 0.0~git20230309's forward stalled (minutes, no end),
+    # so that column is left out for the user link (nan).
+    iperf_seconds = (math.nan if forwards else iperf_download(namespace, server_ip, nbytes))
     iperf_cpu = cpu_seconds() - iperf_cpu
     return {
         "mb_per_s": nbytes / seconds / 1e6,
         "cpu_s_per_gb": cpu / (nbytes / 1e9),
         "iperf_mb_per_s": nbytes / iperf_seconds / 1e6,
-        "iperf_cpu_s_per_gb": iperf_cpu / (nbytes / 1e9),
+        "iperf_cpu_s_per_gb": iperf_cpu / (nbytes / 1e9) if forwards is None else math.nan,
         "small_frames_per_s": udp_small_frames(namespace, server_ip, 2.0, via("udp")),
     }
 

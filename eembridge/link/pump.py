@@ -18,9 +18,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import socket
 import threading
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,24 @@ class FramePump:
 
     def _pump(self) -> None:
         raise NotImplementedError
+
+    def _poll(self, poller: select.poll, timeout: int | None = None) -> list[tuple[int, int]] | None:
+        """The events of one wakeup (the stop pipe registered by the caller); None when
+        asked to stop."""
+        events = poller.poll(timeout)
+        self.pump_counters["pump_wakeups"] += 1
+        if any(fd == self._stop_r for fd, _ in events):
+            return None
+        return events
+
+    def _bridge_side(self, mask: int, receive: Callable[[], None]) -> bool:
+        """The bridge's end is ready: room for the backlog, frames to receive. False once
+        the bridge has closed it."""
+        if mask & select.POLLOUT:
+            self._send(())
+        if mask & select.POLLIN:
+            receive()
+        return not mask & (select.POLLHUP | select.POLLERR)
 
     def _pump_guarded(self) -> None:
         try:

@@ -170,17 +170,13 @@ class TunLink(FramePump):
                 poller.modify(sock_fd, select.POLLIN | (select.POLLOUT if blocked else 0))
             deadline = min(d for d in (next_refresh, translator.next_deadline()) if d is not None)
             timeout = max(0, int((deadline - now) * 1000) + 1)
-            events = poller.poll(timeout)
-            self.pump_counters["pump_wakeups"] += 1
+            events = self._poll(poller, timeout)
+            if events is None:
+                return
             for fd, mask in events:
-                if fd == self._stop_r:
-                    return
                 if fd == sock_fd:
-                    if mask & select.POLLOUT:
-                        self._send(())
-                    if mask & select.POLLIN:
-                        self._from_bridge(sock, frame_view, tun_fd)
-                    if mask & (select.POLLHUP | select.POLLERR):
+                    if not self._bridge_side(mask, lambda: self._from_bridge(sock, frame_view,
+                                                                             tun_fd)):
                         return  # the bridge closed its end
                 elif fd == tun_fd:
                     if mask & (select.POLLERR | select.POLLHUP | select.POLLNVAL):

@@ -234,17 +234,12 @@ class UserLink(FramePump):
                 if masks[fd] != mask:
                     (poller.modify if masks[fd] >= 0 else poller.register)(fd, mask)
                     masks[fd] = mask
-            events = poller.poll()
-            self.pump_counters["pump_wakeups"] += 1
+            events = self._poll(poller)
+            if events is None:
+                return
             for fd, mask in events:
-                if fd == self._stop_r:
-                    return
                 if fd == sock_fd:
-                    if mask & select.POLLOUT:
-                        self._send(())
-                    if mask & select.POLLIN:
-                        self._from_bridge(sock, frame_view)
-                    if mask & (select.POLLHUP | select.POLLERR):
+                    if not self._bridge_side(mask, lambda: self._from_bridge(sock, frame_view)):
                         return  # the bridge closed its end
                 else:
                     if mask & (select.POLLIN | select.POLLHUP | select.POLLERR):

@@ -34,8 +34,8 @@ from typing import Any
 from ..core.errors import UserError
 from .device import SimDevice
 from .faults import Faults
+from .link import SimLink
 from .polled import PolledNetworkSide
-from .transport import SimTransport
 
 START_TIMEOUT = 20.0  # seconds for the child to hand over its TAP (imports pyroute2)
 SETTINGS = ("the kernel forbids unprivileged user namespaces: set sysctl "
@@ -195,21 +195,23 @@ if __name__ == "__main__":
     _child(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]))
 
 
-class UserNsSimLink:
+class UserNsSimLink(SimLink):
     """sim.link.SimLink without root: the device's network side in an unprivileged user
     and network namespace; its TCP ends run there through `call`."""
-
-    namespace = None  # no named namespace: see call()
 
     def __init__(self, address: str = "169.254.7.1/24", *, max_packet: int = 512,
                  tx_crc: bool = False, batch: bool = False, loss: float = 0.0,
                  flip: float = 0.0, mtu: int = 1500, seed: int | None = None,
                  faults: Faults | None = None, **device_options: Any) -> None:
-        self.address = address
-        self.ip = address.split("/")[0]
+        # No SimLink.__init__: no named namespace (None: call() runs code in there), and
+        # the TAP made in the child, read through its descriptor (SimLink's types say
+        # otherwise, hence the two ignores).
+        self.address, self.ip = address, address.split("/")[0]
+        self.namespace = None  # type: ignore[assignment]
         self.userns = UserNsNetwork(address, mtu)
         try:
-            self.network = PolledNetworkSide(self.userns.tap, self.userns.name)
+            self.network = PolledNetworkSide(  # type: ignore[assignment]
+                self.userns.tap, self.userns.name)
             self.mac = self.userns.mac
             self.device = SimDevice(self.network, max_packet=max_packet, batch=batch,
                                     crc=tx_crc, faults=faults or Faults(loss=loss, flip=flip,
@@ -222,19 +224,7 @@ class UserNsSimLink:
     def call(self, target: str, *args: Any) -> Future[Any]:
         return self.userns.call(target, *args)
 
-    def connect(self) -> SimTransport:
-        return self.device.connect()
-
-    def fault_counters(self) -> dict[str, int]:
-        return self.device.fault_counters()
-
     def close(self) -> None:
         self.device.close()
         self.network.close()  # closes our TAP descriptor
         self.userns.close()
-
-    def __enter__(self) -> UserNsSimLink:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
