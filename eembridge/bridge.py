@@ -108,6 +108,8 @@ class BridgeOptions:
 
     tap: str = "usb0"
     link: str = "tap"  # "tun": a layer-3 TUN, Ethernet translated in userspace (link/tun.py)
+    forwards: list[str] = field(default_factory=list)  # --link user: "tcp:8022:22", ...
+    nat: bool = False  # --link user: the board's own connections may leave through passt
     addresses: list[str] = field(default_factory=list)  # e.g. ["169.254.7.2/24"]
     peer: str | None = None  # peer IP for a static neighbour entry
     peer_mac: str | None = None
@@ -267,6 +269,8 @@ class Bridge:
                                 "this install runs the pure-Python one")
             if self.options.link == "tun":
                 self._tap = _open_tun(self.options)
+            elif self.options.link == "user":
+                self._tap = _open_user(self.options)
             else:
                 self._tap = Tap(self.options.tap, mtu=self.options.mtu, mac=self.options.mac,
                                 txqueuelen=self.options.txqueuelen, persist=self.options.persist,
@@ -418,6 +422,8 @@ class Bridge:
             snapshot["servers"] = {name: get() for name, get in self.servers.items()}
         if self._tap is not None and hasattr(self._tap, "l3_stats"):  # --link tun
             snapshot["l3"] = self._tap.l3_stats()
+        if self._tap is not None and hasattr(self._tap, "user_stats"):  # --link user
+            snapshot["user"] = self._tap.user_stats()
         if self._tap is not None and hasattr(self._tap, "kernel_stats"):
             try:
                 snapshot["link"] = self._tap.kernel_stats().as_dict()
@@ -885,6 +891,18 @@ def _open_tun(options: BridgeOptions) -> Any:
     return TunLink(options.tap, mtu=options.mtu, mac=options.mac,
                    txqueuelen=options.txqueuelen, persist=options.persist,
                    peer_mac=options.peer_mac)
+
+
+def _open_user(options: BridgeOptions) -> Any:
+    """--link user: passt behind a pump (link/user.py); no interface, no privilege."""
+    from .link.user import open_user_link
+
+    if options.offload:
+        raise UserError("--offload is for the TAP link: the user link has no kernel interface "
+                        "(drop --offload or --link user)")
+    return open_user_link(options.tap, addresses=options.addresses, peer=options.peer,
+                          forwards=options.forwards, nat=options.nat, mtu=options.mtu,
+                          mac=options.mac, peer_mac=options.peer_mac)
 
 
 def _mac_bytes(mac: object) -> bytes | None:

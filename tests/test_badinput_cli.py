@@ -179,7 +179,14 @@ def test_an_unknown_flag_is_one_line_pointing_at_help():
 # --- no privileges ------------------------------------------------------------------------
 
 def as_nobody(tmp_path: Path, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """`python -m eembridge ARGV` as user nobody with no capabilities at all.
+    """`python -m eembridge ARGV` as user nobody with no capabilities at all (nobody_argv)."""
+    return subprocess.run(nobody_argv(tmp_path, *argv), capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout)
+
+
+def nobody_argv(tmp_path: Path, *argv: str) -> list[str]:
+    """The command line running `python -m eembridge ARGV` as user nobody with no
+    capabilities at all.
 
     This Python may live below a directory only root may enter (/root/.pyenv): in a
     private mount namespace that directory is covered by a world-readable tmpfs holding
@@ -201,12 +208,12 @@ def as_nobody(tmp_path: Path, *argv: str, timeout: float = 60) -> subprocess.Com
                   f"{hidden} && mkdir {child} && mount --bind {stash} {child} && ")
     script += ("exec setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all "
                "--bounding-set=-all --no-new-privs \"$@\"")
-    return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
-                           "sh", "env", f"PYTHONPATH={ROOT}", sys.executable, "-m", "eembridge",
-                           *argv], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", "env",
+            f"PYTHONPATH={ROOT}", sys.executable, "-m", "eembridge", *argv]
 
 
-@pytest.mark.parametrize("argv", [["demo", "--size", "0.01"], ["--sim", "--tap", "eemtnobody0"]])
+@pytest.mark.parametrize("argv", [["demo", "--link", "tap", "--size", "0.01"],
+                                  ["--sim", "--tap", "eemtnobody0"]])
 def test_without_privileges_sim_and_demo_say_what_they_need(tmp_path, argv):
     result = as_nobody(tmp_path, *argv)
     assert result.returncode == 2, result.stderr

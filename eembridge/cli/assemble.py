@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +34,9 @@ def bridge_options(args: argparse.Namespace) -> BridgeOptions:
     from ..bridge import BridgeOptions
     from ..observe.control import socket_path
 
-    if bool(args.peer) != bool(args.peer_mac):
+    link = getattr(args, "link", "tap")
+    # The user link needs no neighbour entry: passt learns the board's MAC from its frames.
+    if bool(args.peer) != bool(args.peer_mac) and not (link == "user" and args.peer):
         given, missing = (("peer", "--peer-mac (the device's MAC)") if args.peer
                           else ("peer_mac", "--peer (the device's IP)"))
         if getattr(args, "origins", {}).get(given):
@@ -41,16 +44,22 @@ def bridge_options(args: argparse.Namespace) -> BridgeOptions:
                             f"and peer-mac; missing {missing.split()[0].lstrip('-')}")
         raise UserError(f"--peer and --peer-mac go together: a static neighbour entry needs "
                         f"both; missing {missing}")
-    if getattr(args, "link", "tap") == "tun" and getattr(args, "offload", None):
+    if link != "tap" and getattr(args, "offload", None):
         where = getattr(args, "origins", {}).get("offload") or "--offload"
-        raise UserError(f"{where}: TAP offload is for --link tap; the TUN link's frames are "
-                        "made by its own translation (--no-offload, or --link tap)")
+        raise UserError(f"{where}: TAP offload is for --link tap; the {link.upper()} link's "
+                        "frames are not the kernel's (--no-offload, or --link tap)")
+    for flag, dest in (("--forward", "forward"), ("--nat", "nat")):
+        if getattr(args, dest, None) and link != "user":
+            where = getattr(args, "origins", {}).get(dest) or flag
+            raise UserError(f"{where} is for --link user (passt's ports and NAT); this bridge "
+                            f"has --link {link}")
     max_transfer, batch = max_transfer_and_batch(args.max_transfer)
     # Every option whose name is a BridgeOptions field goes across as it is (the option
     # table's dest names are the field names); these are the ones that change on the way.
     fields: dict[str, Any] = {f.name: getattr(args, f.name)
                               for f in dataclasses.fields(BridgeOptions) if hasattr(args, f.name)}
-    fields.update(addresses=list(args.ip), max_transfer=max_transfer, batch=batch,
+    fields.update(addresses=list(args.ip), forwards=list(getattr(args, "forward", [])),
+                  max_transfer=max_transfer, batch=batch,
                   offload=_offload(args), stats_socket=args.stats_socket or socket_path(args.tap))
     options = BridgeOptions(**fields)
     if options.max_transfer is not None and options.max_transfer < options.max_length + 4:
@@ -75,14 +84,18 @@ def open_sim(args: argparse.Namespace, options: BridgeOptions):  # -> SimLink
     """The simulated device the main job bridges with --sim."""
     from ..sim.faults import Faults
     from ..sim.link import SimLink
+    from ..sim.userns import UserNsSimLink
 
     try:
         faults = Faults(loss=args.sim_loss, flip=args.sim_flip,
                         garbage=getattr(args, "sim_garbage", 0.0), seed=args.sim_seed)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    with needs_privileges("the simulated device (--sim)"):
-        return SimLink(
+    # The user link needs no root on the host's side: nor does the device's, then, in an
+    # unprivileged user namespace (sim/userns.py).
+    unprivileged = getattr(args, "link", "tap") == "user" and os.geteuid() != 0
+    with needs_privileges("the simulated device (--sim; with --link user it runs without root)"):
+        return (UserNsSimLink if unprivileged else SimLink)(
             address=args.sim_ip,
             max_packet=args.sim_max_packet,
             tx_crc=args.sim_tx == "crc",

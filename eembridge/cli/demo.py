@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import socket
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 from ..bridge import Bridge, BridgeOptions
@@ -30,8 +32,10 @@ PORT = 5025  # SCPI raw socket port, as instruments use
 OPTIONS = (
     Option("--size", Number(0.001, 1000.0, unit="MB"), "trace size in MB (default 24)", 24.0,
            metavar="MB"),
-    Option("--loss", Number(0.0, 1.0), "probability a USB packet is lost (default 0.01)", 0.01,
-           metavar="P"),
+    Option("--loss", Number(0.0, 1.0),
+           "probability a USB packet is lost (default 0.01 on the tap link, 0 on the user link: "
+           "passt 0.0~git20230309 recovers lost segments towards the board so slowly that a "
+           "lossy transfer stalls)", None, metavar="P"),
     Option("--flip", Number(0.0, 1.0), "probability of a flipped bit per packet", 0.0,
            metavar="P"),
     Option("--max-packet", Choice(("64", "512", "1024"), (64, 512, 1024)),
@@ -46,6 +50,11 @@ OPTIONS = (
            "give up after this many seconds (default 600)", 600.0),
     Option("--json", Switch(), "print one JSON summary, no progress bar", False,
            action="store_true"),
+    Option("--link", Choice(("auto", "tap", "user")),
+           "tap: a TAP on the host and the device in a network namespace (needs root); user: "
+           "no root at all, the device in an unprivileged user namespace and the trace "
+           "through passt and a forwarded localhost port (--link user); auto (default): tap "
+           "as root, user otherwise", "auto"),
 )
 
 
@@ -53,9 +62,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_options(parser, OPTIONS)
 
 
+QUERY = b":TRACE:DATA?\n"  # SCPI: the client asks, the instrument answers
+
+
 def _serve_trace(listener: socket.socket, trace: bytes) -> None:
     conn, _ = listener.accept()
     with conn:
+        conn.settimeout(30)
+        request = b""
+        while not request.endswith(b"\n"):
+            chunk = conn.recv(64)
+            if not chunk:
+                return
+            request += chunk
         conn.sendall(trace)
         conn.shutdown(socket.SHUT_WR)
 
@@ -79,6 +98,7 @@ def _receive(sock: socket.socket, total: int, progress: Any, task: Any, deadline
 
 def run(args: argparse.Namespace) -> int:
     from ..sim.link import SimLink
+    from ..sim.userns import UserNsSimLink
 
     size = int(args.size * 1_000_000)
     if size <= 0:
@@ -87,32 +107,44 @@ def run(args: argparse.Namespace) -> int:
     expected = hashlib.sha256(trace).hexdigest()
     subnet = free_linklocal_subnet()
     device_ip, host_ip = f"{subnet[1]}/{subnet.prefixlen}", f"{subnet[2]}/{subnet.prefixlen}"
-    with needs_privileges("eembridge demo"):
-        sim = SimLink(
-            address=device_ip,
-            max_packet=args.max_packet,
-            tx_crc=args.device_tx == "crc",
-            batch=args.batch,
-            loss=args.loss,
-            flip=args.flip,
-            mtu=args.mtu,
-            seed=args.seed,
-        )
+    link = args.link if args.link != "auto" else ("tap" if os.geteuid() == 0 else "user")
+    device = dict(address=device_ip, max_packet=args.max_packet, tx_crc=args.device_tx == "crc",
+                  batch=args.batch, flip=args.flip, mtu=args.mtu, seed=args.seed,
+                  loss=args.loss if args.loss is not None else (0.0 if link == "user" else 0.01))
+    if link == "user":
+        sim: Any = UserNsSimLink(**device)
+    else:
+        with needs_privileges("eembridge demo (--link user runs without root)"):
+            sim = SimLink(**device)
     with sim:
         options = BridgeOptions(tap=unique_name("eemdemo"), addresses=[host_ip], peer=str(subnet[1]),
                                 peer_mac=sim.mac, mtu=args.mtu, stats_socket=None)
+        if link == "user":
+            host_port = _free_port()
+            options = replace(options, link="user", forwards=[f"tcp:{host_port}:{PORT}"])
         with Bridge(sim.connect, options) as bridge:
             if not bridge.connected.wait(10):
                 raise UserError("the simulated device did not connect within 10 s")
-            listener = run_in_netns(sim.namespace, _listen, str(subnet[1]))
-            server = NetnsThread(sim.namespace, _serve_trace, listener, trace)
-            server.start()
+            if link == "user":
+                # The board's server runs in its namespace's child (sim/userns.py), which
+                # makes the same trace from the same seed.
+                sim.call(f"{__name__}:listen_in_child", str(subnet[1])).result(30)
+                server: Any = sim.call(f"{__name__}:serve_in_child", size, args.seed)
+                connect, source = ("127.0.0.1", host_port), None
+            else:
+                listener = run_in_netns(sim.namespace, _listen, str(subnet[1]))
+                server = NetnsThread(sim.namespace, _serve_trace, listener, trace)
+                server.start()
+                connect, source = (str(subnet[1]), PORT), (str(subnet[2]), 0)
             started = time.monotonic()
             deadline = started + args.timeout
             try:
-                client = socket.create_connection((str(subnet[1]), PORT), timeout=30,
-                                                  source_address=(str(subnet[2]), 0))
+                client = socket.create_connection(connect, timeout=30, source_address=source)
                 with client:
+                    # Asked for, as an instrument's trace is; it also lets passt (--link
+                    # user) finish the handshake with the board: the 2023 passt acks the
+                    # board's SYN-ACK only with the host side's first data.
+                    client.sendall(QUERY)
                     if args.json:
                         received, digest = _receive(client, size, None, None, deadline)
                     else:
@@ -131,8 +163,11 @@ def run(args: argparse.Namespace) -> int:
                 cause = f" (bridge: {bridge.error})" if bridge.error else ""
                 raise UserError(f"the trace transfer failed: {exc}{cause}") from None
             elapsed = time.monotonic() - started
-            server.join_and_raise(10)
-            listener.close()
+            if link == "user":
+                server.result(10)
+            else:
+                server.join_and_raise(10)
+                listener.close()
             rtts = []
             for _ in range(5):
                 try:
@@ -168,6 +203,28 @@ def run(args: argparse.Namespace) -> int:
 def _listen(ip: str) -> socket.socket:
     # Created in a thread inside the device's namespace: the socket stays there.
     return socket.create_server((ip, PORT))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+_CHILD_LISTENERS: list[socket.socket] = []
+
+
+def listen_in_child(ip: str) -> bool:
+    """In sim/userns.py's child: listen before the host connects (passt would otherwise
+    find the port closed and end the forwarded connection at once)."""
+    _CHILD_LISTENERS.append(_listen(ip))
+    return True
+
+
+def serve_in_child(size: int, seed: int) -> bool:
+    with _CHILD_LISTENERS.pop() as listener:
+        _serve_trace(listener, otdr_trace(size, seed=seed))
+    return True
 
 
 def _print_summary(s: dict[str, Any]) -> None:

@@ -102,6 +102,8 @@ def render(tap: str, s: dict[str, Any]) -> Any:
     ]
     link = [(k, v) for k, v in (s.get("link") or {}).items()]
     link += [(f"l3:{k}", v) for k, v in (s.get("l3") or {}).items() if v or k.startswith("dropped")]
+    link += [(f"user:{k}", v) for k, v in (s.get("user") or {}).items()
+             if v or k.startswith("refused")]
     for i in range(max(len(rx), len(tx), len(link))):
         row: list[str] = []
         for cells in (rx, tx, link):

@@ -357,6 +357,39 @@ class Mac(Text):
         return value.lower()
 
 
+@dataclass(frozen=True)
+class Forward:
+    """--forward PROTO:HOSTPORT:BOARDPORT (link/user.py: a localhost port to the board's)."""
+
+    protocol: str  # "tcp" or "udp"
+    host_port: int
+    board_port: int
+
+    def __str__(self) -> str:
+        return f"{self.protocol}:{self.host_port}:{self.board_port}"
+
+
+def parse_forward(text: str) -> Forward:
+    """A Forward, or Invalid naming what is wrong."""
+    parts = text.split(":")
+    if len(parts) != 3:
+        raise Invalid("not PROTO:HOSTPORT:BOARDPORT, e.g. tcp:8022:22")
+    protocol, *ports = parts
+    if protocol not in ("tcp", "udp"):
+        raise Invalid(f"protocol {shown(protocol)} is not tcp or udp")
+    numbers = []
+    for what, port in zip(("host", "board"), ports, strict=True):
+        if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+            raise Invalid(f"{what} port {shown(port)} is not a number from 1 to 65535")
+        numbers.append(int(port))
+    return Forward(protocol, numbers[0], numbers[1])
+
+
+class PortForward(Text):
+    def check(self, value: str) -> str:
+        return str(parse_forward(value))
+
+
 class Port(Text):
     def check(self, value: str) -> str:
         if not PORT_RE.match(value):
@@ -477,11 +510,21 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     # link
     Option("--tap", IfName("NAME"), "TAP interface name (default usb0)", "usb0", "tap", LINK),
-    Option("--link", Choice(("tap", "tun")),
+    Option("--link", Choice(("tap", "tun", "user")),
            "tap: the host's side is a TAP, the kernel does ARP/NDP (default); tun: a layer-3 "
            "TUN, eembridge adds and strips Ethernet and answers ARP/NDP itself (no --offload; "
-           "what it cannot carry is counted in `eembridge stats`, section l3)",
+           "what it cannot carry is counted in `eembridge stats`, section l3); user: no "
+           "interface and no root, the board's traffic ends in passt (a user-mode network "
+           "stack) and reaches the host only through --forward ports (needs --ip and --peer)",
            "tap", "link", LINK),
+    Option("--forward", PortForward("PROTO:HOSTPORT:BOARDPORT"),
+           "with --link user: localhost's HOSTPORT reaches the board's BOARDPORT, e.g. "
+           "tcp:8022:22 for `ssh -p 8022 localhost` (repeatable; tcp or udp)",
+           [], "forward", LINK, action="append"),
+    Option("--nat", Switch(),
+           "with --link user: let the board's own connections out to the host and its networks "
+           "through passt's NAT (default: refused and counted, section user)", False, "nat",
+           LINK, action="store_true"),
     Option("--ip", InterfaceAddress(), "address for the TAP, e.g. 169.254.7.2/24 (repeatable)",
            [], "addresses", LINK, action="append", metavar="ADDR/PREFIX"),
     Option("--peer", Address("ADDR"), "the device's IP, for a static neighbour entry",

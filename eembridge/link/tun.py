@@ -2,11 +2,9 @@
 
 Theory of operation
 -------------------
-The bridge and both data paths (Python and C) read and write whole Ethernet frames on
-one descriptor, the TAP's. `TunLink` hands them one end of a
-socketpair(AF_UNIX, SOCK_SEQPACKET) instead: one frame per datagram, read(2) and
-write(2) as on a TAP, EAGAIN when empty or full. A pump thread runs
-eembridge.core.l3.Translator between the other end and the TUN:
+`TunLink` is a link.pump.FramePump: the bridge gets one end of a SEQPACKET socketpair
+as its frame descriptor, and a pump thread runs eembridge.core.l3.Translator between
+the other end and the TUN:
 
   bridge --frame--> socketpair --> pump: from_device --IP packet--> TUN --> kernel
   kernel --> TUN --IP packet--> pump: from_host --frame--> socketpair --> bridge
@@ -33,23 +31,19 @@ import logging
 import os
 import select
 import socket
-import threading
 import time
-from collections import deque
 from pathlib import Path
-from typing import Any
 
 import pytun
 
 from ..core.l3 import Translator, link_local, stable_mac
+from .pump import BURST, FramePump
 from .tap import IPInterface, LinkStats, Tap, TapError
 
 log = logging.getLogger(__name__)
 
 ADDRESS_REFRESH = 1.0  # seconds between reads of the interface's addresses
-BURST = 64  # datagrams or packets moved per side before looking at the other
-MAX_BACKLOG = 256
-CARRIER_WAIT = 0.5  # seconds set_carrier(True) waits for the kernel to mark the link up  # frames kept for the bridge while its socket is full
+CARRIER_WAIT = 0.5  # seconds set_carrier(True) waits for the kernel to mark the link up
 
 
 class Tun(Tap):
@@ -68,46 +62,35 @@ class Tun(Tap):
             log.debug("no IPv6 on %s: no link-local address to replace", self.name)
 
 
-class TunLink:
+class TunLink(FramePump):
     """What the bridge takes for its TAP when --link tun: a frame descriptor (fileno),
     the interface's configuration (addresses, up, carrier, neighbours, counters) and the
     translator's counters (`l3_stats`)."""
 
     offload = False  # the bridge's data paths see plain frames
+    KIND = "TUN"
+    FATAL = (TapError,)
 
     def __init__(self, name: str, *, mtu: int = 1500, mac: str | None = None,
                  txqueuelen: int | None = None, persist: bool = False,
                  peer_mac: str | None = None) -> None:
-        self.name = name
         host_mac = bytes.fromhex(mac.replace(":", "")) if mac else stable_mac(name)
         self.translator = Translator(
             host_mac, peer_mac=bytes.fromhex(peer_mac.replace(":", "")) if peer_mac else None)
         self.tun = Tun(name, mtu=mtu, txqueuelen=txqueuelen, persist=persist)
+        super().__init__(name)
         self._mtu = mtu
         self._link_local = f"{link_local(host_mac)}/64"
         self._addresses: list[IPInterface] = []
-        self._bridge_end, self._pump_end = socket.socketpair(socket.AF_UNIX,
-                                                             socket.SOCK_SEQPACKET)
-        for end in (self._bridge_end, self._pump_end):
-            end.setblocking(False)
-        self.pump_counters = {"tun_write_errors": 0, "tun_read_errors": 0,
-                              "backlog_dropped": 0, "pump_wakeups": 0}
-        self._backlog: deque[bytes] = deque()
-        self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._thread = threading.Thread(target=self._pump_guarded, name=f"eembridge-tun-{name}",
-                                         daemon=True)
-        self.error: BaseException | None = None
+        self.pump_counters.update(tun_write_errors=0, tun_read_errors=0)
         try:
             self.tun.disable_address_generation()
         except BaseException:
             self.close()
             raise
-        self._thread.start()
+        self.start()
 
     # --- what the bridge uses ---------------------------------------------------------
-
-    def fileno(self) -> int:
-        return self._bridge_end.fileno()
 
     @property
     def mac(self) -> str:
@@ -150,36 +133,13 @@ class TunLink:
         return self.tun.addresses()
 
     def close(self) -> None:
-        if self._thread.is_alive():
-            os.write(self._stop_w, b"x")
-            self._thread.join(5)
-        for fd in (self._stop_r, self._stop_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._bridge_end.close()
-        self._pump_end.close()
+        self.stop_pump()
         self.tun.close()
 
     def __repr__(self) -> str:
         return f"<TunLink {self.name} mac={self.mac}>"
 
     # --- the pump -------------------------------------------------------------------
-
-    def _pump_guarded(self) -> None:
-        try:
-            self._pump()
-        except BaseException as exc:
-            self.error = exc
-            log.error("TUN pump for %s stopped: %s", self.name, exc,
-                      exc_info=not isinstance(exc, TapError))
-            # The bridge polls its end: a hang-up there stops it with one line, as a
-            # deleted TAP does, instead of a bridge that moves frames to nowhere.
-            try:
-                self._pump_end.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def _pump(self) -> None:
         translator = self.translator
@@ -210,17 +170,13 @@ class TunLink:
                 poller.modify(sock_fd, select.POLLIN | (select.POLLOUT if blocked else 0))
             deadline = min(d for d in (next_refresh, translator.next_deadline()) if d is not None)
             timeout = max(0, int((deadline - now) * 1000) + 1)
-            events = poller.poll(timeout)
-            self.pump_counters["pump_wakeups"] += 1
+            events = self._poll(poller, timeout)
+            if events is None:
+                return
             for fd, mask in events:
-                if fd == self._stop_r:
-                    return
                 if fd == sock_fd:
-                    if mask & select.POLLOUT:
-                        self._send(())
-                    if mask & select.POLLIN:
-                        self._from_bridge(sock, frame_view, tun_fd)
-                    if mask & (select.POLLHUP | select.POLLERR):
+                    if not self._bridge_side(mask, lambda: self._from_bridge(sock, frame_view,
+                                                                             tun_fd)):
                         return  # the bridge closed its end
                 elif fd == tun_fd:
                     if mask & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
@@ -262,24 +218,6 @@ class TunLink:
             frames = self.translator.from_host(view[:n], now)
             if frames:
                 self._send(frames)
-
-    def _send(self, frames: Any) -> None:
-        """Frames to the bridge, oldest first; what finds the socket full waits."""
-        backlog = self._backlog
-        backlog.extend(frames)
-        while backlog:
-            try:
-                self._pump_end.send(backlog[0])
-            except BlockingIOError:
-                break
-            except OSError as exc:  # e.g. EMSGSIZE: the bridge could not take it either
-                if exc.errno == errno.EBADF:
-                    raise
-                self.pump_counters["backlog_dropped"] += 1
-            backlog.popleft()
-        while len(backlog) > MAX_BACKLOG:
-            backlog.pop()
-            self.pump_counters["backlog_dropped"] += 1
 
     def _refresh_addresses(self) -> None:
         try:
