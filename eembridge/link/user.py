@@ -308,7 +308,7 @@ class UserLink(FramePump):
             if length > self._max_frame:
                 self.pump_counters["oversize_from_stack"] += 1
                 continue
-            frames.append(bytes(buffer[start:at]))
+            frames.append(buffer[start:at])  # the slice is the one copy a frame needs
         del buffer[:at]
         self.pump_counters["from_stack_frames"] += len(frames)
         if frames:
