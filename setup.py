@@ -56,6 +56,31 @@ if os.path.exists(os.path.join("eembridge", "_fast", "usb.pyx")):
         )
     )
 
+
+def _slirp_flags() -> tuple[list[str], list[str]]:
+    """Include directories and libraries of libslirp, by pkg-config. Its slirp.pc requires
+    glib-2.0's .pc (libglib2.0-dev) although libslirp.h includes nothing of GLib, so
+    without it the header's own directory will do."""
+    import subprocess
+
+    try:
+        flags = subprocess.run(["pkg-config", "--cflags", "--libs", "slirp"], check=True,
+                               capture_output=True, text=True).stdout.split()
+        return ([f[2:] for f in flags if f.startswith("-I") and "glib" not in f],
+                [f[2:] for f in flags if f.startswith("-l") and "glib" not in f])
+    except (OSError, subprocess.CalledProcessError):
+        if os.path.exists("/usr/include/slirp/libslirp.h"):
+            return ["/usr/include/slirp"], ["slirp"]
+    _fail("libslirp.h not found (the user link's network stack): apt-get install libslirp-dev")
+    raise AssertionError  # _fail exits
+
+
+if os.path.exists(os.path.join("eembridge", "_fast", "slirp.pyx")) and (
+        not _only or "_slirp" in _only.split(",")):
+    _slirp_include, _slirp_libraries = _slirp_flags()
+    extensions.append(Extension("eembridge._slirp", ["eembridge/_fast/slirp.pyx"],
+                                include_dirs=_slirp_include, libraries=_slirp_libraries))
+
 for ext in extensions:
     ext.include_dirs.append(numpy.get_include())
     ext.extra_compile_args.extend(["-O3", "-Wno-unreachable-code"])

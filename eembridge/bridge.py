@@ -109,7 +109,7 @@ class BridgeOptions:
     tap: str = "usb0"
     link: str = "tap"  # "tun": a layer-3 TUN, Ethernet translated in userspace (link/tun.py)
     forwards: list[str] = field(default_factory=list)  # --link user: "tcp:8022:22", ...
-    nat: bool = False  # --link user: the board's own connections may leave through passt
+    nat: bool = False  # --link user: the board's own connections may leave through libslirp
     addresses: list[str] = field(default_factory=list)  # e.g. ["169.254.7.2/24"]
     peer: str | None = None  # peer IP for a static neighbour entry
     peer_mac: str | None = None
@@ -894,7 +894,7 @@ def _open_tun(options: BridgeOptions) -> Any:
 
 
 def _open_user(options: BridgeOptions) -> Any:
-    """--link user: passt behind a pump (link/user.py); no interface, no privilege."""
+    """--link user: libslirp behind a pump (link/user.py); no interface, no privilege."""
     from .link.user import open_user_link
 
     if options.offload:
@@ -902,7 +902,7 @@ def _open_user(options: BridgeOptions) -> Any:
                         "(drop --offload or --link user)")
     return open_user_link(options.tap, addresses=options.addresses, peer=options.peer,
                           forwards=options.forwards, nat=options.nat, mtu=options.mtu,
-                          mac=options.mac, peer_mac=options.peer_mac)
+                          mac=options.mac)
 
 
 def _mac_bytes(mac: object) -> bytes | None:

@@ -35,7 +35,7 @@ def bridge_options(args: argparse.Namespace) -> BridgeOptions:
     from ..observe.control import socket_path
 
     link = getattr(args, "link", "tap")
-    # The user link needs no neighbour entry: passt learns the board's MAC from its frames.
+    # The user link needs no neighbour entry: libslirp learns the board's MAC by ARP.
     if bool(args.peer) != bool(args.peer_mac) and not (link == "user" and args.peer):
         given, missing = (("peer", "--peer-mac (the device's MAC)") if args.peer
                           else ("peer_mac", "--peer (the device's IP)"))
@@ -51,7 +51,7 @@ def bridge_options(args: argparse.Namespace) -> BridgeOptions:
     for flag, dest in (("--forward", "forward"), ("--nat", "nat")):
         if getattr(args, dest, None) and link != "user":
             where = getattr(args, "origins", {}).get(dest) or flag
-            raise UserError(f"{where} is for --link user (passt's ports and NAT); this bridge "
+            raise UserError(f"{where} is for --link user (libslirp's ports and NAT); this bridge "
                             f"has --link {link}")
     max_transfer, batch = max_transfer_and_batch(args.max_transfer)
     # Every option whose name is a BridgeOptions field goes across as it is (the option

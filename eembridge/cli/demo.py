@@ -33,9 +33,10 @@ OPTIONS = (
     Option("--size", Number(0.001, 1000.0, unit="MB"), "trace size in MB (default 24)", 24.0,
            metavar="MB"),
     Option("--loss", Number(0.0, 1.0),
-           "probability a USB packet is lost (default 0.01 on the tap link, 0 on the user link: "
-           "passt 0.0~git20230309 recovers lost segments towards the board so slowly that a "
-           "lossy transfer stalls)", None, metavar="P"),
+           "probability a USB packet is lost (default 0.01 on the tap link, 0.002 on the user "
+           "link: libslirp's TCP has no SACK and a retransmission timeout of a second or more, "
+           "so at 0.01 a 64-byte-packet device's frame loss slows its transfer to minutes)",
+           None, metavar="P"),
     Option("--flip", Number(0.0, 1.0), "probability of a flipped bit per packet", 0.0,
            metavar="P"),
     Option("--max-packet", Choice(("64", "512", "1024"), (64, 512, 1024)),
@@ -53,7 +54,7 @@ OPTIONS = (
     Option("--link", Choice(("auto", "tap", "user")),
            "tap: a TAP on the host and the device in a network namespace (needs root); user: "
            "no root at all, the device in an unprivileged user namespace and the trace "
-           "through passt and a forwarded localhost port (--link user); auto (default): tap "
+           "through libslirp and a forwarded localhost port (--link user); auto (default): tap "
            "as root, user otherwise", "auto"),
 )
 
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     link = args.link if args.link != "auto" else ("tap" if os.geteuid() == 0 else "user")
     device = dict(address=device_ip, max_packet=args.max_packet, tx_crc=args.device_tx == "crc",
                   batch=args.batch, flip=args.flip, mtu=args.mtu, seed=args.seed,
-                  loss=args.loss if args.loss is not None else (0.0 if link == "user" else 0.01))
+                  loss=args.loss if args.loss is not None else (0.002 if link == "user" else 0.01))
     if link == "user":
         sim: Any = UserNsSimLink(**device)
     else:
@@ -141,9 +142,7 @@ def run(args: argparse.Namespace) -> int:
             try:
                 client = socket.create_connection(connect, timeout=30, source_address=source)
                 with client:
-                    # Asked for, as an instrument's trace is; it also lets passt (--link
-                    # user) finish the handshake with the board: the 2023 passt acks the
-                    # board's SYN-ACK only with the host side's first data.
+                    # Asked for, as an instrument's trace is.
                     client.sendall(QUERY)
                     if args.json:
                         received, digest = _receive(client, size, None, None, deadline)
@@ -215,8 +214,8 @@ _CHILD_LISTENERS: list[socket.socket] = []
 
 
 def listen_in_child(ip: str) -> bool:
-    """In sim/userns.py's child: listen before the host connects (passt would otherwise
-    find the port closed and end the forwarded connection at once)."""
+    """In sim/userns.py's child: listen before the host connects (the user link's stack
+    would otherwise find the port closed and end the forwarded connection at once)."""
     _CHILD_LISTENERS.append(_listen(ip))
     return True
 

@@ -1,22 +1,21 @@
 """Which of the board's frames may reach a user-mode network stack (sans-IO).
 
-With `--link user` the board's frames end in passt, which carries whatever the board
-starts (TCP connections, UDP flows, pings) out into the host's network as the host's
-own sockets. A board should not reach a lab's network by default, and passt (the
-version in Debian bookworm, 0.0~git20230309) has no switch for that: `--no-map-gw`
-only stops the gateway address meaning the host, `--no-tcp`/`--no-udp` would stop the
-forwarded ports too. So unless `--nat` is given the link filters here, on the board's
-side, and lets through only what answers the host:
+With `--link user` the board's frames end in libslirp (link/user.py), which with --nat
+carries whatever the board starts (TCP connections, UDP flows, pings) out into the
+host's network as the host's own sockets. A board should not reach a lab's network by
+default: without --nat the stack runs `restricted`, and this filter, on the board's
+side, says what was refused and why (libslirp counts nothing) and refuses a connection
+at once. It lets through only what answers the host or asks the stack itself:
 
 * ARP, and IPv4/IPv6 packets that are not a start: TCP segments other than a bare SYN
-  (passt opens a connection for nothing else; the rest of a connection the board did
-  not start is answered by passt with a reset), UDP from a forwarded board port (the
-  board's replies on a `--forward udp:` flow), ICMP errors and echo replies, and on IPv6
-  the neighbour discovery messages.
+  (the rest of a connection the board did not start is answered by the stack with a
+  reset), UDP from a forwarded board port (the board's replies on a `--forward udp:`
+  flow), DHCP requests (slirp's own server leases the board its address), ICMP errors
+  and echo replies, and on IPv6 the neighbour discovery messages.
 * Refused, each counted by kind: a SYN (answered with a TCP reset, so the board's
   connect() fails at once with "connection refused" instead of timing out), other UDP,
   ICMP echo requests and other queries, IP fragments (a non-first fragment carries no
-  ports to judge by), other protocols and ethertypes (passt carries only these anyway).
+  ports to judge by), other protocols and ethertypes.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58
 SYN, RST, ACK = 0x02, 0x04, 0x10
 ICMP_PASSED = frozenset((0, 3, 11, 12))  # echo reply, unreachable, time exceeded, parameter
 ICMPV6_PASSED = frozenset((129, 133, 134, 135, 136, 137))  # echo reply, NDP; < 128: errors
+DHCP_CLIENT, DHCP_SERVER = 68, 67
 
 COUNTERS = ("refused_tcp", "refused_udp", "refused_icmp", "refused_fragments",
             "refused_other", "resets_sent")
@@ -80,8 +80,8 @@ class Egress:
         ip = frame[ETH_HLEN:]
         if len(ip) < 40 or ip[0] >> 4 != 6:
             return self._refuse("refused_other")
-        # Extension headers (hop-by-hop on MLD reports, fragments) are not followed:
-        # passt takes none of them to the host.
+        # Extension headers (hop-by-hop on MLD reports, fragments) are not followed: none
+        # of them is what a board needs of the stack.
         return self._transport(frame, ip[6], 40, v6=True)
 
     def _transport(self, frame: memoryview, protocol: int, header: int,
@@ -95,8 +95,11 @@ class Egress:
                 return self._refuse("refused_tcp", [_reset(frame, header, v6)])
             return True, []
         if protocol == UDP:
-            if len(l4) >= 8 and struct.unpack_from("!H", l4, 0)[0] in self.udp_reply_ports:
-                return True, []
+            if len(l4) >= 8:
+                source, destination = struct.unpack_from("!HH", l4, 0)
+                if source in self.udp_reply_ports or (source, destination) == (DHCP_CLIENT,
+                                                                               DHCP_SERVER):
+                    return True, []
             return self._refuse("refused_udp")
         if protocol in (ICMP, ICMPV6) and len(l4) >= 1:
             passed = (l4[0] in ICMPV6_PASSED or l4[0] < 128) if v6 else l4[0] in ICMP_PASSED

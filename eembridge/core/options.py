@@ -514,8 +514,9 @@ OPTIONS: tuple[Option, ...] = (
            "tap: the host's side is a TAP, the kernel does ARP/NDP (default); tun: a layer-3 "
            "TUN, eembridge adds and strips Ethernet and answers ARP/NDP itself (no --offload; "
            "what it cannot carry is counted in `eembridge stats`, section l3); user: no "
-           "interface and no root, the board's traffic ends in passt (a user-mode network "
-           "stack) and reaches the host only through --forward ports (needs --ip and --peer)",
+           "interface and no root, the board's traffic ends in libslirp (QEMU's user-mode network "
+           "stack) and reaches the host only through --forward ports (--ip is the gateway, "
+           "default 10.0.2.2/24; --peer the board, default 10.0.2.15, also its DHCP lease)",
            "tap", "link", LINK),
     Option("--forward", PortForward("PROTO:HOSTPORT:BOARDPORT"),
            "with --link user: localhost's HOSTPORT reaches the board's BOARDPORT, e.g. "
@@ -523,7 +524,7 @@ OPTIONS: tuple[Option, ...] = (
            [], "forward", LINK, action="append"),
     Option("--nat", Switch(),
            "with --link user: let the board's own connections out to the host and its networks "
-           "through passt's NAT (default: refused and counted, section user)", False, "nat",
+           "through libslirp's NAT (default: refused and counted, section user)", False, "nat",
            LINK, action="store_true"),
     Option("--ip", InterfaceAddress(), "address for the TAP, e.g. 169.254.7.2/24 (repeatable)",
            [], "addresses", LINK, action="append", metavar="ADDR/PREFIX"),

@@ -41,7 +41,7 @@ COUNTER_SECTIONS = {
     "tx": ("eem_tx", "EEM framer counter (host to device)"),
     "link": ("link", "kernel counter of the TAP interface"),
     "l3": ("l3", "--link tun: Ethernet translation counter (dropped_*: not carried, by reason)"),
-    "user": ("user", "--link user: passt pump counter (refused_*: the board's own traffic out, "
+    "user": ("user", "--link user: libslirp pump counter (refused_*: the board's own traffic out, "
                      "refused without --nat)"),
     "event_loop": ("event_loop", "counter of the thread moving frames in C (real USB)"),
 }
