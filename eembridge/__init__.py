@@ -1,7 +1,7 @@
 """eembridge: a userspace, driverless USB CDC-EEM host bridge.
 
-The package face: `Bridge` and `BridgeOptions` (the bridge, to embed), `Transport`
-(what a device offers it), `Deframer` and `Framer` (the EEM codec), the events they
+The package face: `Bridge` and `BridgeOptions` (the bridge, to embed), `board_connector`
+(a USB board for it, chosen as on the command line), `Transport` (what a device offers it), `Deframer` and `Framer` (the EEM codec), the events they
 produce and the errors. The layers live in sub-packages: core (sans-IO: protocol,
 codec, options, events, errors, the transport interface), datapath (the data path's
 Python face), usb (real devices), link (the TAP and the host's network), observe
@@ -24,6 +24,7 @@ from .core.transport import Transport
 
 if TYPE_CHECKING:
     from .bridge import Bridge, BridgeOptions
+    from .usb.device import board_connector
 
 __version__ = "0.1.0"
 
@@ -50,6 +51,10 @@ def __getattr__(name: str) -> Any:
         from . import bridge
 
         return getattr(bridge, name)
+    if name == "board_connector":  # pyusb: loaded on first use
+        from .usb.device import board_connector
+
+        return board_connector
     raise AttributeError(f"module 'eembridge' has no attribute {name!r}")
 
 
@@ -57,6 +62,7 @@ __all__ = [
     "Bridge",
     "BridgeOptions",
     "CODEC",
+    "board_connector",
     "Deframer",
     "Echo",
     "EchoResponse",

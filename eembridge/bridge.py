@@ -194,6 +194,14 @@ class Bridge:
         with Bridge(connect, BridgeOptions(tap="usb0", addresses=["169.254.7.2/24"])) as b:
             ...
             print(b.stats())
+
+    On the user link there is no interface and no privilege to hold: the board's traffic
+    ends in libslirp (link/user.py) and its ports are reached on localhost:
+
+        options = BridgeOptions(link="user", forwards=["tcp:8022:22"])  # board 10.0.2.15
+        with Bridge(eembridge.board_connector("1d6b:0104"), options) as b:
+            b.connected.wait(10)
+            port = b.forwarded_ports["tcp:22"]  # 8022: ssh -p 8022 localhost
     """
 
     def __init__(
@@ -334,6 +342,12 @@ class Bridge:
     @property
     def tap(self) -> Any:
         return self._tap
+
+    @property
+    def forwarded_ports(self) -> dict[str, int]:
+        """The user link's forwards: the localhost port reaching each of the board's,
+        {"tcp:22": 8022}; empty on the other links and before start."""
+        return dict(getattr(self._tap, "forwarded_ports", None) or {})
 
     @property
     def echo_rtt_last(self) -> float | None:

@@ -137,9 +137,37 @@ def test_a_forwarded_localhost_port_reaches_the_board_intact_both_ways(user_rig)
     user = stats["user"]
     assert user["to_stack_frames"] > 1000 and user["from_stack_frames"] > 1000
     assert user["refused_tcp"] == 0 and user["to_bridge_dropped"] == 0, user
+    assert rig.bridge.forwarded_ports == {f"tcp:{BOARD_PORT}": host_port}
     # The board answered the gateway, so it learnt slirp's MAC by ARP (no static entry).
     gateway_mac = "52:55:" + ":".join(f"{int(b):02x}" for b in rig.host_ip.split("."))
     assert gateway_mac in run_in_netns(rig.sim.namespace, _board_neighbour, rig.host_ip)
+
+
+def test_the_python_face_opens_a_board_on_the_user_link_and_gives_its_ports():
+    """eembridge.Bridge with link="user" and nothing else: QEMU's addresses (the board
+    10.0.2.15), the forwards read back from the bridge."""
+    import eembridge
+    from eembridge.sim.link import SimLink
+
+    host_port = free_port()
+    with SimLink("10.0.2.15/24") as sim:
+        options = eembridge.BridgeOptions(link="user", forwards=[f"tcp:{host_port}:{BOARD_PORT}"],
+                                          tap=nsmod.unique_name("eemb"), stats_socket=None)
+        with eembridge.Bridge(sim.connect, options) as bridge:
+            assert bridge.connected.wait(10)
+            assert bridge.forwarded_ports == {f"tcp:{BOARD_PORT}": host_port}
+            framed_transfer(server_netns=sim.namespace, bind=("10.0.2.15", BOARD_PORT),
+                            client_netns=None, up=1_000_000, down=1_000_000,
+                            connect=("127.0.0.1", bridge.forwarded_ports[f"tcp:{BOARD_PORT}"]))
+        assert bridge.error is None and bridge.forwarded_ports == {}
+
+
+def test_board_connector_chooses_as_the_command_line_does():
+    import eembridge
+    from eembridge.core.errors import UserError
+
+    with pytest.raises(UserError, match="--device 12: expected VID:PID"):
+        eembridge.board_connector("12")
 
 
 @pytest.mark.parametrize("batch", [False, True], ids=["loss", "loss+batch"])

@@ -78,8 +78,11 @@ class UserLink(FramePump):
     def __init__(self, name: str, *, host: str = DEFAULT_HOST, peer: str = DEFAULT_PEER,
                  forwards: list[Forward] = (), nat: bool = False,  # type: ignore[assignment]
                  mtu: int = 1500) -> None:
-        from .._slirp import Stack
-
+        try:
+            from .._slirp import Stack
+        except ImportError:
+            raise UserLinkError("--link user needs the compiled eembridge._slirp (apt-get install "
+                                "libslirp-dev, then python3 setup.py build_ext --inplace)") from None
         gateway = ipaddress.IPv4Interface(host)
         board = ipaddress.IPv4Address(peer)
         self.host, self.peer = gateway, board

@@ -178,6 +178,16 @@ def _refuse_if_held(record: EemInterface) -> None:
         raise UserError(f"{record.describe()} is already claimed by {record.held_by}")
 
 
+def board_connector(device: str | None = None, *, serial: str | None = None,
+                    port: str | None = None, interface: int | None = None,
+                    name: str = "usb0", wait: bool = False) -> Callable[[], Transport]:
+    """`connector` for Python callers (Bridge's first argument): the board chosen as the
+    command line's --device (VID:PID or BUS:ADDR), --serial, --port, --interface and
+    --wait choose it; name is the bridge's link name, for the claim and the logs."""
+    return connector(argparse.Namespace(device=device, serial=serial, port=port,
+                                        interface=interface, tap=name, wait=wait))
+
+
 def connector(args: argparse.Namespace) -> Callable[[], Transport]:
     selector = Selector.from_args(args)
     wait_timeout: float | None = getattr(args, "wait_timeout", None)
