@@ -197,6 +197,30 @@ def test_the_board_gets_its_address_from_the_stacks_dhcp(user_rig):
     assert f"lease of {rig.device_ip} obtained" in said, said
 
 
+def _udp_echo_once(address: str, port: int, ready: queue.Queue[bool]) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((address, port))
+        sock.settimeout(30)
+        ready.put(True)
+        data, peer = sock.recvfrom(2048)
+        sock.sendto(data[::-1], peer)
+
+
+def test_a_udp_forward_reaches_the_board_and_its_reply_comes_back(user_rig):
+    """The board's reply leaves from the forwarded port: egress lets it through."""
+    host_port = free_port()
+    rig = user_rig(forwards=[f"udp:{host_port}:{BOARD_PORT}"])
+    ready: queue.Queue[bool] = queue.Queue()
+    with nsmod.NetnsThread(rig.sim.namespace, _udp_echo_once, rig.device_ip, BOARD_PORT,
+                           ready):
+        ready.get(timeout=10)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.settimeout(10)
+            client.sendto(b"datagram", ("127.0.0.1", host_port))
+            assert client.recv(2048) == b"margatad"
+    assert rig.bridge.stats()["user"]["refused_udp"] == 0
+
+
 def test_the_forward_listens_on_loopback_only(user_rig):
     host_port = free_port()
     user_rig(forwards=[f"tcp:{host_port}:{BOARD_PORT}"])

@@ -327,12 +327,17 @@ cdef bint _established_tcp(const uint8_t *frame, ssize_t n) noexcept nogil:
 
 cdef bint _egress_passes(State *st, uint8_t *frame, ssize_t n) noexcept with gil:
     cdef object view
+    cdef bytes reply
+    cdef const char *data
+    cdef size_t length
     try:
         view = PyMemoryView_FromMemory(<char *>frame, n, PyBUF_READ)
         passed, replies = (<object>st.egress).check(view)
         view.release()
-        for reply in replies:
-            _to_bridge(st, <const char *>reply, len(reply))
+        for reply in replies:  # held by `replies` while the GIL is let go
+            data, length = reply, len(reply)
+            with nogil:  # _to_bridge may wait for the bridge, which may need the GIL
+                _to_bridge(st, data, length)
         return passed
     except BaseException as exc:
         _fail(st, exc)

@@ -9,8 +9,8 @@ at once. It lets through only what answers the host or asks the stack itself:
 
 * ARP, and IPv4/IPv6 packets that are not a start: TCP segments other than a bare SYN
   (the rest of a connection the board did not start is answered by the stack with a
-  reset), UDP from a forwarded board port (the board's replies on a `--forward udp:`
-  flow), DHCP requests (slirp's own server leases the board its address), ICMP errors
+  reset), UDP from a forwarded board port to the stack's address (the board's replies
+  on a `--forward udp:` flow), DHCP requests (slirp's own server leases the board its address), ICMP errors
   and echo replies, and on IPv6 the neighbour discovery messages.
 * Refused, each counted by kind: a SYN (answered with a TCP reset, so the board's
   connect() fails at once with "connection refused" instead of timing out), other UDP,
@@ -40,9 +40,13 @@ COUNTERS = ("refused_tcp", "refused_udp", "refused_icmp", "refused_fragments",
 class Egress:
     """check(frame) -> (pass it on, frames to send back to the board)."""
 
-    def __init__(self, *, nat: bool, udp_reply_ports: Iterable[int] = ()) -> None:
+    def __init__(self, *, nat: bool, udp_reply_ports: Iterable[int] = (),
+                 gateway: bytes = b"") -> None:
+        """udp_reply_ports: the board's forwarded UDP ports; their replies pass when they go
+        to `gateway` (the stack's IPv4 address, where forwarded datagrams come from)."""
         self.nat = nat
         self.udp_reply_ports = frozenset(udp_reply_ports)
+        self.gateway = gateway
         self.counts = dict.fromkeys(COUNTERS, 0)
 
     def counters(self) -> dict[str, int]:
@@ -97,8 +101,9 @@ class Egress:
         if protocol == UDP:
             if len(l4) >= 8:
                 source, destination = struct.unpack_from("!HH", l4, 0)
-                if source in self.udp_reply_ports or (source, destination) == (DHCP_CLIENT,
-                                                                               DHCP_SERVER):
+                reply = (source in self.udp_reply_ports and not v6
+                         and bytes(frame[ETH_HLEN + 16:ETH_HLEN + 20]) == self.gateway)
+                if reply or (source, destination) == (DHCP_CLIENT, DHCP_SERVER):
                     return True, []
             return self._refuse("refused_udp")
         if protocol in (ICMP, ICMPV6) and len(l4) >= 1:

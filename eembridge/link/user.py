@@ -28,7 +28,10 @@ The board's own traffic out (to the host's network, or to the host's loopback th
 gateway address) is refused unless `--nat`, twice: eembridge.core.egress judges the
 board's frames first (counted by kind; a SYN is answered with a reset so connect() fails
 at once), and the stack runs `restricted` (libslirp carries nothing the board starts,
-whatever passes the filter). Without --nat slirp's DNS forwarder is off too (it would
+whatever passes the filter). Except with a `--forward udp:`: a restricted libslirp drops
+every datagram from the board, the forward's replies too, so then the filter alone
+guards, and what it lets through from the board's forwarded UDP port to the gateway
+address reaches the host's loopback at the port it names (not only the forward's client). Without --nat slirp's DNS forwarder is off too (it would
 ask the host's resolvers for the board). With --nat, slirp's NAT carries everything and
 the gateway address is the host's loopback.
 
@@ -89,15 +92,15 @@ class UserLink(FramePump):
         self.mac = gateway_mac(gateway.ip)
         self.forwards = list(forwards)
         self.nat = nat
-        self.egress = Egress(nat=nat, udp_reply_ports=[f.board_port for f in self.forwards
-                                                       if f.protocol == "udp"])
+        udp_ports = [f.board_port for f in self.forwards if f.protocol == "udp"]
+        self.egress = Egress(nat=nat, udp_reply_ports=udp_ports, gateway=gateway.ip.packed)
         self._stack = Stack(
             network=gateway.network.network_address.packed,
             netmask=gateway.network.netmask.packed, host=gateway.ip.packed,
             dhcp_start=board.packed, nameserver=_nameserver(gateway, board).packed,
             prefix6=PREFIX6.network_address.packed, prefix6_len=PREFIX6.prefixlen,
             host6=PREFIX6[2].packed, nameserver6=PREFIX6[3].packed, mtu=mtu,
-            restricted=not nat, dns=nat, egress=None if nat else self.egress)
+            restricted=not (nat or udp_ports), dns=nat, egress=None if nat else self.egress)
         super().__init__(name)
         try:
             for forward in self.forwards:
