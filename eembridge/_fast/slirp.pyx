@@ -244,44 +244,40 @@ cdef void _notify(void *opaque) noexcept nogil:
     (<State *>opaque).notified = True  # a socket can take data again: poll without sleeping
 
 
+# SLIRP_POLL_* and poll(2)'s flag, pair by pair (slirp asks for the first three).
+cdef int POLL_FLAGS[10]
+POLL_FLAGS[:] = [SLIRP_POLL_IN, POLLIN, SLIRP_POLL_OUT, POLLOUT, SLIRP_POLL_PRI, POLLPRI,
+                 SLIRP_POLL_ERR, POLLERR, SLIRP_POLL_HUP, POLLHUP]
+
+
+cdef int _translate(int flags, bint to_poll) noexcept nogil:
+    cdef int i, result = 0
+    cdef int have = 0 if to_poll else 1
+    for i in range(0, 10, 2):
+        if flags & POLL_FLAGS[i + have]:
+            result |= POLL_FLAGS[i + 1 - have]
+    return result
+
+
 cdef int _add_poll(int fd, int events, void *opaque) noexcept nogil:
     cdef State *st = <State *>opaque
     cdef pollfd *grown
-    cdef short wanted = 0
     if st.nfds == st.fds_size:
         grown = <pollfd *>realloc(st.fds, 2 * st.fds_size * sizeof(pollfd))
         if grown == NULL:
             return -1  # slirp_pollfds_poll then asks for index -1: no events for it
         st.fds, st.fds_size = grown, 2 * st.fds_size
-    if events & SLIRP_POLL_IN:
-        wanted |= POLLIN
-    if events & SLIRP_POLL_OUT:
-        wanted |= POLLOUT
-    if events & SLIRP_POLL_PRI:
-        wanted |= POLLPRI
-    st.fds[st.nfds].fd, st.fds[st.nfds].events, st.fds[st.nfds].revents = fd, wanted, 0
+    st.fds[st.nfds].fd, st.fds[st.nfds].revents = fd, 0
+    st.fds[st.nfds].events = <short>_translate(events, True)
     st.nfds += 1
     return st.nfds - 1
 
 
 cdef int _get_revents(int idx, void *opaque) noexcept nogil:
     cdef State *st = <State *>opaque
-    cdef short got
-    cdef int events = 0
     if idx < 0 or idx >= st.nfds:
         return 0
-    got = st.fds[idx].revents
-    if got & POLLIN:
-        events |= SLIRP_POLL_IN
-    if got & POLLOUT:
-        events |= SLIRP_POLL_OUT
-    if got & POLLPRI:
-        events |= SLIRP_POLL_PRI
-    if got & POLLERR:
-        events |= SLIRP_POLL_ERR
-    if got & POLLHUP:
-        events |= SLIRP_POLL_HUP
-    return events
+    return _translate(st.fds[idx].revents, False)
 
 
 cdef SlirpCb CALLBACKS
@@ -323,6 +319,11 @@ cdef bint _established_tcp(const uint8_t *frame, ssize_t n) noexcept nogil:
         return False
     tcp = frame + ETH_HLEN + header
     return (tcp[13] & 0x12) != 0x02  # not SYN without ACK
+
+
+def established_tcp(const uint8_t[:] frame) -> bool:
+    """_established_tcp for tests: held to core.egress, which must pass all it passes."""
+    return _established_tcp(&frame[0], frame.shape[0]) if frame.shape[0] else False
 
 
 cdef bint _egress_passes(State *st, uint8_t *frame, ssize_t n) noexcept with gil:
