@@ -178,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
     ok = received == size and digest == expected
     summary = {
         "ok": ok,
+        "link": link,
         "codec": stats["codec"],
         "bytes_expected": size,
         "bytes_received": received,

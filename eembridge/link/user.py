@@ -35,6 +35,14 @@ address reaches the host's loopback at the port it names (not only the forward's
 ask the host's resolvers for the board). With --nat, slirp's NAT carries everything and
 the gateway address is the host's loopback.
 
+Known limit, measured on the simulated device: libslirp's TCP (4.4BSD's: no SACK, a
+retransmission timeout of a second or more) recovers a lost frame slowly where it is the
+sender, towards the board: at 1% of 512-byte USB packets lost (a frame in about 30),
+2 MB up took 23 s and 2 MB down 0.35 s (the board's Linux TCP sending); a 64-byte-packet
+device at 0.5% loss (a frame in 9) took 29 to 72 s for the demo's 3 MB. Slow, never
+stalled, intact (tests/test_user_link.py). Lossless, a 32 MB download runs at about a
+third of the TAP link's rate (bench/bridge.py --user).
+
 Backpressure and bounded buffers: see _fast/slirp.pyx (frames towards the bridge wait
 for room in the socket, up to a second, while slirp reads no host socket; frames from
 the bridge are read only as fast as slirp takes them).
