@@ -24,6 +24,13 @@ answers Neighbor Solicitations for, is added instead. The translator learns the
 interface's addresses at start and then once a second from netlink, so an address
 added later with `ip addr` is answered for too. TAP offload (virtio_net_hdr) is off:
 the frames the bridge sees are the translator's.
+
+With --dhcp the pump also runs eembridge.core.dhcp's client: its frames go to the bridge
+as the translator's do, UDP to port 68 from the board goes to it instead of the TUN
+(nothing on the host could listen there: the TUN has no link layer for a DHCP client),
+and it learns of replugs from `set_carrier`. Its actions are carried out here: the
+lease's address and prefix on the TUN, the offered router as a default route of
+metric DHCP_ROUTE_METRIC, both removed when the lease is lost; one log line per state.
 """
 
 from __future__ import annotations
@@ -41,7 +48,11 @@ from typing import Any
 
 import pytun
 
+from pyroute2 import NetlinkError
+
+from ..core import dhcp
 from ..core.l3 import Translator, link_local, stable_mac
+from .netns import iproute, link_index
 from .tap import IPInterface, LinkStats, Tap, TapError
 
 log = logging.getLogger(__name__)
@@ -49,7 +60,12 @@ log = logging.getLogger(__name__)
 ADDRESS_REFRESH = 1.0  # seconds between reads of the interface's addresses
 BURST = 64  # datagrams or packets moved per side before looking at the other
 MAX_BACKLOG = 256
-CARRIER_WAIT = 0.5  # seconds set_carrier(True) waits for the kernel to mark the link up  # frames kept for the bridge while its socket is full
+CARRIER_WAIT = 0.5  # seconds set_carrier(True) waits for the kernel to mark the link up
+# The board's router as the host's default route, behind any the host already has (those
+# of DHCP on a LAN, NetworkManager's, are 100 to 600): a board should not take over the
+# host's traffic because it offers itself as a router; it is there if nothing else is.
+DHCP_ROUTE_METRIC = 1024
+WAKE_STOP, WAKE_CARRIER = b"x", b"c"
 
 
 class Tun(Tap):
@@ -77,7 +93,8 @@ class TunLink:
 
     def __init__(self, name: str, *, mtu: int = 1500, mac: str | None = None,
                  txqueuelen: int | None = None, persist: bool = False,
-                 peer_mac: str | None = None) -> None:
+                 peer_mac: str | None = None, dhcp_client: bool = False,
+                 dhcp_time_scale: float = 1.0) -> None:
         self.name = name
         host_mac = bytes.fromhex(mac.replace(":", "")) if mac else stable_mac(name)
         self.translator = Translator(
@@ -86,6 +103,12 @@ class TunLink:
         self._mtu = mtu
         self._link_local = f"{link_local(host_mac)}/64"
         self._addresses: list[IPInterface] = []
+        # The DHCP client's clock runs dhcp_time_scale times faster than the real one, for
+        # tests: dnsmasq gives no lease under two minutes (BridgeOptions.dhcp_time_scale).
+        self.dhcp = dhcp.DhcpClient(host_mac) if dhcp_client else None
+        self._dhcp_scale = dhcp_time_scale
+        self._carrier_events: deque[bool] = deque()
+        self.dhcp_counters = {"config_errors": 0}
         self._bridge_end, self._pump_end = socket.socketpair(socket.AF_UNIX,
                                                              socket.SOCK_SEQPACKET)
         for end in (self._bridge_end, self._pump_end):
@@ -93,10 +116,11 @@ class TunLink:
         self.pump_counters = {"tun_write_errors": 0, "tun_read_errors": 0,
                               "backlog_dropped": 0, "pump_wakeups": 0}
         self._backlog: deque[bytes] = deque()
-        self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._pump_guarded, name=f"eembridge-tun-{name}",
                                          daemon=True)
         self.error: BaseException | None = None
+        self._stopping = False
         try:
             self.tun.disable_address_generation()
         except BaseException:
@@ -118,6 +142,9 @@ class TunLink:
         work has run (a few ms) the TUN still has the no-op qdisc, which drops what the
         kernel sends, and a first packet sent on "connected" would be lost."""
         self.tun.set_carrier(on)
+        if self.dhcp is not None:
+            self._carrier_events.append(on)
+            self._wake(WAKE_CARRIER)
         deadline = time.monotonic() + CARRIER_WAIT
         while on and self.tun.operstate != "UP" and time.monotonic() < deadline:
             time.sleep(0.002)
@@ -146,14 +173,26 @@ class TunLink:
         """The translator's counters and drops, and the pump's own."""
         return {**self.translator.counters(), **self.pump_counters}
 
+    def dhcp_stats(self) -> dict[str, Any]:
+        """The DHCP client's state, lease and counters (stats section dhcp)."""
+        assert self.dhcp is not None
+        return {**self.dhcp.snapshot(self._dhcp_now()), **self.dhcp_counters}
+
     def addresses(self) -> list[IPInterface]:
         return self.tun.addresses()
 
+    def _wake(self, why: bytes) -> None:
+        try:
+            os.write(self._wake_w, why)
+        except BlockingIOError:
+            pass  # the pump has wake-ups waiting already: it will look at everything
+
     def close(self) -> None:
         if self._thread.is_alive():
-            os.write(self._stop_w, b"x")
+            self._stopping = True
+            self._wake(WAKE_STOP)
             self._thread.join(5)
-        for fd in (self._stop_r, self._stop_w):
+        for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)
             except OSError:
@@ -192,7 +231,7 @@ class TunLink:
         packet_buf = bytearray(self._mtu + 1)
         frame_view, packet_view = memoryview(frame_buf), memoryview(packet_buf)
         poller = select.poll()
-        poller.register(self._stop_r, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
         poller.register(sock_fd, select.POLLIN)
         poller.register(tun_fd, select.POLLIN)
         reading_tun = True
@@ -203,18 +242,27 @@ class TunLink:
                 next_refresh = now + ADDRESS_REFRESH
                 self._refresh_addresses()
             self._send(translator.tick(now))
+            dhcp_deadline = self._dhcp_tick()
             blocked = bool(self._backlog)
             if blocked == reading_tun:  # backlog: stop reading the TUN, wait for room
                 reading_tun = not blocked
                 poller.modify(tun_fd, select.POLLIN if reading_tun else 0)
                 poller.modify(sock_fd, select.POLLIN | (select.POLLOUT if blocked else 0))
-            deadline = min(d for d in (next_refresh, translator.next_deadline()) if d is not None)
+            deadline = min(d for d in (next_refresh, translator.next_deadline(), dhcp_deadline)
+                           if d is not None)
             timeout = max(0, int((deadline - now) * 1000) + 1)
             events = poller.poll(timeout)
             self.pump_counters["pump_wakeups"] += 1
             for fd, mask in events:
-                if fd == self._stop_r:
-                    return
+                if fd == self._wake_r:
+                    try:
+                        while os.read(self._wake_r, 64):
+                            pass
+                    except BlockingIOError:
+                        pass
+                    if self._stopping:
+                        return
+                    self._dhcp_carrier()
                 if fd == sock_fd:
                     if mask & select.POLLOUT:
                         self._send(())
@@ -235,7 +283,9 @@ class TunLink:
             except BlockingIOError:
                 return
             packet, replies = self.translator.from_device(view[:n], now)
-            if packet is not None:
+            if packet is not None and self.dhcp is not None and dhcp.is_dhcp_reply(packet):
+                self._dhcp_do(self.dhcp.receive(packet, bytes(view[6:12]), self._dhcp_now()))
+            elif packet is not None:
                 try:
                     os.write(tun_fd, packet)
                 except OSError as exc:  # link down (EIO), queue full: a lost packet
@@ -290,3 +340,68 @@ class TunLink:
         if set(current) != set(self._addresses):
             self._addresses = current
             self.translator.set_host_addresses(current)
+
+    # --- the DHCP client (--dhcp) -------------------------------------------------------
+
+    def _dhcp_now(self) -> float:
+        return time.monotonic() * self._dhcp_scale
+
+    def _dhcp_carrier(self) -> None:
+        while self._carrier_events and self.dhcp is not None:
+            self._dhcp_do(self.dhcp.carrier(self._carrier_events.popleft(), self._dhcp_now()))
+
+    def _dhcp_tick(self) -> float | None:
+        """Run the client's timers; when they are due next, by the real clock."""
+        if self.dhcp is None:
+            return None
+        client = self.dhcp
+        deadline = client.next_deadline()
+        if deadline is not None and self._dhcp_now() >= deadline:
+            self._dhcp_do(client.tick(self._dhcp_now()))
+            deadline = client.next_deadline()
+        return None if deadline is None else deadline / self._dhcp_scale
+
+    def _dhcp_do(self, actions: list[dhcp.Action]) -> None:
+        for action in actions:
+            if isinstance(action, dhcp.Send):
+                self._send((action.frame,))
+            elif isinstance(action, dhcp.Changed):
+                log.info("dhcp on %s: %s -> %s (%s)", self.name, action.old.name,
+                         action.new.name, action.reason)
+            elif isinstance(action, dhcp.Configure):
+                self._configure(action.lease, action.previous)
+            elif isinstance(action, dhcp.Deconfigure):
+                log.warning("dhcp on %s: %s removed (%s)", self.name, action.lease.interface,
+                            "lease expired" if action.reason == "expired" else "NAK")
+                self._deconfigure(action.lease)
+        if actions:
+            self._refresh_addresses()  # answer ARP for a new address at once
+
+    def _configure(self, lease: dhcp.Lease, previous: dhcp.Lease | None) -> None:
+        if previous is not None and previous.interface != lease.interface:
+            self._deconfigure(previous)
+        try:
+            self.tun.add_address(lease.interface)
+            if lease.router is not None:
+                self._default_route("replace", lease.router)
+        except (OSError, NetlinkError, TapError) as exc:
+            self.dhcp_counters["config_errors"] += 1
+            log.error("dhcp on %s: cannot configure %s (router %s): %s", self.name,
+                      lease.interface, lease.router, exc)
+
+    def _deconfigure(self, lease: dhcp.Lease) -> None:
+        try:
+            if lease.router is not None:
+                self._default_route("del", lease.router)
+        except (OSError, NetlinkError):
+            pass  # the kernel took it with the address, or it was never there
+        try:
+            self.tun.del_address(lease.interface)
+        except (OSError, NetlinkError) as exc:
+            self.dhcp_counters["config_errors"] += 1
+            log.error("dhcp on %s: cannot remove %s: %s", self.name, lease.interface, exc)
+
+    def _default_route(self, command: str, router: str) -> None:
+        with iproute(self.tun.netns) as ipr:
+            ipr.route(command, dst="0.0.0.0/0", gateway=router, oif=link_index(ipr, self.name),
+                      priority=DHCP_ROUTE_METRIC)
