@@ -90,7 +90,21 @@ def reply(to: Sent, kind: int, yiaddr: str = OFFERED, *, lease: int = 120, t1: i
 
 
 def sends(actions: list) -> list[Sent]:
-    return [parse(a.frame) for a in actions if isinstance(a, Send)]
+    """The DHCP messages sent (not the ARP announcements)."""
+    return [parse(a.frame) for a in actions if isinstance(a, Send) and a.frame[12:14] == b"\x08\x00"]
+
+
+def announcements(actions: list) -> list[str]:
+    """The addresses announced by ARP (RFC 5227 2.3: sender and target both the address)."""
+    found = []
+    for a in actions:
+        if isinstance(a, Send) and a.frame[12:14] == b"\x08\x06":
+            frame = a.frame
+            assert frame[:6] == b"\xff" * 6 and frame[6:12] == MAC
+            assert frame[14:22] == b"\x00\x01\x08\x00\x06\x04\x00\x01" and frame[22:28] == MAC
+            assert frame[28:32] == frame[38:42]
+            found.append(str(ipaddress.IPv4Address(frame[28:32])))
+    return found
 
 
 def only(actions: list, kind: type) -> list:
@@ -126,7 +140,7 @@ def test_the_exchange_discover_offer_request_ack():
     actions = c.receive(reply(request, 5, t1=30, t2=50), SERVER_MAC, 10.3)
     (configure,) = only(actions, Configure)
     lease = configure.lease
-    assert configure.previous is None
+    assert configure.previous is None and announcements(actions) == [OFFERED]
     assert (lease.interface, lease.router, lease.server_id) == (f"{OFFERED}/24", SERVER, SERVER)
     assert lease.server_mac == SERVER_MAC
     assert lease.obtained == 10.2  # counted from the REQUEST (RFC 2131 4.4.1)
@@ -149,6 +163,7 @@ def test_t1_renews_by_unicast_to_the_server():
     actions = c.receive(reply(renew, 5), SERVER_MAC, 60.5)
     (configure,) = only(actions, Configure)
     assert configure.previous == lease and configure.lease.obtained == 60.0
+    assert announcements(actions) == []  # the same address: nothing new to tell
     assert c.state == State.BOUND and c.counts["renewals"] == 1 and c.counts["leases"] == 1
     assert c.next_deadline() == 120.0  # the next T1, from the renewal
 
@@ -226,8 +241,10 @@ def test_a_replug_asks_for_the_same_address_and_a_nak_gets_a_new_one():
     assert only(actions, Deconfigure) == [Deconfigure(lease, "nak")]
     (discover,) = sends(actions)
     (request,) = sends(c.receive(reply(discover, 2, OTHER), SERVER_MAC, 30.2))
-    (configure,) = only(c.receive(reply(request, 5, OTHER), SERVER_MAC, 30.3), Configure)
+    actions = c.receive(reply(request, 5, OTHER), SERVER_MAC, 30.3)
+    (configure,) = only(actions, Configure)
     assert configure.lease.address == OTHER and configure.previous is None
+    assert announcements(actions) == [OTHER]
     assert c.counts["leases"] == 2 and c.counts["naks"] == 1
 
 

@@ -60,7 +60,7 @@ from pyroute2.dhcp.enums import bootp
 from pyroute2.dhcp.enums.dhcp import MessageType, Option
 from pyroute2.dhcp.fsm import State
 
-from .l3 import BROADCAST, ETH_P_IP, ethernet
+from .l3 import ARP_REQUEST, BROADCAST, ETH_P_ARP, ETH_P_IP, arp_packet, ethernet
 from .offload import ones_sum
 
 CLIENT_PORT, SERVER_PORT = 68, 67
@@ -288,9 +288,20 @@ class DhcpClient:
         self._next = lease.at(lease.t1)
         verb = "renewed" if renewing else "bound"
         expiry = "never" if lease.lease_time is None else f"{lease.lease_time:.0f} s"
-        return [Configure(lease, previous),
-                self._change(State.BOUND, f"{verb} {lease.interface} from {lease.server_id}, "
-                                          f"lease {expiry}")]
+        actions: list[Action] = [Configure(lease, previous)]
+        if previous is None or previous.address != lease.address or not renewing:
+            actions.append(self._announce(lease.address))
+        return [*actions, self._change(State.BOUND, f"{verb} {lease.interface} from "
+                                                    f"{lease.server_id}, lease {expiry}")]
+
+    def _announce(self, address: str) -> Send:
+        """The new address's owner, to the board (RFC 2131 4.4.1, as an RFC 5227 ARP
+        Announcement): a server that pinged the address before offering it (dnsmasq does)
+        left its kernel a failed neighbour entry for it, which would drop the first reply
+        to the host otherwise."""
+        ip = ipaddress.IPv4Address(address).packed
+        return Send(ethernet(BROADCAST, self.mac, ETH_P_ARP,
+                             arp_packet(ARP_REQUEST, self.mac, ip, bytes(6), ip)))
 
     def _drop(self, reason: str, now: float) -> list[Action]:
         lease, self.lease = self.lease, None

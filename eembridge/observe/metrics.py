@@ -41,6 +41,7 @@ COUNTER_SECTIONS = {
     "tx": ("eem_tx", "EEM framer counter (host to device)"),
     "link": ("link", "kernel counter of the TAP interface"),
     "l3": ("l3", "--link tun: Ethernet translation counter (dropped_*: not carried, by reason)"),
+    "dhcp": ("dhcp", "--link tun --dhcp: DHCP client counter (lost: leases expired)"),
     "event_loop": ("event_loop", "counter of the thread moving frames in C (real USB)"),
 }
 # Gauges: snapshot key -> help.
