@@ -276,8 +276,8 @@ def test_discover_backs_off_to_every_16_seconds():
         when = c.next_deadline()
         assert [s.kind for s in sends(c.tick(when))] == ["DISCOVER"]
         times.append(when)
-    gaps = [b - a for a, b in zip(times, times[1:])]
-    for gap, nominal in zip(gaps, [1, 2, 4, 8, 16, 16, 16]):
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    for gap, nominal in zip(gaps, [1, 2, 4, 8, 16, 16, 16], strict=True):
         assert nominal * 0.9 <= gap <= nominal * 1.1
     assert c.counts["discovers"] == 8
 

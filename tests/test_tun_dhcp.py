@@ -99,7 +99,14 @@ def dhcp_rig(tmp_path):
 
 
 def tun_addresses(rig: Any) -> list[str]:
-    return [str(a) for a in rig.bridge.tap.addresses() if a.version == 4]
+    return ipv4_on(rig.bridge.tap.tun.name)
+
+
+def ipv4_on(name: str) -> list[str]:
+    """ADDR/PREFIX of every IPv4 address on interface `name`, as the kernel has them."""
+    with iproute() as ipr:
+        return [f"{m.get_attr('IFA_ADDRESS')}/{m['prefixlen']}"
+                for m in ipr.addr("dump", index=link_index(ipr, name), family=2)]
 
 
 def default_routes(rig: Any) -> list[tuple[str, int]]:
@@ -111,9 +118,12 @@ def default_routes(rig: Any) -> list[tuple[str, int]]:
 
 
 def wait_bound(rig: Any, timeout: float = 20.0, **expected: int) -> dict[str, Any]:
+    """The dhcp section once bound with the counters `expected` reached, and the address
+    on the TUN (the pump adds it just after the client says bound)."""
     def ready() -> dict[str, Any] | None:
         section = rig.bridge.stats()["dhcp"]
         done = section["state"] == "bound" and all(section[k] >= v for k, v in expected.items())
+        done = done and section["address"] in tun_addresses(rig)
         return section if done else None
 
     return dict(wait_for(ready, timeout, f"a DHCP lease ({expected or 'first'})"))
@@ -234,7 +244,8 @@ def test_cli_takes_a_lease_from_a_server_that_starts_later(tmp_path):
         assert bridge.snapshot()["dhcp"]["state"] == "selecting"
         server = Dnsmasq(namespace, next(n for n in _links(namespace) if n.startswith("eemsim")),
                          subnet, tmp_path / "leases").start(ping_check=True)
-        section = wait_for(lambda: (lambda d: d if d["state"] == "bound" else None)(
+        section = wait_for(lambda: (lambda d: d if d["state"] == "bound"
+                                    and d["address"] in ipv4_on(tap) else None)(
             bridge.snapshot()["dhcp"]), 30, "the lease")
         assert section["leases"] == 1 and section["discovers"] >= 2
         # At once: the board's kernel has a failed neighbour entry for the address from
@@ -257,3 +268,15 @@ def test_cli_takes_a_lease_from_a_server_that_starts_later(tmp_path):
 def _links(namespace: str) -> list[str]:
     with iproute(namespace) as ipr:
         return [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
+
+
+def test_a_persistent_tun_keeps_no_leased_address_after_exit(dhcp_rig):
+    rig, _server = dhcp_rig(persist=True)
+    address = wait_bound(rig)["address"]
+    tun = rig.bridge.tap.tun
+    assert tun_addresses(rig) == [address]
+    rig.bridge.stop()
+    try:
+        assert ipv4_on(tun.name) == []  # nobody renews it once the bridge is gone
+    finally:
+        subprocess.run(["ip", "link", "del", tun.name], check=True)

@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import Any
 
 import pytun
-
 from pyroute2 import NetlinkError
 
 from ..core import dhcp
@@ -59,13 +58,12 @@ log = logging.getLogger(__name__)
 
 ADDRESS_REFRESH = 1.0  # seconds between reads of the interface's addresses
 BURST = 64  # datagrams or packets moved per side before looking at the other
-MAX_BACKLOG = 256
+MAX_BACKLOG = 256  # frames kept for the bridge while its socket is full
 CARRIER_WAIT = 0.5  # seconds set_carrier(True) waits for the kernel to mark the link up
 # The board's router as the host's default route, behind any the host already has (those
 # of DHCP on a LAN, NetworkManager's, are 100 to 600): a board should not take over the
 # host's traffic because it offers itself as a router; it is there if nothing else is.
 DHCP_ROUTE_METRIC = 1024
-WAKE_STOP, WAKE_CARRIER = b"x", b"c"
 
 
 class Tun(Tap):
@@ -144,7 +142,7 @@ class TunLink:
         self.tun.set_carrier(on)
         if self.dhcp is not None:
             self._carrier_events.append(on)
-            self._wake(WAKE_CARRIER)
+            self._wake()
         deadline = time.monotonic() + CARRIER_WAIT
         while on and self.tun.operstate != "UP" and time.monotonic() < deadline:
             time.sleep(0.002)
@@ -181,17 +179,21 @@ class TunLink:
     def addresses(self) -> list[IPInterface]:
         return self.tun.addresses()
 
-    def _wake(self, why: bytes) -> None:
+    def _wake(self) -> None:
+        """The pump looks at _stopping and the carrier events."""
         try:
-            os.write(self._wake_w, why)
+            os.write(self._wake_w, b"x")
         except BlockingIOError:
             pass  # the pump has wake-ups waiting already: it will look at everything
 
     def close(self) -> None:
         if self._thread.is_alive():
             self._stopping = True
-            self._wake(WAKE_STOP)
+            self._wake()
             self._thread.join(5)
+        lease = self.dhcp.lease if self.dhcp is not None else None
+        if lease is not None and not self._thread.is_alive() and self._persists():
+            self._deconfigure(lease)  # a kept TUN keeps no address nobody renews
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)
@@ -200,6 +202,12 @@ class TunLink:
         self._bridge_end.close()
         self._pump_end.close()
         self.tun.close()
+
+    def _persists(self) -> bool:
+        try:
+            return self.tun.persistent
+        except OSError:
+            return False
 
     def __repr__(self) -> str:
         return f"<TunLink {self.name} mac={self.mac}>"
@@ -374,8 +382,9 @@ class TunLink:
                 log.warning("dhcp on %s: %s removed (%s)", self.name, action.lease.interface,
                             "lease expired" if action.reason == "expired" else "NAK")
                 self._deconfigure(action.lease)
-        if actions:
-            self._refresh_addresses()  # answer ARP for a new address at once
+            else:
+                continue
+            self._refresh_addresses()  # answer ARP for the new address at once, not in 1 s
 
     def _configure(self, lease: dhcp.Lease, previous: dhcp.Lease | None) -> None:
         if previous is not None and previous.interface != lease.interface:
