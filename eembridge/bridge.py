@@ -270,7 +270,7 @@ class Bridge:
                 raise UserError("--offload needs the compiled data path (eembridge._datapath); "
                                 "this install runs the pure-Python one")
             if self.options.dhcp and self.options.link != "tun":
-                raise UserError(DHCP_NEEDS_TUN)
+                raise UserError(f"--dhcp {DHCP_NEEDS_TUN}")
             if self.options.link == "tun":
                 self._tap = _open_tun(self.options)
             else:
@@ -883,8 +883,9 @@ def _merge_native(native: NativeDataPath, counters: dict[str, int], in_errors: d
     return rx, tx
 
 
-DHCP_NEEDS_TUN = ("--dhcp is for --link tun; on the TAP link the interface has Ethernet: run "
-                  "the system's DHCP client on it (e.g. dhclient, NetworkManager)")
+# Said after "--dhcp" or a config file's "FILE:LINE: [section] dhcp".
+DHCP_NEEDS_TUN = ("needs --link tun: a TAP has Ethernet, so the system's DHCP client runs on "
+                  "it (dhclient, NetworkManager)")
 
 
 def _open_tun(options: BridgeOptions) -> Any:

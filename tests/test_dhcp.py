@@ -364,3 +364,19 @@ def test_any_sequence_keeps_the_interface_and_the_lease_in_step(events):
         assert configured == c.lease
         if c.state != State.OFF:
             assert c.next_deadline() is not None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600), st.sampled_from(["selecting", "requesting", "bound"]))
+def test_any_payload_to_port_68_is_counted_never_raised(payload, state):
+    c = client()
+    (discover,) = sends(c.carrier(True, 0.0))
+    if state != "selecting":
+        (request,) = sends(c.receive(reply(discover, 2), SERVER_MAC, 0.1))
+        if state == "bound":
+            c.receive(reply(request, 5), SERVER_MAC, 0.2)
+    before = dict(c.counts)
+    actions = c.receive(dhcp.udp_ipv4(SERVER, "255.255.255.255", 67, 68, payload), SERVER_MAC, 1.0)
+    assert c.state.name.lower() == state or actions
+    changed = {k for k in c.counts if c.counts[k] != before[k]}
+    assert changed <= {"malformed", "ignored"} and len(changed) == 1

@@ -205,8 +205,8 @@ def _eembridge(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize(("args", "words"), [
-    (("--sim", "--dhcp"), "--dhcp is for --link tun"),
-    (("--sim", "--link", "tap", "--dhcp"), "--dhcp is for --link tun"),
+    (("--sim", "--dhcp"), "--dhcp needs --link tun"),
+    (("--sim", "--link", "tap", "--dhcp"), "--dhcp needs --link tun"),
     (("--sim", "--link", "tun", "--dhcp", "--ip", "10.0.0.2/24"), "drop --ip 10.0.0.2/24"),
 ])
 def test_dhcp_refuses_what_it_cannot_do_in_one_line(args, words):
@@ -280,3 +280,14 @@ def test_a_persistent_tun_keeps_no_leased_address_after_exit(dhcp_rig):
         assert ipv4_on(tun.name) == []  # nobody renews it once the bridge is gone
     finally:
         subprocess.run(["ip", "link", "del", tun.name], check=True)
+
+
+def test_dhcp_in_a_config_file_is_checked_the_same_way(tmp_path):
+    config = tmp_path / "rig.toml"
+    config.write_text('[defaults]\ndhcp = true\n')
+    bad = _eembridge("--sim", "--config", str(config))
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+    assert "rig.toml:2: [defaults] dhcp: needs --link tun" in bad.stderr.splitlines()[-1]
+    config.write_text('[defaults]\ndhcp = true\nlink = "tun"\naddresses = ["10.1.1.2/24"]\n')
+    bad = _eembridge("--sim", "--config", str(config))
+    assert bad.returncode == 2 and "drop --ip 10.1.1.2/24" in bad.stderr.splitlines()[-1]

@@ -71,8 +71,8 @@ def _check_dhcp(args: argparse.Namespace) -> None:
 
     where = getattr(args, "origins", {}).get("dhcp") or "--dhcp"
     if getattr(args, "link", "tap") != "tun":
-        raise UserError(DHCP_NEEDS_TUN if where == "--dhcp" else
-                        f"{where}: {DHCP_NEEDS_TUN.removeprefix('--dhcp ')}")
+        raise UserError(f"{where} {DHCP_NEEDS_TUN}" if where == "--dhcp" else
+                        f"{where}: {DHCP_NEEDS_TUN}")
     static = [a for a in args.ip if ipaddress.ip_interface(a).version == 4]
     if static:
         raise UserError(f"{where}: the IPv4 address comes from the board's DHCP server; "
