@@ -195,7 +195,7 @@ class DhcpClient:
             return self._bind(msg, server_mac, now)
         if kind == MessageType.NAK and self.state in asking:
             self.counts["naks"] += 1
-            return self._drop("nak", now) + self._discover(now, "NAK")
+            return self._drop("nak") + self._discover(now, "NAK")
         self.counts["ignored"] += 1
         return []
 
@@ -204,7 +204,7 @@ class DhcpClient:
         actions: list[Action] = []
         if self.lease is not None and self._expired(now):
             self.counts["lost"] += 1
-            actions += self._drop("expired", now)
+            actions += self._drop("expired")
             if self.state in (State.BOUND, State.RENEWING, State.REBINDING):
                 return actions + self._discover(now, "lease expired")
         if self._next is None or now < self._next:
@@ -303,7 +303,7 @@ class DhcpClient:
         return Send(ethernet(BROADCAST, self.mac, ETH_P_ARP,
                              arp_packet(ARP_REQUEST, self.mac, ip, bytes(6), ip)))
 
-    def _drop(self, reason: str, now: float) -> list[Action]:
+    def _drop(self, reason: str) -> list[Action]:
         lease, self.lease = self.lease, None
         return [] if lease is None else [Deconfigure(lease, reason)]
 
