@@ -282,6 +282,17 @@ def test_discover_backs_off_to_every_16_seconds():
     assert c.counts["discovers"] == 8
 
 
+def test_a_server_never_found_is_looked_for_every_16_seconds_for_ever():
+    c = client()
+    c.carrier(True, 0.0)
+    for _ in range(2000):  # 2**1024 seconds would overflow a float
+        c.tick(c.next_deadline())
+    when = c.next_deadline()
+    c.tick(when)
+    assert 14.4 <= c.next_deadline() - when <= 17.6
+    assert c.counts["discovers"] == 2002
+
+
 def test_an_unanswered_request_starts_over():
     c = client()
     (discover,) = sends(c.carrier(True, 0.0))
@@ -309,6 +320,9 @@ def test_infinite_and_missing_times():
     c = client()
     lease = bound(c, lease=-1)
     assert lease.expires is None and c.next_deadline() is None
+    c = client()
+    lease = bound(c, lease=0)  # taken as MIN_LEASE: not a loop as fast as the server
+    assert lease.expires == dhcp.MIN_LEASE and c.next_deadline() == dhcp.MIN_LEASE / 2
     c = client()
     lease = bound(c, lease=100, t1=90, t2=80)  # T1 after T2: T1 is RFC 2131's default
     assert (lease.t1, lease.t2) == (50.0, 80.0)

@@ -73,6 +73,9 @@ RETRY_JITTER = 0.1  # ± this share, so clients started together spread out
 REQUEST_TRIES = 4  # REQUESTs in REQUESTING and REBOOTING before starting over
 RENEW_RETRY_MIN = 4.0  # seconds between REQUESTs in RENEWING and REBINDING, at least
 DEFAULT_LEASE = 3600.0  # an ACK without a lease time (RFC 2131 requires one)
+# A shorter lease is taken as this long: a server handing out 0-second leases would
+# otherwise have the client bind, expire and ask again as fast as the server answers.
+MIN_LEASE = 1.0
 INFINITE = 0xFFFFFFFF
 
 COUNTERS = (
@@ -314,7 +317,7 @@ class DhcpClient:
     # --- messages --------------------------------------------------------------------
 
     def _retry_at(self, now: float) -> float:
-        delay = min(RETRY_MAX, RETRY_FIRST * 2 ** self._tries)
+        delay = min(RETRY_MAX, RETRY_FIRST * 2 ** min(self._tries, 16))  # no float overflow
         self._tries += 1
         return now + delay * (1 + self._rng.uniform(-RETRY_JITTER, RETRY_JITTER))
 
@@ -413,6 +416,8 @@ def _seconds(value: object) -> float | None:
 def _lease(ack: dhcp4msg, server_mac: bytes, obtained: float) -> Lease:
     options = ack["options"]
     lease_time = _seconds(options.get("lease_time", int(DEFAULT_LEASE)))
+    if lease_time is not None:
+        lease_time = max(MIN_LEASE, lease_time)
     t1, t2 = _seconds(options.get("renewal_time")), _seconds(options.get("rebinding_time"))
     if lease_time is not None:
         # RFC 2131 4.4.5's defaults when the server gives none, or gives them out of order.
