@@ -111,6 +111,10 @@ class BridgeOptions:
     forwards: list[str] = field(default_factory=list)  # --link user: "tcp:8022:22", ...
     nat: bool = False  # --link user: the board's own connections may leave through libslirp
     addresses: list[str] = field(default_factory=list)  # e.g. ["169.254.7.2/24"]
+    dhcp: bool = False  # --link tun: take the IPv4 address from the board's DHCP server
+    # The DHCP client's clock against the real one; >1 only in tests: dnsmasq's shortest
+    # lease is two minutes, and renewal, rebinding and expiry are what they check.
+    dhcp_time_scale: float = 1.0
     peer: str | None = None  # peer IP for a static neighbour entry
     peer_mac: str | None = None
     mtu: int = 1500
@@ -275,6 +279,8 @@ class Bridge:
             if self.options.offload and not datapath.OFFLOAD:
                 raise UserError("--offload needs the compiled data path (eembridge._datapath); "
                                 "this install runs the pure-Python one")
+            if self.options.dhcp and self.options.link != "tun":
+                raise UserError(f"--dhcp {DHCP_NEEDS_TUN}")
             if self.options.link == "tun":
                 self._tap = _open_tun(self.options)
             elif self.options.link == "user":
@@ -438,6 +444,8 @@ class Bridge:
             snapshot["l3"] = self._tap.l3_stats()
         if self._tap is not None and hasattr(self._tap, "user_stats"):  # --link user
             snapshot["user"] = self._tap.user_stats()
+        if getattr(self._tap, "dhcp", None) is not None:  # --link tun --dhcp
+            snapshot["dhcp"] = self._tap.dhcp_stats()
         if self._tap is not None and hasattr(self._tap, "kernel_stats"):
             try:
                 snapshot["link"] = self._tap.kernel_stats().as_dict()
@@ -895,6 +903,11 @@ def _merge_native(native: NativeDataPath, counters: dict[str, int], in_errors: d
     return rx, tx
 
 
+# Said after "--dhcp" or a config file's "FILE:LINE: [section] dhcp".
+DHCP_NEEDS_TUN = ("needs --link tun: a TAP has Ethernet, so the system's DHCP client runs on "
+                  "it (dhclient, NetworkManager)")
+
+
 def _open_tun(options: BridgeOptions) -> Any:
     """--link tun: a TUN and the Ethernet translation in front of it (link/tun.py)."""
     from .link.tun import TunLink
@@ -904,7 +917,8 @@ def _open_tun(options: BridgeOptions) -> Any:
                         "its translation, not the kernel's TCP (drop --offload or --link tun)")
     return TunLink(options.tap, mtu=options.mtu, mac=options.mac,
                    txqueuelen=options.txqueuelen, persist=options.persist,
-                   peer_mac=options.peer_mac)
+                   peer_mac=options.peer_mac, dhcp_client=options.dhcp,
+                   dhcp_time_scale=options.dhcp_time_scale)
 
 
 def _open_user(options: BridgeOptions) -> Any:

@@ -517,15 +517,20 @@ def sim_rigs() -> Iterator[Callable[..., SimRig]]:
     made: list[Any] = []
 
     def make(sim_options: dict[str, Any], static_neighbour: bool = True,
+             before_bridge: Callable[[Any, Any], None] | None = None,
              **bridge_options: Any) -> SimRig:
+        """before_bridge(sim, subnet): e.g. start a server on the device's side."""
         subnet = free_linklocal_subnet()
         device_ip, host_ip = str(subnet[1]), str(subnet[2])
         sim = SimLink(f"{device_ip}/24", **sim_options)
         made.append(sim)
+        if before_bridge is not None:
+            before_bridge(sim, subnet)
         if static_neighbour:
             bridge_options.update(peer=device_ip, peer_mac=sim.mac)
-        options = BridgeOptions(tap=nsmod.unique_name("eemb"), addresses=[f"{host_ip}/24"],
-                                stats_socket=None, **bridge_options)
+        bridge_options.setdefault("addresses", [f"{host_ip}/24"])
+        options = BridgeOptions(tap=nsmod.unique_name("eemb"), stats_socket=None,
+                                **bridge_options)
         bridge = Bridge(sim.connect, options)
         bridge.start()
         made.append(bridge)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -53,6 +54,8 @@ def bridge_options(args: argparse.Namespace) -> BridgeOptions:
             where = getattr(args, "origins", {}).get(dest) or flag
             raise UserError(f"{where} is for --link user (libslirp's ports and NAT); this bridge "
                             f"has --link {link}")
+    if getattr(args, "dhcp", False):
+        _check_dhcp(args)
     max_transfer, batch = max_transfer_and_batch(args.max_transfer)
     # Every option whose name is a BridgeOptions field goes across as it is (the option
     # table's dest names are the field names); these are the ones that change on the way.
@@ -68,6 +71,21 @@ def bridge_options(args: argparse.Namespace) -> BridgeOptions:
             f"{options.mtu} (needs at least {options.max_length + 4})"
         )
     return options
+
+
+def _check_dhcp(args: argparse.Namespace) -> None:
+    """--dhcp needs the TUN link, and an IPv4 address from --ip would contend with the
+    lease's (IPv6 ones may stay)."""
+    from ..bridge import DHCP_NEEDS_TUN
+
+    where = getattr(args, "origins", {}).get("dhcp") or "--dhcp"
+    if getattr(args, "link", "tap") != "tun":
+        raise UserError(f"{where} {DHCP_NEEDS_TUN}" if where == "--dhcp" else
+                        f"{where}: {DHCP_NEEDS_TUN}")
+    static = [a for a in args.ip if ipaddress.ip_interface(a).version == 4]
+    if static:
+        raise UserError(f"{where}: the IPv4 address comes from the board's DHCP server; "
+                        f"drop --ip {static[0]} (or --dhcp)")
 
 
 def usb_connector(args: argparse.Namespace) -> Callable[[], Transport]:

@@ -195,6 +195,8 @@ def drop_privileges(args: argparse.Namespace) -> Callable[[], None]:
     keep = []
     if args.pcap:
         keep.append("net_raw")  # the AF_PACKET capture opens when the device connects
+    if getattr(args, "dhcp", False):
+        keep.append("net_admin")  # each lease's address and route, added and removed later
     if args.metrics:
         from ..core.options import parse_address
 

@@ -104,6 +104,9 @@ def render(tap: str, s: dict[str, Any]) -> Any:
     link += [(f"l3:{k}", v) for k, v in (s.get("l3") or {}).items() if v or k.startswith("dropped")]
     link += [(f"user:{k}", v) for k, v in (s.get("user") or {}).items()
              if v or k.startswith("refused")]
+    # --dhcp: the state and lease always, counters once they are not zero.
+    link += [(f"dhcp:{k}", "-" if v is None else v) for k, v in (s.get("dhcp") or {}).items()
+             if v or k in ("state", "address", "expires_in")]
     for i in range(max(len(rx), len(tx), len(link))):
         row: list[str] = []
         for cells in (rx, tx, link):

@@ -528,6 +528,10 @@ OPTIONS: tuple[Option, ...] = (
            LINK, action="store_true"),
     Option("--ip", InterfaceAddress(), "address for the TAP, e.g. 169.254.7.2/24 (repeatable)",
            [], "addresses", LINK, action="append", metavar="ADDR/PREFIX"),
+    Option("--dhcp", Switch(),
+           "with --link tun: take the IPv4 address, prefix and router from the board's DHCP "
+           "server, renew it, drop it when it is lost (`eembridge stats`, section dhcp)",
+           False, "dhcp", LINK, action="store_true"),
     Option("--peer", Address("ADDR"), "the device's IP, for a static neighbour entry",
            None, "peer", LINK),
     Option("--peer-mac", Mac(), "the device's MAC for the static neighbour", None, "peer-mac",

@@ -25,7 +25,8 @@ So nothing is kept by default: effective, permitted, inheritable and ambient set
 emptied, the bounding set too where we may (CAP_SETPCAP; a non-root user started with
 only CAP_NET_ADMIN cannot shrink it, and no_new_privs makes it moot: no execve can gain
 anything). Kept only on request of an option that needs it later: CAP_NET_RAW for
---pcap (its AF_PACKET socket opens when the device first connects).
+--pcap (its AF_PACKET socket opens when the device first connects), CAP_NET_ADMIN for
+--dhcp (the lease's address and route come and go while the bridge runs).
 
 Plain prctl(2)/capset(2) through ctypes: the two calls need no library (python-prctl
 would need libcap headers and a compiler on every machine, for two system calls).

@@ -2,9 +2,11 @@
 
 Theory of operation
 -------------------
-`TunLink` is a link.pump.FramePump: the bridge gets one end of a SEQPACKET socketpair
-as its frame descriptor, and a pump thread runs eembridge.core.l3.Translator between
-the other end and the TUN:
+The bridge and both data paths (Python and C) read and write whole Ethernet frames on
+one descriptor, the TAP's. `TunLink` hands them one end of a
+socketpair(AF_UNIX, SOCK_SEQPACKET) instead: one frame per datagram, read(2) and
+write(2) as on a TAP, EAGAIN when empty or full. A pump thread runs
+eembridge.core.l3.Translator between the other end and the TUN:
 
   bridge --frame--> socketpair --> pump: from_device --IP packet--> TUN --> kernel
   kernel --> TUN --IP packet--> pump: from_host --frame--> socketpair --> bridge
@@ -22,6 +24,13 @@ answers Neighbor Solicitations for, is added instead. The translator learns the
 interface's addresses at start and then once a second from netlink, so an address
 added later with `ip addr` is answered for too. TAP offload (virtio_net_hdr) is off:
 the frames the bridge sees are the translator's.
+
+With --dhcp the pump also runs eembridge.core.dhcp's client: its frames go to the bridge
+as the translator's do, UDP to port 68 from the board goes to it instead of the TUN
+(nothing on the host could listen there: the TUN has no link layer for a DHCP client),
+and it learns of replugs from `set_carrier`. Its actions are carried out here: the
+lease's address and prefix on the TUN, the offered router as a default route of
+metric DHCP_ROUTE_METRIC, both removed when the lease is lost; one log line per state.
 """
 
 from __future__ import annotations
@@ -31,19 +40,30 @@ import logging
 import os
 import select
 import socket
+import threading
 import time
+from collections import deque
 from pathlib import Path
+from typing import Any
 
 import pytun
+from pyroute2 import NetlinkError
 
+from ..core import dhcp
 from ..core.l3 import Translator, link_local, stable_mac
-from .pump import BURST, FramePump
+from .netns import iproute, link_index
 from .tap import IPInterface, LinkStats, Tap, TapError
 
 log = logging.getLogger(__name__)
 
 ADDRESS_REFRESH = 1.0  # seconds between reads of the interface's addresses
+BURST = 64  # datagrams or packets moved per side before looking at the other
+MAX_BACKLOG = 256  # frames kept for the bridge while its socket is full
 CARRIER_WAIT = 0.5  # seconds set_carrier(True) waits for the kernel to mark the link up
+# The board's router as the host's default route, behind any the host already has (those
+# of DHCP on a LAN, NetworkManager's, are 100 to 600): a board should not take over the
+# host's traffic because it offers itself as a router; it is there if nothing else is.
+DHCP_ROUTE_METRIC = 1024
 
 
 class Tun(Tap):
@@ -62,35 +82,54 @@ class Tun(Tap):
             log.debug("no IPv6 on %s: no link-local address to replace", self.name)
 
 
-class TunLink(FramePump):
+class TunLink:
     """What the bridge takes for its TAP when --link tun: a frame descriptor (fileno),
     the interface's configuration (addresses, up, carrier, neighbours, counters) and the
     translator's counters (`l3_stats`)."""
 
     offload = False  # the bridge's data paths see plain frames
-    KIND = "TUN"
-    FATAL = (TapError,)
 
     def __init__(self, name: str, *, mtu: int = 1500, mac: str | None = None,
                  txqueuelen: int | None = None, persist: bool = False,
-                 peer_mac: str | None = None) -> None:
+                 peer_mac: str | None = None, dhcp_client: bool = False,
+                 dhcp_time_scale: float = 1.0) -> None:
+        self.name = name
         host_mac = bytes.fromhex(mac.replace(":", "")) if mac else stable_mac(name)
         self.translator = Translator(
             host_mac, peer_mac=bytes.fromhex(peer_mac.replace(":", "")) if peer_mac else None)
         self.tun = Tun(name, mtu=mtu, txqueuelen=txqueuelen, persist=persist)
-        super().__init__(name)
         self._mtu = mtu
         self._link_local = f"{link_local(host_mac)}/64"
         self._addresses: list[IPInterface] = []
-        self.pump_counters.update(tun_write_errors=0, tun_read_errors=0)
+        # The DHCP client's clock runs dhcp_time_scale times faster than the real one, for
+        # tests: dnsmasq gives no lease under two minutes (BridgeOptions.dhcp_time_scale).
+        self.dhcp = dhcp.DhcpClient(host_mac) if dhcp_client else None
+        self._dhcp_scale = dhcp_time_scale
+        self._carrier_events: deque[bool] = deque()
+        self.dhcp_counters = {"config_errors": 0}
+        self._bridge_end, self._pump_end = socket.socketpair(socket.AF_UNIX,
+                                                             socket.SOCK_SEQPACKET)
+        for end in (self._bridge_end, self._pump_end):
+            end.setblocking(False)
+        self.pump_counters = {"tun_write_errors": 0, "tun_read_errors": 0,
+                              "backlog_dropped": 0, "pump_wakeups": 0}
+        self._backlog: deque[bytes] = deque()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._thread = threading.Thread(target=self._pump_guarded, name=f"eembridge-tun-{name}",
+                                         daemon=True)
+        self.error: BaseException | None = None
+        self._stopping = False
         try:
             self.tun.disable_address_generation()
         except BaseException:
             self.close()
             raise
-        self.start()
+        self._thread.start()
 
     # --- what the bridge uses ---------------------------------------------------------
+
+    def fileno(self) -> int:
+        return self._bridge_end.fileno()
 
     @property
     def mac(self) -> str:
@@ -101,6 +140,9 @@ class TunLink(FramePump):
         work has run (a few ms) the TUN still has the no-op qdisc, which drops what the
         kernel sends, and a first packet sent on "connected" would be lost."""
         self.tun.set_carrier(on)
+        if self.dhcp is not None:
+            self._carrier_events.append(on)
+            self._wake()
         deadline = time.monotonic() + CARRIER_WAIT
         while on and self.tun.operstate != "UP" and time.monotonic() < deadline:
             time.sleep(0.002)
@@ -129,17 +171,62 @@ class TunLink(FramePump):
         """The translator's counters and drops, and the pump's own."""
         return {**self.translator.counters(), **self.pump_counters}
 
+    def dhcp_stats(self) -> dict[str, Any]:
+        """The DHCP client's state, lease and counters (stats section dhcp)."""
+        assert self.dhcp is not None
+        return {**self.dhcp.snapshot(self._dhcp_now()), **self.dhcp_counters}
+
     def addresses(self) -> list[IPInterface]:
         return self.tun.addresses()
 
+    def _wake(self) -> None:
+        """The pump looks at _stopping and the carrier events."""
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass  # the pump has wake-ups waiting already: it will look at everything
+
     def close(self) -> None:
-        self.stop_pump()
+        if self._thread.is_alive():
+            self._stopping = True
+            self._wake()
+            self._thread.join(5)
+        lease = self.dhcp.lease if self.dhcp is not None else None
+        if lease is not None and not self._thread.is_alive() and self._persists():
+            self._deconfigure(lease)  # a kept TUN keeps no address nobody renews
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._bridge_end.close()
+        self._pump_end.close()
         self.tun.close()
+
+    def _persists(self) -> bool:
+        try:
+            return self.tun.persistent
+        except OSError:
+            return False
 
     def __repr__(self) -> str:
         return f"<TunLink {self.name} mac={self.mac}>"
 
     # --- the pump -------------------------------------------------------------------
+
+    def _pump_guarded(self) -> None:
+        try:
+            self._pump()
+        except BaseException as exc:
+            self.error = exc
+            log.error("TUN pump for %s stopped: %s", self.name, exc,
+                      exc_info=not isinstance(exc, TapError))
+            # The bridge polls its end: a hang-up there stops it with one line, as a
+            # deleted TAP does, instead of a bridge that moves frames to nowhere.
+            try:
+                self._pump_end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _pump(self) -> None:
         translator = self.translator
@@ -152,7 +239,7 @@ class TunLink(FramePump):
         packet_buf = bytearray(self._mtu + 1)
         frame_view, packet_view = memoryview(frame_buf), memoryview(packet_buf)
         poller = select.poll()
-        poller.register(self._stop_r, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
         poller.register(sock_fd, select.POLLIN)
         poller.register(tun_fd, select.POLLIN)
         reading_tun = True
@@ -163,20 +250,33 @@ class TunLink(FramePump):
                 next_refresh = now + ADDRESS_REFRESH
                 self._refresh_addresses()
             self._send(translator.tick(now))
+            dhcp_deadline = self._dhcp_tick()
             blocked = bool(self._backlog)
             if blocked == reading_tun:  # backlog: stop reading the TUN, wait for room
                 reading_tun = not blocked
                 poller.modify(tun_fd, select.POLLIN if reading_tun else 0)
                 poller.modify(sock_fd, select.POLLIN | (select.POLLOUT if blocked else 0))
-            deadline = min(d for d in (next_refresh, translator.next_deadline()) if d is not None)
+            deadline = min(d for d in (next_refresh, translator.next_deadline(), dhcp_deadline)
+                           if d is not None)
             timeout = max(0, int((deadline - now) * 1000) + 1)
-            events = self._poll(poller, timeout)
-            if events is None:
-                return
+            events = poller.poll(timeout)
+            self.pump_counters["pump_wakeups"] += 1
             for fd, mask in events:
+                if fd == self._wake_r:
+                    try:
+                        while os.read(self._wake_r, 64):
+                            pass
+                    except BlockingIOError:
+                        pass
+                    if self._stopping:
+                        return
+                    self._dhcp_carrier()
                 if fd == sock_fd:
-                    if not self._bridge_side(mask, lambda: self._from_bridge(sock, frame_view,
-                                                                             tun_fd)):
+                    if mask & select.POLLOUT:
+                        self._send(())
+                    if mask & select.POLLIN:
+                        self._from_bridge(sock, frame_view, tun_fd)
+                    if mask & (select.POLLHUP | select.POLLERR):
                         return  # the bridge closed its end
                 elif fd == tun_fd:
                     if mask & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
@@ -191,7 +291,9 @@ class TunLink(FramePump):
             except BlockingIOError:
                 return
             packet, replies = self.translator.from_device(view[:n], now)
-            if packet is not None:
+            if packet is not None and self.dhcp is not None and dhcp.is_dhcp_reply(packet):
+                self._dhcp_do(self.dhcp.receive(packet, bytes(view[6:12]), self._dhcp_now()))
+            elif packet is not None:
                 try:
                     os.write(tun_fd, packet)
                 except OSError as exc:  # link down (EIO), queue full: a lost packet
@@ -219,6 +321,24 @@ class TunLink(FramePump):
             if frames:
                 self._send(frames)
 
+    def _send(self, frames: Any) -> None:
+        """Frames to the bridge, oldest first; what finds the socket full waits."""
+        backlog = self._backlog
+        backlog.extend(frames)
+        while backlog:
+            try:
+                self._pump_end.send(backlog[0])
+            except BlockingIOError:
+                break
+            except OSError as exc:  # e.g. EMSGSIZE: the bridge could not take it either
+                if exc.errno == errno.EBADF:
+                    raise
+                self.pump_counters["backlog_dropped"] += 1
+            backlog.popleft()
+        while len(backlog) > MAX_BACKLOG:
+            backlog.pop()
+            self.pump_counters["backlog_dropped"] += 1
+
     def _refresh_addresses(self) -> None:
         try:
             current = self.tun.addresses()
@@ -228,3 +348,69 @@ class TunLink(FramePump):
         if set(current) != set(self._addresses):
             self._addresses = current
             self.translator.set_host_addresses(current)
+
+    # --- the DHCP client (--dhcp) -------------------------------------------------------
+
+    def _dhcp_now(self) -> float:
+        return time.monotonic() * self._dhcp_scale
+
+    def _dhcp_carrier(self) -> None:
+        while self._carrier_events and self.dhcp is not None:
+            self._dhcp_do(self.dhcp.carrier(self._carrier_events.popleft(), self._dhcp_now()))
+
+    def _dhcp_tick(self) -> float | None:
+        """Run the client's timers; when they are due next, by the real clock."""
+        if self.dhcp is None:
+            return None
+        client = self.dhcp
+        deadline = client.next_deadline()
+        if deadline is not None and self._dhcp_now() >= deadline:
+            self._dhcp_do(client.tick(self._dhcp_now()))
+            deadline = client.next_deadline()
+        return None if deadline is None else deadline / self._dhcp_scale
+
+    def _dhcp_do(self, actions: list[dhcp.Action]) -> None:
+        for action in actions:
+            if isinstance(action, dhcp.Send):
+                self._send((action.frame,))
+            elif isinstance(action, dhcp.Changed):
+                log.info("dhcp on %s: %s -> %s (%s)", self.name, action.old.name,
+                         action.new.name, action.reason)
+            elif isinstance(action, dhcp.Configure):
+                self._configure(action.lease, action.previous)
+            elif isinstance(action, dhcp.Deconfigure):
+                log.warning("dhcp on %s: %s removed (%s)", self.name, action.lease.interface,
+                            "lease expired" if action.reason == "expired" else "NAK")
+                self._deconfigure(action.lease)
+            else:
+                continue
+            self._refresh_addresses()  # answer ARP for the new address at once, not in 1 s
+
+    def _configure(self, lease: dhcp.Lease, previous: dhcp.Lease | None) -> None:
+        if previous is not None and previous.interface != lease.interface:
+            self._deconfigure(previous)
+        try:
+            self.tun.add_address(lease.interface)
+            if lease.router is not None:
+                self._default_route("replace", lease.router)
+        except (OSError, NetlinkError, TapError) as exc:
+            self.dhcp_counters["config_errors"] += 1
+            log.error("dhcp on %s: cannot configure %s (router %s): %s", self.name,
+                      lease.interface, lease.router, exc)
+
+    def _deconfigure(self, lease: dhcp.Lease) -> None:
+        try:
+            if lease.router is not None:
+                self._default_route("del", lease.router)
+        except (OSError, NetlinkError):
+            pass  # the kernel took it with the address, or it was never there
+        try:
+            self.tun.del_address(lease.interface)
+        except (OSError, NetlinkError) as exc:
+            self.dhcp_counters["config_errors"] += 1
+            log.error("dhcp on %s: cannot remove %s: %s", self.name, lease.interface, exc)
+
+    def _default_route(self, command: str, router: str) -> None:
+        with iproute(self.tun.netns) as ipr:
+            ipr.route(command, dst="0.0.0.0/0", gateway=router, oif=link_index(ipr, self.name),
+                      priority=DHCP_ROUTE_METRIC)

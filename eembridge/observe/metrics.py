@@ -43,6 +43,7 @@ COUNTER_SECTIONS = {
     "l3": ("l3", "--link tun: Ethernet translation counter (dropped_*: not carried, by reason)"),
     "user": ("user", "--link user: libslirp pump counter (refused_*: the board's own traffic out, "
                      "refused without --nat)"),
+    "dhcp": ("dhcp", "--link tun --dhcp: DHCP client counter (lost: leases expired)"),
     "event_loop": ("event_loop", "counter of the thread moving frames in C (real USB)"),
 }
 # Gauges: snapshot key -> help.
