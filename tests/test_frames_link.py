@@ -149,6 +149,23 @@ def test_a_reader_that_does_not_read_costs_drops_not_the_bridge(rig: Rig) -> Non
     rig.await_frame(lambda f: ethertype(f) == ETH_ARP and f[20:22] == b"\x00\x02")
 
 
+def test_a_board_that_takes_nothing_makes_send_frame_wait_then_refuse(rig: Rig) -> None:
+    """OUT full (the device NAKs everything): the bridge stops reading the link, the
+    link's buffer fills, send_frame waits its timeout and says no; counted. Once the
+    device takes transfers again, so does the link."""
+    rig.sim.device.busy_out_for(30)
+    frame = icmp_echo(mac_bytes(rig.sim.mac), rig.mac, rig.host_ip, rig.sim.ip, 1, bytes(1000))
+    accepted = 0
+    while rig.bridge.send_frame(frame, timeout=0.2):
+        accepted += 1
+        assert accepted < 100_000, "send_frame never found the link full"
+    frames = rig.bridge.stats()["frames"]
+    assert frames["send_refused"] == 1 and frames["sent_frames"] == accepted, frames
+    rig.sim.device.busy_out_for(0)
+    assert rig.bridge.send_frame(frame, timeout=10)
+    assert rig.bridge.stats()["bridge"]["backpressure"] >= 1
+
+
 def test_bad_frames_and_wrong_use_are_refused_in_one_line() -> None:
     subnet = free_linklocal_subnet()
     with SimLink(f"{subnet[1]}/24") as sim:
