@@ -4,7 +4,9 @@ The package face: `Bridge` and `BridgeOptions` (the bridge, to embed), `Transpor
 (what a device offers it), `Deframer` and `Framer` (the EEM codec), the events they
 produce and the errors. The layers live in sub-packages: core (sans-IO: protocol,
 codec, options, events, errors, the transport interface), datapath (the data path's
-Python face), usb (real devices), link (the TAP and the host's network), observe
+Python face), usb (real devices), link (the TAP and the host's network; the TUN link; the
+frames link, `BridgeOptions(link="frames")` with `Bridge.send_frame` / `recv_frame`, where
+the board's Ethernet frames end in the embedding program), observe
 (control socket, metrics, logs, captures of a running bridge), capture (offline
 pcap/usbmon), sim (the simulated device), cli (the subcommands).
 
