@@ -9,7 +9,11 @@ guest's CPUs and how much of that was the bridge process. Figures are emulation 
 (TCG, dummy_hcd): only the ratios within one boot mean something.
 
     python3 bench/interop.py [--speed high|super|full] [--cpus 2] [--seconds 5] [--rounds 1]
-                             [--variant 'LABEL:[ENV=VALUE,...] [OPTIONS]'] [--kernel-only] [--json]
+                             [--variant 'LABEL:[ENV=VALUE,...] [OPTIONS]'] [--tun] [--kernel-only]
+                             [--json]
+
+--tun adds a row for the TUN link (`--link tun`, the variant 'tun:--link tun'): the same
+gadget through eembridge's layer-3 link, after the TAP link's row.
 """
 
 from __future__ import annotations
@@ -190,6 +194,8 @@ def main() -> int:
                     help="also measure eembridge started with this environment and these extra "
                          "options, in the same boot (e.g. 'python-loop:EEMBRIDGE_NATIVE=0', "
                          "'in32:--in-flight 32')")
+    ap.add_argument("--tun", action="store_true",
+                    help="also the TUN link: the variant 'tun:--link tun'")
     ap.add_argument("--rwdir", type=Path, help="keep the guest's files here")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--profile", action="store_true",
@@ -198,6 +204,8 @@ def main() -> int:
 
     rwdir = args.rwdir or Path(tempfile.mkdtemp(prefix="eembridge-bench-interop-"))
     variants: list[tuple[str, list[str], list[str]]] = [("eembridge", [], [])]
+    if args.tun:
+        args.variant.insert(0, "tun:--link tun")
     for spec in args.variant:
         label, _, rest = spec.partition(":")
         words = shlex.split(rest)

@@ -1,10 +1,15 @@
 """eembridge: a userspace, driverless USB CDC-EEM host bridge.
 
 The package face: `Bridge` and `BridgeOptions` (the bridge, to embed), `board_connector`
-(a USB board for it, chosen as on the command line), `Transport` (what a device offers it), `Deframer` and `Framer` (the EEM codec), the events they
-produce and the errors. The layers live in sub-packages: core (sans-IO: protocol,
-codec, options, events, errors, the transport interface), datapath (the data path's
-Python face), usb (real devices), link (the TAP and the host's network), observe
+(a USB board for it, chosen as on the command line), `Transport` (what a device offers
+it), `Deframer` and `Framer` (the EEM codec), the events they produce and the errors.
+The layers live in sub-packages: core (sans-IO: protocol, codec, options, events,
+errors, the transport interface), datapath (the data path's Python face), usb (real
+devices), link (the TAP and the host's network; the TUN link; the user link,
+`BridgeOptions(link="user", forwards=[...])` with `Bridge.forwarded_ports`, where the
+board's traffic ends in libslirp and its ports are reached on localhost; the frames
+link, `BridgeOptions(link="frames")` with `Bridge.send_frame` / `recv_frame`, where the
+board's Ethernet frames end in the embedding program), observe
 (control socket, metrics, logs, captures of a running bridge), capture (offline
 pcap/usbmon), sim (the simulated device), cli (the subcommands).
 

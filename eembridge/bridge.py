@@ -107,7 +107,10 @@ class BridgeOptions:
     """Everything a bridge can be told; the CLI and the config file fill this in."""
 
     tap: str = "usb0"
-    link: str = "tap"  # "tun": a layer-3 TUN, Ethernet translated in userspace (link/tun.py)
+    # "tun": a layer-3 TUN, Ethernet translated in userspace (link/tun.py); "user": the
+    # board's traffic ends in libslirp, reached by forwards (link/user.py); "frames": the
+    # frames end in this program, send_frame / recv_frame (link/frames.py)
+    link: str = "tap"
     forwards: list[str] = field(default_factory=list)  # --link user: "tcp:8022:22", ...
     nat: bool = False  # --link user: the board's own connections may leave through libslirp
     addresses: list[str] = field(default_factory=list)  # e.g. ["169.254.7.2/24"]
@@ -285,6 +288,11 @@ class Bridge:
                 self._tap = _open_tun(self.options)
             elif self.options.link == "user":
                 self._tap = _open_user(self.options)
+            elif self.options.link == "frames":
+                self._tap = _open_frames(self.options)
+            elif self.options.link != "tap":
+                raise UserError(f"link {self.options.link!r}: expected one of tap, tun, user, "
+                                "frames")
             else:
                 self._tap = Tap(self.options.tap, mtu=self.options.mtu, mac=self.options.mac,
                                 txqueuelen=self.options.txqueuelen, persist=self.options.persist,
@@ -347,6 +355,21 @@ class Bridge:
 
     @property
     def tap(self) -> Any:
+        return self._tap
+
+    def send_frame(self, frame: bytes | bytearray | memoryview, timeout: float | None = 1.0) -> bool:
+        """link="frames": one Ethernet frame to the board (link/frames.py). False if the
+        link had no room within `timeout` (the board is slower than the program)."""
+        return bool(self._frames_link().send_frame(frame, timeout))
+
+    def recv_frame(self, timeout: float | None = None) -> bytes | None:
+        """link="frames": the next Ethernet frame from the board, None after `timeout`."""
+        frame: bytes | None = self._frames_link().recv_frame(timeout)
+        return frame
+
+    def _frames_link(self) -> Any:
+        if not hasattr(self._tap, "recv_frame"):
+            raise RuntimeError('send_frame and recv_frame need a started bridge with link="frames"')
         return self._tap
 
     @property
@@ -446,6 +469,8 @@ class Bridge:
             snapshot["user"] = self._tap.user_stats()
         if getattr(self._tap, "dhcp", None) is not None:  # --link tun --dhcp
             snapshot["dhcp"] = self._tap.dhcp_stats()
+        if self._tap is not None and hasattr(self._tap, "frames_stats"):  # link="frames"
+            snapshot["frames"] = self._tap.frames_stats()
         if self._tap is not None and hasattr(self._tap, "kernel_stats"):
             try:
                 snapshot["link"] = self._tap.kernel_stats().as_dict()
@@ -931,6 +956,15 @@ def _open_user(options: BridgeOptions) -> Any:
     return open_user_link(options.tap, addresses=options.addresses, peer=options.peer,
                           forwards=options.forwards, nat=options.nat, mtu=options.mtu,
                           mac=options.mac)
+
+
+def _open_frames(options: BridgeOptions) -> Any:
+    """link="frames": the frames end in the embedding program (link/frames.py)."""
+    from .link.frames import FramesLink
+
+    if options.offload:
+        raise UserError('offload is for the TAP link: the frames link carries plain frames')
+    return FramesLink(options.tap, mtu=options.mtu, mac=options.mac)
 
 
 def _mac_bytes(mac: object) -> bytes | None:

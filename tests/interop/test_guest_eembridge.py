@@ -6,6 +6,9 @@ shell and leaves its results as files in the rwdir; each test below reads its ow
 gets everything on a composite gadget (ACM before EEM, so discovery cannot assume
 interface 0) including unplug/replug from the UDC mid-transfer; SuperSpeed and full
 speed get the core: detach, ping, TCP both ways by SHA-256, EEM Echo, give-back.
+After the high-speed checks the same boot runs tests/interop/tun_checks.sh: a second
+bridge with `--link tun` (no static neighbour on either side), ARP and NDP learned, TCP
+both ways by SHA-256, an unplug and replug from the UDC, SIGTERM.
 
 A machine that cannot boot the guest FAILS here naming what is missing
 (tests/interop/setup_guest.sh installs it).
@@ -57,6 +60,10 @@ FULL_CHECKS = pytest.mark.parametrize("boot", [s for s, v in SPEEDS.items() if v
                                       indirect=True, ids=lambda s: f"{s}-speed")
 
 
+# The speed whose boot also runs the TUN link's checks (tun_checks.sh), after its own.
+TUN_SPEED = "high"
+TUN_NAME = "eemtun0"
+
 # Boots: high alone (the full set of checks); SuperSpeed and full speed share one boot,
 # one after the other (gadget.sh down in between reloads dummy_hcd with other options),
 # which saves a 26 s boot. Each speed's files go to its own folder of the rwdir.
@@ -67,8 +74,13 @@ def _boot_script(speeds: tuple[str, ...]) -> str:
     steps = []
     for speed in speeds:
         _sysfs, _mp, level, composite = SPEEDS[speed]
-        steps.append(f"mkdir -p $RW/{speed}\n"
-                     f"RW=$RW/{speed} bash $INTEROP/bridge_checks.sh {speed} {level} {composite}")
+        step = (f"mkdir -p $RW/{speed}\n"
+                f"RW=$RW/{speed} bash $INTEROP/bridge_checks.sh {speed} {level} {composite}")
+        if speed == TUN_SPEED:
+            step += (f"\nmkdir -p $RW/{speed}/tun\n"
+                     f"GADGET_ENV=$RW/{speed}/env.txt RW=$RW/{speed}/tun "
+                     f"bash $INTEROP/tun_checks.sh")
+        steps.append(step)
     return "\nbash $INTEROP/gadget.sh down\n".join(steps)
 
 
@@ -216,3 +228,101 @@ def test_unplug_replug_mid_transfer_recovers(boot: Boot) -> None:
 def test_sigterm_exits_cleanly_and_gives_the_device_back(boot: Boot) -> None:
     assert boot.read("bridge_exit.rc") == "0", boot.bridge_log()[-2000:]
     assert boot.eem_driver("after") == "cdc_eem"
+
+
+# --- `--link tun` against f_eem (tun_checks.sh, in the TUN_SPEED boot) ---------------------
+
+@pytest.fixture
+def tun(boot: Boot) -> BootResults:
+    """The files tun_checks.sh wrote in the boot of TUN_SPEED."""
+    return BootResults(boot.result, subdir=f"{TUN_SPEED}/tun", label="--link tun: ")
+
+
+TUN_BOOT = pytest.mark.parametrize("boot", [TUN_SPEED], indirect=True, ids=[f"{TUN_SPEED}-speed"])
+
+
+def _l3(tun: BootResults, name: str) -> dict[str, int]:
+    tun.rc(name)
+    return dict(tun.json(f"{name}.json")["l3"])
+
+
+def _learned(tun: BootResults, name: str, address: str) -> str:
+    """The peer kernel's neighbour entry for `address` (from NAME.txt): learned, not static."""
+    lines = [ln for ln in tun.read(f"{name}.txt").splitlines() if ln.split()[:1] == [address]]
+    assert len(lines) == 1, f"peer has no neighbour entry for {address}: {tun.read(f'{name}.txt')}"
+    assert "PERMANENT" not in lines[0] and "lladdr" in lines[0], lines[0]
+    return lines[0]
+
+
+def _tun_mac() -> str:
+    from eembridge.core.l3 import stable_mac
+
+    return stable_mac(TUN_NAME).hex(":")
+
+
+@TUN_BOOT
+def test_tun_link_ipv4_ping_both_ways_with_arp_learned(tun: BootResults) -> None:
+    tun.rc("tun_up")
+    for step in ("ping4_h2p", "ping4_p2h"):
+        tun.rc(step)
+        assert " 0% packet loss" in tun.read(f"{step}.txt")
+    # The host's ping: the translator asked for the peer, and the peer, asked, learned us.
+    _learned(tun, "neigh4_after_h2p", tun_env(tun)["HOST_IP"])
+    # The peer's ping after it forgot us: it asked, the translator answered with our MAC.
+    assert f"lladdr {_tun_mac()}" in _learned(tun, "neigh4", tun_env(tun)["HOST_IP"])
+    l3 = _l3(tun, "stats_arp")
+    assert l3["arp_sent"] >= 1 and l3["arp_replies"] >= 1 and l3["arp_answered"] >= 1, l3
+    assert l3["released"] >= 1, l3  # the first ping waited for the answer, then went
+
+
+@TUN_BOOT
+def test_tun_link_ipv6_link_local_ping_both_ways_through_ndp(tun: BootResults) -> None:
+    tun.rc("tun_up")
+    tun.rc("peer_ll_ready")
+    for step in ("ping6_h2p", "ping6_p2h"):
+        tun.rc(step)
+        assert " 0% packet loss" in tun.read(f"{step}.txt")
+    host_ll = tun_env(tun)["HOST_LL"]
+    assert host_ll.startswith("fe80:"), tun.read("tun_ll.txt")
+    assert f"lladdr {_tun_mac()}" in _learned(tun, "neigh6", host_ll)
+    l3 = _l3(tun, "stats_ndp")
+    assert l3["ns_sent"] >= 1 and l3["na_received"] >= 1 and l3["ns_answered"] >= 1, l3
+
+
+@TUN_BOOT
+@pytest.mark.parametrize("direction", ["tun_h2p", "tun_p2h"])
+def test_tun_link_tcp_payload_matches_its_sha256(tun: BootResults, direction: str) -> None:
+    tun.rc(direction)
+    sent = tun.read(f"{direction}.sent")
+    assert len(sent) == 64 and tun.read(f"{direction}.recv") == sent
+    snapshot = tun.json("stats_tcp.json")
+    l3 = snapshot["l3"]
+    # Nothing IP needs was dropped on the way (what a TUN cannot carry, e.g. LLDP, may be).
+    assert all(l3[f"dropped_{r}"] == 0 for r in ("bad_ip", "bad_arp", "bad_ndp", "not_ip",
+                                                 "hold_full", "pending_full", "unresolved")), l3
+    assert snapshot["bridge"]["tx_dropped"] == 0 and snapshot["drop_reasons"] == {}, snapshot
+
+
+@TUN_BOOT
+def test_tun_link_traffic_flows_again_after_a_replug(tun: BootResults) -> None:
+    tun.rc("tun_carrier_off")  # the TUN lost carrier when the gadget left the bus
+    tun.rc("tun_carrier_on")   # and got it back once the bridge had the device again
+    tun.rc("tun_replug_ping")
+    for direction in ("tun_replug_h2p", "tun_replug_p2h"):
+        tun.rc(direction)
+        assert tun.read(f"{direction}.recv") == tun.read(f"{direction}.sent")
+    tun.rc("stats_replug")
+    assert tun.json("stats_replug.json")["bridge"]["connects"] >= 2
+
+
+@TUN_BOOT
+def test_tun_link_sigterm_exits_cleanly(tun: BootResults) -> None:
+    assert tun.read("tun_exit.rc") == "0", tun.read("bridge.log")[-2000:]
+
+
+def tun_env(tun: BootResults) -> dict[str, str]:
+    """HOST_IP and the rest of the gadget's facts, with what tun_checks.sh found."""
+    env = dict(line.split("=", 1) for line in
+               (tun.dir.parent / "env.txt").read_text().splitlines() if "=" in line)
+    env.update(word.split("=", 1) for word in tun.read("tun_env.txt").split())
+    return env
