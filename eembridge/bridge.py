@@ -263,7 +263,7 @@ class Bridge:
             from .link.tap import Tap
 
             if self.options.offload and not datapath.OFFLOAD:
-                raise UserError("--offload needs the compiled data path (eembridge._datapath); "
+                raise UserError("--offload needs the compiled data path (eembridge._fast.datapath); "
                                 "this install runs the pure-Python one")
             if self.options.link == "tun":
                 self._tap = _open_tun(self.options)
@@ -620,7 +620,7 @@ class Bridge:
         # The pure-Python data path, --usb-pcap recording and EEMBRIDGE_NATIVE=0 (to
         # compare: bench/interop.py --variant) take the Python loop.
         native: NativeDataPath | None = None
-        if hasattr(self.rx, "capsule") and environment.ENV.native:
+        if datapath.COMPILED and environment.ENV.native:
             engine = getattr(transport, "engine", None)
             driven = engine() if callable(engine) else None
             if driven is not None:

@@ -1,7 +1,7 @@
 """The engine (eembridge/_fast/engine.pxi) on the simulated device: what real USB runs, under faults.
 
 The bridge drives the simulated device through the compiled engine (SimTransport.engine,
-eembridge._simlink), so every bridge test on the simulated device runs the data path of
+eembridge._fast.simlink), so every bridge test on the simulated device runs the data path of
 the libusb transport. The differential test runs one seeded fault schedule through the
 engine and through the bridge's Python loop (the readable specification) and requires
 the same frames delivered and the same counters.

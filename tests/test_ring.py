@@ -1,4 +1,4 @@
-"""The mirrored ring buffer (eembridge._ring): Python API and C-level API.
+"""The mirrored ring buffer (eembridge._fast.ring): Python API and C-level API.
 
 The C-level API (ring.pxd) is exercised by a small Cython module compiled here from
 RING_USER_PYX, which cimports ring.pxd the way any other eembridge/_fast/*.pyx does. Its
@@ -30,10 +30,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 try:
-    from eembridge._ring import Ring
+    from eembridge._fast.ring import Ring
 except ImportError as exc:  # a missing facility is a failure, not a skip
     pytest.fail(
-        f"eembridge._ring is not built ({exc}); run setup.py build_ext --inplace", pytrace=False
+        f"eembridge._fast.ring is not built ({exc}); run setup.py build_ext --inplace", pytrace=False
     )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,7 +46,7 @@ RING_USER_PYX = textwrap.dedent(
     """
     # cython: language_level=3
     from libc.stdint cimport uint64_t
-    from ring cimport (ring_t, ring_of, ring_reserve, ring_commit, ring_peek,
+    from eembridge._fast.ring cimport (ring_t, ring_of, ring_reserve, ring_commit, ring_peek,
                        ring_consume, ring_at, ring_used, ring_free, ring_head, ring_tail)
 
     cdef extern from "<sched.h>" nogil:
@@ -152,7 +152,7 @@ def _build_ring_user() -> ModuleType:
             "from Cython.Build import cythonize\n"
             "setup(ext_modules=cythonize([Extension('ring_user', ['ring_user.pyx'],"
             " extra_compile_args=['-O2'])],"
-            f" include_path=[{str(ROOT / 'eembridge' / '_fast')!r}], quiet=True),"
+            f" include_path=[{str(ROOT)!r}], quiet=True),"
             " script_args=['build_ext', '--inplace', '-q'])\n"
         )
         result = subprocess.run(
@@ -438,8 +438,10 @@ def test_c_level_api_sees_the_same_ring(ring_user: ModuleType) -> None:
     ring.consume(40)
     assert ring_user.counts(ring) == (60, 2 * PAGE - 60, 100, 40)
     assert not ring_user.reserve_commit(ring, 2 * PAGE - 59)  # one byte too many
-    with pytest.raises(AttributeError):
-        ring_user.counts(object())  # ring_of checks its argument
+    with pytest.raises(TypeError):
+        ring_user.counts(object())  # a Ring is a type Cython checks
+    with pytest.raises(TypeError):
+        ring_user.counts(None)
 
 
 def test_two_threads_without_the_gil_move_200_mb(ring_user: ModuleType) -> None:

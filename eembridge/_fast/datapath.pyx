@@ -1,10 +1,10 @@
 # cython: language_level=3
-"""The bridge's data path in C: eembridge._datapath, the fast twin of eembridge.datapath.reference.
+"""The bridge's data path in C: eembridge._fast.datapath, the fast twin of eembridge.datapath.reference.
 
 Same objects, same API, same counters as the pure-Python RxPath/TxPath; the bridge does
 not know which one it drives (eembridge.datapath chooses).
 
-RX (RxPath): IN transfers land in slots of a mirrored ring (eembridge._ring). For each
+RX (RxPath): IN transfers land in slots of a mirrored ring (eembridge._fast.ring). For each
 completion the codec deframes in place (Deframer.deframe_into, one C call), then one C
 loop with the GIL released writes every frame of the transfer to the TAP straight from
 ring memory, one write(2) per frame: a TAP takes exactly one frame per write and has
@@ -35,24 +35,21 @@ from libc.stdint cimport int64_t
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 
-from cpython.pycapsule cimport PyCapsule_New
-
-from eem cimport deframer_of, framer_of
-from rxdeliver cimport rx_state, rx_write_frames, rx_flush, rx_slot_offset, RX_STATE_CAPSULE
-from txfill cimport (tx_state, tx_has_room, tx_fill_one, tx_release_oldest, tx_reset,
-                     TX_STATE_CAPSULE)
+from eembridge._fast.eem cimport Deframer, Framer
+from eembridge._fast.rxdeliver cimport (rx_state, rx_write_frames, rx_flush, rx_slot_offset,
+                                        RX_ERRNO_SLOTS)
+from eembridge._fast.txfill cimport (tx_state, tx_has_room, tx_fill_one, tx_release_oldest,
+                                     tx_reset, TX_HEADER, TX_CHECK, TX_ERRNO_SLOTS)
+from eembridge._fast.offload cimport (vnet_hdr_t, gso_state_t, gso_begin, gso_next,
+                                      off_complete_checksum, VNET_HDR_SIZE, VNET_F_NEEDS_CSUM,
+                                      VNET_GSO_NONE, GRO_BUF_SIZE)
 
 import errno as _errno
 
-from .datapath.reference import RX_COUNTERS, TX_COUNTERS, OutTransfer
-from .core.protocol import CHECK_SIZE, HEADER_SIZE
-
-from txfill cimport TX_HEADER, TX_CHECK, TX_ERRNO_SLOTS
-from rxdeliver cimport RX_ERRNO_SLOTS
-
-from offload cimport (vnet_hdr_t, gso_state_t, gso_begin, gso_next, off_complete_checksum,
-                      VNET_HDR_SIZE, VNET_F_NEEDS_CSUM, VNET_GSO_NONE, GRO_BUF_SIZE)
-from .core.offload import OffloadError
+from eembridge._fast.ring import Ring
+from eembridge.core.offload import OffloadError
+from eembridge.core.protocol import CHECK_SIZE, HEADER_SIZE
+from eembridge.datapath.reference import RX_COUNTERS, TX_COUNTERS, OutTransfer
 
 assert TX_HEADER == HEADER_SIZE and TX_CHECK == CHECK_SIZE
 # Both paths count errno values in arrays of the same size, read by _errno_names.
@@ -82,24 +79,9 @@ cdef class RxPath:
     mapping keeps it contiguous with slot k+1 even across the end of the ring.
     """
 
-    cdef readonly object deframer
-    cdef readonly int tap_fd
-    cdef readonly Py_ssize_t slot_size
-    cdef readonly object ring
-    cdef object _whole
-    cdef Py_buffer _view
-    cdef bint _have_view
-    cdef rx_state state  # ring, TAP and counters, shared with the libusb transport (capsule)
-    cdef object _gro_buf
-    cdef Py_buffer _gro_view
-    cdef bint _have_gro_view
-
-    def __init__(self, deframer, int tap_fd, Py_ssize_t slots, Py_ssize_t slot_size,
+    def __init__(self, Deframer deframer not None, int tap_fd, Py_ssize_t slots, Py_ssize_t slot_size,
                  bint vnet=False):
-        from ._ring import Ring
-
         self.deframer = deframer
-        deframer_of(deframer)  # a Cython Deframer, or fail here rather than later
         self.tap_fd = tap_fd
         self.slot_size = slot_size
         self.ring = Ring(slots * slot_size)
@@ -110,7 +92,7 @@ cdef class RxPath:
         PyObject_GetBuffer(self.ring, &self._view, PyBUF_SIMPLE)
         self._have_view = True
         memset(&self.state, 0, sizeof(self.state))
-        self.state.d = deframer_of(deframer)
+        self.state.d = &deframer.d
         self.state.ring = <const unsigned char*>self._view.buf
         self.state.size = self.ring.size
         self.state.slot_size = slot_size
@@ -125,11 +107,6 @@ cdef class RxPath:
         # cannot grow it).
         deframer.set_capacity(slot_size)
 
-    @property
-    def capsule(self):
-        """PyCapsule RX_STATE_CAPSULE holding the rx_state* (rxdeliver.pxd); valid while
-        this RxPath is alive. Whoever delivers through it must be the only one to."""
-        return PyCapsule_New(&self.state, RX_STATE_CAPSULE, NULL)
 
     def __dealloc__(self):
         if self._have_view:
@@ -181,22 +158,7 @@ cdef class RxPath:
 cdef class TxPath:
     """TAP reads framed in place in TX memory, batched into OUT transfers."""
 
-    cdef readonly object framer
-    cdef readonly int tap_fd
-    cdef readonly Py_ssize_t max_bytes_in_flight
-    cdef readonly Py_ssize_t read_size
-    cdef readonly Py_ssize_t slot_size
-    cdef readonly Py_ssize_t size
-    cdef object _memory
-    cdef object _whole
-    cdef Py_buffer _view
-    cdef bint _have_view
-    cdef tx_state state  # memory, held transfers, counters; shared with the libusb transport
-    cdef object _scratch
-    cdef Py_buffer _scratch_view
-    cdef bint _have_scratch_view
-
-    def __init__(self, framer, int tap_fd, Py_ssize_t max_bytes_in_flight, bint vnet=False):
+    def __init__(self, Framer framer not None, int tap_fd, Py_ssize_t max_bytes_in_flight, bint vnet=False):
         self.framer = framer
         self.tap_fd = tap_fd
         self.max_bytes_in_flight = max_bytes_in_flight
@@ -215,7 +177,7 @@ cdef class TxPath:
         PyObject_GetBuffer(self._memory, &self._view, PyBUF_SIMPLE | PyBUF_WRITABLE)
         self._have_view = True
         memset(&self.state, 0, sizeof(self.state))
-        self.state.f = framer_of(framer)
+        self.state.f = &framer.f
         self.state.base = <unsigned char*>self._view.buf
         self.state.size = self.size
         self.state.slot_size = self.slot_size
@@ -236,11 +198,6 @@ cdef class TxPath:
         """Whether the TAP reads start with a virtio_net_hdr (offload on)."""
         return self.state.vnet
 
-    @property
-    def capsule(self):
-        """PyCapsule TX_STATE_CAPSULE holding the tx_state* (txfill.pxd); valid while this
-        TxPath is alive. Whoever fills and releases through it must be the only one to."""
-        return PyCapsule_New(&self.state, TX_STATE_CAPSULE, NULL)
 
     def __dealloc__(self):
         if self._have_view:

@@ -8,9 +8,9 @@
 # libusb (usb.pyx: the real device) and the simulated device (simlink.pyx), so every
 # test on the simulated device runs the code that moves frames on real hardware.
 #
-# Included (not cimported) by each adapter's .pyx: a cdef class here could not be
-# shared between two extension modules without a runtime import (see ring.pxd), and
-# each adapter subclasses Engine. The source is one; each extension compiles it.
+# Included (not cimported) by each adapter's .pyx: each adapter subclasses Engine, and
+# the engine's C functions are the transports' completion callbacks, so each extension
+# compiles its own copy of the one source.
 #
 # Locking: Shared.lock guards the engine's state. The GIL may be taken while holding
 # it (the simulated device's submit does), never the other way round: every Python
@@ -19,16 +19,16 @@
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset, memcpy
 from libc.stdint cimport int64_t
-from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.errno cimport errno
 from posix.unistd cimport write, close, read
 import os
 import threading
 
-from eem cimport eem_deframer, eem_command_record
-from rxdeliver cimport rx_state, rx_deliver, rx_flush, rx_slot_offset, RX_STATE_CAPSULE
-from txfill cimport (tx_state, tx_has_room, tx_fill_one, tx_release_oldest, tx_unhold_newest,
-                     TX_STATE_CAPSULE, TX_HELD_MAX)
+from eembridge._fast.eem cimport eem_deframer, eem_command_record
+from eembridge._fast.datapath cimport RxPath, TxPath
+from eembridge._fast.rxdeliver cimport rx_state, rx_deliver, rx_flush, rx_slot_offset
+from eembridge._fast.txfill cimport (tx_state, tx_has_room, tx_fill_one, tx_release_oldest,
+                                     tx_unhold_newest, TX_HELD_MAX)
 
 from eembridge.core.events import Echo, EchoResponse, Hint
 from eembridge.core.protocol import CMD_ECHO, CMD_ECHO_RESPONSE
@@ -587,7 +587,7 @@ cdef class Engine:
 
     # -- the native IN path ------------------------------------------------------------
 
-    def start_rx(self, rxpath, int in_flight):
+    def start_rx(self, RxPath rxpath not None, int in_flight):
         """Keep `in_flight` IN transfers submitted into rxpath's ring, delivered from C.
 
         From now on IN transfers never reach completions(): the event thread deframes
@@ -595,7 +595,7 @@ cdef class Engine:
         must not deliver through rxpath itself while this transport lives, and polls
         rx_poll() when fileno() is readable (commands, stalls, the device going).
         """
-        cdef rx_state* rx = <rx_state*>PyCapsule_GetPointer(rxpath.capsule, RX_STATE_CAPSULE)
+        cdef rx_state* rx = &rxpath.state
         cdef Shared* shared = self.shared
         cdef NativeIn* n = &shared.nin
         cdef int rc = ENG_SUBMITTED
@@ -744,14 +744,14 @@ cdef class Engine:
 
     # -- the native OUT path -----------------------------------------------------------
 
-    def start_tx(self, txpath):
+    def start_tx(self, TxPath txpath not None):
         """Send TAP frames from C: batched by txpath's rules, in txpath's memory.
 
         From now on the event thread reads txpath's TAP whenever there is room in
         flight; the caller no longer fills or releases txpath, and calls tx_poll() when
         fileno() is readable. Command transfers still go through submit_out.
         """
-        cdef tx_state* tx = <tx_state*>PyCapsule_GetPointer(txpath.capsule, TX_STATE_CAPSULE)
+        cdef tx_state* tx = &txpath.state
         cdef Shared* shared = self.shared
         cdef NativeOut* o = &shared.nout
         cdef int i

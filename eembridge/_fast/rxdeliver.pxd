@@ -1,11 +1,11 @@
 # RX delivery in C, header-only: one completed IN transfer, deframed in place on the
-# mirrored ring, its frames written to the TAP. Shared by eembridge._datapath (RxPath,
-# driven from the bridge thread) and eembridge._usb (the libusb event thread drives it
-# straight from the transfer callback, with no Python per transfer).
+# mirrored ring, its frames written to the TAP. Shared by the datapath's RxPath (driven
+# from the bridge thread) and the engine (engine.pxi: its event thread drives it
+# straight from the transfer completion, with no Python per transfer).
 #
-# Why header-only: see ring.pxd. RxPath owns an rx_state and hands its address out as
-# a PyCapsule (RX_STATE_CAPSULE); whoever holds the capsule must keep the RxPath alive
-# and must be the only one delivering while it does.
+# Header-only: inline functions compiled into each user, no module of its own. RxPath
+# (datapath.pxd) owns an rx_state; the engine takes &rxpath.state and keeps the RxPath
+# alive, the only one delivering while it does.
 
 from libc.errno cimport errno
 from libc.stdint cimport int64_t
@@ -13,16 +13,10 @@ from libc.string cimport memset
 from posix.unistd cimport write
 from posix.uio cimport iovec, writev
 
-from offload cimport (VNET_HDR_SIZE, vnet_hdr_t, gro_state_t, gro_offer, gro_finish,
-                      GRO_HELD, GRO_PASS, GRO_FLUSH_FIRST)
+from eembridge._fast.offload cimport (VNET_HDR_SIZE, vnet_hdr_t, gro_state_t, gro_offer,
+                                      gro_finish, GRO_HELD, GRO_PASS, GRO_FLUSH_FIRST)
 
-from eem cimport eem_deframer, eem_deframe
-
-cdef extern from *:
-    """
-    #define RX_STATE_CAPSULE "eembridge._datapath.rx_state"
-    """
-    const char* RX_STATE_CAPSULE
+from eembridge._fast.eem cimport eem_deframer, eem_deframe
 
 cdef enum:
     RX_ERRNO_SLOTS = 256

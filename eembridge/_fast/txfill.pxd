@@ -1,11 +1,11 @@
 # TX batching in C, header-only: TAP reads framed in place into OUT transfers laid out
-# one after the other in TX memory that wraps like a ring. Shared by eembridge._datapath
-# (TxPath, driven from the bridge thread) and eembridge._usb (the libusb event thread
-# refills from the OUT completion callback, with no Python per transfer).
+# one after the other in TX memory that wraps like a ring. Shared by the datapath's
+# TxPath (driven from the bridge thread) and the engine (engine.pxi: its event thread
+# refills from the OUT completion, with no Python per transfer).
 #
-# Why header-only: see ring.pxd. TxPath owns a tx_state and hands its address out as a
-# PyCapsule (TX_STATE_CAPSULE); whoever holds it keeps the TxPath alive and is the only
-# one filling and releasing while it does. Theory of the layout: top of datapath.pyx.
+# Header-only: see rxdeliver.pxd. TxPath (datapath.pxd) owns a tx_state; the engine
+# takes &txpath.state, keeps the TxPath alive and is the only one filling and releasing
+# while it does. Theory of the layout: top of datapath.pyx.
 
 from libc.errno cimport errno, EAGAIN
 from libc.stdint cimport int64_t
@@ -13,15 +13,11 @@ from libc.string cimport memcpy
 from posix.unistd cimport read
 from posix.uio cimport iovec, readv
 
-from eem cimport eem_framer, eem_frame_placed, eem_place, eem_fits, eem_close_transfer
-from offload cimport (vnet_hdr_t, gso_state_t, gso_begin, gso_next, gso_longest,
-                      off_complete_checksum, VNET_HDR_SIZE, VNET_F_NEEDS_CSUM, VNET_GSO_NONE)
-
-cdef extern from *:
-    """
-    #define TX_STATE_CAPSULE "eembridge._datapath.tx_state"
-    """
-    const char* TX_STATE_CAPSULE
+from eembridge._fast.eem cimport (eem_framer, eem_frame_placed, eem_place, eem_fits,
+                                  eem_close_transfer)
+from eembridge._fast.offload cimport (vnet_hdr_t, gso_state_t, gso_begin, gso_next,
+                                      gso_longest, off_complete_checksum, VNET_HDR_SIZE,
+                                      VNET_F_NEEDS_CSUM, VNET_GSO_NONE)
 
 cdef enum:
     TX_ERRNO_SLOTS = 256
