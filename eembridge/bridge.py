@@ -690,7 +690,7 @@ class Bridge:
         if self._native is not None:  # its counters end with it: keep them in the bridge's
             _rx, tx = _merge_native(self._native, self._counters, self.in_errors,
                                     self.drop_reasons)
-            dropped += tx["closing_frames"]
+            dropped += tx["closing_frames"] + tx["gone_frames"]
             self._loop_totals = _added(self._loop_totals, self._native.loop_stats())
             self._native = None
         self._carry_out(self.policy.disconnected(time.monotonic(), reason, dropped))

@@ -10,6 +10,7 @@ the same frames delivered and the same counters.
 from __future__ import annotations
 
 import random
+import re
 import socket
 import threading
 import time
@@ -205,3 +206,41 @@ def test_the_engine_and_the_python_loop_agree_on_one_fault_schedule(monkeypatch)
     for section in ("injected", "device", "bridge", "drop_reasons", "in_errors", "rx", "tx",
                     "rx_path", "tx_path"):
         assert engine[section] == python[section], (section, engine[section], python[section])
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["engine", "python-loop"])
+def test_out_frames_lost_at_an_unplug_are_counted_as_no_device(native, monkeypatch, caplog):
+    """OUT transfers the device holds (busy) when it goes end NO_DEVICE, and under
+    backpressure a refill is refused because it went: all their frames are no_device,
+    as many as the unplug's log line says, never an error or a submit_error."""
+    monkeypatch.setattr(environment, "ENV", replace(environment.ENV, native=native))
+    device = SimDevice(QueueNetworkSide(), max_packet=512)
+    host, tap = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    tap.setblocking(False)
+    options = BridgeOptions(tap="unplugged", out_in_flight=2, max_transfer=2048, out_chunk=0)
+    bridge = Bridge(device.connect, options, tap=tap)
+    try:
+        bridge.start()
+        assert bridge.connected.wait(10)
+        assert bridge.stats()["native"] is native
+        device.busy_out_for(60)
+        for i in range(12):  # more than two transfers hold: the rest wait in the TAP
+            host.send(b"\xff" * 6 + bytes([2, 0, 0, 0, 0, i]) + b"\x88\xb5" + bytes(1000))
+        wait_for(lambda: (s := bridge.stats())["out_transfers_queued"] >= 2
+                 and s["bridge"]["backpressure"] >= 1, 10, "OUT to fill up")
+        with caplog.at_level("WARNING", logger="eembridge"):
+            device.unplug()
+            wait_for(lambda: not bridge.connected.is_set(), 10, "the bridge to see the unplug")
+        stats = bridge.stats()
+    finally:
+        bridge.stop()
+        device.close()
+        host.close()
+        tap.close()
+    counters, dropped = stats["bridge"], {k: v for k, v in stats["drop_reasons"].items() if v}
+    logged = [int(m[1]) for r in caplog.records
+              if (m := re.search(r"unplugged: device gone .*, (\d+) frames dropped", r.getMessage()))]
+    assert set(dropped) == {"no_device"}, dropped
+    assert dropped["no_device"] >= 2 and counters["tx_dropped"] == dropped["no_device"], stats
+    assert counters["out_errors"] == 0, counters
+    assert logged == [dropped["no_device"]], (logged, dropped)

@@ -207,6 +207,7 @@ cdef struct NativeOut:
     int64_t short_writes  # transfers the device took only part of (frames dropped)
     int64_t short_write_frames
     int64_t closing_frames  # frames in flight when the transport closed
+    int64_t gone_frames  # frames of transfers that ended or were refused NO_DEVICE
     int64_t submit_errors
     int64_t submit_error_frames
 
@@ -388,8 +389,10 @@ cdef bint _tx_pump(Shared* shared) noexcept nogil:
                 o.n_spare += 1
                 if rc == ENG_SUBMIT_GONE:
                     o.gone = True
-                o.submit_errors += 1
-                o.submit_error_frames += frames
+                    o.gone_frames += frames  # lost with the device, not refused by it
+                else:
+                    o.submit_errors += 1
+                    o.submit_error_frames += frames
                 return True
             k = (o.first + o.count) % TX_HELD_MAX
             o.fifo[k] = x
@@ -419,6 +422,12 @@ cdef void engine_out_done(eng_xfer* x) noexcept nogil:
         status = t.status
         if o.closing or status == ENG_CANCELLED:
             o.closing_frames += frames
+        elif status == ENG_NO_DEVICE:
+            # Lost with the device, as the Python loop counts them (the disconnect's
+            # no_device, in its log line): not an error of the transfer.
+            o.gone_frames += frames
+            o.gone = True
+            tell = True
         elif status == ENG_COMPLETED and t.actual == t.length:
             o.transfers += 1
             o.frames_sent += frames
@@ -438,9 +447,6 @@ cdef void engine_out_done(eng_xfer* x) noexcept nogil:
             if status == ENG_STALL:
                 o.stalls += 1
                 o.halted = True
-                tell = True
-            elif status == ENG_NO_DEVICE:
-                o.gone = True
                 tell = True
         tx_release_oldest(o.tx)
         o.spare[o.n_spare] = t
@@ -811,7 +817,8 @@ cdef class Engine:
         return {"transfers": o.transfers, "frames": o.frames_sent, "bytes": o.bytes_sent,
                 "dropped": dropped, "errors": errors, "short_writes": o.short_writes,
                 "submit_errors": o.submit_errors, "stalls": o.errors_by_status[ENG_STALL],
-                "closing_frames": o.closing_frames, "in_flight": o.count,
+                "closing_frames": o.closing_frames, "gone_frames": o.gone_frames,
+                "in_flight": o.count,
                 "backpressure": o.backpressure,
                 "bytes_in_flight": o.tx.in_flight if o.tx != NULL else 0}
 
