@@ -10,12 +10,8 @@ from __future__ import annotations
 
 import errno
 import gc
-import hashlib
-import importlib.util
 import os
 import random
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -28,6 +24,8 @@ import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+import cython_user
 
 try:
     from eembridge._fast.ring import Ring
@@ -138,43 +136,9 @@ RING_USER_PYX = textwrap.dedent(
 )
 
 
-def _build_ring_user() -> ModuleType:
-    """Compile RING_USER_PYX against eembridge/_fast/ring.pxd (cached by source hash)."""
-    pxd = (ROOT / "eembridge" / "_fast" / "ring.pxd").read_bytes()
-    key = hashlib.sha256(RING_USER_PYX.encode() + pxd + sys.version.encode()).hexdigest()[:16]
-    build_dir = ROOT / "build" / "tmp-ring" / f"ring_user-{key}"
-    built = list(build_dir.glob("ring_user*.so"))
-    if not built:
-        build_dir.mkdir(parents=True, exist_ok=True)
-        (build_dir / "ring_user.pyx").write_text(RING_USER_PYX)
-        script = (
-            "from setuptools import Extension, setup\n"
-            "from Cython.Build import cythonize\n"
-            "setup(ext_modules=cythonize([Extension('ring_user', ['ring_user.pyx'],"
-            " extra_compile_args=['-O2'])],"
-            f" include_path=[{str(ROOT)!r}], quiet=True),"
-            " script_args=['build_ext', '--inplace', '-q'])\n"
-        )
-        result = subprocess.run(
-            [sys.executable, "-c", script], cwd=build_dir, capture_output=True, text=True
-        )
-        built = list(build_dir.glob("ring_user*.so"))
-        if result.returncode != 0 or not built:
-            pytest.fail(
-                "could not build the C-level ring test module (needs Cython and a C compiler):\n"
-                + result.stdout[-3000:]
-                + result.stderr[-3000:]
-            )
-    spec = importlib.util.spec_from_file_location("ring_user", built[0])
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def ring_user() -> ModuleType:
-    return _build_ring_user()
+    return cython_user.build("ring_user", RING_USER_PYX)
 
 
 # --- construction and sizes ----------------------------------------------------------

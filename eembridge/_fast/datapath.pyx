@@ -36,10 +36,11 @@ from libc.stdint cimport int64_t
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 
 from eembridge._fast.eem cimport Deframer, Framer
-from eembridge._fast.rxdeliver cimport (rx_state, rx_write_frames, rx_flush, rx_slot_offset,
-                                        RX_ERRNO_SLOTS)
+from eembridge._fast.link cimport frame_link_init, LINK_ERRNO_SLOTS
+from eembridge._fast.rxdeliver cimport rx_state, rx_write_frames, rx_flush, rx_slot_offset
+from eembridge._fast.taplink cimport tap_link_init
 from eembridge._fast.txfill cimport (tx_state, tx_has_room, tx_fill_one, tx_release_oldest,
-                                     tx_reset, TX_HEADER, TX_CHECK, TX_ERRNO_SLOTS)
+                                     tx_reset, TX_HEADER, TX_CHECK)
 from eembridge._fast.offload cimport (vnet_hdr_t, gso_state_t, gso_begin, gso_next,
                                       off_complete_checksum, VNET_HDR_SIZE, VNET_F_NEEDS_CSUM,
                                       VNET_GSO_NONE, GRO_BUF_SIZE)
@@ -52,14 +53,12 @@ from eembridge.core.protocol import CHECK_SIZE, HEADER_SIZE
 from eembridge.datapath.reference import RX_COUNTERS, TX_COUNTERS, OutTransfer
 
 assert TX_HEADER == HEADER_SIZE and TX_CHECK == CHECK_SIZE
-# Both paths count errno values in arrays of the same size, read by _errno_names.
-assert <int>TX_ERRNO_SLOTS == <int>RX_ERRNO_SLOTS
 
 
 cdef dict _errno_names(int64_t* counts):
     cdef int i
     out = {}
-    for i in range(RX_ERRNO_SLOTS):
+    for i in range(LINK_ERRNO_SLOTS):
         if counts[i]:
             out[_errno.errorcode.get(i, str(i))] = counts[i]
     return out
@@ -96,13 +95,15 @@ cdef class RxPath:
         self.state.ring = <const unsigned char*>self._view.buf
         self.state.size = self.ring.size
         self.state.slot_size = slot_size
-        self.state.tap_fd = tap_fd
-        self.state.vnet = vnet
+        memset(&self.tap, 0, sizeof(self.tap))
         if vnet:
             self._gro_buf = bytearray(GRO_BUF_SIZE)
             PyObject_GetBuffer(self._gro_buf, &self._gro_view, PyBUF_SIMPLE | PyBUF_WRITABLE)
             self._have_gro_view = True
-            self.state.gro.buf = <unsigned char*>self._gro_view.buf
+            self.tap.gro.buf = <unsigned char*>self._gro_view.buf
+            tap_link_init(&self.state.link, &self.tap, tap_fd)
+        else:
+            frame_link_init(&self.state.link, tap_fd)
         # A whole slot deframes in place without growing (the transport's event thread
         # cannot grow it).
         deframer.set_capacity(slot_size)
@@ -115,14 +116,15 @@ cdef class RxPath:
             PyBuffer_Release(&self._gro_view)
 
     def counters(self) -> dict:
-        s = &self.state
-        return dict(zip(RX_COUNTERS, (s.frames_written, s.bytes_written, s.write_errors,
-                                      s.gro_packets, s.gro_frames)))
+        link = &self.state.link
+        return dict(zip(RX_COUNTERS, (link.frames_written, link.bytes_written,
+                                      link.write_errors, self.tap.gro_packets,
+                                      self.tap.gro_frames)))
 
     @property
     def write_errors(self) -> dict:
         """Refused TAP writes by errno name (EAGAIN/ENOBUFS: queue full; EIO: link down)."""
-        return _errno_names(self.state.errno_counts)
+        return _errno_names(self.state.link.write_errno)
 
     def slot_buffer(self, Py_ssize_t sequence):
         """Where IN transfer number `sequence` lands."""
@@ -183,20 +185,22 @@ cdef class TxPath:
         self.state.slot_size = self.slot_size
         self.state.read_size = self.read_size
         self.state.max_bytes_in_flight = max_bytes_in_flight
-        self.state.tap_fd = tap_fd
+        memset(&self.tap, 0, sizeof(self.tap))
         if vnet:
             # A GSO packet: up to 64 KB of IP behind an Ethernet header and a VLAN tag.
             self._scratch = bytearray(self.read_size + 65536 + 64)
             PyObject_GetBuffer(self._scratch, &self._scratch_view, PyBUF_SIMPLE | PyBUF_WRITABLE)
             self._have_scratch_view = True
-            self.state.vnet = True
-            self.state.scratch = <unsigned char*>self._scratch_view.buf
-            self.state.scratch_size = len(self._scratch)
+            self.tap.scratch = <unsigned char*>self._scratch_view.buf
+            self.tap.scratch_size = len(self._scratch)
+            tap_link_init(&self.state.link, &self.tap, tap_fd)
+        else:
+            frame_link_init(&self.state.link, tap_fd)
 
     @property
     def vnet(self) -> bool:
         """Whether the TAP reads start with a virtio_net_hdr (offload on)."""
-        return self.state.vnet
+        return self.state.link.ctx == &self.tap
 
 
     def __dealloc__(self):
@@ -206,14 +210,14 @@ cdef class TxPath:
             PyBuffer_Release(&self._scratch_view)
 
     def counters(self) -> dict:
-        s = &self.state
-        return dict(zip(TX_COUNTERS, (s.frames_read, s.read_errors, s.oversize, s.runts,
-                                      s.gso_packets, s.gso_frames, s.checksums,
-                                      s.offload_errors)))
+        s, t = &self.state, &self.tap
+        return dict(zip(TX_COUNTERS, (s.frames_read, s.link.read_errors,
+                                      s.oversize + t.oversize, s.runts, t.gso_packets,
+                                      t.gso_frames, t.checksums, t.offload_errors)))
 
     @property
     def read_errors(self) -> dict:
-        return _errno_names(self.state.errno_counts)
+        return _errno_names(self.state.link.read_errno)
 
     @property
     def bytes_in_flight(self) -> int:

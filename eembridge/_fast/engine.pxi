@@ -1,5 +1,6 @@
-# The data path engine: IN transfers delivered to the TAP, TAP frames batched into OUT
-# transfers, all in C, in one event thread, with no Python per transfer or per frame.
+# The data path engine: IN transfers delivered to the link, the link's frames batched
+# into OUT transfers, all in C, in one event thread, with no Python per transfer or per
+# frame.
 #
 # It knows nothing of the transport. It fills its own transfer records (eng_xfer) and
 # hands them to the transport through a table of C functions (eng_ops: submit,
@@ -7,6 +8,11 @@
 # engine_out_done when one ends, in the engine's thread. Two transports drive it:
 # libusb (usb.pyx: the real device) and the simulated device (simlink.pyx), so every
 # test on the simulated device runs the code that moves frames on real hardware.
+#
+# Nor does it know the link: frames go out and come in through the link table of the
+# RxPath / TxPath it drives (link.pxd: deliver, flush, fill, and the fd it polls; the
+# TAP with offload in taplink.pxd, any one-frame-per-read descriptor in link.pxd).
+# "TAP" below is whichever link that is.
 #
 # Included (not cimported) by each adapter's .pyx: each adapter subclasses Engine, and
 # the engine's C functions are the transports' completion callbacks, so each extension
@@ -544,7 +550,7 @@ cdef class Engine:
                 nf = n
                 if o.on and o.wants_tap and not (o.halted or o.gone or o.closing
                                                  or o.tap_failed):
-                    fds[n].fd = o.tx.tap_fd
+                    fds[n].fd = o.tx.link.fd
                     fds[n].events = POLLIN
                     nf = n + 1
                 # Busy polling: right after work, more work is likely within
