@@ -150,8 +150,8 @@ def _run_schedule(native: bool, monkeypatch: pytest.MonkeyPatch) -> dict[str, An
         assert bridge.stats()["native"] is native
         # IN: the device sends every frame under faults, then markers without.
         network.send(*_frames(1, FRAMES))
-        wait_for(lambda: network.unsent == 0 and device.counters()["tx_frames"] >= FRAMES, 30,
-                 "the device to send every frame")
+        wait_for(lambda: network.unsent == 0 and device.in_idle
+                 and device.counters()["tx_frames"] >= FRAMES, 30, "the device to send every frame")
         device.quiet(Direction.IN)
         markers = _markers(1)
         network.send(*markers)
