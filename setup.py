@@ -1,4 +1,7 @@
-"""Build the Cython extensions in eembridge/_fast/ into the eembridge package.
+"""Build the Cython extensions in eembridge/_fast/ as eembridge._fast.<name>.
+
+Each extension is named for where its source lies, so the .pxd beside a .pyx is that
+module's own and a cdef class declared there is the one other modules cimport.
 
 A missing compiler, Cython or libusb header is reported in one line naming the
 package to install, instead of a page of compiler output.
@@ -32,15 +35,15 @@ if not any(shutil.which(cc) for cc in (os.environ.get("CC", "cc"), "cc", "gcc", 
 LIBUSB_INCLUDE = "/usr/include/libusb-1.0"
 
 extensions = [
-    Extension("eembridge._ring", ["eembridge/_fast/ring.pyx"]),
-    Extension("eembridge._eem", ["eembridge/_fast/eem.pyx"], libraries=["z"]),
-    Extension("eembridge._datapath", ["eembridge/_fast/datapath.pyx"]),
-    # The engine (engine.pxi) driven by the simulated device; _usb drives it by libusb.
-    Extension("eembridge._simlink", ["eembridge/_fast/simlink.pyx"]),
+    Extension("eembridge._fast.ring", ["eembridge/_fast/ring.pyx"]),
+    Extension("eembridge._fast.eem", ["eembridge/_fast/eem.pyx"], libraries=["z"]),
+    Extension("eembridge._fast.datapath", ["eembridge/_fast/datapath.pyx"]),
+    # The engine (engine.pxi) driven by the simulated device; usb drives it by libusb.
+    Extension("eembridge._fast.simlink", ["eembridge/_fast/simlink.pyx"]),
 ]
 # Built only when their sources exist, so a partial checkout still builds.
 extensions = [ext for ext in extensions if os.path.exists(ext.sources[0])]
-# EEMBRIDGE_BUILD_ONLY=_ring,_eem builds a subset (handy while another is being edited).
+# EEMBRIDGE_BUILD_ONLY=ring,eem builds a subset (handy while another is being edited).
 _only = os.environ.get("EEMBRIDGE_BUILD_ONLY")
 if _only:
     extensions = [ext for ext in extensions if ext.name.split(".")[-1] in _only.split(",")]
@@ -49,7 +52,7 @@ if os.path.exists(os.path.join("eembridge", "_fast", "usb.pyx")):
         _fail(f"libusb.h not found in {LIBUSB_INCLUDE}: apt-get install libusb-1.0-0-dev")
     extensions.append(
         Extension(
-            "eembridge._usb",
+            "eembridge._fast.usb",
             ["eembridge/_fast/usb.pyx"],
             include_dirs=[LIBUSB_INCLUDE],
             libraries=["usb-1.0"],

@@ -36,7 +36,7 @@ _checkout = Path(__file__).resolve().parent.parent
 if "--checkout" in sys.argv:
     _checkout = Path(sys.argv[sys.argv.index("--checkout") + 1]).resolve()
 sys.path.insert(0, str(_checkout))
-from eembridge import _eem as cython  # noqa: E402  (directly: a broken build must fail)
+from eembridge._fast import eem as cython  # noqa: E402  (directly: a broken build must fail)
 from eembridge.core import codec as reference  # noqa: E402
 
 TRANSFER = 16384

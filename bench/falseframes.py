@@ -246,7 +246,7 @@ def main() -> None:
     sys.path.insert(0, str(args.checkout.resolve()))
     import importlib
 
-    module = importlib.import_module("eembridge._eem" if args.impl == "cython" else "eembridge.core.codec")
+    module = importlib.import_module("eembridge._fast.eem" if args.impl == "cython" else "eembridge.core.codec")
     pool = make_pool(np.random.default_rng(args.seed))
     rows = []
     if not args.json:

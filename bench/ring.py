@@ -22,7 +22,7 @@ import numpy as np
 
 # Runnable alone from a source checkout, with the extension built in place.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from eembridge._ring import Ring  # noqa: E402
+from eembridge._fast.ring import Ring  # noqa: E402
 
 
 def _rate(step: Callable[[], None], chunk: int, seconds: float) -> tuple[float, float]:

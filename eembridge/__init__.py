@@ -39,7 +39,7 @@ if environment.ENV.purepython:
     CODEC = "python"
 else:
     try:
-        from ._eem import Deframer, Framer  # type: ignore[no-redef]
+        from ._fast.eem import Deframer, Framer  # type: ignore[no-redef]
 
         CODEC = "cython"
     except ImportError:

@@ -280,7 +280,7 @@ class Bridge:
             from .link.tap import Tap
 
             if self.options.offload and not datapath.OFFLOAD:
-                raise UserError("--offload needs the compiled data path (eembridge._datapath); "
+                raise UserError("--offload needs the compiled data path (eembridge._fast.datapath); "
                                 "this install runs the pure-Python one")
             if self.options.dhcp and self.options.link != "tun":
                 raise UserError(f"--dhcp {DHCP_NEEDS_TUN}")
@@ -673,7 +673,7 @@ class Bridge:
         # The pure-Python data path, --usb-pcap recording and EEMBRIDGE_NATIVE=0 (to
         # compare: bench/interop.py --variant) take the Python loop.
         native: NativeDataPath | None = None
-        if hasattr(self.rx, "capsule") and environment.ENV.native:
+        if datapath.COMPILED and environment.ENV.native:
             engine = getattr(transport, "engine", None)
             driven = engine() if callable(engine) else None
             if driven is not None:
@@ -743,7 +743,7 @@ class Bridge:
         if self._native is not None:  # its counters end with it: keep them in the bridge's
             _rx, tx = _merge_native(self._native, self._counters, self.in_errors,
                                     self.drop_reasons)
-            dropped += tx["closing_frames"]
+            dropped += tx["closing_frames"] + tx["gone_frames"]
             self._loop_totals = _added(self._loop_totals, self._native.loop_stats())
             self._native = None
         self._carry_out(self.policy.disconnected(time.monotonic(), reason, dropped))

@@ -18,9 +18,9 @@ def load_codec(name: str):
     if name == "python":
         return importlib.import_module("eembridge.core.codec")
     try:
-        return importlib.import_module("eembridge._eem")
+        return importlib.import_module("eembridge._fast.eem")
     except ImportError as exc:  # a missing facility is a failure, not a skip
-        pytest.fail(f"Cython codec eembridge._eem is not built ({exc}); run pip install .")
+        pytest.fail(f"Cython codec eembridge._fast.eem is not built ({exc}); run pip install .")
 
 
 @pytest.fixture(params=IMPLEMENTATIONS)

@@ -1,4 +1,4 @@
-"""Differential tests: the Cython codec (eembridge._eem) equals the reference
+"""Differential tests: the Cython codec (eembridge._fast.eem) equals the reference
 (eembridge.core.codec, the specification) on every event, counter and byte.
 
 Hypothesis draws EEM streams: frames framed by the reference Framer (CRC, sentinel or

@@ -1,5 +1,5 @@
 """The data path objects on their own, both implementations (pure Python and the C one in
-eembridge._datapath): frames arrive intact, refused writes are counted by reason, and
+eembridge._fast.datapath): frames arrive intact, refused writes are counted by reason, and
 OUT transfers say exactly how many frames they carry.
 
 A SOCK_SEQPACKET socket pair stands in for the TAP: like a TAP, each write(2) is one
@@ -21,9 +21,10 @@ from eembridge.core.events import Frame
 from eembridge.datapath import reference as pydatapath
 
 try:
-    from eembridge import _datapath, _eem
+    from eembridge._fast import datapath as _datapath
+    from eembridge._fast import eem as _eem
 except ImportError as exc:  # the build is part of the suite: say what is missing
-    raise ImportError(f"eembridge._datapath / _eem are not built ({exc}): run setup.py build_ext") from exc
+    raise ImportError(f"eembridge._fast.datapath / eem are not built ({exc}): run setup.py build_ext") from exc
 
 IMPLEMENTATIONS = {
     "python": (pydatapath.RxPath, pydatapath.TxPath, codec.Deframer, codec.Framer),

@@ -1,7 +1,7 @@
 """The engine (eembridge/_fast/engine.pxi) on the simulated device: what real USB runs, under faults.
 
 The bridge drives the simulated device through the compiled engine (SimTransport.engine,
-eembridge._simlink), so every bridge test on the simulated device runs the data path of
+eembridge._fast.simlink), so every bridge test on the simulated device runs the data path of
 the libusb transport. The differential test runs one seeded fault schedule through the
 engine and through the bridge's Python loop (the readable specification) and requires
 the same frames delivered and the same counters.
@@ -10,6 +10,7 @@ the same frames delivered and the same counters.
 from __future__ import annotations
 
 import random
+import re
 import socket
 import threading
 import time
@@ -149,8 +150,8 @@ def _run_schedule(native: bool, monkeypatch: pytest.MonkeyPatch) -> dict[str, An
         assert bridge.stats()["native"] is native
         # IN: the device sends every frame under faults, then markers without.
         network.send(*_frames(1, FRAMES))
-        wait_for(lambda: network.unsent == 0 and device.counters()["tx_frames"] >= FRAMES, 30,
-                 "the device to send every frame")
+        wait_for(lambda: network.unsent == 0 and device.in_idle
+                 and device.counters()["tx_frames"] >= FRAMES, 30, "the device to send every frame")
         device.quiet(Direction.IN)
         markers = _markers(1)
         network.send(*markers)
@@ -205,3 +206,41 @@ def test_the_engine_and_the_python_loop_agree_on_one_fault_schedule(monkeypatch)
     for section in ("injected", "device", "bridge", "drop_reasons", "in_errors", "rx", "tx",
                     "rx_path", "tx_path"):
         assert engine[section] == python[section], (section, engine[section], python[section])
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["engine", "python-loop"])
+def test_out_frames_lost_at_an_unplug_are_counted_as_no_device(native, monkeypatch, caplog):
+    """OUT transfers the device holds (busy) when it goes end NO_DEVICE, and under
+    backpressure a refill is refused because it went: all their frames are no_device,
+    as many as the unplug's log line says, never an error or a submit_error."""
+    monkeypatch.setattr(environment, "ENV", replace(environment.ENV, native=native))
+    device = SimDevice(QueueNetworkSide(), max_packet=512)
+    host, tap = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    tap.setblocking(False)
+    options = BridgeOptions(tap="unplugged", out_in_flight=2, max_transfer=2048, out_chunk=0)
+    bridge = Bridge(device.connect, options, tap=tap)
+    try:
+        bridge.start()
+        assert bridge.connected.wait(10)
+        assert bridge.stats()["native"] is native
+        device.busy_out_for(60)
+        for i in range(12):  # more than two transfers hold: the rest wait in the TAP
+            host.send(b"\xff" * 6 + bytes([2, 0, 0, 0, 0, i]) + b"\x88\xb5" + bytes(1000))
+        wait_for(lambda: (s := bridge.stats())["out_transfers_queued"] >= 2
+                 and s["bridge"]["backpressure"] >= 1, 10, "OUT to fill up")
+        with caplog.at_level("WARNING", logger="eembridge"):
+            device.unplug()
+            wait_for(lambda: not bridge.connected.is_set(), 10, "the bridge to see the unplug")
+        stats = bridge.stats()
+    finally:
+        bridge.stop()
+        device.close()
+        host.close()
+        tap.close()
+    counters, dropped = stats["bridge"], {k: v for k, v in stats["drop_reasons"].items() if v}
+    logged = [int(m[1]) for r in caplog.records
+              if (m := re.search(r"unplugged: device gone .*, (\d+) frames dropped", r.getMessage()))]
+    assert set(dropped) == {"no_device"}, dropped
+    assert dropped["no_device"] >= 2 and counters["tx_dropped"] == dropped["no_device"], stats
+    assert counters["out_errors"] == 0, counters
+    assert logged == [dropped["no_device"]], (logged, dropped)

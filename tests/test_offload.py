@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eembridge._datapath import segment as c_segment
+from eembridge._fast.datapath import segment as c_segment
 from eembridge.core import offload
 from eembridge.core.offload import (
     F_NEEDS_CSUM,
@@ -151,8 +151,8 @@ def test_what_was_not_offered_is_refused():
 # A SOCK_SEQPACKET pair keeps message boundaries as a TAP does: one message per frame
 # (or per merged packet), each led by its virtio_net_hdr.
 
-from eembridge._datapath import RxPath, TxPath  # noqa: E402
-from eembridge._eem import Deframer, Framer  # noqa: E402
+from eembridge._fast.datapath import RxPath, TxPath  # noqa: E402
+from eembridge._fast.eem import Deframer, Framer  # noqa: E402
 from eembridge.core import codec  # noqa: E402
 
 

@@ -124,7 +124,7 @@ def test_the_c_tx_path_keeps_the_chunk_rule(seed, chunk, sizes, chunks_per_trans
 def through_the_c_tx_path(framer, frames: list[bytes]) -> list[bytes]:
     """The OUT transfers the C TX path builds from these frames, queued on a TAP (a
     socket pair here) and read straight into transfers."""
-    from eembridge._datapath import TxPath
+    from eembridge._fast.datapath import TxPath
 
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:

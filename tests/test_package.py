@@ -111,3 +111,22 @@ def test_the_face_exports_what_an_embedding_program_needs():
 
     assert {"Bridge", "BridgeOptions", "Transport", "Deframer", "Framer", "events", "errors",
             "__version__"} <= set(eembridge.__all__)
+
+
+def test_each_extension_is_the_module_its_source_names():
+    """eembridge/_fast/X.pyx is built as eembridge._fast.X: only then is the X.pxd beside it
+    that module's own, so the cdef classes other extensions cimport are the real types,
+    checked by Cython, and no C pointer passes through a PyCapsule."""
+    import importlib
+
+    fast = ROOT / "eembridge" / "_fast"
+    sources = sorted(p.stem for p in fast.glob("*.pyx"))
+    assert {"eem", "ring", "datapath", "usb", "simlink"} <= set(sources), sources
+    for name in sources:
+        module = importlib.import_module(f"eembridge._fast.{name}")
+        assert Path(module.__file__).parent == fast, module.__file__
+    for path in [*fast.glob("*.pyx"), *fast.glob("*.pxd"), *fast.glob("*.pxi")]:
+        assert "pycapsule" not in path.read_text().lower(), path.name
+    import eembridge
+
+    assert eembridge.Deframer.__module__ == "eembridge._fast.eem"

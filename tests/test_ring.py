@@ -1,4 +1,4 @@
-"""The mirrored ring buffer (eembridge._ring): Python API and C-level API.
+"""The mirrored ring buffer (eembridge._fast.ring): Python API and C-level API.
 
 The C-level API (ring.pxd) is exercised by a small Cython module compiled here from
 RING_USER_PYX, which cimports ring.pxd the way any other eembridge/_fast/*.pyx does. Its
@@ -10,12 +10,8 @@ from __future__ import annotations
 
 import errno
 import gc
-import hashlib
-import importlib.util
 import os
 import random
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -29,11 +25,13 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+import cython_user
+
 try:
-    from eembridge._ring import Ring
+    from eembridge._fast.ring import Ring
 except ImportError as exc:  # a missing facility is a failure, not a skip
     pytest.fail(
-        f"eembridge._ring is not built ({exc}); run setup.py build_ext --inplace", pytrace=False
+        f"eembridge._fast.ring is not built ({exc}); run setup.py build_ext --inplace", pytrace=False
     )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,7 +44,7 @@ RING_USER_PYX = textwrap.dedent(
     """
     # cython: language_level=3
     from libc.stdint cimport uint64_t
-    from ring cimport (ring_t, ring_of, ring_reserve, ring_commit, ring_peek,
+    from eembridge._fast.ring cimport (ring_t, ring_of, ring_reserve, ring_commit, ring_peek,
                        ring_consume, ring_at, ring_used, ring_free, ring_head, ring_tail)
 
     cdef extern from "<sched.h>" nogil:
@@ -138,43 +136,9 @@ RING_USER_PYX = textwrap.dedent(
 )
 
 
-def _build_ring_user() -> ModuleType:
-    """Compile RING_USER_PYX against eembridge/_fast/ring.pxd (cached by source hash)."""
-    pxd = (ROOT / "eembridge" / "_fast" / "ring.pxd").read_bytes()
-    key = hashlib.sha256(RING_USER_PYX.encode() + pxd + sys.version.encode()).hexdigest()[:16]
-    build_dir = ROOT / "build" / "tmp-ring" / f"ring_user-{key}"
-    built = list(build_dir.glob("ring_user*.so"))
-    if not built:
-        build_dir.mkdir(parents=True, exist_ok=True)
-        (build_dir / "ring_user.pyx").write_text(RING_USER_PYX)
-        script = (
-            "from setuptools import Extension, setup\n"
-            "from Cython.Build import cythonize\n"
-            "setup(ext_modules=cythonize([Extension('ring_user', ['ring_user.pyx'],"
-            " extra_compile_args=['-O2'])],"
-            f" include_path=[{str(ROOT / 'eembridge' / '_fast')!r}], quiet=True),"
-            " script_args=['build_ext', '--inplace', '-q'])\n"
-        )
-        result = subprocess.run(
-            [sys.executable, "-c", script], cwd=build_dir, capture_output=True, text=True
-        )
-        built = list(build_dir.glob("ring_user*.so"))
-        if result.returncode != 0 or not built:
-            pytest.fail(
-                "could not build the C-level ring test module (needs Cython and a C compiler):\n"
-                + result.stdout[-3000:]
-                + result.stderr[-3000:]
-            )
-    spec = importlib.util.spec_from_file_location("ring_user", built[0])
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def ring_user() -> ModuleType:
-    return _build_ring_user()
+    return cython_user.build("ring_user", RING_USER_PYX)
 
 
 # --- construction and sizes ----------------------------------------------------------
@@ -438,8 +402,10 @@ def test_c_level_api_sees_the_same_ring(ring_user: ModuleType) -> None:
     ring.consume(40)
     assert ring_user.counts(ring) == (60, 2 * PAGE - 60, 100, 40)
     assert not ring_user.reserve_commit(ring, 2 * PAGE - 59)  # one byte too many
-    with pytest.raises(AttributeError):
-        ring_user.counts(object())  # ring_of checks its argument
+    with pytest.raises(TypeError):
+        ring_user.counts(object())  # a Ring is a type Cython checks
+    with pytest.raises(TypeError):
+        ring_user.counts(None)
 
 
 def test_two_threads_without_the_gil_move_200_mb(ring_user: ModuleType) -> None:

@@ -108,7 +108,7 @@ def test_holder_and_claim_file(tmp_path):
 
 
 def test_extension_rejects_bad_arguments():
-    from eembridge._usb import UsbError, UsbTransport
+    from eembridge._fast.usb import UsbError, UsbTransport
 
     info = DeviceInfo(max_packet=512, speed="high", description="test")
     with pytest.raises(ValueError, match="bad endpoints"):

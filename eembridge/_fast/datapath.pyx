@@ -1,10 +1,10 @@
 # cython: language_level=3
-"""The bridge's data path in C: eembridge._datapath, the fast twin of eembridge.datapath.reference.
+"""The bridge's data path in C: eembridge._fast.datapath, the fast twin of eembridge.datapath.reference.
 
 Same objects, same API, same counters as the pure-Python RxPath/TxPath; the bridge does
 not know which one it drives (eembridge.datapath chooses).
 
-RX (RxPath): IN transfers land in slots of a mirrored ring (eembridge._ring). For each
+RX (RxPath): IN transfers land in slots of a mirrored ring (eembridge._fast.ring). For each
 completion the codec deframes in place (Deframer.deframe_into, one C call), then one C
 loop with the GIL released writes every frame of the transfer to the TAP straight from
 ring memory, one write(2) per frame: a TAP takes exactly one frame per write and has
@@ -35,34 +35,30 @@ from libc.stdint cimport int64_t
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 
-from cpython.pycapsule cimport PyCapsule_New
-
-from eem cimport deframer_of, framer_of
-from rxdeliver cimport rx_state, rx_write_frames, rx_flush, rx_slot_offset, RX_STATE_CAPSULE
-from txfill cimport (tx_state, tx_has_room, tx_fill_one, tx_release_oldest, tx_reset,
-                     TX_STATE_CAPSULE)
+from eembridge._fast.eem cimport Deframer, Framer
+from eembridge._fast.link cimport frame_link_init, LINK_ERRNO_SLOTS
+from eembridge._fast.rxdeliver cimport rx_state, rx_write_frames, rx_flush, rx_slot_offset
+from eembridge._fast.taplink cimport tap_link_init
+from eembridge._fast.txfill cimport (tx_state, tx_has_room, tx_fill_one, tx_release_oldest,
+                                     tx_reset, TX_HEADER, TX_CHECK)
+from eembridge._fast.offload cimport (vnet_hdr_t, gso_state_t, gso_begin, gso_next,
+                                      off_complete_checksum, VNET_HDR_SIZE, VNET_F_NEEDS_CSUM,
+                                      VNET_GSO_NONE, GRO_BUF_SIZE)
 
 import errno as _errno
 
-from .datapath.reference import RX_COUNTERS, TX_COUNTERS, OutTransfer
-from .core.protocol import CHECK_SIZE, HEADER_SIZE
-
-from txfill cimport TX_HEADER, TX_CHECK, TX_ERRNO_SLOTS
-from rxdeliver cimport RX_ERRNO_SLOTS
-
-from offload cimport (vnet_hdr_t, gso_state_t, gso_begin, gso_next, off_complete_checksum,
-                      VNET_HDR_SIZE, VNET_F_NEEDS_CSUM, VNET_GSO_NONE, GRO_BUF_SIZE)
-from .core.offload import OffloadError
+from eembridge._fast.ring import Ring
+from eembridge.core.offload import OffloadError
+from eembridge.core.protocol import CHECK_SIZE, HEADER_SIZE
+from eembridge.datapath.reference import RX_COUNTERS, TX_COUNTERS, OutTransfer
 
 assert TX_HEADER == HEADER_SIZE and TX_CHECK == CHECK_SIZE
-# Both paths count errno values in arrays of the same size, read by _errno_names.
-assert <int>TX_ERRNO_SLOTS == <int>RX_ERRNO_SLOTS
 
 
 cdef dict _errno_names(int64_t* counts):
     cdef int i
     out = {}
-    for i in range(RX_ERRNO_SLOTS):
+    for i in range(LINK_ERRNO_SLOTS):
         if counts[i]:
             out[_errno.errorcode.get(i, str(i))] = counts[i]
     return out
@@ -82,24 +78,9 @@ cdef class RxPath:
     mapping keeps it contiguous with slot k+1 even across the end of the ring.
     """
 
-    cdef readonly object deframer
-    cdef readonly int tap_fd
-    cdef readonly Py_ssize_t slot_size
-    cdef readonly object ring
-    cdef object _whole
-    cdef Py_buffer _view
-    cdef bint _have_view
-    cdef rx_state state  # ring, TAP and counters, shared with the libusb transport (capsule)
-    cdef object _gro_buf
-    cdef Py_buffer _gro_view
-    cdef bint _have_gro_view
-
-    def __init__(self, deframer, int tap_fd, Py_ssize_t slots, Py_ssize_t slot_size,
+    def __init__(self, Deframer deframer not None, int tap_fd, Py_ssize_t slots, Py_ssize_t slot_size,
                  bint vnet=False):
-        from ._ring import Ring
-
         self.deframer = deframer
-        deframer_of(deframer)  # a Cython Deframer, or fail here rather than later
         self.tap_fd = tap_fd
         self.slot_size = slot_size
         self.ring = Ring(slots * slot_size)
@@ -110,26 +91,23 @@ cdef class RxPath:
         PyObject_GetBuffer(self.ring, &self._view, PyBUF_SIMPLE)
         self._have_view = True
         memset(&self.state, 0, sizeof(self.state))
-        self.state.d = deframer_of(deframer)
+        self.state.d = &deframer.d
         self.state.ring = <const unsigned char*>self._view.buf
         self.state.size = self.ring.size
         self.state.slot_size = slot_size
-        self.state.tap_fd = tap_fd
-        self.state.vnet = vnet
+        memset(&self.tap, 0, sizeof(self.tap))
         if vnet:
             self._gro_buf = bytearray(GRO_BUF_SIZE)
             PyObject_GetBuffer(self._gro_buf, &self._gro_view, PyBUF_SIMPLE | PyBUF_WRITABLE)
             self._have_gro_view = True
-            self.state.gro.buf = <unsigned char*>self._gro_view.buf
+            self.tap.gro.buf = <unsigned char*>self._gro_view.buf
+            tap_link_init(&self.state.link, &self.tap, tap_fd)
+        else:
+            frame_link_init(&self.state.link, tap_fd)
         # A whole slot deframes in place without growing (the transport's event thread
         # cannot grow it).
         deframer.set_capacity(slot_size)
 
-    @property
-    def capsule(self):
-        """PyCapsule RX_STATE_CAPSULE holding the rx_state* (rxdeliver.pxd); valid while
-        this RxPath is alive. Whoever delivers through it must be the only one to."""
-        return PyCapsule_New(&self.state, RX_STATE_CAPSULE, NULL)
 
     def __dealloc__(self):
         if self._have_view:
@@ -138,14 +116,15 @@ cdef class RxPath:
             PyBuffer_Release(&self._gro_view)
 
     def counters(self) -> dict:
-        s = &self.state
-        return dict(zip(RX_COUNTERS, (s.frames_written, s.bytes_written, s.write_errors,
-                                      s.gro_packets, s.gro_frames)))
+        link = &self.state.link
+        return dict(zip(RX_COUNTERS, (link.frames_written, link.bytes_written,
+                                      link.write_errors, self.tap.gro_packets,
+                                      self.tap.gro_frames)))
 
     @property
     def write_errors(self) -> dict:
         """Refused TAP writes by errno name (EAGAIN/ENOBUFS: queue full; EIO: link down)."""
-        return _errno_names(self.state.errno_counts)
+        return _errno_names(self.state.link.write_errno)
 
     def slot_buffer(self, Py_ssize_t sequence):
         """Where IN transfer number `sequence` lands."""
@@ -181,22 +160,7 @@ cdef class RxPath:
 cdef class TxPath:
     """TAP reads framed in place in TX memory, batched into OUT transfers."""
 
-    cdef readonly object framer
-    cdef readonly int tap_fd
-    cdef readonly Py_ssize_t max_bytes_in_flight
-    cdef readonly Py_ssize_t read_size
-    cdef readonly Py_ssize_t slot_size
-    cdef readonly Py_ssize_t size
-    cdef object _memory
-    cdef object _whole
-    cdef Py_buffer _view
-    cdef bint _have_view
-    cdef tx_state state  # memory, held transfers, counters; shared with the libusb transport
-    cdef object _scratch
-    cdef Py_buffer _scratch_view
-    cdef bint _have_scratch_view
-
-    def __init__(self, framer, int tap_fd, Py_ssize_t max_bytes_in_flight, bint vnet=False):
+    def __init__(self, Framer framer not None, int tap_fd, Py_ssize_t max_bytes_in_flight, bint vnet=False):
         self.framer = framer
         self.tap_fd = tap_fd
         self.max_bytes_in_flight = max_bytes_in_flight
@@ -215,32 +179,29 @@ cdef class TxPath:
         PyObject_GetBuffer(self._memory, &self._view, PyBUF_SIMPLE | PyBUF_WRITABLE)
         self._have_view = True
         memset(&self.state, 0, sizeof(self.state))
-        self.state.f = framer_of(framer)
+        self.state.f = &framer.f
         self.state.base = <unsigned char*>self._view.buf
         self.state.size = self.size
         self.state.slot_size = self.slot_size
         self.state.read_size = self.read_size
         self.state.max_bytes_in_flight = max_bytes_in_flight
-        self.state.tap_fd = tap_fd
+        memset(&self.tap, 0, sizeof(self.tap))
         if vnet:
             # A GSO packet: up to 64 KB of IP behind an Ethernet header and a VLAN tag.
             self._scratch = bytearray(self.read_size + 65536 + 64)
             PyObject_GetBuffer(self._scratch, &self._scratch_view, PyBUF_SIMPLE | PyBUF_WRITABLE)
             self._have_scratch_view = True
-            self.state.vnet = True
-            self.state.scratch = <unsigned char*>self._scratch_view.buf
-            self.state.scratch_size = len(self._scratch)
+            self.tap.scratch = <unsigned char*>self._scratch_view.buf
+            self.tap.scratch_size = len(self._scratch)
+            tap_link_init(&self.state.link, &self.tap, tap_fd)
+        else:
+            frame_link_init(&self.state.link, tap_fd)
 
     @property
     def vnet(self) -> bool:
         """Whether the TAP reads start with a virtio_net_hdr (offload on)."""
-        return self.state.vnet
+        return self.state.link.ctx == &self.tap
 
-    @property
-    def capsule(self):
-        """PyCapsule TX_STATE_CAPSULE holding the tx_state* (txfill.pxd); valid while this
-        TxPath is alive. Whoever fills and releases through it must be the only one to."""
-        return PyCapsule_New(&self.state, TX_STATE_CAPSULE, NULL)
 
     def __dealloc__(self):
         if self._have_view:
@@ -249,14 +210,14 @@ cdef class TxPath:
             PyBuffer_Release(&self._scratch_view)
 
     def counters(self) -> dict:
-        s = &self.state
-        return dict(zip(TX_COUNTERS, (s.frames_read, s.read_errors, s.oversize, s.runts,
-                                      s.gso_packets, s.gso_frames, s.checksums,
-                                      s.offload_errors)))
+        s, t = &self.state, &self.tap
+        return dict(zip(TX_COUNTERS, (s.frames_read, s.link.read_errors,
+                                      s.oversize + t.oversize, s.runts, t.gso_packets,
+                                      t.gso_frames, t.checksums, t.offload_errors)))
 
     @property
     def read_errors(self) -> dict:
-        return _errno_names(self.state.errno_counts)
+        return _errno_names(self.state.link.read_errno)
 
     @property
     def bytes_in_flight(self) -> int:

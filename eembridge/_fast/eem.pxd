@@ -1,9 +1,9 @@
-# The C-level API of the Cython EEM codec (eembridge._eem), for Cython code that drives
-# it without per-frame Python objects and with the GIL released (the bridge).
+# The C-level API of the Cython EEM codec (eembridge._fast.eem), for Cython code that
+# drives it without per-frame Python objects and with the GIL released (the bridge).
 #
-# Use (from a .pyx in eembridge/_fast/, as `from eem cimport ...`):
+# Use (as `from eembridge._fast.eem cimport ...`):
 #
-#     cdef eem_deframer* d = deframer_of(deframer)      # deframer: an eembridge._eem.Deframer
+#     cdef eem_deframer* d = &deframer.d                # deframer: a Deframer (cimported)
 #     deframer.set_capacity(slot_size)                  # once, with the GIL
 #     with nogil:
 #         count = eem_deframe(d, start, d.carry, n, short)   # start: the transfer in memory
@@ -14,7 +14,7 @@
 #     # Afterwards the last d.carry bytes of [start - carried_before, start + n) must lie
 #     # immediately before the next transfer's bytes (a mirrored ring keeps them there).
 #
-#     cdef eem_framer* f = framer_of(framer)            # framer: an eembridge._eem.Framer
+#     cdef eem_framer* f = &framer.f                    # framer: a Framer (cimported)
 #     size = eem_frame_in_place(f, slot, frame_len)     # frame already at slot + 2; 0: refused
 #     if length and not eem_fits(f, length + size): close the batch first (always without batching)
 #     length = eem_close_transfer(f, transfer, length)  # appends 0x0000 on a max-packet boundary
@@ -23,24 +23,14 @@
 # one thread at a time; feed()/feed_buffer()/deframe_into() and eem_deframe() share the
 # same state (feed() keeps its own carry, so a stream uses feed() or in-place, not both).
 #
-# Why header-only (as ring.pxd): setup.py builds eembridge/_fast/eem.pyx as `eembridge._eem`, and
-# Cython looks for that module's own .pxd as eembridge/_eem.pxd, never as
-# eembridge/_fast/eem.pxd, so a `cdef class` declared here would not match the one in eem.pyx.
-# Plain structs do. The rules are implemented once, in eem.pyx; the structs carry
-# pointers to those functions, so a cimporting module neither compiles a second copy
-# of them nor links zlib.
+# The cdef classes are declared here, and the extension is built as
+# eembridge._fast.eem, the module this file's place names, so a cimporting module gets
+# the real type (checked by Cython, no capsule). The rules are implemented once, in
+# eem.pyx; the structs carry pointers to those functions, so a cimporting module
+# neither compiles a second copy of them nor links zlib.
 
-from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.stdint cimport int32_t, int64_t
 from libc.string cimport memmove, memset
-
-cdef extern from *:
-    """
-    #define EEM_DEFRAMER_CAPSULE "eembridge._eem.eem_deframer"
-    #define EEM_FRAMER_CAPSULE "eembridge._eem.eem_framer"
-    """
-    const char* EEM_DEFRAMER_CAPSULE  # names of the PyCapsules Deframer/Framer.capsule return
-    const char* EEM_FRAMER_CAPSULE
 
 cdef enum:
     DEFRAME_BAD_CARRY = -1  # carried differs from the deframer's d.carry
@@ -120,7 +110,7 @@ ctypedef Py_ssize_t (*eem_close_fn)(eem_framer* f, unsigned char* transfer,
                                     Py_ssize_t length) noexcept nogil
 
 cdef struct eem_deframer:
-    eem_deframe_fn deframe  # the implementation in eembridge._eem
+    eem_deframe_fn deframe  # the implementation in eem.pyx
     int max_length
     eem_deframer_counters c
     bint scanning
@@ -152,7 +142,7 @@ cdef struct eem_deframer:
     Py_ssize_t wait_data_len
 
 cdef struct eem_framer:
-    eem_frame_fn frame_in_place  # the implementations in eembridge._eem
+    eem_frame_fn frame_in_place  # the implementations in eem.pyx
     eem_fits_fn fits
     eem_close_fn close_transfer
     bint crc
@@ -164,14 +154,35 @@ cdef struct eem_framer:
     eem_framer_counters c
 
 
-cdef inline eem_deframer* deframer_of(object deframer) except NULL:
-    """The eem_deframer behind an eembridge._eem.Deframer (valid while it is held)."""
-    return <eem_deframer*>PyCapsule_GetPointer(deframer.capsule, EEM_DEFRAMER_CAPSULE)
+cdef class Deframer:
+    """EEM bulk IN stream to events (eem.pyx); d is its state for eem_deframe()."""
+    cdef eem_deframer d
+    cdef readonly Py_ssize_t capacity  # transfer size in-place calls are sized for
+    cdef unsigned char* carry_mem  # feed(): the carried bytes, then a transfer behind them
+    cdef Py_ssize_t carry_mem_size
+    cdef int exports  # buffer exports of the frame records alive (block reallocation)
+    cdef object records_view  # feed_buffer(): numpy view of all records, sliced per call
+    cdef bint busy  # inside the core with the GIL released
+    cdef Py_ssize_t last_base  # deframe_into(): buffer offset the last records count from
+
+    cdef int _check_idle(self) except -1
+    cdef int _reserve(self, Py_ssize_t total_bytes) except -1
+    cdef int _grow_carry_mem(self, Py_ssize_t size) except -1
+    cdef object _command_event(self, Py_ssize_t j)
+    cdef list _events(self, const unsigned char* base)
+    cdef Py_ssize_t _in_place(self, object buffer, Py_ssize_t offset, Py_ssize_t carried,
+                              Py_ssize_t n, bint short, bint grow) except? -9
 
 
-cdef inline eem_framer* framer_of(object framer) except NULL:
-    """The eem_framer behind an eembridge._eem.Framer (valid while it is held)."""
-    return <eem_framer*>PyCapsule_GetPointer(framer.capsule, EEM_FRAMER_CAPSULE)
+cdef class Framer:
+    """Ethernet frames to bulk OUT transfers (eem.pyx); f is its state for eem_frame_*."""
+    cdef eem_framer f
+    cdef unsigned char* transfer_mem  # pack(): the transfer being assembled
+    cdef Py_ssize_t transfer_size
+
+    cdef int _reserve(self, Py_ssize_t size) except -1
+    cdef bytes _close_bytes(self, Py_ssize_t length)
+    cdef bytes _command_transfer(self, int command, object data)
 
 
 cdef inline Py_ssize_t eem_deframe(eem_deframer* d, const unsigned char* start,

@@ -41,36 +41,14 @@ are reached from other Cython modules through eem.pxd (why there: see its header
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_RawFree, PyMem_RawRealloc
-from cpython.pycapsule cimport PyCapsule_New
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.string cimport memchr, memcmp, memcpy, memmove, memset
 
-from eem cimport (
-    DEFRAME_BAD_CARRY,
-    DEFRAME_NO_MEMORY,
-    DEFRAME_OVER_CAPACITY,
-    DEFRAME_WRONG_MODE,
-    EEM_DEFRAMER_CAPSULE,
-    EEM_FRAMER_CAPSULE,
-    EEM_MODE_FEED,
-    EEM_MODE_IN_PLACE,
-    EEM_MODE_NONE,
-    EEM_WAIT_BYTES_LIMIT,
-    EEM_WAIT_LIMIT,
-    eem_command_record,
-    eem_deframer,
-    eem_deframer_counters,
-    eem_frame_placed,
-    eem_frame_record,
-    eem_framer,
-    eem_framer_counters,
-    eem_waiting,
-    eem_place,
-)
+# eem.pxd (this module's own declarations) is in scope without a cimport.
 
-from .core import protocol as _protocol
-from .core.codec import validate_framer_options, validate_mac, validate_max_length
-from .core.events import Echo, EchoResponse, Frame, Hint
+from eembridge.core import protocol as _protocol
+from eembridge.core.codec import validate_framer_options, validate_mac, validate_max_length
+from eembridge.core.events import Echo, EchoResponse, Frame, Hint
 
 __all__ = ["Deframer", "Framer", "FRAME_RECORD_DTYPE"]
 
@@ -142,11 +120,11 @@ def _check_protocol() -> None:
     }
     for name, value in expected.items():
         if getattr(p, name) != value:
-            raise ImportError(f"eembridge._eem is out of date: protocol.{name} changed; rebuild it")
+            raise ImportError(f"eembridge._fast.eem is out of date: protocol.{name} changed; rebuild it")
     if sizeof(eem_deframer_counters) != 8 * len(_DEFRAMER_FIELDS) or (
         sizeof(eem_framer_counters) != 8 * len(_FRAMER_FIELDS)
     ):
-        raise ImportError("eembridge._eem counter structs do not match protocol.py")
+        raise ImportError("eembridge._fast.eem counter structs do not match protocol.py")
 
 
 _check_protocol()
@@ -829,9 +807,6 @@ cdef Py_ssize_t _close_transfer(eem_framer* f, unsigned char* transfer,
 
 # -- Python objects ---------------------------------------------------------------------
 
-cdef class Deframer
-
-
 cdef class _FrameRecords:
     """Buffer export of a Deframer's frame records (for feed_buffer's numpy view); the
     Deframer cannot reallocate them while an export is alive."""
@@ -866,19 +841,10 @@ cdef class Deframer:
 
     The reference API: feed(transfer, short), counters(), reset(), carried,
     waiting_commands, max_length. In place (the bridge): eem_deframe() from Cython
-    (eem.pxd, via `capsule`), feed_buffer() and deframe_into() from Python, sized by
+    (eem.pxd: &deframer.d), feed_buffer() and deframe_into() from Python, sized by
     set_capacity(). A stream uses feed() or in place, not both (reset() in between):
     feed() keeps carried bytes itself, in place expects them in the caller's memory.
     """
-
-    cdef eem_deframer d
-    cdef readonly Py_ssize_t capacity  # transfer size in-place calls are sized for
-    cdef unsigned char* carry_mem  # feed(): the carried bytes, then a transfer behind them
-    cdef Py_ssize_t carry_mem_size
-    cdef int exports  # buffer exports of the frame records alive (block reallocation)
-    cdef object records_view  # feed_buffer(): numpy view of all records, sliced per call
-    cdef bint busy  # inside the core with the GIL released
-    cdef Py_ssize_t last_base  # deframe_into(): buffer offset the last records count from
 
     def __cinit__(self):
         memset(&self.d, 0, sizeof(self.d))
@@ -898,12 +864,6 @@ cdef class Deframer:
         PyMem_RawFree(self.d.commands)
         PyMem_RawFree(self.d.command_data)
         PyMem_RawFree(self.carry_mem)
-
-    @property
-    def capsule(self):
-        """PyCapsule EEM_DEFRAMER_CAPSULE holding the eem_deframer* (eem.pxd: deframer_of);
-        valid while this Deframer is alive."""
-        return PyCapsule_New(&self.d, EEM_DEFRAMER_CAPSULE, NULL)
 
     @property
     def max_length(self) -> int:
@@ -1155,10 +1115,6 @@ cdef class Framer:
     (eem_frame_in_place, eem_fits, eem_close_transfer from Cython via eem.pxd; the
     frame_buffer, fits and close_buffer wrappers from Python)."""
 
-    cdef eem_framer f
-    cdef unsigned char* transfer_mem  # pack(): the transfer being assembled
-    cdef Py_ssize_t transfer_size
-
     def __cinit__(self):
         memset(&self.f, 0, sizeof(self.f))
         self.f.frame_in_place = _frame_in_place
@@ -1179,12 +1135,6 @@ cdef class Framer:
 
     def __dealloc__(self):
         PyMem_RawFree(self.transfer_mem)
-
-    @property
-    def capsule(self):
-        """PyCapsule EEM_FRAMER_CAPSULE holding the eem_framer* (eem.pxd: framer_of);
-        valid while this Framer is alive."""
-        return PyCapsule_New(&self.f, EEM_FRAMER_CAPSULE, NULL)
 
     @property
     def crc(self) -> bool:

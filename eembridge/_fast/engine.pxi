@@ -1,5 +1,6 @@
-# The data path engine: IN transfers delivered to the TAP, TAP frames batched into OUT
-# transfers, all in C, in one event thread, with no Python per transfer or per frame.
+# The data path engine: IN transfers delivered to the link, the link's frames batched
+# into OUT transfers, all in C, in one event thread, with no Python per transfer or per
+# frame.
 #
 # It knows nothing of the transport. It fills its own transfer records (eng_xfer) and
 # hands them to the transport through a table of C functions (eng_ops: submit,
@@ -8,9 +9,14 @@
 # libusb (usb.pyx: the real device) and the simulated device (simlink.pyx), so every
 # test on the simulated device runs the code that moves frames on real hardware.
 #
-# Included (not cimported) by each adapter's .pyx: a cdef class here could not be
-# shared between two extension modules without a runtime import (see ring.pxd), and
-# each adapter subclasses Engine. The source is one; each extension compiles it.
+# Nor does it know the link: frames go out and come in through the link table of the
+# RxPath / TxPath it drives (link.pxd: deliver, flush, fill, and the fd it polls; the
+# TAP with offload in taplink.pxd, any one-frame-per-read descriptor in link.pxd).
+# "TAP" below is whichever link that is.
+#
+# Included (not cimported) by each adapter's .pyx: each adapter subclasses Engine, and
+# the engine's C functions are the transports' completion callbacks, so each extension
+# compiles its own copy of the one source.
 #
 # Locking: Shared.lock guards the engine's state. The GIL may be taken while holding
 # it (the simulated device's submit does), never the other way round: every Python
@@ -19,16 +25,16 @@
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset, memcpy
 from libc.stdint cimport int64_t
-from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.errno cimport errno
 from posix.unistd cimport write, close, read
 import os
 import threading
 
-from eem cimport eem_deframer, eem_command_record
-from rxdeliver cimport rx_state, rx_deliver, rx_flush, rx_slot_offset, RX_STATE_CAPSULE
-from txfill cimport (tx_state, tx_has_room, tx_fill_one, tx_release_oldest, tx_unhold_newest,
-                     TX_STATE_CAPSULE, TX_HELD_MAX)
+from eembridge._fast.eem cimport eem_deframer, eem_command_record
+from eembridge._fast.datapath cimport RxPath, TxPath
+from eembridge._fast.rxdeliver cimport rx_state, rx_deliver, rx_flush, rx_slot_offset
+from eembridge._fast.txfill cimport (tx_state, tx_has_room, tx_fill_one, tx_release_oldest,
+                                     tx_unhold_newest, TX_HELD_MAX)
 
 from eembridge.core.events import Echo, EchoResponse, Hint
 from eembridge.core.protocol import CMD_ECHO, CMD_ECHO_RESPONSE
@@ -207,6 +213,7 @@ cdef struct NativeOut:
     int64_t short_writes  # transfers the device took only part of (frames dropped)
     int64_t short_write_frames
     int64_t closing_frames  # frames in flight when the transport closed
+    int64_t gone_frames  # frames of transfers that ended or were refused NO_DEVICE
     int64_t submit_errors
     int64_t submit_error_frames
 
@@ -388,8 +395,10 @@ cdef bint _tx_pump(Shared* shared) noexcept nogil:
                 o.n_spare += 1
                 if rc == ENG_SUBMIT_GONE:
                     o.gone = True
-                o.submit_errors += 1
-                o.submit_error_frames += frames
+                    o.gone_frames += frames  # lost with the device, not refused by it
+                else:
+                    o.submit_errors += 1
+                    o.submit_error_frames += frames
                 return True
             k = (o.first + o.count) % TX_HELD_MAX
             o.fifo[k] = x
@@ -419,6 +428,12 @@ cdef void engine_out_done(eng_xfer* x) noexcept nogil:
         status = t.status
         if o.closing or status == ENG_CANCELLED:
             o.closing_frames += frames
+        elif status == ENG_NO_DEVICE:
+            # Lost with the device, as the Python loop counts them (the disconnect's
+            # no_device, in its log line): not an error of the transfer.
+            o.gone_frames += frames
+            o.gone = True
+            tell = True
         elif status == ENG_COMPLETED and t.actual == t.length:
             o.transfers += 1
             o.frames_sent += frames
@@ -438,9 +453,6 @@ cdef void engine_out_done(eng_xfer* x) noexcept nogil:
             if status == ENG_STALL:
                 o.stalls += 1
                 o.halted = True
-                tell = True
-            elif status == ENG_NO_DEVICE:
-                o.gone = True
                 tell = True
         tx_release_oldest(o.tx)
         o.spare[o.n_spare] = t
@@ -538,7 +550,7 @@ cdef class Engine:
                 nf = n
                 if o.on and o.wants_tap and not (o.halted or o.gone or o.closing
                                                  or o.tap_failed):
-                    fds[n].fd = o.tx.tap_fd
+                    fds[n].fd = o.tx.link.fd
                     fds[n].events = POLLIN
                     nf = n + 1
                 # Busy polling: right after work, more work is likely within
@@ -587,7 +599,7 @@ cdef class Engine:
 
     # -- the native IN path ------------------------------------------------------------
 
-    def start_rx(self, rxpath, int in_flight):
+    def start_rx(self, RxPath rxpath not None, int in_flight):
         """Keep `in_flight` IN transfers submitted into rxpath's ring, delivered from C.
 
         From now on IN transfers never reach completions(): the event thread deframes
@@ -595,7 +607,7 @@ cdef class Engine:
         must not deliver through rxpath itself while this transport lives, and polls
         rx_poll() when fileno() is readable (commands, stalls, the device going).
         """
-        cdef rx_state* rx = <rx_state*>PyCapsule_GetPointer(rxpath.capsule, RX_STATE_CAPSULE)
+        cdef rx_state* rx = &rxpath.state
         cdef Shared* shared = self.shared
         cdef NativeIn* n = &shared.nin
         cdef int rc = ENG_SUBMITTED
@@ -744,14 +756,14 @@ cdef class Engine:
 
     # -- the native OUT path -----------------------------------------------------------
 
-    def start_tx(self, txpath):
+    def start_tx(self, TxPath txpath not None):
         """Send TAP frames from C: batched by txpath's rules, in txpath's memory.
 
         From now on the event thread reads txpath's TAP whenever there is room in
         flight; the caller no longer fills or releases txpath, and calls tx_poll() when
         fileno() is readable. Command transfers still go through submit_out.
         """
-        cdef tx_state* tx = <tx_state*>PyCapsule_GetPointer(txpath.capsule, TX_STATE_CAPSULE)
+        cdef tx_state* tx = &txpath.state
         cdef Shared* shared = self.shared
         cdef NativeOut* o = &shared.nout
         cdef int i
@@ -811,7 +823,8 @@ cdef class Engine:
         return {"transfers": o.transfers, "frames": o.frames_sent, "bytes": o.bytes_sent,
                 "dropped": dropped, "errors": errors, "short_writes": o.short_writes,
                 "submit_errors": o.submit_errors, "stalls": o.errors_by_status[ENG_STALL],
-                "closing_frames": o.closing_frames, "in_flight": o.count,
+                "closing_frames": o.closing_frames, "gone_frames": o.gone_frames,
+                "in_flight": o.count,
                 "backpressure": o.backpressure,
                 "bytes_in_flight": o.tx.in_flight if o.tx != NULL else 0}
 

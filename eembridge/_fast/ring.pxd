@@ -1,18 +1,12 @@
-# The C-level API of the mirrored ring buffer (eembridge._ring), header-only.
+# The C-level API of the mirrored ring buffer (eembridge._fast.ring).
 #
-# Everything here is a ctypedef or a `cdef inline` function, so cimporting it
-# (`from ring cimport ring_t, ring_reserve, ...` from a .pyx in eembridge/_fast/) compiles
-# the calls straight into the caller, with no runtime import and no vtable.
-# The Python-level `Ring` class lives in ring.pyx; `ring_of(ring)` gives its
-# ring_t*. Theory of operation (invariants, who calls what): top of ring.pyx.
-#
-# Why header-only: setup.py builds eembridge/_fast/ring.pyx as `eembridge._ring`, and
-# Cython looks for that module's own .pxd as eembridge/_ring.pxd, never as
-# eembridge/_fast/ring.pxd. A `cdef class` declared here would therefore not match the
-# one in ring.pyx, and a cimporting module would import it as top-level `ring`.
-# Plain C declarations have neither problem.
+# The ring operations are `cdef inline` functions, so cimporting them
+# (`from eembridge._fast.ring cimport Ring, ring_t, ring_reserve, ...`) compiles the
+# calls straight into the caller, with no runtime call through the module.
+# The Python-level `Ring` class lives in ring.pyx and is declared here, so a Cython user
+# takes its ring_t* with a type Cython checks: `ring_of(ring)` (or `ring._ring`).
+# Theory of operation (invariants, who calls what): top of ring.pyx.
 
-from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.stdint cimport uint64_t
 
 cdef extern from *:
@@ -33,8 +27,6 @@ cdef extern from *:
         char pad2[64];
     } eembridge_ring_t;
 
-    #define EEMBRIDGE_RING_CAPSULE "eembridge._ring.ring_t"
-
     static inline uint64_t eembridge_load_acquire(const uint64_t *p)
     { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
     static inline uint64_t eembridge_load_relaxed(const uint64_t *p)
@@ -51,13 +43,22 @@ cdef extern from *:
     uint64_t load_acquire "eembridge_load_acquire"(const uint64_t* p) noexcept nogil
     uint64_t load_relaxed "eembridge_load_relaxed"(const uint64_t* p) noexcept nogil
     void store_release "eembridge_store_release"(uint64_t* p, uint64_t v) noexcept nogil
-    # Name of the PyCapsule that Ring.capsule returns.
-    const char* RING_CAPSULE_NAME "EEMBRIDGE_RING_CAPSULE"
 
 
-cdef inline ring_t* ring_of(object ring) except NULL:
+cdef class Ring:
+    cdef ring_t* _ring
+    cdef int _fd
+    cdef Py_ssize_t _mapped_len  # 2 * size: what the buffer protocol exports
+
+    cdef object _window(self, unsigned char* start, Py_ssize_t n, bint readonly)
+    cdef Py_ssize_t _length(self, Py_ssize_t n, str what) except -1
+
+
+cdef inline ring_t* ring_of(Ring ring) except NULL:
     """The ring_t behind a Ring. Valid only while the caller holds the Ring."""
-    return <ring_t*>PyCapsule_GetPointer(ring.capsule, RING_CAPSULE_NAME)
+    if ring is None:
+        raise TypeError("expected a Ring, got None")
+    return ring._ring
 
 
 # --- producer side (one thread at a time) -----------------------------------

@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""Mirrored single-producer/single-consumer ring buffer (eembridge._ring).
+"""Mirrored single-producer/single-consumer ring buffer (eembridge._fast.ring).
 
 Theory of operation
 -------------------
@@ -42,25 +42,9 @@ object, which owns the memory (freed in __dealloc__), and checked Python methods
 import os
 
 from cpython.buffer cimport PyBuffer_FillInfo
-from cpython.pycapsule cimport PyCapsule_New
 from libc.errno cimport errno
 from libc.stdlib cimport free
 from libc.string cimport memset
-
-from ring cimport (
-    RING_CAPSULE_NAME,
-    ring_at,
-    ring_commit,
-    ring_consume,
-    ring_free,
-    ring_head,
-    ring_peek,
-    ring_reserve,
-    ring_t,
-    ring_tail,
-    ring_used,
-)
-
 
 cdef extern from "<sys/mman.h>" nogil:
     int memfd_create(const char* name, unsigned int flags)
@@ -100,12 +84,8 @@ cdef class Ring:
     producer may overwrite them. Copy what must outlive consume().
 
     The buffer protocol exports both mappings (2*size bytes starting at
-    `address`); `capsule` carries the ring_t* for Cython code (ring.pxd: ring_of).
+    `address`); Cython code takes the ring_t* with ring.pxd's ring_of.
     """
-
-    cdef ring_t* _ring
-    cdef int _fd
-    cdef Py_ssize_t _mapped_len  # 2 * size: what the buffer protocol exports
 
     def __cinit__(self, Py_ssize_t size):
         self._ring = NULL
@@ -258,12 +238,6 @@ cdef class Ring:
     def fd(self):
         """The memfd behind both mappings; owned by the Ring, closed with it."""
         return self._fd
-
-    @property
-    def capsule(self):
-        """PyCapsule "eembridge._ring.ring_t" holding the ring_t*, for Cython users
-        (ring.pxd: ring_of). Valid only while this Ring is alive."""
-        return PyCapsule_New(self._ring, RING_CAPSULE_NAME, NULL)
 
     def __repr__(self):
         return (f"<Ring size={self._ring.size} head={ring_head(self._ring)} "

@@ -1,48 +1,24 @@
 # RX delivery in C, header-only: one completed IN transfer, deframed in place on the
-# mirrored ring, its frames written to the TAP. Shared by eembridge._datapath (RxPath,
-# driven from the bridge thread) and eembridge._usb (the libusb event thread drives it
-# straight from the transfer callback, with no Python per transfer).
+# mirrored ring, its frames handed to the link (link.pxd). Shared by the datapath's
+# RxPath (driven from the bridge thread) and the engine (engine.pxi: its event thread
+# drives it straight from the transfer completion, with no Python per transfer).
 #
-# Why header-only: see ring.pxd. RxPath owns an rx_state and hands its address out as
-# a PyCapsule (RX_STATE_CAPSULE); whoever holds the capsule must keep the RxPath alive
-# and must be the only one delivering while it does.
+# Header-only: inline functions compiled into each user, no module of its own. RxPath
+# (datapath.pxd) owns an rx_state; the engine takes &rxpath.state and keeps the RxPath
+# alive, the only one delivering while it does.
 
-from libc.errno cimport errno
 from libc.stdint cimport int64_t
-from libc.string cimport memset
-from posix.unistd cimport write
-from posix.uio cimport iovec, writev
 
-from offload cimport (VNET_HDR_SIZE, vnet_hdr_t, gro_state_t, gro_offer, gro_finish,
-                      GRO_HELD, GRO_PASS, GRO_FLUSH_FIRST)
-
-from eem cimport eem_deframer, eem_deframe
-
-cdef extern from *:
-    """
-    #define RX_STATE_CAPSULE "eembridge._datapath.rx_state"
-    """
-    const char* RX_STATE_CAPSULE
-
-cdef enum:
-    RX_ERRNO_SLOTS = 256
+from eembridge._fast.eem cimport eem_deframer, eem_deframe
+from eembridge._fast.link cimport eng_link, link_flush
 
 cdef struct rx_state:
     eem_deframer* d
     const unsigned char* ring  # both mappings of the mirrored ring: 2 * size bytes
     Py_ssize_t size  # bytes per mapping
     Py_ssize_t slot_size  # one IN transfer's slot; divides size
-    int tap_fd
-    bint vnet  # the TAP wants a virtio_net_hdr in front of each frame (offload on)
-    gro_state_t gro  # with vnet: TCP segments held to go up merged (offload.pxd)
-    Py_ssize_t gro_bytes  # bytes of the frames held
-    int64_t gro_packets  # merged packets written
-    int64_t gro_frames  # frames that went up in them
-    int64_t frames_written
-    int64_t bytes_written
-    int64_t write_errors
+    eng_link link  # where the frames go (link.pxd); it counts what it wrote
     int64_t deframe_failures  # eem_deframe refused a transfer (no memory): its frames lost
-    int64_t errno_counts[RX_ERRNO_SLOTS]  # refused TAP writes by errno
 
 
 cdef inline Py_ssize_t rx_slot_offset(rx_state* rx, int64_t sequence) noexcept nogil:
@@ -50,81 +26,17 @@ cdef inline Py_ssize_t rx_slot_offset(rx_state* rx, int64_t sequence) noexcept n
     return <Py_ssize_t>((sequence * rx.slot_size) % rx.size)
 
 
-cdef inline void _rx_count(rx_state* rx, Py_ssize_t written, Py_ssize_t length,
-                           int64_t frames, Py_ssize_t frame_bytes) noexcept nogil:
-    cdef int e
-    if written == length:
-        rx.frames_written += frames
-        rx.bytes_written += frame_bytes
-    else:
-        e = errno
-        rx.write_errors += frames
-        rx.errno_counts[e if 0 <= e < RX_ERRNO_SLOTS else 0] += frames
-
-
-cdef inline void _rx_write_one(rx_state* rx, const unsigned char* frame,
-                               Py_ssize_t length) noexcept nogil:
-    cdef unsigned char plain[VNET_HDR_SIZE]  # all zero: nothing asked of the kernel
-    cdef iovec iov[2]
-    if not rx.vnet:
-        _rx_count(rx, write(rx.tap_fd, frame, length), length, 1, length)
-        return
-    memset(plain, 0, VNET_HDR_SIZE)
-    iov[0].iov_base = plain
-    iov[0].iov_len = VNET_HDR_SIZE
-    iov[1].iov_base = <void*>frame
-    iov[1].iov_len = length
-    _rx_count(rx, writev(rx.tap_fd, iov, 2) - VNET_HDR_SIZE, length, 1, length)
-
-
 cdef inline void rx_flush(rx_state* rx) noexcept nogil:
-    """Write the merged packet held, if any (offload on)."""
-    cdef vnet_hdr_t h
-    cdef iovec iov[2]
-    cdef Py_ssize_t length
-    cdef int segs = rx.gro.segs
-    if not rx.vnet or rx.gro.len == 0:
-        return
-    length = gro_finish(&rx.gro, &h)
-    iov[0].iov_base = &h
-    iov[0].iov_len = VNET_HDR_SIZE
-    iov[1].iov_base = rx.gro.buf
-    iov[1].iov_len = length
-    _rx_count(rx, writev(rx.tap_fd, iov, 2) - VNET_HDR_SIZE, length, segs, rx.gro_bytes)
-    if segs > 1:
-        rx.gro_packets += 1
-        rx.gro_frames += segs
-    rx.gro.len = 0
-    rx.gro_bytes = 0
+    """What the link holds back to merge goes up (end of a batch)."""
+    link_flush(&rx.link)
 
 
 cdef inline void rx_write_frames(rx_state* rx, const unsigned char* base) noexcept nogil:
-    """Write every frame of the last deframe to the TAP; base = start - carried.
-
-    One write(2) per frame: a TAP takes exactly one frame per write. A refused write
-    (queue full, link down) is counted under its errno and not retried, as the kernel
-    would drop the frame itself on a full queue. With offload, consecutive segments of
-    one TCP flow are held and go up as one packet (rx_flush; offload.pxd says when).
-    """
+    """Hand every frame of the last deframe to the link; base = start - carried."""
     cdef eem_deframer* d = rx.d
-    cdef Py_ssize_t i, length
-    cdef const unsigned char* frame
-    cdef int r
+    cdef Py_ssize_t i
     for i in range(d.n_frames):
-        length = d.frames[i].length
-        frame = base + d.frames[i].offset
-        if not rx.vnet:
-            _rx_write_one(rx, frame, length)
-            continue
-        r = gro_offer(&rx.gro, frame, length)
-        if r == GRO_FLUSH_FIRST:
-            rx_flush(rx)
-            r = gro_offer(&rx.gro, frame, length)
-        if r == GRO_HELD:
-            rx.gro_bytes += length
-        else:
-            rx_flush(rx)  # what is held went up before this frame arrived
-            _rx_write_one(rx, frame, length)
+        rx.link.deliver(&rx.link, base + d.frames[i].offset, d.frames[i].length)
 
 
 cdef inline Py_ssize_t rx_deliver(rx_state* rx, int64_t sequence, Py_ssize_t actual,

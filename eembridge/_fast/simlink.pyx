@@ -85,7 +85,7 @@ cdef class SimEngine(Engine):
 
     def __init__(self, transport, int busy_polls=0):
         """Drive `transport` (a SimTransport, opened, nothing in flight) from now on;
-        busy_polls as for the libusb transport (eembridge._usb.UsbTransport)."""
+        busy_polls as for the libusb transport (eembridge._fast.usb.UsbTransport)."""
         self._set_busy_polls(busy_polls)
         self.transport = transport
         self.info = transport.info

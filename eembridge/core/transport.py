@@ -121,11 +121,11 @@ MAX_BUSY_POLLS = 100000
 class NativeDataPath(Protocol):
     """What a transport offers when it can run the data path itself, in C, with no
     Python per transfer or frame: its own thread also reads the TAP once start_tx runs
-    (eembridge._usb.UsbTransport, through usb.ClaimedDevice; the simulated device
-    through Transport.engine(), eembridge._simlink.SimEngine: both are the engine of
+    (eembridge._fast.usb.UsbTransport, through usb.ClaimedDevice; the simulated device
+    through Transport.engine(), eembridge._fast.simlink.SimEngine: both are the engine of
     eembridge/_fast/engine.pxi).
 
-    The bridge hands it its RxPath / TxPath (the C ones: they carry a `capsule`) and
+    The bridge hands it its RxPath / TxPath (the C ones, eembridge._fast.datapath) and
     from then on only acts on what the poll methods report; counters come from the
     stats methods. A transport without these methods (the --usb-pcap recorder, any
     transport with the pure-Python codec) gets every transfer through

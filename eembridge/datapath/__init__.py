@@ -7,14 +7,15 @@ from ..core import environment
 from .reference import RxPath, TxPath
 
 OFFLOAD = False  # whether the data path reads and writes a TAP with IFF_VNET_HDR
+COMPILED = False  # RxPath / TxPath are the C ones, which the engine can drive
 if CODEC == "cython":
     try:
-        from .._datapath import RxPath, TxPath  # type: ignore[assignment, no-redef]
+        from .._fast.datapath import RxPath, TxPath  # type: ignore[assignment, no-redef]
 
-        OFFLOAD = True
+        OFFLOAD = COMPILED = True
     except ImportError:
         if environment.ENV.require_cython:
             raise
         from .reference import RingRxPath as RxPath  # type: ignore[assignment, misc]
 
-__all__ = ["OFFLOAD", "RxPath", "TxPath"]
+__all__ = ["COMPILED", "OFFLOAD", "RxPath", "TxPath"]

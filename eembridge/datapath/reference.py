@@ -55,7 +55,7 @@ class RxPath:
     def __init__(self, deframer, tap_fd: int, slots: int, slot_size: int,
                  vnet: bool = False) -> None:
         if vnet:
-            raise ValueError("TAP offload (a virtio_net_hdr per read) needs eembridge._datapath")
+            raise ValueError("TAP offload (a virtio_net_hdr per read) needs eembridge._fast.datapath")
         self.deframer = deframer
         self.tap_fd = tap_fd
         self.slot_size = slot_size
@@ -120,7 +120,7 @@ class TxPath:
     def __init__(self, framer, tap_fd: int, max_bytes_in_flight: int,
                  vnet: bool = False) -> None:
         if vnet:
-            raise ValueError("TAP offload (a virtio_net_hdr per read) needs eembridge._datapath")
+            raise ValueError("TAP offload (a virtio_net_hdr per read) needs eembridge._fast.datapath")
         self.framer = framer
         self.tap_fd = tap_fd
         self.max_bytes_in_flight = max_bytes_in_flight
@@ -186,7 +186,7 @@ class RingRxPath(RxPath):
     """
 
     def _make_slots(self, slots: int) -> None:
-        from .._ring import Ring
+        from .._fast.ring import Ring
 
         self.ring = Ring(slots * self.slot_size)
         if self.ring.size % self.slot_size:

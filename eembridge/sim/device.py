@@ -343,6 +343,7 @@ class SimDevice(EemFunction):
         self._generation = 0
         self._stopping = False
         self._tx_signal = False
+        self._in_holding = False  # the IN thread holds packets not yet offered (in_idle)
         self._busy_until = 0.0
         self.network.attach(self._wake)
         self._threads = [threading.Thread(target=self._in_loop, name="sim-in", daemon=True),
@@ -399,6 +400,13 @@ class SimDevice(EemFunction):
     @property
     def plugged(self) -> bool:
         return self._plugged
+
+    @property
+    def in_idle(self) -> bool:
+        """Bulk IN has offered every packet of every frame it took from the network side,
+        so the faults of all of them are decided: once the network side has nothing
+        unsent either, quiet() cannot race the last ones."""
+        return not self._in_holding
 
     def stall(self, direction: Direction) -> bool:
         """Halt an endpoint of the connected transport; False if none is connected."""
@@ -479,10 +487,12 @@ class SimDevice(EemFunction):
                         wait()  # NAK until the host asks again
                 self._tx_signal = False
             # Without the lock: it pulls from the network side.
+            self._in_holding = True  # before the pull: in_idle never sees a frame in between
             if fast:
                 packet, burst = self.tx.next_burst()
             else:
                 packet, burst = self.tx.next_packet(), False
+            self._in_holding = packet is not None
             if packet is None:
                 with bus:
                     while not (self._tx_signal or self._stopping or self._generation != generation):

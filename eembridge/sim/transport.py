@@ -29,7 +29,7 @@ submission order per direction. All state here is guarded by the device's bus lo
 `fileno()` is an eventfd, non-zero exactly while completions are waiting.
 
 The bridge drives it through the compiled engine when it can (`engine()`,
-eembridge._simlink): then the engine's thread submits and reaps the data transfers.
+eembridge._fast.simlink): then the engine's thread submits and reaps the data transfers.
 """
 
 from __future__ import annotations
@@ -160,10 +160,10 @@ class SimTransport(Transport):
         os.close(self._fd)
 
     def engine(self) -> Transport | None:
-        """This transport driven by the compiled engine (eembridge._simlink), the data
+        """This transport driven by the compiled engine (eembridge._fast.simlink), the data
         path real USB runs; None without it (a build without the extensions)."""
         try:
-            from .._simlink import SimEngine
+            from .._fast.simlink import SimEngine
         except ImportError:
             return None
         return SimEngine(self, BUSY_POLLS)

@@ -46,10 +46,10 @@ def permission_hint(record: EemInterface) -> str:
 
 
 class ClaimedDevice(Transport):
-    """A Transport over eembridge._usb.UsbTransport that gives the device back on close."""
+    """A Transport over eembridge._fast.usb.UsbTransport that gives the device back on close."""
 
     def __init__(self, record: EemInterface, tap: str, busy_polls: int = BUSY_POLLS) -> None:
-        from .._usb import ERROR_NO_DEVICE, UsbError, UsbTransport
+        from .._fast.usb import ERROR_NO_DEVICE, UsbError, UsbTransport
 
         self.record = record
         try:
@@ -154,7 +154,7 @@ class ClaimedDevice(Transport):
                 pass
             self._claim_file = None
         where = self.record.sysfs_interface
-        from .._usb import ERROR_NO_DEVICE, error_name
+        from .._fast.usb import ERROR_NO_DEVICE, error_name
 
         for step, code in self._usb.close():
             if step == "cancel":
