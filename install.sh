@@ -13,7 +13,7 @@ echo "eembridge install: system packages"
 $SUDO apt-get update -qq
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
     build-essential libusb-1.0-0-dev zlib1g-dev iproute2 tcpdump kmod usbutils \
-    ethtool iperf3 systemd udev util-linux dnsmasq-base busybox libslirp-dev >/dev/null  # ethtool, iperf3: bench; systemd, udev: service tests; dnsmasq-base: the --dhcp tests; libslirp-dev: --link user (eembridge._slirp); busybox: its udhcpc in test_user_link
+    ethtool iperf3 systemd udev util-linux dnsmasq-base busybox libslirp-dev >/dev/null  # ethtool, iperf3: bench; systemd, udev: service tests; dnsmasq-base: the --dhcp tests; libslirp-dev: --link user (eembridge._fast.slirp); busybox: its udhcpc in test_user_link
 
 if [ -x tests/interop/setup_guest.sh ] && [ "${EEMBRIDGE_NO_GUEST:-0}" != 1 ]; then
     echo "eembridge install: QEMU guest for the real-peer tests (EEMBRIDGE_NO_GUEST=1 skips)"

@@ -79,9 +79,9 @@ def _slirp_flags() -> tuple[list[str], list[str]]:
 
 
 if os.path.exists(os.path.join("eembridge", "_fast", "slirp.pyx")) and (
-        not _only or "_slirp" in _only.split(",")):
+        not _only or "slirp" in _only.split(",")):
     _slirp_include, _slirp_libraries = _slirp_flags()
-    extensions.append(Extension("eembridge._slirp", ["eembridge/_fast/slirp.pyx"],
+    extensions.append(Extension("eembridge._fast.slirp", ["eembridge/_fast/slirp.pyx"],
                                 include_dirs=_slirp_include, libraries=_slirp_libraries))
 
 for ext in extensions:

@@ -1,5 +1,5 @@
 """core.egress, the user link's policy without --nat (sans-IO), and the C fast path that
-passes a transfer's TCP segments without asking it (eembridge._slirp.established_tcp):
+passes a transfer's TCP segments without asking it (eembridge._fast.slirp.established_tcp):
 whatever the fast path passes, the policy must pass too."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import struct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eembridge._slirp import established_tcp
+from eembridge._fast.slirp import established_tcp
 from eembridge.core.egress import Egress
 from eembridge.core.offload import ones_sum
 

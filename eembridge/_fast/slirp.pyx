@@ -52,7 +52,7 @@ from libc.stdlib cimport malloc, realloc, free, calloc
 from libc.string cimport memcpy, memset, strerror
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
-from libslirp cimport *
+from eembridge._fast.libslirp cimport *
 
 import logging
 

@@ -4,7 +4,7 @@ no interface.
 Theory of operation
 -------------------
 `UserLink` is a link.pump.FramePump: the bridge gets one end of a SEQPACKET socketpair as
-its frame descriptor, and the pump thread runs a libslirp stack (eembridge._slirp, the
+its frame descriptor, and the pump thread runs a libslirp stack (eembridge._fast.slirp, the
 binding in _fast/slirp.pyx, which says why libslirp and how its loop runs) on the other
 end:
 
@@ -90,9 +90,9 @@ class UserLink(FramePump):
                  forwards: list[Forward] = (), nat: bool = False,  # type: ignore[assignment]
                  mtu: int = 1500) -> None:
         try:
-            from .._slirp import Stack
+            from .._fast.slirp import Stack
         except ImportError:
-            raise UserLinkError("--link user needs the compiled eembridge._slirp (apt-get install "
+            raise UserLinkError("--link user needs the compiled eembridge._fast.slirp (apt-get install "
                                 "libslirp-dev, then python3 setup.py build_ext --inplace)") from None
         gateway = ipaddress.IPv4Interface(host)
         board = ipaddress.IPv4Address(peer)
