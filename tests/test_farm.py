@@ -120,6 +120,37 @@ def test_the_driver_waits_for_a_boards_bridge_and_reports_stats_and_echo(tmp_pat
     assert code == 0, err
 
 
+def test_the_driver_reaches_a_remote_exporters_bridge_through_its_command_prefix(
+        tmp_path, monkeypatch):
+    """A board on another host: stats() and echo() run `eembridge stats/echo --json` there
+    through the resource's command_prefix (labgrid's SSH connection). No sshd here: the
+    prefix is replaced by `env --`, so the same commands run on this host."""
+    from labgrid import Target
+    from labgrid.resource.common import NetworkResource, ResourceManager
+
+    monkeypatch.setattr(NetworkResource, "command_prefix", property(lambda self: ["env", "--"]))
+    bridge = start_sim_bridge(tmp_path, "eemfarm")
+    try:
+        target = Target("farm")
+        board = RemoteEEMBoard(target, "board", host="exporter.invalid", busnum=1, devnum=2,
+                               path="1-1", vendor_id=0x1D6B, model_id=0x0104, tap=bridge.tap,
+                               socket=bridge.sock, python=sys.executable)
+        board.manager = ResourceManager()  # no coordinator: see the test above
+        board.avail = True
+        board.extra = {"proxy": "exporter.invalid", "proxy_required": False}
+        driver = EEMBridgeDriver(target, "bridge", timeout=30)
+        target.activate(driver)
+        assert not driver.local and driver.host == "exporter.invalid"
+        stats = driver.stats()
+        assert stats["connected"] and stats["tap"] == bridge.tap, stats
+        echo = driver.echo(count=2, timeout=2.0, interval=0.05)
+        assert echo["sent"] == echo["received"] == 2 and len(echo["replies"]) == 2, echo
+        target.deactivate(driver)
+    finally:
+        code, err = bridge.stop()
+    assert code == 0, err
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

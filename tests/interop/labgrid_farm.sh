@@ -20,7 +20,6 @@ stamp labgrid_start
 
 lg() { labgrid-client "$@"; }
 coordinator_up() { ss -Hltn 'sport = :20408' | grep -q .; }
-exported() { lg resources > "$LG/resources.txt" 2>&1 && grep -q "guest/board-a/RemoteEEMBoard" "$LG/resources.txt"; }
 tap_gone() { [ ! -e "/sys/class/net/$1" ]; }
 cdc_eem_has() { [ "$(driver_of "$(eem_intf "$1")")" = cdc_eem ]; }
 
@@ -49,13 +48,42 @@ EOF
 python3 -m eembridge.farm.export --name guest "$LG/exporter.yaml" > "$LG/exporter.log" 2>&1 &
 LG_EXPORTER=$!
 for b in a b; do udevadm info -q property "$(usb_path "$b")" > "$LG/udev_$b.txt" 2>&1; done
-wait_until 180 exported
-echo $? > "$LG/exported.rc"
-stamp labgrid_exported
 
-# The place, and the client that takes it.
-{ lg -p farm-a create && lg -p farm-a add-match "guest/board-a/RemoteEEMBoard" \
-      && lg -p farm-a acquire; } > "$LG/acquire.txt" 2>&1
+# Every labgrid command is a Python start-up of some 30 s in this guest: what does not
+# depend on another runs alongside it. Board B on the client's own host, without the
+# exporter (the driver owns its bridge), from now on:
+cat > "$LG/local.yaml" <<EOF
+targets:
+  main:
+    resources:
+      EEMBoard:
+        match:
+          ID_SERIAL_SHORT: ${SERIAL[b]}
+        tap: farmLocal
+        addresses: [${HOST_IP[b]}/24]
+        peer: ${PEER_IP[b]}
+    drivers:
+      EEMBridgeDriver:
+        timeout: 240
+imports:
+  - eembridge.farm
+EOF
+python3 "$INTEROP/farm_client.py" "$LG/local.yaml" "$LG/client_b.json" -- \
+    bash -c 'ping -c 3 -i 0.2 -W 2 -I "$TAP" "$PEER" > "$RW/lg_ping_b.txt" 2>&1' > "$LG/client_b.txt" 2>&1 &
+LG_CLIENT_B=$!
+# The place for board A, made while the exporter starts.
+{ lg -p farm-a create && lg -p farm-a add-match "guest/board-a/RemoteEEMBoard"; } > "$LG/place.txt" 2>&1 &
+LG_PLACE=$!
+exporter_connected() { grep -q "connected to coordinator" "$LG/exporter.log"; }
+wait_until 180 exporter_connected
+echo $? > "$LG/exporter_up.rc"
+wait $LG_PLACE
+echo $? > "$LG/place.rc"
+stamp labgrid_exporter_up
+
+# Acquired as soon as the exporter has published board A as available.
+acquire_a() { lg -p farm-a acquire >> "$LG/acquire.txt" 2>&1; }
+wait_until 120 acquire_a
 echo $? > "$LG/acquire.rc"
 stamp labgrid_acquired
 
@@ -74,14 +102,18 @@ EOF
 XFER='. "$INTEROP/lib.sh"; ping -c 3 -i 0.2 -W 2 -I "$TAP" "$PEER" > "$RW/lg_ping_a.txt" 2>&1 &&
       xfer lg_h2p_a h2p peera "$PEER" 5111 1 && xfer lg_p2h_a p2h peera "$PEER" 5112 1'
 python3 "$INTEROP/farm_client.py" "$LG/remote.yaml" "$LG/client_a.json" -- bash -c "$XFER" \
-    > "$LG/client_a.txt" 2>&1
+    > "$LG/client_a.txt" 2>&1 &
+LG_CLIENT_A=$!
+# Meanwhile: another user cannot take the place while it is acquired, and what the
+# coordinator lists as available (both boards, each matched by udev).
+LG_USERNAME=intruder lg -p farm-a acquire > "$LG/intruder.txt" 2>&1
+echo $? > "$LG/intruder.rc"
+lg resources > "$LG/resources.txt" 2>&1
+echo $? > "$LG/resources.rc"
+wait $LG_CLIENT_A
 echo $? > "$LG/client_a.rc"
 stamp labgrid_client_done
 ip -j link show dev "${FARM_TAP[a]}" > "$LG/held_link_a.json" 2>&1  # still up: still acquired
-
-# Another user cannot take the place while it is acquired.
-LG_USERNAME=intruder lg -p farm-a acquire > "$LG/intruder.txt" 2>&1
-echo $? > "$LG/intruder.rc"
 
 # Release: the exporter stops the bridge; its TAP goes, cdc_eem comes back.
 lg -p farm-a release > "$LG/release.txt" 2>&1
@@ -90,25 +122,7 @@ wait_until 60 tap_gone "${FARM_TAP[a]}" && wait_until 30 cdc_eem_has a
 echo $? > "$LG/released_gone.rc"
 stamp labgrid_released
 
-# Board B on the client's own host, without the exporter: the driver owns the bridge.
-cat > "$LG/local.yaml" <<EOF
-targets:
-  main:
-    resources:
-      EEMBoard:
-        match:
-          ID_SERIAL_SHORT: ${SERIAL[b]}
-        tap: farmLocal
-        addresses: [${HOST_IP[b]}/24]
-        peer: ${PEER_IP[b]}
-    drivers:
-      EEMBridgeDriver:
-        timeout: 240
-imports:
-  - eembridge.farm
-EOF
-python3 "$INTEROP/farm_client.py" "$LG/local.yaml" "$LG/client_b.json" -- \
-    bash -c 'ping -c 3 -i 0.2 -W 2 -I "$TAP" "$PEER" > "$RW/lg_ping_b.txt" 2>&1' > "$LG/client_b.txt" 2>&1
+wait $LG_CLIENT_B
 echo $? > "$LG/client_b.rc"
 { tap_gone farmLocal && cdc_eem_has b; }
 echo $? > "$LG/local_gone.rc"

@@ -233,7 +233,9 @@ def _farm(boot: Boot) -> BootResults:
 def test_farm_exporter_publishes_both_boards_and_a_client_acquires_one(boot: Boot) -> None:
     farm = _farm(boot)
     farm.rc("coordinator")
-    farm.rc("exported")  # both boards matched by udev (ID_SERIAL_SHORT, sys_name), available
+    farm.rc("exporter_up")
+    farm.rc("place")
+    farm.rc("resources")  # both boards matched by udev (ID_SERIAL_SHORT, sys_name), available
     resources = farm.read("resources.txt").split()
     assert {"guest/board-a/RemoteEEMBoard", "guest/board-b/RemoteEEMBoard"} <= set(resources), resources
     farm.rc("acquire")
