@@ -21,6 +21,12 @@ stamp labgrid_start
 lg() { labgrid-client "$@"; }
 coordinator_up() { ss -Hltn 'sport = :20408' | grep -q .; }
 tap_gone() { [ ! -e "/sys/class/net/$1" ]; }
+# client_env FILE: a labgrid environment with EEMBridgeDriver; its resources from stdin.
+client_env() {
+    { printf 'targets:\n  main:\n    resources:\n'; cat
+      printf '    drivers:\n      EEMBridgeDriver:\n        timeout: 240\nimports:\n  - eembridge.farm\n'
+    } > "$1"
+}
 cdc_eem_has() { [ "$(driver_of "$(eem_intf "$1")")" = cdc_eem ]; }
 
 (cd "$LG" && exec labgrid-coordinator -l 127.0.0.1:20408 > "$LG/coordinator.log" 2>&1) &
@@ -52,21 +58,13 @@ for b in a b; do udevadm info -q property "$(usb_path "$b")" > "$LG/udev_$b.txt"
 # Every labgrid command is a Python start-up of some 30 s in this guest: what does not
 # depend on another runs alongside it. Board B on the client's own host, without the
 # exporter (the driver owns its bridge), from now on:
-cat > "$LG/local.yaml" <<EOF
-targets:
-  main:
-    resources:
+client_env "$LG/local.yaml" <<EOF
       EEMBoard:
         match:
           ID_SERIAL_SHORT: ${SERIAL[b]}
         tap: farmLocal
         addresses: [${HOST_IP[b]}/24]
         peer: ${PEER_IP[b]}
-    drivers:
-      EEMBridgeDriver:
-        timeout: 240
-imports:
-  - eembridge.farm
 EOF
 python3 "$INTEROP/farm_client.py" "$LG/local.yaml" "$LG/client_b.json" -- \
     bash -c 'ping -c 3 -i 0.2 -W 2 -I "$TAP" "$PEER" > "$RW/lg_ping_b.txt" 2>&1' > "$LG/client_b.txt" 2>&1 &
@@ -87,17 +85,9 @@ wait_until 120 acquire_a
 echo $? > "$LG/acquire.rc"
 stamp labgrid_acquired
 
-cat > "$LG/remote.yaml" <<EOF
-targets:
-  main:
-    resources:
+client_env "$LG/remote.yaml" <<EOF
       RemotePlace:
         name: farm-a
-    drivers:
-      EEMBridgeDriver:
-        timeout: 240
-imports:
-  - eembridge.farm
 EOF
 XFER='. "$INTEROP/lib.sh"; ping -c 3 -i 0.2 -W 2 -I "$TAP" "$PEER" > "$RW/lg_ping_a.txt" 2>&1 &&
       xfer lg_h2p_a h2p peera "$PEER" 5111 1 && xfer lg_p2h_a p2h peera "$PEER" 5112 1'
