@@ -151,6 +151,36 @@ def test_the_driver_reaches_a_remote_exporters_bridge_through_its_command_prefix
     assert code == 0, err
 
 
+EXPORTER_EXITS = """
+import sys
+from eembridge.farm.export import EEMBoardExport
+export = EEMBoardExport({"cls": "EEMBoard", "params": {
+    "match": {"ID_SERIAL_SHORT": "no-such-board"}, "tap": sys.argv[1], "socket": sys.argv[2],
+    "args": ["--sim"]}}, host="exporter", proxy="exporter", proxy_required=False)
+params = export._get_params()
+assert params["tap"] == sys.argv[1] and params["socket"] == sys.argv[2], params
+export._start({"path": "1-1"})  # as at acquire (--sim stands in for the board at 1-1)
+export.bridge.wait_connected(30)
+print("up", export.bridge.proc.pid, flush=True)
+"""  # ...and the exporter process ends with the place still acquired
+
+
+def test_bridges_of_acquired_places_stop_when_the_exporter_exits(tmp_path):
+    require_tun_and_root()
+    tap = nsmod.unique_name("eemfarm")
+    sock = str(tmp_path / "b.sock")
+    run = subprocess.run([sys.executable, "-c", EXPORTER_EXITS, tap, sock], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.startswith("up "), run.stdout + run.stderr
+    pid = int(run.stdout.split()[1])
+    alive = os.path.exists(f"/proc/{pid}")
+    if alive:  # leave nothing behind, whatever the verdict
+        os.kill(pid, 15)
+        wait_for(lambda: not os.path.exists(f"/sys/class/net/{tap}"), 20, f"{tap} gone")
+    assert not alive, "the bridge outlived its exporter"
+    assert not os.path.exists(f"/sys/class/net/{tap}") and not os.path.exists(sock)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

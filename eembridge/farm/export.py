@@ -15,6 +15,7 @@ stopped at release, and stopped while the board is unplugged); clients see a
 
 from __future__ import annotations
 
+import atexit
 import sys
 from typing import Any
 
@@ -24,6 +25,17 @@ from labgrid.remote import exporter as lg_exporter
 from ..observe.control import socket_path
 from .bridgeproc import BridgeProcess, bridge_command, default_log
 from .resource import EEMBoard
+
+# Bridges of places still acquired when the exporter stops (SIGTERM, SIGINT: labgrid's
+# exporter returns from main): stopped at interpreter exit, not left to run without it.
+_running: set[BridgeProcess] = set()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for bridge in list(_running):
+        bridge.stop()
+        _running.discard(bridge)
 
 
 @attr.s(eq=False)
@@ -64,12 +76,14 @@ class EEMBoardExport(lg_exporter.ResourceExport):
                                  peer=board.peer, socket=self.socket, args=board.args)
         self.bridge = BridgeProcess(command, socket=self.socket, log=default_log(board.tap))
         self.bridge.start()
+        _running.add(self.bridge)
         self.logger.info("started bridge for %s: %s", start_params["path"], " ".join(command))
 
     def _stop(self, start_params: dict[str, Any]) -> None:
         if self.bridge is None:
             return
         code = self.bridge.stop()
+        _running.discard(self.bridge)
         self.logger.info("stopped bridge for %s (exit %s)", start_params["path"], code)
         self.bridge = None
 
