@@ -165,34 +165,7 @@ def plug_times(rwdir: Path, tag: str) -> list[float]:
     return [float(line.split()[1]) for line in (rwdir / f"{tag}-plug.txt").read_text().splitlines()]
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--counts", default="1,2,4,8", help="board counts, comma-separated")
-    ap.add_argument("--seconds", type=int, default=5, help="iperf3 time per direction")
-    ap.add_argument("--cpus", type=int, default=2)
-    ap.add_argument("--rwdir", type=Path, default=None)
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
-    try:
-        counts = [int(c) for c in args.counts.split(",")]
-        if not counts or min(counts) < 1 or max(counts) > 16:
-            raise ValueError
-    except ValueError:
-        print(f"farm.py: --counts {args.counts!r}: board counts from 1 to 16, comma-separated",
-              file=sys.stderr)
-        return 2
-    rwdir = args.rwdir or Path(tempfile.mkdtemp(prefix="eembridge-farm-"))
-    script = SCRIPT.format(maxn=max(counts), seconds=args.seconds, counts=" ".join(map(str, counts)))
-    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    try:
-        res = run_in_guest(script, rwdir, timeout=3600, cpus=args.cpus).check()
-    except GuestError as exc:
-        print(f"farm.py: {exc}", file=sys.stderr)
-        return 1
-    if not (rwdir / "done.txt").exists():
-        print(f"farm.py: the guest script stopped early; results so far in {rwdir}\n"
-              f"{res.output[-3000:]}", file=sys.stderr)
-        return 1
+def collect(rwdir: Path, counts: list[int]) -> list[dict[str, object]]:
     rows = []
     for n in counts:
         row: dict[str, object] = {"boards": n}
@@ -207,12 +180,57 @@ def main() -> int:
         row["pss_kb"] = statistics.mean(m[1] for m in mem)
         row["bridges_start_s"] = float((rwdir / f"eembridge-{n}-start.txt").read_text())
         rows.append(row)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--counts", default="1,2,4,8", help="board counts, comma-separated")
+    ap.add_argument("--seconds", type=int, default=5, help="iperf3 time per direction")
+    ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--rwdir", type=Path, default=None)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--parse-only", action="store_true",
+                    help="no boot: print the results already in --rwdir")
+    args = ap.parse_args()
+    try:
+        counts = [int(c) for c in args.counts.split(",")]
+        if not counts or min(counts) < 1 or max(counts) > 16:
+            raise ValueError
+    except ValueError:
+        print(f"farm.py: --counts {args.counts!r}: board counts from 1 to 16, comma-separated",
+              file=sys.stderr)
+        return 2
+    if args.parse_only and args.rwdir is None:
+        print("farm.py: --parse-only needs --rwdir", file=sys.stderr)
+        return 2
+    rwdir = args.rwdir or Path(tempfile.mkdtemp(prefix="eembridge-farm-"))
+    script = SCRIPT.format(maxn=max(counts), seconds=args.seconds, counts=" ".join(map(str, counts)))
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    guest_s = 0.0
+    if not args.parse_only:
+        try:
+            res = run_in_guest(script, rwdir, timeout=3600, cpus=args.cpus).check()
+        except GuestError as exc:
+            print(f"farm.py: {exc}", file=sys.stderr)
+            return 1
+        guest_s = res.seconds
+        if not (rwdir / "done.txt").exists():
+            print(f"farm.py: the guest script stopped early; results so far in {rwdir}\n"
+                  f"{res.output[-3000:]}", file=sys.stderr)
+            return 1
+    try:
+        rows = collect(rwdir, counts)
+    except (OSError, KeyError, ValueError) as exc:  # an iperf3 that failed, a step cut short
+        print(f"farm.py: results incomplete ({type(exc).__name__}: {exc}); see {rwdir}",
+              file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps({"date": started, "cpus": args.cpus, "seconds": args.seconds,
-                          "guest_s": res.seconds, "rows": rows}, indent=2))
+                          "guest_s": guest_s, "rows": rows}, indent=2))
         return 0
     print(f"{started}, {args.cpus} vCPUs (TCG), high speed, iperf3 {args.seconds} s per direction, "
-          f"all boards at once; guest boot {res.seconds:.0f} s; results in {rwdir}")
+          f"all boards at once; guest boot {guest_s:.0f} s; results in {rwdir}")
     print("| boards | dir | cdc_eem Mbit/s | eembridge Mbit/s | ratio | cdc_eem CPU ms/MB | "
           "eembridge CPU ms/MB | busy % k/e |")
     print("|---|---|---|---|---|---|---|---|")
