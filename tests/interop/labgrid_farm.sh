@@ -1,7 +1,6 @@
-# The board farm stage of two_boards.sh: sourced once the gadgets are up (farm_start:
-# coordinator, exporter, place, in the background) and again with "checks" at its end,
-# after both bridges have stopped and both boards are back with cdc_eem. The two f_eem
-# boards as labgrid sees them. A labgrid coordinator on loopback, `python -m eembridge.farm.export` (labgrid's
+# The board farm stage of two_boards.sh (sourced at its end, after both bridges have
+# stopped and both boards are back with cdc_eem): the two f_eem boards as labgrid sees
+# them. A labgrid coordinator on loopback, `python -m eembridge.farm.export` (labgrid's
 # exporter with EEMBoard) exporting board A (matched by udev's ID_SERIAL_SHORT) and
 # board B (by its port, sys_name), and clients:
 #   - labgrid-client creates place `farm-a`, matches board A, acquires it;
@@ -14,12 +13,13 @@
 # Results under $RW/labgrid/ (test_guest_two_boards.py reads them).
 
 LG=$RW/labgrid
+mkdir -p "$LG"
 export LG_COORDINATOR=127.0.0.1:20408 LG_USERNAME=farmer
 declare -A FARM_TAP=([a]=farmA [b]=farmB)
+stamp labgrid_start
 
 lg() { labgrid-client "$@"; }
 coordinator_up() { ss -Hltn 'sport = :20408' | grep -q .; }
-exporter_connected() { grep -q "connected to coordinator" "$LG/exporter.log" 2>/dev/null; }
 tap_gone() { [ ! -e "/sys/class/net/$1" ]; }
 # client_env FILE: a labgrid environment with EEMBridgeDriver; its resources from stdin.
 client_env() {
@@ -29,15 +29,13 @@ client_env() {
 }
 cdc_eem_has() { [ "$(driver_of "$(eem_intf "$1")")" = cdc_eem ]; }
 
-# farm_start: the coordinator, then the exporter and board A's place, in the background
-# while two_boards.sh runs its own checks (each labgrid command is a Python start-up of
-# some 30 s in this guest; the exporter starts no bridge until a place is acquired).
-farm_start() {
-    mkdir -p "$LG"
-    stamp labgrid_start
-    (cd "$LG" && exec labgrid-coordinator -l 127.0.0.1:20408 > "$LG/coordinator.log" 2>&1) &
-    LG_COORD=$!
-    cat > "$LG/exporter.yaml" <<EOF
+(cd "$LG" && exec labgrid-coordinator -l 127.0.0.1:20408 > "$LG/coordinator.log" 2>&1) &
+LG_COORD=$!
+wait_until 120 coordinator_up
+echo $? > "$LG/coordinator.rc"
+stamp labgrid_coordinator_up
+
+cat > "$LG/exporter.yaml" <<EOF
 board-a:
   EEMBoard:
     match:
@@ -53,21 +51,13 @@ board-b:
     addresses: [${HOST_IP[b]}/24]
     peer: ${PEER_IP[b]}
 EOF
-    (wait_until 180 coordinator_up; echo $? > "$LG/coordinator.rc"; stamp labgrid_coordinator_up
-     exec python3 -m eembridge.farm.export --name guest "$LG/exporter.yaml" > "$LG/exporter.log" 2>&1) &
-    LG_EXPORTER=$!
-    (wait_until 180 coordinator_up
-     lg -p farm-a create && lg -p farm-a add-match "guest/board-a/RemoteEEMBoard") > "$LG/place.txt" 2>&1 &
-    LG_PLACE=$!
-}
-
-# Sourced again with "checks", once two_boards.sh has stopped its bridges: the rest.
-[ "${1:-}" = checks ] || return 0
-stamp labgrid_checks
+python3 -m eembridge.farm.export --name guest "$LG/exporter.yaml" > "$LG/exporter.log" 2>&1 &
+LG_EXPORTER=$!
 for b in a b; do udevadm info -q property "$(usb_path "$b")" > "$LG/udev_$b.txt" 2>&1; done
 
-# Board B on the client's own host, without the exporter (the driver owns its bridge),
-# alongside what follows:
+# Every labgrid command is a Python start-up of some 30 s in this guest: what does not
+# depend on another runs alongside it. Board B on the client's own host, without the
+# exporter (the driver owns its bridge), from now on:
 client_env "$LG/local.yaml" <<EOF
       EEMBoard:
         match:
@@ -79,6 +69,10 @@ EOF
 python3 "$INTEROP/farm_client.py" "$LG/local.yaml" "$LG/client_b.json" -- \
     bash -c 'ping -c 3 -i 0.2 -W 2 -I "$TAP" "$PEER" > "$RW/lg_ping_b.txt" 2>&1' > "$LG/client_b.txt" 2>&1 &
 LG_CLIENT_B=$!
+# The place for board A, made while the exporter starts.
+{ lg -p farm-a create && lg -p farm-a add-match "guest/board-a/RemoteEEMBoard"; } > "$LG/place.txt" 2>&1 &
+LG_PLACE=$!
+exporter_connected() { grep -q "connected to coordinator" "$LG/exporter.log"; }
 wait_until 180 exporter_connected
 echo $? > "$LG/exporter_up.rc"
 wait $LG_PLACE
