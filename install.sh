@@ -22,5 +22,5 @@ fi
 
 echo "eembridge install: Python package"
 python3 -m pip install -q --upgrade pip
-python3 -m pip install -q -e '.[test]'
+python3 -m pip install -q -e '.[test,labgrid]'  # labgrid: the board farm plugin and its tests
 python3 -m eembridge --version

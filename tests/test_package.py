@@ -57,7 +57,7 @@ def test_mypy_is_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-LAYERS = ("core", "datapath", "usb", "link", "observe", "capture", "sim", "cli")
+LAYERS = ("core", "datapath", "usb", "link", "observe", "capture", "sim", "cli", "farm")
 
 
 def _imports(path: Path) -> set[str]:

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from ..core.errors import UserError
 from ..observe.control import (
     RUN_DIR,
     BadRequest,
+    echo,
     echo_parameters,
     is_stale,
-    request,
     running_bridges,
     socket_path,
 )
@@ -44,32 +45,20 @@ def run(args: argparse.Namespace) -> int:
         if len(paths) != 1:
             raise UserError(f"{len(paths)} bridges running: name one with --tap")
         path = paths[0]
-    payload = {"cmd": "echo", "count": args.count, "timeout": args.timeout, "interval": args.interval}
-    rtts, replies = [], []
-    for reply in request(path, payload, timeout=args.timeout + args.interval + 5):
-        if "error" in reply and "seq" not in reply:
-            raise UserError(f"bridge refused: {reply['error']}")
-        replies.append(reply)
-        if "rtt" in reply:
-            rtts.append(reply["rtt"])
-            if not args.json:
-                print(f"echo seq={reply['seq']} rtt={reply['rtt'] * 1000:.3f} ms")
-        elif not args.json:
-            print(f"echo seq={reply['seq']} {reply['error']}")
-    lost = len(replies) - len(rtts)
-    summary = {
-        "sent": len(replies),
-        "received": len(rtts),
-        "loss": lost / len(replies) if replies else 1.0,
-        "rtt_min_ms": min(rtts) * 1000 if rtts else None,
-        "rtt_avg_ms": sum(rtts) / len(rtts) * 1000 if rtts else None,
-        "rtt_max_ms": max(rtts) * 1000 if rtts else None,
-    }
+    replies, summary = echo(path, args.count, args.timeout, args.interval,
+                            on_reply=None if args.json else _print_reply)
     if args.json:
         print(json.dumps({"replies": replies, **summary}, indent=2))
     else:
         print(f"{summary['sent']} echoes sent, {summary['received']} answered, "
               f"{summary['loss']:.0%} loss"
               + (f", rtt min/avg/max {summary['rtt_min_ms']:.3f}/{summary['rtt_avg_ms']:.3f}/"
-                 f"{summary['rtt_max_ms']:.3f} ms" if rtts else ""))
-    return 0 if rtts else 1
+                 f"{summary['rtt_max_ms']:.3f} ms" if summary["received"] else ""))
+    return 0 if summary["received"] else 1
+
+
+def _print_reply(reply: dict[str, Any]) -> None:
+    if "rtt" in reply:
+        print(f"echo seq={reply['seq']} rtt={reply['rtt'] * 1000:.3f} ms")
+    else:
+        print(f"echo seq={reply['seq']} {reply['error']}")

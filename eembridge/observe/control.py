@@ -25,7 +25,7 @@ import select
 import socket
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import accumulate
 from typing import Any
 
@@ -356,6 +356,32 @@ def query(path: str, timeout: float = 5.0) -> dict[str, Any]:
             raise UserError(f"{path}: the bridge refused: {reply['error']}")
         return reply
     raise UserError(f"{path}: the bridge closed the connection without an answer")
+
+
+def echo(path: str, count: int, timeout: float, interval: float,
+         on_reply: Callable[[dict[str, Any]], None] | None = None,
+         ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """`count` Echoes through the bridge at `path`: (every reply, the summary: sent,
+    received, loss, rtt min/avg/max in ms), `on_reply` called as each arrives.
+    UserError if the bridge refuses."""
+    payload = {"cmd": "echo", "count": count, "timeout": timeout, "interval": interval}
+    replies = []
+    for reply in request(path, payload, timeout=timeout + interval + 5):
+        if "error" in reply and "seq" not in reply:
+            raise UserError(f"bridge refused: {reply['error']}")
+        replies.append(reply)
+        if on_reply is not None:
+            on_reply(reply)
+    rtts = [r["rtt"] for r in replies if "rtt" in r]
+    summary = {
+        "sent": len(replies),
+        "received": len(rtts),
+        "loss": (len(replies) - len(rtts)) / len(replies) if replies else 1.0,
+        "rtt_min_ms": min(rtts) * 1000 if rtts else None,
+        "rtt_avg_ms": sum(rtts) / len(rtts) * 1000 if rtts else None,
+        "rtt_max_ms": max(rtts) * 1000 if rtts else None,
+    }
+    return replies, summary
 
 
 def is_stale(path: str) -> bool:

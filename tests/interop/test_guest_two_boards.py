@@ -8,7 +8,9 @@ USB port path. The tests below read the files it leaves in the rwdir: the TAPs a
 configured (name, address, MTU, MAC, static neighbour), ping and TCP both ways on both
 links at once (SHA-256), `stats --json`, `stats --watch --json`, `list --json`, an
 unplug/replug of board B alone, the udev rule on the real sysfs paths, and SIGTERM.
-Board B also runs under a shim that makes usbfs refuse to map its IN buffers.
+Board B also runs under a shim that makes usbfs refuse to map its IN buffers. Then
+(labgrid_farm.sh) the same boards as a labgrid board farm: coordinator, exporter and
+clients in the guest, a place acquired, the driver's link, TCP, release.
 
 A machine that cannot boot the guest FAILS here naming what is missing
 (tests/interop/setup_guest.sh installs it).
@@ -46,7 +48,8 @@ def boot(tmp_path_factory: pytest.TempPathFactory) -> Boot:
     # Board B runs under a shim that makes usbfs refuse its memory mapping.
     subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o",
                     str(rwdir / "refuse_usbfs_mmap.so"), str(SHIM), "-ldl"], check=True)
-    result = boot_or_fail("bash $INTEROP/two_boards.sh", rwdir, timeout=600, label="two-boards boot")
+    # The labgrid stage took the boot from ~190 s to ~525 s of a loaded machine's TCG.
+    result = boot_or_fail("bash $INTEROP/two_boards.sh", rwdir, timeout=1200, label="two-boards boot")
     return Boot(result, logs=tuple(f"bridge_{b}.log" for b in BOARDS))
 
 
@@ -219,3 +222,81 @@ def test_sigterm_or_a_deleted_tap_gives_each_board_back_to_cdc_eem(boot: Boot, b
         assert "is gone (deleted while the bridge ran?): stopping" in boot.log(board), \
             boot.log(board)[-2000:]
     assert boot.drivers("after")[board][1] == "cdc_eem", boot.read("drivers_after.txt")
+
+
+# -- the same boards as a labgrid board farm (labgrid_farm.sh, results in labgrid/) -------
+
+def _farm(boot: Boot) -> BootResults:
+    return BootResults(boot.result, subdir="labgrid", label="labgrid farm: ",
+                       logs=("exporter.log", "coordinator.log"))
+
+
+def test_farm_exporter_publishes_both_boards_and_a_client_acquires_one(boot: Boot) -> None:
+    farm = _farm(boot)
+    farm.rc("coordinator")
+    farm.rc("exporter_up")
+    farm.rc("place")
+    farm.rc("resources")  # both boards matched by udev (ID_SERIAL_SHORT, sys_name), available
+    resources = farm.read("resources.txt").split()
+    assert {"guest/board-a/RemoteEEMBoard", "guest/board-b/RemoteEEMBoard"} <= set(resources), resources
+    farm.rc("acquire")
+    assert "acquired place farm-a" in farm.read("acquire.txt")
+
+
+def test_farm_driver_brings_the_link_up_and_carries_tcp(boot: Boot) -> None:
+    farm = _farm(boot)
+    farm.rc("client_a")
+    env = boot.env()
+    client = farm.json("client_a.json")
+    assert "error" not in client, client.get("traceback", client)
+    # What the driver told the test: the exporter's TAP for board A, as exported.
+    assert (client["board"], client["tap"], client["local"]) == ("RemoteEEMBoard", "farmA", True)
+    assert client["addresses"] == [f"{env['HOST_IP_a']}/24"] and client["peer"] == env["PEER_IP_a"]
+    # Its bridge claimed board A (by port path, from the udev match on the serial).
+    before, after = client["stats_before"], client["stats_after"]
+    assert before["connected"] and before["tap"] == "farmA", before
+    assert (before.get("device") or {}).get("serial") == env["SERIAL_a"], before.get("device")
+    assert " 0% packet loss" in boot.read("lg_ping_a.txt")
+    for name in ("lg_h2p_a", "lg_p2h_a"):
+        boot.rc(name)
+        sent = boot.read(f"{name}.sent")
+        assert len(sent) == 64 and boot.read(f"{name}.recv") == sent, name
+    # The counters through driver.stats() moved with the megabyte each way.
+    assert after["rx"]["frames"] - before["rx"]["frames"] > 500, (before["rx"], after["rx"])
+    assert after["tx"]["frames"] - before["tx"]["frames"] > 500, (before["tx"], after["tx"])
+    echo = client["echo"]
+    assert echo["sent"] == echo["received"] == 5 and echo["loss"] == 0, echo
+    assert client["deactivated"]
+    # Deactivating a remote board's driver leaves the bridge to the exporter: the place
+    # is still acquired, so the TAP was still there afterwards.
+    (link,) = farm.json("held_link_a.json")
+    assert link["ifname"] == "farmA" and "LOWER_UP" in link["flags"], link
+
+
+def test_farm_a_second_user_cannot_take_the_acquired_place(boot: Boot) -> None:
+    farm = _farm(boot)
+    assert farm.read("intruder.rc") != "0", farm.read("intruder.txt")
+    assert "already acquired" in farm.read("intruder.txt"), farm.read("intruder.txt")
+
+
+def test_farm_release_stops_the_bridge_and_gives_the_board_back(boot: Boot) -> None:
+    farm = _farm(boot)
+    farm.rc("release")
+    farm.rc("released_gone")  # TAP farmA gone, cdc_eem bound to board A again
+    log = farm.read("exporter.log")
+    assert "started bridge for " + boot.env()["PORT_a"] in log, log[-3000:]
+    assert re.search(r"stopped bridge for \S+ \(exit 0\)", log), log[-3000:]
+
+
+def test_farm_driver_owns_the_bridge_of_a_board_on_its_own_host(boot: Boot) -> None:
+    """Board B as an EEMBoard in the client's environment (no exporter involved): the
+    driver starts its bridge at activate and it is gone after deactivate."""
+    farm = _farm(boot)
+    client = farm.json("client_b.json")
+    assert "error" not in client, client.get("traceback", client)
+    farm.rc("client_b")
+    assert (client["board"], client["tap"]) == ("EEMBoard", "farmLocal"), client
+    assert client["stats_before"]["connected"], client["stats_before"]
+    assert " 0% packet loss" in boot.read("lg_ping_b.txt")
+    assert client["echo"]["received"] == 5, client["echo"]
+    farm.rc("local_gone")

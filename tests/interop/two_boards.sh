@@ -10,7 +10,8 @@
 # (`python -m eembridge --instance %i --wait`): board A by `serial:SERIAL` (systemd-escaped),
 # board B by its port path. Then: TAPs as configured, ping, TCP both ways on both links at
 # once (SHA-256), stats, stats --watch, list, unplug/replug of board B only, SIGTERM,
-# and the udev rule against the real sysfs paths. Board B differs on purpose: one frame
+# and the udev rule against the real sysfs paths; then (labgrid_farm.sh) both boards as
+# a labgrid board farm. Board B differs on purpose: one frame
 # per OUT transfer (its config section), and usbfs refuses it mapped IN buffers.
 #
 # Every step writes NAME.rc (+ .txt/.json) so one failure does not hide the others.
@@ -216,4 +217,8 @@ for b in $BOARDS; do bridge_exit "${PID[$b]}" "exit_$b"; done
 wait_until 20 both_cdc_eem
 drivers > "$RW/drivers_after.txt"
 stamp done
+
+# 8. The same two boards as a labgrid board farm (coordinator, exporter, clients).
+# shellcheck source=labgrid_farm.sh
+. "$INTEROP/labgrid_farm.sh"
 true
