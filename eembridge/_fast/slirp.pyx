@@ -280,18 +280,11 @@ cdef int _get_revents(int idx, void *opaque) noexcept nogil:
     return _translate(st.fds[idx].revents, False)
 
 
-cdef SlirpCb CALLBACKS
-CALLBACKS.send_packet = _send_packet
-CALLBACKS.guest_error = _guest_error
-CALLBACKS.clock_get_ns = _clock_get_ns
-CALLBACKS.timer_new = _timer_new
-CALLBACKS.timer_free = _timer_free
-CALLBACKS.timer_mod = _timer_mod
-CALLBACKS.register_poll_fd = _ignore_fd
-CALLBACKS.unregister_poll_fd = _ignore_fd
-CALLBACKS.notify = _notify
-CALLBACKS.init_completed = NULL
-CALLBACKS.timer_new_opaque = _timer_new_opaque
+cdef SlirpCb CALLBACKS = SlirpCb(
+    send_packet=_send_packet, guest_error=_guest_error, clock_get_ns=_clock_get_ns,
+    timer_new=_timer_new, timer_free=_timer_free, timer_mod=_timer_mod,
+    register_poll_fd=_ignore_fd, unregister_poll_fd=_ignore_fd, notify=_notify,
+    init_completed=NULL, timer_new_opaque=_timer_new_opaque)
 
 
 # --- the loop ----------------------------------------------------------------------------

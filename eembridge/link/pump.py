@@ -23,6 +23,15 @@ import threading
 log = logging.getLogger(__name__)
 
 
+def close_quietly(*fds: int) -> None:
+    """Close descriptors at shutdown, where one already closed is no error."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 class FramePump:
     """The bridge's end of a SEQPACKET socketpair (`fileno`), and the thread that pumps
     the other end (`_pump_end`) until `_stop_r` is readable. Subclasses implement `_pump`
@@ -53,11 +62,7 @@ class FramePump:
         if self._thread.is_alive():
             os.write(self._stop_w, b"x")
             self._thread.join(5)
-        for fd in (self._stop_r, self._stop_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_quietly(self._stop_r, self._stop_w)
         self._bridge_end.close()
         self._pump_end.close()
 

@@ -52,6 +52,7 @@ from pyroute2 import NetlinkError
 from ..core import dhcp
 from ..core.l3 import Translator, link_local, stable_mac
 from .netns import iproute, link_index
+from .pump import close_quietly
 from .tap import IPInterface, LinkStats, Tap, TapError
 
 log = logging.getLogger(__name__)
@@ -194,11 +195,7 @@ class TunLink:
         lease = self.dhcp.lease if self.dhcp is not None else None
         if lease is not None and not self._thread.is_alive() and self._persists():
             self._deconfigure(lease)  # a kept TUN keeps no address nobody renews
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_quietly(self._wake_r, self._wake_w)
         self._bridge_end.close()
         self._pump_end.close()
         self.tun.close()
