@@ -8,12 +8,17 @@ a test dependency here (install.sh installs `.[test,labgrid]`): without it these
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,7 +26,8 @@ from eembridge.core.errors import UserError
 
 # labgrid must be importable: a missing plugin dependency fails here, not skipped.
 from eembridge.farm import EEMBridgeDriver, RemoteEEMBoard
-from eembridge.farm.bridgeproc import BridgeProcess, addresses_of, bridge_command
+from eembridge.farm.bridgeproc import BridgeProcess, addresses_of, bridge_command, default_log
+from eembridge.observe.control import socket_path
 from eembridge.link import netns as nsmod
 
 from netfixtures import require_tun_and_root, start_sim_bridge, wait_for
@@ -187,16 +193,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_coordinator_exporter_and_client_on_loopback(tmp_path):
-    """labgrid's own coordinator and client, our exporter: the board is published as a
-    RemoteEEMBoard with its TAP settings, a place takes it, a second user cannot, and
-    a client's driver refuses to start on a board that is not plugged in."""
+@contextlib.contextmanager
+def labgrid_farm(tmp_path: Path, exporter_yaml: str, exporter: list[str]) -> Iterator[Any]:
+    """labgrid's own coordinator on loopback and `exporter` (argv, the YAML's path
+    appended) exporting `exporter_yaml` as "exp"; yields `client(*args, **env)` running
+    labgrid-client; both stopped at exit."""
     port = _free_port()
     env = {**os.environ, "LG_COORDINATOR": f"127.0.0.1:{port}", "LG_USERNAME": "farmer",
            "PYTHONPATH": str(ROOT)}
-    (tmp_path / "exporter.yaml").write_text(
-        "board-a:\n  EEMBoard:\n    match:\n      ID_SERIAL_SHORT: no-such-board\n"
-        "    tap: farmA\n    addresses: [169.254.81.1/24]\n    peer: 169.254.81.2\n")
+    (tmp_path / "exporter.yaml").write_text(exporter_yaml)
     bindir = Path(sys.executable).parent
     procs = [subprocess.Popen([str(bindir / "labgrid-coordinator"), "-l", f"127.0.0.1:{port}"],
                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
@@ -206,39 +211,134 @@ def test_coordinator_exporter_and_client_on_loopback(tmp_path):
         return subprocess.run([str(bindir / "labgrid-client"), *args], env={**env, **extra},
                               capture_output=True, text=True, timeout=60)
 
+    client.env = env  # type: ignore[attr-defined]
     try:
         wait_for(lambda: client("places").returncode == 0, 30, "the coordinator")
-        exporter_log = tmp_path / "exporter.log"
-        with open(exporter_log, "w") as log:
+        client.log = tmp_path / "exporter.log"  # type: ignore[attr-defined]
+        with open(client.log, "w") as log:  # type: ignore[attr-defined]
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "eembridge.farm.export", "--name", "exp",
-                 str(tmp_path / "exporter.yaml")],
+                [*exporter, "--name", "exp", str(tmp_path / "exporter.yaml")],
                 cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT))
-        assert client("-p", "farm-a", "create").returncode == 0
-        assert client("-p", "farm-a", "add-match", "exp/board-a/RemoteEEMBoard").returncode == 0
+        yield client
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            proc.wait(30)
 
-        def acquired() -> bool:
-            return client("-p", "farm-a", "acquire").returncode == 0
 
-        wait_for(acquired, 30, f"the place acquired; exporter log:\n{exporter_log.read_text()}")
+def _acquire(client: Any, place: str, match: str) -> None:
+    assert client("-p", place, "create").returncode == 0
+    assert client("-p", place, "add-match", match).returncode == 0
+    wait_for(lambda: client("-p", place, "acquire").returncode == 0, 30,
+             f"the place acquired; exporter log:\n{client.log.read_text()}")
+
+
+ENV_YAML = ("targets:\n  main:\n    resources:\n      RemotePlace:\n        name: {place}\n"
+            "    drivers:\n      EEMBridgeDriver: {{}}\nimports:\n  - eembridge.farm\n")
+
+
+def test_coordinator_exporter_and_client_on_loopback(tmp_path):
+    """labgrid's own coordinator and client, our exporter: the board is published as a
+    RemoteEEMBoard with its TAP settings, a place takes it, a second user cannot, and
+    a client's driver refuses to start on a board that is not plugged in."""
+    with labgrid_farm(tmp_path,
+                      "board-a:\n  EEMBoard:\n    match:\n      ID_SERIAL_SHORT: no-such-board\n"
+                      "    tap: farmA\n    addresses: [169.254.81.1/24]\n    peer: 169.254.81.2\n",
+                      [sys.executable, "-m", "eembridge.farm.export"]) as client:
+        _acquire(client, "farm-a", "exp/board-a/RemoteEEMBoard")
         shown = client("-p", "farm-a", "show").stdout
         assert "'cls': 'RemoteEEMBoard'" in shown and "'tap': 'farmA'" in shown, shown
         assert "'addresses': '169.254.81.1/24'" in shown and "'avail': False" in shown, shown
         intruder = client("-p", "farm-a", "acquire", LG_USERNAME="intruder")
         assert intruder.returncode != 0 and "already acquired" in intruder.stderr, intruder
 
-        (tmp_path / "env.yaml").write_text(
-            "targets:\n  main:\n    resources:\n      RemotePlace:\n        name: farm-a\n"
-            "    drivers:\n      EEMBridgeDriver: {}\nimports:\n  - eembridge.farm\n")
+        (tmp_path / "env.yaml").write_text(ENV_YAML.format(place="farm-a"))
         used = subprocess.run(
             [sys.executable, str(ROOT / "tests/interop/farm_client.py"), str(tmp_path / "env.yaml"),
-             str(tmp_path / "out.json"), "--", "true"], env=env, capture_output=True, text=True,
-            timeout=120)
+             str(tmp_path / "out.json"), "--", "true"], env=client.env, capture_output=True,
+            text=True, timeout=120)
         out = (tmp_path / "out.json").read_text()
         assert used.returncode == 3 and "Not all resources are available" in out, out
         assert "tap='farmA', addresses=('169.254.81.1/24',)" in out, out
         assert client("-p", "farm-a", "release").returncode == 0
-    finally:
-        for proc in reversed(procs):
-            proc.terminate()
-            proc.wait(30)
+
+
+# The exporter for a simulated board: the EEMBoard export with the board always plugged
+# in at "1-1" (its args carry --sim, which stands in for the USB device).
+SIM_EXPORTER = """
+from labgrid.remote import exporter
+from eembridge.farm.export import EEMBoardExport
+
+class SimBoardExport(EEMBoardExport):
+    def __attrs_post_init__(self):
+        super().__attrs_post_init__()
+        self.local.avail = True
+
+    def _get_start_params(self):
+        return {"path": "1-1"}
+
+exporter.exports["EEMBoard"] = SimBoardExport
+exporter.main()
+"""
+
+CONNECT_CLIENT = """
+import json, sys
+from labgrid import Environment
+driver = Environment(sys.argv[1]).get_target("main").get_driver("EEMBridgeDriver")
+print(json.dumps({"address": driver.connect(int(sys.argv[2])), "forwarded": driver.forwarded,
+                  "link": driver.board.link}))
+"""
+
+
+def _running_with(word: str) -> list[int]:
+    """pids whose command line has `word`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if word.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(int(pid))
+        except OSError:
+            pass  # gone meanwhile
+    return found
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_a_clients_driver_connects_to_a_user_link_boards_port(tmp_path):
+    """`link: user` with a forward: the exporter runs the bridge on libslirp with the
+    board's port on one of its loopback ports, publishes it, and the client's driver
+    gives the address reaching it; TCP through it both ways by SHA-256. At release the
+    bridge is gone and nothing listens there any more."""
+    from test_user_link import framed_transfer
+
+    tap = nsmod.unique_name("farmU")
+    board_port = 5022
+    log = Path(default_log(tap))
+    with labgrid_farm(tmp_path,
+                      f"board-u:\n  EEMBoard:\n    match:\n      ID_SERIAL_SHORT: sim\n"
+                      f"    tap: {tap}\n    link: user\n    forwards: tcp:{board_port}\n"
+                      f"    args: [--sim, --sim-ip, 10.0.2.15/24]\n",
+                      [sys.executable, "-c", SIM_EXPORTER]) as client:
+        try:
+            _acquire(client, "farm-u", "exp/board-u/RemoteEEMBoard")
+            (tmp_path / "env.yaml").write_text(ENV_YAML.format(place="farm-u"))
+            used = subprocess.run([sys.executable, "-c", CONNECT_CLIENT, str(tmp_path / "env.yaml"),
+                                   str(board_port)], env=client.env, capture_output=True,
+                                  text=True, timeout=120)
+            assert used.returncode == 0, used.stderr[-2000:] + client.log.read_text()
+            seen = json.loads(used.stdout)
+            (host, port), link = seen["address"], seen["link"]
+            assert link == "user" and seen["forwarded"] == {str(board_port): port}, seen
+            namespace = re.search(r"in namespace (\S+)", log.read_text()).group(1)
+            framed_transfer(server_netns=namespace, bind=("10.0.2.15", board_port),
+                            client_netns=None, connect=(host, port), up=2_000_000,
+                            down=2_000_000)
+            assert client("-p", "farm-u", "release").returncode == 0
+            wait_for(lambda: not os.path.exists(socket_path(tap)), 30, "the bridge gone")
+            assert not _listening(port), f"127.0.0.1:{port} still listens after release"
+            assert not _running_with(tap), "the bridge outlived the release"
+        finally:
+            log.unlink(missing_ok=True)

@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from labgrid.util.helper import get_free_port
+
 from ..core.errors import UserError
 from ..core.options import ifname_problem
 from ..observe.control import RUN_DIR, query, socket_path
@@ -47,6 +49,52 @@ def addresses_of(value: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+def forwards_of(value: Any) -> tuple[int, ...]:
+    """The board's TCP ports to forward (`link: user`), from a YAML list or a
+    comma-separated string: "tcp:22,tcp:80" or 22, 80. TCP only: labgrid's proxy is
+    SSH's -L, which carries TCP."""
+    if value is None or value == "":
+        return ()
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out = []
+    for item in items:
+        text = str(item).strip()
+        port = text[4:] if text.startswith("tcp:") else text
+        if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError(f"EEM board forward {text!r} is not tcp:PORT (1 to 65535; TCP "
+                             "only, as labgrid's SSH proxy carries)")
+        out.append(int(port))
+    return tuple(out)
+
+
+def forwarded_of(value: Any) -> dict[int, int]:
+    """The published forwards, "tcp:22=40123,..." (board port = the exporter's loopback
+    port), as {22: 40123}; what crosses the coordinator is one string."""
+    if isinstance(value, dict):
+        return {int(k): int(v) for k, v in value.items()}
+    out = {}
+    for item in filter(None, (value or "").split(",")):
+        board, _, host = item.removeprefix("tcp:").partition("=")
+        out[int(board)] = int(host)
+    return out
+
+
+def published_forwards(forwarded: dict[int, int]) -> str:
+    return ",".join(f"tcp:{board}={host}" for board, host in forwarded.items())
+
+
+def choose_ports(board_ports: Sequence[int]) -> dict[int, int]:
+    """A free loopback port for each board port, as labgrid's exporter picks ser2net's
+    (the user link listens on 127.0.0.1 only: the board is not on the host's network)."""
+    return {board: get_free_port() for board in board_ports}
+
+
+def check_link(link: str) -> str:
+    if link not in ("tap", "user"):
+        raise ValueError(f"EEM board link {link!r} is not tap or user")
+    return link
+
+
 def check_tap(name: str) -> str:
     problem = ifname_problem(name)
     if problem:
@@ -55,9 +103,11 @@ def check_tap(name: str) -> str:
 
 
 def bridge_command(*, tap: str, port: str, addresses: Sequence[str] = (), peer: str | None = None,
-                   socket: str | None = None, args: Sequence[str] = (),
+                   socket: str | None = None, args: Sequence[str] = (), link: str = "tap",
+                   forwarded: dict[int, int] | None = None,
                    python: str = sys.executable) -> list[str]:
-    """The bridge for the board at USB port path `port` (e.g. "1-1.2"), as argv."""
+    """The bridge for the board at USB port path `port` (e.g. "1-1.2"), as argv; on the
+    user link `forwarded` maps the board's TCP ports to the loopback ports reaching them."""
     if not port:
         raise UserError("EEM board has no USB port path (not plugged in?)")
     cmd = [python, "-m", "eembridge", "--tap", check_tap(tap), "--port", port,
@@ -66,6 +116,10 @@ def bridge_command(*, tap: str, port: str, addresses: Sequence[str] = (), peer: 
         cmd += ["--ip", address]
     if peer:
         cmd += ["--peer", peer]
+    if link != "tap":
+        cmd += ["--link", check_link(link)]
+    for board_port, host_port in (forwarded or {}).items():
+        cmd += ["--forward", f"tcp:{host_port}:{board_port}"]
     return cmd + [str(a) for a in args]
 
 

@@ -5,7 +5,8 @@ at activate, waited for until the device is claimed, stopped at deactivate (the 
 is gone, cdc_eem has the interface back). Bound to a `RemoteEEMBoard` the exporter
 owns it (running while the place is acquired): activate waits until it is up.
 
-The test gets `tap`, `addresses`, `peer` and `host` (where the TAP is), `stats()`
+The test gets `tap`, `addresses`, `peer` and `host` (where the TAP is), `connect(port)`
+(with `link: user`: where this client reaches the board's TCP port), `stats()`
 (the bridge's snapshot, as `eembridge stats --json` prints it for one TAP) and
 `echo()` (EEM Echo round trips, `eembridge echo --json`'s summary). On the exporter's
 own host they talk to the control socket; from elsewhere they run `eembridge stats` /
@@ -23,11 +24,13 @@ from typing import Any
 import attr
 from labgrid.driver.common import Driver
 from labgrid.factory import target_factory
+from labgrid.resource.common import NetworkResource
 from labgrid.step import step
+from labgrid.util.proxy import proxymanager
 
 from ..core.errors import UserError
 from ..observe import control
-from .bridgeproc import BridgeProcess, bridge_command, default_log, wait_up
+from .bridgeproc import BridgeProcess, bridge_command, choose_ports, default_log, wait_up
 from .resource import EEMBoard
 
 
@@ -50,6 +53,7 @@ class EEMBridgeDriver(Driver):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self.bridge: BridgeProcess | None = None
+        self._forwarded: dict[int, int] = {}  # a local EEMBoard's, chosen at activate
 
     # -- where the bridge is --------------------------------------------------------
 
@@ -81,13 +85,20 @@ class EEMBridgeDriver(Driver):
     def peer(self) -> str | None:
         return self.board.peer
 
+    @property
+    def forwarded(self) -> dict[int, int]:
+        """`link: user`: the board's TCP port -> the loopback port on `host` reaching it."""
+        return self._forwarded if isinstance(self.board, EEMBoard) else self.board.forwarded
+
     # -- life cycle ------------------------------------------------------------------
 
     def on_activate(self) -> None:
         if isinstance(self.board, EEMBoard):
             board = self.board
+            self._forwarded = choose_ports(board.forwards)
             command = bridge_command(tap=board.tap, port=board.path, addresses=board.addresses,
-                                     peer=board.peer, socket=self.socket, args=board.args)
+                                     peer=board.peer, socket=self.socket, args=board.args,
+                                     link=board.link, forwarded=self._forwarded)
             self.bridge = BridgeProcess(command, socket=self.socket, log=default_log(board.tap))
             self.bridge.start()
             try:
@@ -103,8 +114,30 @@ class EEMBridgeDriver(Driver):
         if self.bridge is not None:
             self.bridge.stop()
             self.bridge = None
+            self._forwarded = {}
 
     # -- what a test asks --------------------------------------------------------------
+
+    @Driver.check_active
+    @step(args=["board_port"], result=True)
+    def connect(self, board_port: int) -> tuple[str, int]:
+        """(host, port) on which a TCP connection from this client reaches the board's
+        `board_port` (a `forwards` entry of a `link: user` board). The forward listens on
+        the exporter's loopback only, so off the exporter it goes through labgrid's SSH
+        proxy to that host (`ssh -L`, kept for the session as labgrid keeps its forwards)."""
+        forwarded = self.forwarded
+        if board_port not in forwarded:
+            have = ", ".join(f"tcp:{p}" for p in forwarded) or "none"
+            raise UserError(f"EEM board {self.tap}: no forward to its port {board_port} "
+                            f"(forwards: {have}; they need link: user)")
+        port = forwarded[board_port]
+        if self.local:
+            return "127.0.0.1", port
+        extra = getattr(self.board, "extra", None) or {}
+        exporter = extra.get("proxy") if extra.get("proxy_required") else self.board.host
+        listener = NetworkResource(None, None, host="127.0.0.1")
+        listener.extra = {"proxy": exporter, "proxy_required": True}  # loopback: via its host
+        return proxymanager.get_host_and_port(listener, force_port=port)
 
     @Driver.check_active
     @step()

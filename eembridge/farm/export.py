@@ -10,7 +10,9 @@ options, same YAML) run after adding `EEMBoard` to that dict.
 An `EEMBoard` export is labgrid's ser2net pattern: the board is matched by udev on
 this host; while a place holds it, the exporter runs its bridge (started at acquire,
 stopped at release, and stopped while the board is unplugged); clients see a
-`RemoteEEMBoard` with the TAP's name and addresses and the control socket's path.
+`RemoteEEMBoard` with the TAP's name and addresses and the control socket's path. With
+`link: user` the bridge runs on libslirp with the board's `forwards` on loopback ports
+picked at each start, published (`forwarded`) for the driver's connect().
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import attr
 from labgrid.remote import exporter as lg_exporter
 
 from ..observe.control import socket_path
-from .bridgeproc import BridgeProcess, bridge_command, default_log
+from .bridgeproc import BridgeProcess, bridge_command, choose_ports, default_log, published_forwards
 from .resource import EEMBoard
 
 # Bridges of places still acquired when the exporter stops (SIGTERM, SIGINT: labgrid's
@@ -49,6 +51,7 @@ class EEMBoardExport(lg_exporter.ResourceExport):
         self.data["cls"] = "RemoteEEMBoard"
         self.socket = self.local.socket or socket_path(self.local.tap)
         self.bridge: BridgeProcess | None = None
+        self.forwarded: dict[int, int] = {}  # chosen at each start, as ser2net's port is
 
     def _get_params(self) -> dict[str, Any]:
         board = self.local
@@ -65,6 +68,8 @@ class EEMBoardExport(lg_exporter.ResourceExport):
             "peer": board.peer,
             "socket": self.socket,
             "python": sys.executable,  # what a client runs `eembridge stats` with, over SSH
+            "link": board.link,
+            "forwarded": published_forwards(self.forwarded),
         }
 
     def _get_start_params(self) -> dict[str, Any]:
@@ -72,8 +77,10 @@ class EEMBoardExport(lg_exporter.ResourceExport):
 
     def _start(self, start_params: dict[str, Any]) -> None:
         board = self.local
+        self.forwarded = choose_ports(board.forwards)
         command = bridge_command(tap=board.tap, port=start_params["path"], addresses=board.addresses,
-                                 peer=board.peer, socket=self.socket, args=board.args)
+                                 peer=board.peer, socket=self.socket, args=board.args,
+                                 link=board.link, forwarded=self.forwarded)
         self.bridge = BridgeProcess(command, socket=self.socket, log=default_log(board.tap))
         self.bridge.start()
         _running.add(self.bridge)
@@ -86,6 +93,7 @@ class EEMBoardExport(lg_exporter.ResourceExport):
         _running.discard(self.bridge)
         self.logger.info("stopped bridge for %s (exit %s)", start_params["path"], code)
         self.bridge = None
+        self.forwarded = {}
 
 
 def register() -> None:

@@ -3,9 +3,9 @@
 `EEMBoard` is a USB device matched the way labgrid matches its other USB resources (a
 `match` on udev properties or sysfs attributes: ID_PATH, ID_SERIAL_SHORT, serial,
 sys_name ...), plus what its bridge makes of it: the TAP's name, addresses and the
-board's address. `RemoteEEMBoard` is what `eembridge-labgrid-exporter` publishes for
+board's address; or, with `link: user`, the board's TCP ports to forward. `RemoteEEMBoard` is what `eembridge-labgrid-exporter` publishes for
 it: where it is (host, bus, port) and the same TAP settings. The coordinator carries
-scalar parameters only, so addresses travel as one comma-separated string.
+scalar parameters only, so addresses and forwards travel as comma-separated strings.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from labgrid.factory import target_factory
 from labgrid.resource.remote import RemoteUSBResource
 from labgrid.resource.udev import USBResource
 
-from .bridgeproc import addresses_of, check_tap
+from .bridgeproc import addresses_of, check_link, check_tap, forwarded_of, forwards_of
 
 _opt_str = attr.validators.optional(attr.validators.instance_of(str))
 
@@ -38,6 +38,10 @@ class EEMBoard(USBResource):
     peer: str | None = attr.ib(default=None, kw_only=True, validator=_opt_str)
     socket: str | None = attr.ib(default=None, kw_only=True, validator=_opt_str)
     args: tuple[str, ...] = attr.ib(default=(), kw_only=True, converter=_args_of)
+    # `link: user`: the bridge ends in libslirp, no TAP; `forwards` are the board's TCP
+    # ports reached through loopback ports of this host (a remote client's way in).
+    link: str = attr.ib(default="tap", kw_only=True, converter=check_link)
+    forwards: tuple[int, ...] = attr.ib(default=(), kw_only=True, converter=forwards_of)
 
     def filter_match(self, device: Any) -> bool:
         # The USB device itself, not one of its interfaces (they share SUBSYSTEM usb).
@@ -63,6 +67,9 @@ class RemoteEEMBoard(RemoteUSBResource):
     peer: str | None = attr.ib(default=None, kw_only=True, validator=_opt_str)
     socket: str | None = attr.ib(default=None, kw_only=True, validator=_opt_str)
     python: str = attr.ib(default="python3", kw_only=True, validator=attr.validators.instance_of(str))
+    link: str = attr.ib(default="tap", kw_only=True, converter=check_link)
+    # board TCP port -> the exporter's loopback port reaching it, while the bridge runs
+    forwarded: dict[int, int] = attr.ib(factory=dict, kw_only=True, converter=forwarded_of)
 
     def __attrs_post_init__(self) -> None:
         self.timeout = 10.0
