@@ -26,7 +26,8 @@ from eembridge.core.errors import UserError
 
 # labgrid must be importable: a missing plugin dependency fails here, not skipped.
 from eembridge.farm import EEMBridgeDriver, RemoteEEMBoard
-from eembridge.farm.bridgeproc import BridgeProcess, addresses_of, bridge_command, default_log
+from eembridge.farm.bridgeproc import (BridgeProcess, addresses_of, bridge_command, check_link,
+                                       default_log, forwarded_of, forwards_of, published_forwards)
 from eembridge.observe.control import socket_path
 from eembridge.link import netns as nsmod
 
@@ -45,6 +46,20 @@ def test_the_bridge_command_for_a_board():
     # The coordinator carries scalars: addresses cross it as one string.
     assert addresses_of("169.254.9.1/24,fd00::1/64") == ("169.254.9.1/24", "fd00::1/64")
     assert addresses_of(["169.254.9.1/24"]) == ("169.254.9.1/24",)
+
+
+def test_a_user_link_boards_bridge_command_and_forwards():
+    cmd = bridge_command(tap="farm0", port="1-1", link="user", forwarded={22: 40022, 80: 40080},
+                         python="py")
+    assert cmd[-6:] == ["--link", "user", "--forward", "tcp:40022:22", "--forward", "tcp:40080:80"]
+    assert forwards_of("tcp:22, 80") == forwards_of(["tcp:22", 80]) == (22, 80)
+    # What crosses the coordinator, and back.
+    assert forwarded_of(published_forwards({22: 40022, 80: 40080})) == {22: 40022, 80: 40080}
+    assert forwarded_of("") == {}
+    with pytest.raises(ValueError, match="'udp:53' is not tcp:PORT"):
+        forwards_of("tcp:22,udp:53")
+    with pytest.raises(ValueError, match="link 'tun' is not tap or user"):
+        check_link("tun")
 
 
 @pytest.mark.parametrize("kwargs, problem", [
@@ -155,6 +170,38 @@ def test_the_driver_reaches_a_remote_exporters_bridge_through_its_command_prefix
     finally:
         code, err = bridge.stop()
     assert code == 0, err
+
+
+def test_off_the_exporter_connect_goes_through_labgrids_ssh_forward(monkeypatch):
+    """A user-link board on another host: connect() asks labgrid's SSH manager for a
+    forward through the exporter (the proxy, if the exporter is isolated) to its
+    loopback port; no sshd here, so the forward is recorded and stands for itself."""
+    from labgrid import Target
+    from labgrid.resource.common import ResourceManager
+    from labgrid.util.ssh import sshmanager
+
+    requested = []
+    monkeypatch.setattr(sshmanager, "request_forward",
+                        lambda host, dest, port: requested.append((host, dest, port)) or 41000)
+    target = Target("farm")
+    board = RemoteEEMBoard(target, "board", host="exporter.invalid", busnum=1, devnum=2,
+                           path="1-1", vendor_id=0x1D6B, model_id=0x0104, tap="farm0",
+                           link="user", forwarded="tcp:22=40022")
+    board.manager = ResourceManager()  # no coordinator: see the tests above
+    board.avail = True
+    board.extra = {"proxy": "jump.invalid", "proxy_required": True}
+    driver = EEMBridgeDriver(target, "bridge", timeout=30)
+    # activate's wait for the bridge would ssh there: this test is about connect()
+    monkeypatch.setattr(EEMBridgeDriver, "on_activate", lambda self: None)
+    target.activate(driver)
+    assert driver.connect(22) == ("localhost", 41000)
+    assert requested == [("jump.invalid", "127.0.0.1", 40022)]
+    board.extra = {"proxy": "jump.invalid", "proxy_required": False}
+    driver.connect(22)
+    assert requested[-1] == ("exporter.invalid", "127.0.0.1", 40022)
+    with pytest.raises(UserError, match="no forward to its port 80 \\(forwards: tcp:22;"):
+        driver.connect(80)
+    target.deactivate(driver)
 
 
 EXPORTER_EXITS = """
