@@ -26,10 +26,18 @@ from eembridge.core.errors import UserError
 
 # labgrid must be importable: a missing plugin dependency fails here, not skipped.
 from eembridge.farm import EEMBridgeDriver, RemoteEEMBoard
-from eembridge.farm.bridgeproc import (BridgeProcess, addresses_of, bridge_command, check_link,
-                                       default_log, forwarded_of, forwards_of, published_forwards)
-from eembridge.observe.control import socket_path
+from eembridge.farm.bridgeproc import (
+    BridgeProcess,
+    addresses_of,
+    bridge_command,
+    check_link,
+    default_log,
+    forwarded_of,
+    forwards_of,
+    published_forwards,
+)
 from eembridge.link import netns as nsmod
+from eembridge.observe.control import socket_path
 
 from netfixtures import require_tun_and_root, start_sim_bridge, wait_for
 

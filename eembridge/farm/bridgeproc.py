@@ -30,15 +30,18 @@ POLL = 0.2  # seconds between looks at a starting bridge's control socket
 STOP_TIMEOUT = 20.0  # SIGTERM to exit: the bridge re-attaches cdc_eem first
 
 
-def addresses_of(value: Any) -> tuple[str, ...]:
-    """The TAP addresses as a tuple, from a YAML list or a comma-separated string (what
-    crosses the coordinator, whose parameters are scalars only); each checked."""
+def _items(value: Any) -> list[str]:
+    """A YAML list or a comma-separated string (what crosses the coordinator, whose
+    parameters are scalars only), as stripped strings."""
     if value is None or value == "":
-        return ()
-    items = value.split(",") if isinstance(value, str) else list(value)
+        return []
+    return [str(v).strip() for v in (value.split(",") if isinstance(value, str) else value)]
+
+
+def addresses_of(value: Any) -> tuple[str, ...]:
+    """The TAP addresses as a tuple, each checked."""
     out = []
-    for item in items:
-        text = str(item).strip()
+    for text in _items(value):
         try:
             if "/" not in text:  # the bridge's --ip wants the prefix too
                 raise ValueError
@@ -50,15 +53,10 @@ def addresses_of(value: Any) -> tuple[str, ...]:
 
 
 def forwards_of(value: Any) -> tuple[int, ...]:
-    """The board's TCP ports to forward (`link: user`), from a YAML list or a
-    comma-separated string: "tcp:22,tcp:80" or 22, 80. TCP only: labgrid's proxy is
-    SSH's -L, which carries TCP."""
-    if value is None or value == "":
-        return ()
-    items = value.split(",") if isinstance(value, str) else list(value)
+    """The board's TCP ports to forward (`link: user`): "tcp:22,tcp:80" or 22, 80. TCP
+    only: labgrid's proxy is SSH's -L, which carries TCP."""
     out = []
-    for item in items:
-        text = str(item).strip()
+    for text in _items(value):
         port = text[4:] if text.startswith("tcp:") else text
         if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
             raise ValueError(f"EEM board forward {text!r} is not tcp:PORT (1 to 65535; TCP "
@@ -73,7 +71,7 @@ def forwarded_of(value: Any) -> dict[int, int]:
     if isinstance(value, dict):
         return {int(k): int(v) for k, v in value.items()}
     out = {}
-    for item in filter(None, (value or "").split(",")):
+    for item in _items(value):
         board, _, host = item.removeprefix("tcp:").partition("=")
         out[int(board)] = int(host)
     return out
