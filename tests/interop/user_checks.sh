@@ -80,10 +80,13 @@ stamp user_tcp_done
 kill -TERM "$BRIDGE" 2>/dev/null
 bridge_exit "$BRIDGE" user_exit
 pgrep -u nobody -a > "$RW/nobody_processes.txt"
-interfaces > "$RW/interfaces_after.txt"
 listeners > "$RW/listeners_after.txt"
 wait_until 20 test -e "$USB_PATH/$EEM_INTF/driver"
 driver_of "$USB_PATH/$EEM_INTF" > "$RW/driver_after.txt"
+# cdc_eem's netdev is back, under the first free usbN (maybe not its old name).
+wait_until 20 test -d "$USB_PATH/$EEM_INTF/net"
+ls "$USB_PATH/$EEM_INTF/net" > "$RW/cdc_eem_netdev.txt" 2>&1
+interfaces > "$RW/interfaces_after.txt"
 echo "PORT_H2P=$PORT_H2P PORT_P2H=$PORT_P2H NODE=$NODE" > "$RW/user_env.txt"
 stamp user_done
 true
