@@ -8,7 +8,10 @@ interface 0) including unplug/replug from the UDC mid-transfer; SuperSpeed and f
 speed get the core: detach, ping, TCP both ways by SHA-256, EEM Echo, give-back.
 After the high-speed checks the same boot runs tests/interop/tun_checks.sh: a second
 bridge with `--link tun` (no static neighbour on either side), ARP and NDP learned, TCP
-both ways by SHA-256, an unplug and replug from the UDC, SIGTERM.
+both ways by SHA-256, an unplug and replug from the UDC, SIGTERM; then
+tests/interop/user_checks.sh: a third bridge with `--link user` as nobody with no
+capability, the board's TCP server reached through forwarded localhost ports, by SHA-256
+both ways, SIGTERM, and nothing left behind.
 
 A machine that cannot boot the guest FAILS here naming what is missing
 (tests/interop/setup_guest.sh installs it).
@@ -60,7 +63,8 @@ FULL_CHECKS = pytest.mark.parametrize("boot", [s for s, v in SPEEDS.items() if v
                                       indirect=True, ids=lambda s: f"{s}-speed")
 
 
-# The speed whose boot also runs the TUN link's checks (tun_checks.sh), after its own.
+# The speed whose boot also runs the TUN link's checks (tun_checks.sh) and then the user
+# link's (user_checks.sh), after its own.
 TUN_SPEED = "high"
 TUN_NAME = "eemtun0"
 
@@ -79,7 +83,10 @@ def _boot_script(speeds: tuple[str, ...]) -> str:
         if speed == TUN_SPEED:
             step += (f"\nmkdir -p $RW/{speed}/tun\n"
                      f"GADGET_ENV=$RW/{speed}/env.txt RW=$RW/{speed}/tun "
-                     f"bash $INTEROP/tun_checks.sh")
+                     f"bash $INTEROP/tun_checks.sh\n"
+                     f"mkdir -p $RW/{speed}/user\n"
+                     f"GADGET_ENV=$RW/{speed}/env.txt RW=$RW/{speed}/user "
+                     f"bash $INTEROP/user_checks.sh")
         steps.append(step)
     return "\nbash $INTEROP/gadget.sh down\n".join(steps)
 
@@ -326,3 +333,66 @@ def tun_env(tun: BootResults) -> dict[str, str]:
                (tun.dir.parent / "env.txt").read_text().splitlines() if "=" in line)
     env.update(word.split("=", 1) for word in tun.read("tun_env.txt").split())
     return env
+
+
+# --- `--link user` against f_eem (user_checks.sh, after tun_checks.sh) ----------------------
+
+@pytest.fixture
+def user(boot: Boot) -> BootResults:
+    """The files user_checks.sh wrote in the boot of TUN_SPEED."""
+    return BootResults(boot.result, subdir=f"{TUN_SPEED}/user", label="--link user: ")
+
+
+def _lines(results: BootResults, name: str) -> set[str]:
+    return set(results.read(f"{name}.txt").splitlines())
+
+
+@TUN_BOOT
+def test_user_link_runs_as_nobody_with_no_capability(user: BootResults) -> None:
+    user.rc("user_up")  # the bridge had the device: connected, in its stats
+    status = dict(line.split(":", 1) for line in user.read("proc_status.txt").splitlines())
+    assert status["Uid"].split() == ["65534"] * 4, status
+    for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(status[caps], 16) == 0, (caps, status)
+    # No interface of its own: what runs is what was there, less cdc_eem's netdev (detached).
+    assert _lines(user, "interfaces_running") < _lines(user, "interfaces_before")
+
+
+@TUN_BOOT
+@pytest.mark.parametrize("direction", ["user_h2p", "user_p2h"])
+def test_user_link_forwarded_port_carries_tcp_by_sha256(user: BootResults, direction: str) -> None:
+    user.rc(direction)
+    sent = user.read(f"{direction}.sent")
+    assert len(sent) == 64 and user.read(f"{direction}.recv") == sent
+    # The forwards listen on the host's loopback only.
+    env = dict(word.split("=", 1) for word in user.read("user_env.txt").split())
+    assert {f"127.0.0.1:{env['PORT_H2P']}", f"127.0.0.1:{env['PORT_P2H']}"} <= \
+        _lines(user, "listeners_running"), user.read("listeners_running.txt")
+
+
+@TUN_BOOT
+def test_user_link_stats_show_the_stack_carried_both_ways(user: BootResults) -> None:
+    user.rc("stats_tcp")
+    snapshot = user.json("stats_tcp.json")
+    assert "link" not in snapshot  # no kernel interface on the host's side
+    counters = snapshot["user"]
+    # 3 MB each way is over 2000 full frames each way.
+    assert counters["to_stack_frames"] > 2000 and counters["from_stack_frames"] > 2000, counters
+    assert counters["refused_tcp"] == 0 and counters["to_bridge_dropped"] == 0, counters
+    assert snapshot["bridge"]["tx_dropped"] == 0 and snapshot["drop_reasons"] == {}, snapshot
+    # The board found the gateway by ARP: libslirp's MAC, 52:55 then the gateway's address.
+    host_ip = (user.dir.parent / "env.txt").read_text().split("HOST_IP=", 1)[1].split()[0]
+    gateway_mac = "52:55:" + ":".join(f"{int(b):02x}" for b in host_ip.split("."))
+    assert f"{host_ip} lladdr {gateway_mac}" in user.read("peer_neigh.txt"), \
+        user.read("peer_neigh.txt")
+
+
+@TUN_BOOT
+def test_user_link_sigterm_exits_cleanly_and_leaves_nothing(user: BootResults) -> None:
+    assert user.read("user_exit.rc") == "0", user.read("bridge.log")[-2000:]
+    assert user.read("nobody_processes.txt") == "", user.read("nobody_processes.txt")
+    # Every interface there is was there before, but cdc_eem's netdev: back, maybe renamed.
+    assert _lines(user, "interfaces_after") - {user.read("cdc_eem_netdev.txt")} <= \
+        _lines(user, "interfaces_before")
+    assert _lines(user, "listeners_after") <= _lines(user, "listeners_before")
+    assert user.read("driver_after.txt") == "cdc_eem"
