@@ -307,11 +307,15 @@ class Bridge:
             self._control = ControlServer(self.options.stats_socket, self)
         opts = self.options
         # Logged before the thread starts, so "started" always precedes "claimed".
-        log.info("started: TAP %s (mtu %d, addresses %s, offload %s, queue %d)", opts.tap,
+        # The link's own word: a user or frames link has no interface to name.
+        where = {"tap": f"TAP {opts.tap}", "tun": f"TUN {opts.tap}"}.get(opts.link,
+                                                                          f"{opts.link} link")
+        log.info("started: %s (mtu %d, addresses %s, offload %s, queue %d)", where,
                  opts.mtu, ", ".join(opts.addresses) or "none",
                  "on" if opts.offload else "off", opts.txqueuelen,
-                 extra=event("started", tap=opts.tap, mtu=opts.mtu, addresses=opts.addresses,
-                             offload=bool(opts.offload), txqueuelen=opts.txqueuelen))
+                 extra=event("started", tap=opts.tap, link=opts.link, mtu=opts.mtu,
+                             addresses=opts.addresses, offload=bool(opts.offload),
+                             txqueuelen=opts.txqueuelen))
         self._thread = threading.Thread(target=self._run_guarded, name=f"eembridge-{opts.tap}",
                                         daemon=True)
         self._thread.start()
