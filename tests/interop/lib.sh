@@ -8,6 +8,13 @@
 # stamp LABEL: guest uptime at LABEL, appended to timings.txt.
 stamp() { echo "$1 $(cut -d' ' -f1 /proc/uptime)" >> "$RW/timings.txt"; }
 
+# stats NAME: the bridge's snapshot from its control socket $SOCK (one JSON line) in
+# NAME.json, through nc: no Python start-up, 4-10 s each under TCG.
+stats() {
+    printf '{"cmd": "stats"}\n' | timeout 20 nc -N -U "$SOCK" > "$RW/$1.json" 2> "$RW/$1.err"
+    echo $? > "$RW/$1.rc"
+}
+
 # wait_until SECONDS CMD...: retry CMD until it succeeds (0) or SECONDS have passed (1).
 wait_until() {
     local end=$((SECONDS + $1))

@@ -267,6 +267,13 @@ def _tun_mac() -> str:
     return stable_mac(TUN_NAME).hex(":")
 
 
+def _same_sha256(results: BootResults, direction: str) -> None:
+    """The transfer DIRECTION ended well and both ends hashed the same bytes."""
+    results.rc(direction)
+    sent = results.read(f"{direction}.sent")
+    assert len(sent) == 64 and results.read(f"{direction}.recv") == sent
+
+
 @TUN_BOOT
 def test_tun_link_ipv4_ping_both_ways_with_arp_learned(tun: BootResults) -> None:
     tun.rc("tun_up")
@@ -299,9 +306,7 @@ def test_tun_link_ipv6_link_local_ping_both_ways_through_ndp(tun: BootResults) -
 @TUN_BOOT
 @pytest.mark.parametrize("direction", ["tun_h2p", "tun_p2h"])
 def test_tun_link_tcp_payload_matches_its_sha256(tun: BootResults, direction: str) -> None:
-    tun.rc(direction)
-    sent = tun.read(f"{direction}.sent")
-    assert len(sent) == 64 and tun.read(f"{direction}.recv") == sent
+    _same_sha256(tun, direction)
     snapshot = tun.json("stats_tcp.json")
     l3 = snapshot["l3"]
     # Nothing IP needs was dropped on the way (what a TUN cannot carry, e.g. LLDP, may be).
@@ -361,9 +366,7 @@ def test_user_link_runs_as_nobody_with_no_capability(user: BootResults) -> None:
 @TUN_BOOT
 @pytest.mark.parametrize("direction", ["user_h2p", "user_p2h"])
 def test_user_link_forwarded_port_carries_tcp_by_sha256(user: BootResults, direction: str) -> None:
-    user.rc(direction)
-    sent = user.read(f"{direction}.sent")
-    assert len(sent) == 64 and user.read(f"{direction}.recv") == sent
+    _same_sha256(user, direction)
     # The forwards listen on the host's loopback only.
     env = dict(word.split("=", 1) for word in user.read("user_env.txt").split())
     assert {f"127.0.0.1:{env['PORT_H2P']}", f"127.0.0.1:{env['PORT_P2H']}"} <= \

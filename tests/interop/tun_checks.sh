@@ -22,11 +22,6 @@ set -uo pipefail  # not -e: every step records its own exit code
 . "${GADGET_ENV:?the env.txt of gadget.sh up}"
 stamp tun_start
 
-# stats NAME: the bridge's snapshot (the control socket's one JSON line) in NAME.json.
-stats() {
-    printf '{"cmd": "stats"}\n' | timeout 20 nc -N -U "$SOCK" > "$RW/$1.json" 2> "$RW/$1.err"
-    echo $? > "$RW/$1.rc"
-}
 # neigh NAME FAMILY: the peer kernel's neighbours on its interface, in NAME.txt.
 neigh() { ip -n "$PEER_NS" "-$2" neigh show dev "$PEER_IF" > "$RW/$1.txt" 2>&1; }
 peer_ll_ready() {  # the peer's own link-local address is through DAD

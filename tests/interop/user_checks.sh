@@ -24,10 +24,6 @@ set -uo pipefail  # not -e: every step records its own exit code
 . "${GADGET_ENV:?the env.txt of gadget.sh up}"
 stamp user_start
 
-stats() {
-    printf '{"cmd": "stats"}\n' | timeout 20 nc -N -U "$SOCK" > "$RW/$1.json" 2> "$RW/$1.err"
-    echo $? > "$RW/$1.rc"
-}
 connected() {
     printf '{"cmd": "stats"}\n' | timeout 5 nc -N -U "$SOCK" 2>/dev/null | grep -q '"connected": true'
 }
