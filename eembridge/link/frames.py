@@ -35,6 +35,7 @@ import time
 from collections.abc import Iterator
 
 from ..core.l3 import stable_mac
+from .pump import frame_socketpair
 
 ETH_HLEN = 14
 VLAN_HLEN = 4
@@ -62,10 +63,8 @@ class FramesLink:
         self.mtu = mtu
         self._mac = (bytes.fromhex(mac.replace(":", "")) if mac
                      else stable_mac(f"frames:{name}"))
-        self._bridge_end, self._program_end = socket.socketpair(socket.AF_UNIX,
-                                                                socket.SOCK_SEQPACKET)
+        self._bridge_end, self._program_end = frame_socketpair()
         for end in (self._bridge_end, self._program_end):
-            end.setblocking(False)
             # An AF_UNIX datagram is charged to its sender until it is read: the sender's
             # buffer is what bounds each direction.
             end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, queue_bytes)

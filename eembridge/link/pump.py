@@ -23,6 +23,15 @@ import threading
 log = logging.getLogger(__name__)
 
 
+def frame_socketpair() -> tuple[socket.socket, socket.socket]:
+    """The frame descriptor of a non-TAP link and its other end: SEQPACKET keeps one frame
+    per datagram, and neither end ever blocks the engine's thread."""
+    ends = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for end in ends:
+        end.setblocking(False)
+    return ends
+
+
 def close_quietly(*fds: int) -> None:
     """Close descriptors at shutdown, where one already closed is no error."""
     for fd in fds:
@@ -42,10 +51,7 @@ class FramePump:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._bridge_end, self._pump_end = socket.socketpair(socket.AF_UNIX,
-                                                             socket.SOCK_SEQPACKET)
-        for end in (self._bridge_end, self._pump_end):
-            end.setblocking(False)
+        self._bridge_end, self._pump_end = frame_socketpair()
         self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._pump_guarded,
                                         name=f"eembridge-{self.KIND.lower()}-{name}", daemon=True)

@@ -52,7 +52,7 @@ from pyroute2 import NetlinkError
 from ..core import dhcp
 from ..core.l3 import Translator, link_local, stable_mac
 from .netns import iproute, link_index
-from .pump import close_quietly
+from .pump import close_quietly, frame_socketpair
 from .tap import IPInterface, LinkStats, Tap, TapError
 
 log = logging.getLogger(__name__)
@@ -108,10 +108,7 @@ class TunLink:
         self._dhcp_scale = dhcp_time_scale
         self._carrier_events: deque[bool] = deque()
         self.dhcp_counters = {"config_errors": 0}
-        self._bridge_end, self._pump_end = socket.socketpair(socket.AF_UNIX,
-                                                             socket.SOCK_SEQPACKET)
-        for end in (self._bridge_end, self._pump_end):
-            end.setblocking(False)
+        self._bridge_end, self._pump_end = frame_socketpair()
         self.pump_counters = {"tun_write_errors": 0, "tun_read_errors": 0,
                               "backlog_dropped": 0, "pump_wakeups": 0}
         self._backlog: deque[bytes] = deque()
