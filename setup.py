@@ -40,6 +40,8 @@ extensions = [
     Extension("eembridge._fast.datapath", ["eembridge/_fast/datapath.pyx"]),
     # The engine (engine.pxi) driven by the simulated device; usb drives it by libusb.
     Extension("eembridge._fast.simlink", ["eembridge/_fast/simlink.pyx"]),
+    # The TUN link's Ethernet <-> IP fast path (link/tun.py installs it).
+    Extension("eembridge._fast.tunlink", ["eembridge/_fast/tunlink.pyx"]),
 ]
 # Built only when their sources exist, so a partial checkout still builds.
 extensions = [ext for ext in extensions if os.path.exists(ext.sources[0])]

@@ -510,6 +510,11 @@ class Bridge:
         # Always registered: with no events asked for, poll still reports the TAP's
         # errors (tun says POLLERR once its interface is deleted under us).
         poller.register(tap_fd, 0)
+        # Where TxPath.fill finds frames, if not there: the TUN link's fast path reads the
+        # TUN too (an epoll descriptor, which reports no hang-up of its own).
+        ready_fd = getattr(self._tap, "ready_fd", tap_fd)
+        if ready_fd != tap_fd:
+            poller.register(ready_fd, 0)
         reading_tap = False
         while not self._stop.is_set():
             now = time.monotonic()
@@ -520,7 +525,7 @@ class Bridge:
             want_tap = (self._transport is not None and self.tx is not None
                         and self._native is None and self.tx.has_room)
             if want_tap != reading_tap:
-                poller.modify(tap_fd, select.POLLIN if want_tap else 0)
+                poller.modify(ready_fd, select.POLLIN if want_tap else 0)
                 reading_tap = want_tap
             for fd, mask in poller.poll(self._timeout_ms(now)):
                 if fd == self._wake_r:
@@ -530,6 +535,8 @@ class Bridge:
                         self._counters["tap_lost"] += 1
                         raise UserError(f"TAP {self.options.tap} is gone (deleted while the "
                                         "bridge ran?): stopping")
+                    self._send_from_tap()
+                elif fd == ready_fd:
                     self._send_from_tap()
                 elif self._transport is not None and fd == self._transport.fileno():
                     self._reap()
@@ -666,6 +673,9 @@ class Bridge:
         self.rx.reset()
         self.tx = datapath.TxPath(self.framer, tap_fd, out_in_flight * max_transfer,
                                        vnet=vnet)
+        attach = getattr(self._tap, "attach", None)
+        if datapath.COMPILED and callable(attach):  # the TUN link's C fast path
+            attach(self.rx, self.tx)
         self._in_submitted = 0
         self._in_completed = 0
         self._out = deque()

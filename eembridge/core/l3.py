@@ -43,7 +43,7 @@ import hashlib
 import ipaddress
 import struct
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .offload import ones_sum
@@ -182,9 +182,17 @@ class Translator:
         self._on_link: list[tuple[int, int, int]] = []  # (length, network, mask)
         self._broadcasts: set[bytes] = {b"\xff" * 4}
         self._link_local = link_local(self.host_mac).packed
+        # Called after the state that decides a frame's or a packet's fate changed
+        # (addresses, neighbours, pending destinations, the board's MAC): the TUN link's C
+        # fast path (_fast/tunlink.pyx) decides from a copy of it.
+        self.on_change: Callable[[], None] | None = None
         self.set_host_addresses(())
         self._counts = dict.fromkeys(COUNTERS, 0)
         self.drops = dict.fromkeys(DROP_REASONS, 0)
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     # --- configuration --------------------------------------------------------------
 
@@ -206,6 +214,7 @@ class Translator:
                 broadcasts.add(net.broadcast_address.packed)
         self._on_link = sorted(on_link)
         self._broadcasts = broadcasts
+        self._changed()
 
     @property
     def host_addresses(self) -> set[str]:
@@ -214,17 +223,29 @@ class Translator:
     def add_static(self, ip: str, mac: bytes) -> None:
         """A neighbour that never ages (--peer with --peer-mac)."""
         self._static[ipaddress.ip_address(ip).packed] = bytes(mac)
+        self._changed()
 
     def flush(self) -> None:
         """Forget every learned neighbour (as `ip neigh flush`); static ones stay. Safe
         from another thread: the table is replaced, not emptied under an iteration."""
         self._table = {}
+        self._changed()
 
     def neighbours(self, now: float) -> dict[str, str]:
         """IP -> MAC of every valid entry, static ones included."""
         valid = {ip: mac for ip, (mac, seen) in self._table.items() if now - seen < self.max_age}
         valid.update(self._static)
         return {str(ipaddress.ip_address(ip)): mac.hex(":") for ip, mac in valid.items()}
+
+    def decisive_state(self) -> dict[str, object]:
+        """What decides a frame's or a packet's fate, for a copy that decides in its place
+        (link/tun.py publishes it to the C fast path): keywords of TunFast.publish."""
+        return {"host_mac": self.host_mac, "peer_mac": self.peer_mac,
+                "fixed_peer": self._fixed_peer, "max_age": self.max_age,
+                "confirm_every": CONFIRM_EVERY,
+                "table": [(ip, mac, seen) for ip, (mac, seen) in self._table.items()],
+                "statics": list(self._static.items()), "on_link": list(self._on_link),
+                "broadcasts": list(self._broadcasts), "pending": list(self._pending)}
 
     def counters(self) -> dict[str, int]:
         out = dict(self._counts)
@@ -262,8 +283,9 @@ class Translator:
         source_mac = bytes(view[6:12])
         sent: list[bytes] = []
         if not source_mac[0] & 1:
-            if not self._fixed_peer:
+            if not self._fixed_peer and self.peer_mac != source_mac:
                 self.peer_mac = source_mac
+                self._changed()
             if ethertype == ETH_P_IPV6 and len(packet) >= 42 and packet[6] == ICMPV6 \
                     and packet[40] in (NDP_NS, NDP_NA):
                 return None, self._ndp(packet, source_mac, now)
@@ -311,8 +333,9 @@ class Translator:
         target_ip = bytes(payload[24:28])
         sent: list[bytes] = []
         if sender_ip != bytes(4) and not sender_mac[0] & 1:
-            if not self._fixed_peer:
+            if not self._fixed_peer and self.peer_mac != source_mac:
                 self.peer_mac = source_mac
+                self._changed()
             sent = self._learn(sender_ip, sender_mac, now)
         if op == ARP_REPLY:
             self._counts["arp_replies"] += 1
@@ -394,6 +417,7 @@ class Translator:
                 self._counts["neighbours_evicted"] += 1
         self._table[ip] = (mac, now)
         pending = self._pending.pop(ip, None)
+        self._changed()
         if pending is None:
             return []
         self._counts["released"] += len(pending.packets)
@@ -452,6 +476,7 @@ class Translator:
                 self.drops["pending_full"] += 1
                 return []
             pending = self._pending[destination] = _Pending()
+            self._changed()
         if len(pending.packets) >= self.hold:
             self.drops["hold_full"] += 1
             return []
@@ -493,10 +518,12 @@ class Translator:
             if pending.tries >= self.retries:
                 self.drops["unresolved"] += len(pending.packets)
                 del self._pending[destination]
+                self._changed()
             else:
                 sent += self._solicit(destination, pending, now)
         for ip in [ip for ip, (_mac, seen) in self._table.items() if now - seen >= self.max_age]:
             del self._table[ip]
+            self._changed()
         return sent
 
     def next_deadline(self) -> float | None:

@@ -25,6 +25,14 @@ interface's addresses at start and then once a second from netlink, so an addres
 added later with `ip addr` is answered for too. TAP offload (virtio_net_hdr) is off:
 the frames the bridge sees are the translator's.
 
+With the compiled data path, the common frames do not take the pump at all: the C fast
+path (eembridge/_fast/tunlink.pyx, which says how and what it hands the pump instead)
+writes device packets straight to the TUN and frames TUN packets straight into OUT
+transfers, deciding from a snapshot of the translator's state the pump publishes
+whenever it changes (`Translator.on_change`). The pump then translates what C hands it
+on a second socketpair (the channel), its own frames still go on the first, and it reads
+the TUN no more; the bridge attaches the fast path to its data path at each connect.
+
 With --dhcp the pump also runs eembridge.core.dhcp's client: its frames go to the bridge
 as the translator's do, UDP to port 68 from the board goes to it instead of the TUN
 (nothing on the host could listen there: the TUN has no link layer for a DHCP client),
@@ -53,6 +61,13 @@ from ..core import dhcp
 from ..core.l3 import Translator, link_local, stable_mac
 from .netns import iproute, link_index
 from .pump import close_quietly, frame_socketpair
+
+try:
+    from .._fast.tunlink import HEADER as FAST_HEADER
+    from .._fast.tunlink import TAGS as FAST_TAGS
+    from .._fast.tunlink import TunFast
+except ImportError:  # not built: the pump translates everything
+    TunFast = None
 from .tap import IPInterface, LinkStats, Tap, TapError
 
 log = logging.getLogger(__name__)
@@ -65,6 +80,33 @@ CARRIER_WAIT = 0.5  # seconds set_carrier(True) waits for the kernel to mark the
 # of DHCP on a LAN, NetworkManager's, are 100 to 600): a board should not take over the
 # host's traffic because it offers itself as a router; it is there if nothing else is.
 DHCP_ROUTE_METRIC = 1024
+# The fast path's channel to the pump: room for a burst of handed-over frames and
+# packets while the pump is busy (what does not fit is counted, fast_*_lost).
+CHANNEL_BUFFER = 1 << 20
+
+
+def handed_over(translator: Translator,
+                message: memoryview) -> tuple[memoryview | None, list[bytes]]:
+    """What the C fast path's message on the channel comes to: (packet for the TUN, or
+    None; frames for the device), by the translator, at the time C saw it."""
+    tag, now = FAST_HEADER.unpack_from(message)
+    body = message[FAST_HEADER.size:]
+    if tag == FAST_TAGS["packet"]:
+        return None, translator.from_host(body, now)
+    packet, replies = translator.from_device(body, now)
+    return (None if tag == FAST_TAGS["delivered"] else packet), replies
+
+
+def merged_counters(translator: dict[str, int], fast: dict[str, int]) -> dict[str, int]:
+    """The translator's counters with the fast path's work in them: the same totals as
+    if the translator had done it all, and the fast path's own as fast_*."""
+    out = dict(translator)
+    out["to_host_packets"] += fast["to_host_packets"]
+    out["to_device_frames"] += fast["to_device_frames"]
+    out.update(fast_notes=fast["notes"], fast_notes_lost=fast["note_errors"],
+               fast_slow_frames=fast["slow_frames"], fast_handoffs=fast["handoffs"],
+               fast_handoffs_lost=fast["handoff_errors"], fast_torn_reads=fast["torn"])
+    return out
 
 
 class Tun(Tap):
@@ -109,6 +151,18 @@ class TunLink:
         self._carrier_events: deque[bool] = deque()
         self.dhcp_counters = {"config_errors": 0}
         self._bridge_end, self._pump_end = frame_socketpair()
+        self._fast: Any = None
+        self._c_mode = False  # attached: C reads the TUN, the pump the channel
+        self._tun_open = True  # what the snapshot says: no backlog in the pump
+        self._dirty = True  # the translator changed since the last snapshot
+        if TunFast is not None:
+            self._chan_c, self._chan_py = frame_socketpair()
+            self._chan_c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CHANNEL_BUFFER)
+            self._epoll = select.epoll()
+            self._epoll.register(self._bridge_end.fileno(), select.EPOLLIN)
+            self._fast = TunFast(self.tun.fileno(), self._bridge_end.fileno(),
+                                 self._chan_c.fileno(), self._epoll.fileno())
+            self.translator.on_change = self._state_changed
         self.pump_counters = {"tun_write_errors": 0, "tun_read_errors": 0,
                               "backlog_dropped": 0, "pump_wakeups": 0}
         self._backlog: deque[bytes] = deque()
@@ -128,6 +182,23 @@ class TunLink:
 
     def fileno(self) -> int:
         return self._bridge_end.fileno()
+
+    @property
+    def ready_fd(self) -> int:
+        """Readable when the data path has frames to fill: the pump's, or the TUN's once
+        the fast path is attached."""
+        return self._epoll.fileno() if self._fast is not None else self._bridge_end.fileno()
+
+    def attach(self, rx: Any, tx: Any) -> None:
+        """The C fast path becomes the link of the compiled data path's rx and tx (before
+        the engine starts them); from now on C reads the TUN."""
+        if self._fast is None:
+            return
+        self._fast.install(rx, tx)
+        if not self._c_mode:
+            self._c_mode = True
+            self._dirty = True
+            self._wake()  # the pump stops reading the TUN, publishes, gives it to C
 
     @property
     def mac(self) -> str:
@@ -166,8 +237,13 @@ class TunLink:
         return self.tun.kernel_stats()
 
     def l3_stats(self) -> dict[str, int]:
-        """The translator's counters and drops, and the pump's own."""
-        return {**self.translator.counters(), **self.pump_counters}
+        """The translator's counters and drops (with the fast path's work), the pump's own."""
+        if self._fast is None:
+            return {**self.translator.counters(), **self.pump_counters}
+        fast = self._fast.counters()
+        pump = dict(self.pump_counters)
+        pump["tun_write_errors"] += fast["tun_write_errors"]
+        return {**merged_counters(self.translator.counters(), fast), **pump}
 
     def dhcp_stats(self) -> dict[str, Any]:
         """The DHCP client's state, lease and counters (stats section dhcp)."""
@@ -195,6 +271,10 @@ class TunLink:
         close_quietly(self._wake_r, self._wake_w)
         self._bridge_end.close()
         self._pump_end.close()
+        if self._fast is not None:
+            self._epoll.close()
+            self._chan_c.close()
+            self._chan_py.close()
         self.tun.close()
 
     def _persists(self) -> bool:
@@ -236,7 +316,16 @@ class TunLink:
         poller.register(self._wake_r, select.POLLIN)
         poller.register(sock_fd, select.POLLIN)
         poller.register(tun_fd, select.POLLIN)
+        chan_fd = -1
+        if self._fast is not None:
+            chan_fd = self._chan_py.fileno()
+            poller.register(chan_fd, select.POLLIN)
+            # A datagram from the fast path: a frame as above, or a TUN packet, behind
+            # its header.
+            chan_view = memoryview(bytearray(FAST_HEADER.size + max(len(frame_buf),
+                                                                     len(packet_buf))))
         reading_tun = True
+        c_mode = False
         next_refresh = 0.0
         while True:
             now = time.monotonic()
@@ -245,11 +334,20 @@ class TunLink:
                 self._refresh_addresses()
             self._send(translator.tick(now))
             dhcp_deadline = self._dhcp_tick()
+            if self._c_mode and not c_mode:  # attached: the TUN is C's to read from now on
+                c_mode = True
+                reading_tun = False
+                poller.modify(tun_fd, 0)  # its errors still say the TUN is gone
+                self._tun_open = False  # opened below, once published
             blocked = bool(self._backlog)
-            if blocked == reading_tun:  # backlog: stop reading the TUN, wait for room
+            if c_mode and blocked == self._tun_open:
+                self._give_tun(tun_fd, not blocked)
+                poller.modify(sock_fd, select.POLLIN | (select.POLLOUT if blocked else 0))
+            elif not c_mode and blocked == reading_tun:  # backlog: stop reading the TUN
                 reading_tun = not blocked
                 poller.modify(tun_fd, select.POLLIN if reading_tun else 0)
                 poller.modify(sock_fd, select.POLLIN | (select.POLLOUT if blocked else 0))
+            self._publish_if_changed()
             deadline = min(d for d in (next_refresh, translator.next_deadline(), dhcp_deadline)
                            if d is not None)
             timeout = max(0, int((deadline - now) * 1000) + 1)
@@ -275,7 +373,11 @@ class TunLink:
                 elif fd == tun_fd:
                     if mask & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
                         raise TapError(f"TUN {self.name} is gone (deleted while the bridge ran?)")
-                    self._from_kernel(tun_fd, packet_view)
+                    if not c_mode:
+                        self._from_kernel(tun_fd, packet_view)
+                elif fd == chan_fd:
+                    self._from_fast(chan_view, tun_fd)
+            self._publish_if_changed()  # after what was sent: see tunlink.pyx, Ordering
 
     def _from_bridge(self, sock: socket.socket, view: memoryview, tun_fd: int) -> None:
         now = time.monotonic()
@@ -285,17 +387,62 @@ class TunLink:
             except BlockingIOError:
                 return
             packet, replies = self.translator.from_device(view[:n], now)
-            if packet is not None and self.dhcp is not None and dhcp.is_dhcp_reply(packet):
-                self._dhcp_do(self.dhcp.receive(packet, bytes(view[6:12]), self._dhcp_now()))
-            elif packet is not None:
-                try:
-                    os.write(tun_fd, packet)
-                except OSError as exc:  # link down (EIO), queue full: a lost packet
-                    if exc.errno == errno.EBADF:
-                        raise
-                    self.pump_counters["tun_write_errors"] += 1
-            if replies:
-                self._send(replies)
+            self._carry(packet, view[6:12], replies, tun_fd)
+
+    def _from_fast(self, view: memoryview, tun_fd: int) -> None:
+        """What the C fast path handed over: frames it did not carry, packets it could
+        not resolve, frames it carried that change the translator's state."""
+        source_at = FAST_HEADER.size + 6
+        for _ in range(BURST):
+            try:
+                n = self._chan_py.recv_into(view)
+            except BlockingIOError:
+                return
+            packet, frames = handed_over(self.translator, view[:n])
+            self._carry(packet, view[source_at : source_at + 6], frames, tun_fd)
+
+    def _carry(self, packet: memoryview | None, source_mac: memoryview, frames: list[bytes],
+               tun_fd: int) -> None:
+        """A packet to the TUN (or to the DHCP client), frames to the bridge."""
+        if packet is not None and self.dhcp is not None and dhcp.is_dhcp_reply(packet):
+            self._dhcp_do(self.dhcp.receive(packet, bytes(source_mac), self._dhcp_now()))
+        elif packet is not None:
+            try:
+                os.write(tun_fd, packet)
+            except OSError as exc:  # link down (EIO), queue full: a lost packet
+                if exc.errno == errno.EBADF:
+                    raise
+                self.pump_counters["tun_write_errors"] += 1
+        if frames:
+            self._send(frames)
+
+    # --- the fast path's snapshot (the pump's thread only: the translator is its) -----
+
+    def _state_changed(self) -> None:
+        self._dirty = True
+        if threading.current_thread() is not self._thread:
+            self._wake()  # (addresses added, a static neighbour): the pump publishes
+
+    def _publish_if_changed(self) -> None:
+        if self._c_mode and self._dirty:
+            self._dirty = False
+            self._fast.publish(**self.translator.decisive_state(), dhcp=self.dhcp is not None,
+                               tun_open=self._tun_open)
+
+    def _give_tun(self, tun_fd: int, open_: bool) -> None:
+        """Let C read the TUN, or not while the pump has a backlog (which goes first).
+        Closed in the epoll set before the snapshot says so, opened after: C is never
+        woken for a TUN it may not read (it would spin)."""
+        if not open_:
+            self._epoll.modify(tun_fd, 0)
+        self._tun_open = open_
+        self._dirty = True
+        self._publish_if_changed()
+        if open_:
+            try:
+                self._epoll.modify(tun_fd, select.EPOLLIN)
+            except FileNotFoundError:
+                self._epoll.register(tun_fd, select.EPOLLIN)
 
     def _from_kernel(self, tun_fd: int, view: memoryview) -> None:
         now = time.monotonic()
