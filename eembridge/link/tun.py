@@ -103,7 +103,8 @@ def merged_counters(translator: dict[str, int], fast: dict[str, int]) -> dict[st
     out = dict(translator)
     out["to_host_packets"] += fast["to_host_packets"]
     out["to_device_frames"] += fast["to_device_frames"]
-    out.update(fast_notes=fast["notes"], fast_notes_lost=fast["note_errors"],
+    out.update(fast_to_host_packets=fast["to_host_packets"],
+               fast_to_device_frames=fast["to_device_frames"], fast_notes=fast["notes"], fast_notes_lost=fast["note_errors"],
                fast_slow_frames=fast["slow_frames"], fast_handoffs=fast["handoffs"],
                fast_handoffs_lost=fast["handoff_errors"], fast_torn_reads=fast["torn"])
     return out
