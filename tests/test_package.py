@@ -121,7 +121,7 @@ def test_each_extension_is_the_module_its_source_names():
 
     fast = ROOT / "eembridge" / "_fast"
     sources = sorted(p.stem for p in fast.glob("*.pyx"))
-    assert {"eem", "ring", "datapath", "usb", "simlink"} <= set(sources), sources
+    assert {"eem", "ring", "datapath", "usb", "simlink", "tunlink"} <= set(sources), sources
     for name in sources:
         module = importlib.import_module(f"eembridge._fast.{name}")
         assert Path(module.__file__).parent == fast, module.__file__

@@ -6,10 +6,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from test_tun_link import tun_rig  # noqa: F401  (the fixture)
 
 from eembridge.core import environment
-
-from test_tun_link import tun_rig  # noqa: F401  (the fixture)
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["engine", "bridge-loop"])
