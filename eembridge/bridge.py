@@ -673,9 +673,9 @@ class Bridge:
         self.rx.reset()
         self.tx = datapath.TxPath(self.framer, tap_fd, out_in_flight * max_transfer,
                                        vnet=vnet)
-        attach = getattr(self._tap, "attach", None)
-        if datapath.COMPILED and callable(attach):  # the TUN link's C fast path
-            attach(self.rx, self.tx)
+        install = getattr(self._tap, "install_fast_path", None)
+        if datapath.COMPILED and install is not None:  # the TUN link's C translation
+            install(self.rx, self.tx)
         self._in_submitted = 0
         self._in_completed = 0
         self._out = deque()

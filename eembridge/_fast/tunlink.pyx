@@ -43,11 +43,11 @@ while the pump's answer to a neighbour (released packets) is not yet in the sock
 the snapshot goes ahead of them only if the snapshot already resolves it, i.e. once the
 pump published after queueing them (the pump publishes after sending). While the pump
 has a backlog it closes the TUN to C (tun_open, and its epoll interest) so nothing
-overtakes it. When the link switches to C (attach) the pump may have read a few TUN
+overtakes it. When the link switches to C (install_fast_path) the pump may have read a few TUN
 packets C overtakes.
 
 Readiness: `fd` is an epoll descriptor holding the bridge's end of the socketpair and,
-once attached and while open, the TUN; poll(2) sees it readable when either is. A pump
+once installed and while open, the TUN; poll(2) sees it readable when either is. A pump
 that died shuts its end: the bridge's end reads EOF, leaves the epoll set (no busy
 loop) and the bridge thread, which polls that end itself, stops the bridge.
 """

@@ -31,7 +31,8 @@ writes device packets straight to the TUN and frames TUN packets straight into O
 transfers, deciding from a snapshot of the translator's state the pump publishes
 whenever it changes (`Translator.on_change`). The pump then translates what C hands it
 on a second socketpair (the channel), its own frames still go on the first, and it reads
-the TUN no more; the bridge attaches the fast path to its data path at each connect.
+the TUN no more; the bridge installs the fast path in its data path at each connect
+(`install_fast_path`).
 
 With --dhcp the pump also runs eembridge.core.dhcp's client: its frames go to the bridge
 as the translator's do, UDP to port 68 from the board goes to it instead of the TUN
@@ -153,7 +154,7 @@ class TunLink:
         self.dhcp_counters = {"config_errors": 0}
         self._bridge_end, self._pump_end = frame_socketpair()
         self._fast: Any = None
-        self._c_mode = False  # attached: C reads the TUN, the pump the channel
+        self._c_mode = False  # installed: C reads the TUN, the pump the channel
         self._tun_open = True  # what the snapshot says: no backlog in the pump
         self._dirty = True  # the translator changed since the last snapshot
         if TunFast is not None:
@@ -187,10 +188,10 @@ class TunLink:
     @property
     def ready_fd(self) -> int:
         """Readable when the data path has frames to fill: the pump's, or the TUN's once
-        the fast path is attached."""
+        the fast path is installed."""
         return self._epoll.fileno() if self._fast is not None else self._bridge_end.fileno()
 
-    def attach(self, rx: Any, tx: Any) -> None:
+    def install_fast_path(self, rx: Any, tx: Any) -> None:
         """The C fast path becomes the link of the compiled data path's rx and tx (before
         the engine starts them); from now on C reads the TUN."""
         if self._fast is None:
@@ -335,7 +336,7 @@ class TunLink:
                 self._refresh_addresses()
             self._send(translator.tick(now))
             dhcp_deadline = self._dhcp_tick()
-            if self._c_mode and not c_mode:  # attached: the TUN is C's to read from now on
+            if self._c_mode and not c_mode:  # installed: the TUN is C's to read from now on
                 c_mode = True
                 reading_tun = False
                 poller.modify(tun_fd, 0)  # its errors still say the TUN is gone
