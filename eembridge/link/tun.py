@@ -198,6 +198,8 @@ class TunLink:
             return
         self._fast.install(rx, tx)
         if not self._c_mode:
+            log.info("TUN %s: the common frames translated in C (eembridge._fast.tunlink), "
+                     "the rest by the pump", self.name)
             self._c_mode = True
             self._dirty = True
             self._wake()  # the pump stops reading the TUN, publishes, gives it to C
