@@ -62,6 +62,7 @@ from ..core import dhcp
 from ..core.l3 import Translator, link_local, stable_mac
 from .netns import iproute, link_index
 from .pump import close_quietly, frame_socketpair
+from .tap import IPInterface, LinkStats, Tap, TapError
 
 try:
     from .._fast.tunlink import HEADER as FAST_HEADER
@@ -69,7 +70,6 @@ try:
     from .._fast.tunlink import TunFast
 except ImportError:  # not built: the pump translates everything
     TunFast = None
-from .tap import IPInterface, LinkStats, Tap, TapError
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,8 @@ def merged_counters(translator: dict[str, int], fast: dict[str, int]) -> dict[st
     out["to_host_packets"] += fast["to_host_packets"]
     out["to_device_frames"] += fast["to_device_frames"]
     out.update(fast_to_host_packets=fast["to_host_packets"],
-               fast_to_device_frames=fast["to_device_frames"], fast_notes=fast["notes"], fast_notes_lost=fast["note_errors"],
-               fast_slow_frames=fast["slow_frames"], fast_handoffs=fast["handoffs"],
+               fast_to_device_frames=fast["to_device_frames"], fast_notes=fast["notes"],
+               fast_notes_lost=fast["note_errors"], fast_slow_frames=fast["slow_frames"], fast_handoffs=fast["handoffs"],
                fast_handoffs_lost=fast["handoff_errors"], fast_torn_reads=fast["torn"])
     return out
 
@@ -155,7 +155,8 @@ class TunLink:
         self._bridge_end, self._pump_end = frame_socketpair()
         self._fast: Any = None
         self._c_mode = False  # installed: C reads the TUN, the pump the channel
-        self._tun_open = True  # what the snapshot says: no backlog in the pump
+        # What the snapshot says: C may read the TUN (installed, and no backlog in the pump).
+        self._tun_open = False
         self._dirty = True  # the translator changed since the last snapshot
         if TunFast is not None:
             self._chan_c, self._chan_py = frame_socketpair()
@@ -342,7 +343,6 @@ class TunLink:
                 c_mode = True
                 reading_tun = False
                 poller.modify(tun_fd, 0)  # its errors still say the TUN is gone
-                self._tun_open = False  # opened below, once published
             blocked = bool(self._backlog)
             if c_mode and blocked == self._tun_open:
                 self._give_tun(tun_fd, not blocked)
