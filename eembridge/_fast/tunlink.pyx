@@ -60,6 +60,7 @@ from posix.uio cimport iovec, writev
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 from eembridge._fast.datapath cimport RxPath, TxPath
+from eembridge._fast.ring cimport load_acquire, load_relaxed, store_release
 from eembridge._fast.link cimport (eng_link, link_count_write, link_count_refused,
                                    link_read_failed, LINK_DRAINED, LINK_REFUSED)
 
@@ -69,23 +70,14 @@ cdef extern from "<sys/epoll.h>" nogil:
         uint32_t events
     int epoll_ctl(int epfd, int op, int fd, epoll_event* event)
 
+# The seqlock's fences (its loads and stores are the ring's, ring.pxd): the reader's
+# loads of the snapshot stay before its second look at seq, the writer's stores after
+# its first.
 cdef extern from *:
     """
-    static inline unsigned tl_load_acquire(const unsigned *p)
-        { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
-    static inline unsigned tl_load_relaxed(const unsigned *p)
-        { return __atomic_load_n(p, __ATOMIC_RELAXED); }
-    static inline void tl_store_relaxed(unsigned *p, unsigned v)
-        { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
-    static inline void tl_store_release(unsigned *p, unsigned v)
-        { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
     static inline void tl_fence_acquire(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
     static inline void tl_fence_release(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
     """
-    unsigned tl_load_acquire(const unsigned* p) nogil
-    unsigned tl_load_relaxed(const unsigned* p) nogil
-    void tl_store_relaxed(unsigned* p, unsigned v) nogil
-    void tl_store_release(unsigned* p, unsigned v) nogil
     void tl_fence_acquire() nogil
     void tl_fence_release() nogil
 
@@ -125,7 +117,7 @@ cdef struct tl_prefix:
     unsigned char mask[16]
 
 cdef struct tl_snap:
-    unsigned seq  # odd while being written
+    uint64_t seq  # odd while being written
     int valid  # 0: nothing published, or too much to mirror: everything to the pump
     unsigned char host_mac[6]
     unsigned char peer_mac[6]
@@ -233,7 +225,7 @@ cdef inline int _classify(tl_state* st, const unsigned char* frame, Py_ssize_t l
                           double now, Py_ssize_t* packet_length) noexcept nogil:
     """What Translator.from_device would do with this frame: SLOW, FAST or NOTE."""
     cdef tl_snap* s = &st.snap
-    cdef unsigned seq = tl_load_acquire(&s.seq)
+    cdef uint64_t seq = load_acquire(&s.seq)
     cdef int ethertype, verdict, length_ip
     cdef Py_ssize_t n
     cdef const unsigned char* p = frame + ETH
@@ -269,7 +261,7 @@ cdef inline int _classify(tl_state* st, const unsigned char* frame, Py_ssize_t l
               is not NULL or _on_link(s, source, length_ip)):
             verdict = NOTE  # learn
     tl_fence_acquire()
-    if tl_load_relaxed(&s.seq) != seq:
+    if load_relaxed(&s.seq) != seq:
         st.torn += 1
         return SLOW
     packet_length[0] = n
@@ -350,7 +342,7 @@ cdef Py_ssize_t tl_fill(eng_link* link, unsigned char* dst, Py_ssize_t room) noe
     cdef tl_state* st = <tl_state*>link.ctx
     cdef tl_snap* s = &st.snap
     cdef Py_ssize_t n = read(st.bridge_fd, dst, room)
-    cdef unsigned seq
+    cdef uint64_t seq
     cdef unsigned char* p = dst + ETH
     cdef bint resolved = False
     cdef double now
@@ -362,16 +354,16 @@ cdef Py_ssize_t tl_fill(eng_link* link, unsigned char* dst, Py_ssize_t room) noe
         epoll_ctl(st.epoll_fd, EPOLL_CTL_DEL, st.bridge_fd, &unused)
     elif n < 0 and errno != EAGAIN:
         return link_read_failed(link)
-    seq = tl_load_acquire(&s.seq)
+    seq = load_acquire(&s.seq)
     if not (seq & 1) and s.valid and not s.tun_open:
         tl_fence_acquire()
-        if tl_load_relaxed(&s.seq) == seq:
+        if load_relaxed(&s.seq) == seq:
             return LINK_DRAINED  # the pump's backlog goes first
     n = read(st.tun_fd, p, room - ETH)
     if n < 0:
         return link_read_failed(link)
     now = _now(st)
-    seq = tl_load_acquire(&s.seq)
+    seq = load_acquire(&s.seq)
     if not (seq & 1) and s.valid:
         if n >= 20 and p[0] >> 4 == 4:
             resolved = _resolve(s, p + 16, 4, now, dst)
@@ -381,7 +373,7 @@ cdef Py_ssize_t tl_fill(eng_link* link, unsigned char* dst, Py_ssize_t room) noe
             dst[12], dst[13] = 0x86, 0xDD
         memcpy(dst + 6, s.host_mac, 6)
         tl_fence_acquire()
-        if tl_load_relaxed(&s.seq) != seq:
+        if load_relaxed(&s.seq) != seq:
             st.torn += 1
             resolved = False
     if resolved:
@@ -446,13 +438,13 @@ cdef class TunFast:
         """A new snapshot of the Translator's state. table: (ip, mac, seen); statics:
         (ip, mac); on_link: (length, network, mask) as ints; broadcasts, pending: ips."""
         cdef tl_snap* s = &self.st.snap
-        cdef unsigned seq = (s.seq + 1) | 1  # (odd already if a test tore it)
+        cdef uint64_t seq = (s.seq + 1) | 1  # (odd already if a test tore it)
         cdef int i
         cdef bytes network_bytes, mask_bytes
         cdef bint fits = (len(table) <= MAX_TABLE and len(statics) <= MAX_STATIC
                           and len(on_link) <= MAX_ONLINK and len(broadcasts) <= MAX_BCAST
                           and len(pending) <= MAX_PENDING)
-        tl_store_relaxed(&s.seq, seq)  # odd: readers take the slow path
+        store_release(&s.seq, seq)  # odd: readers take the slow path
         tl_fence_release()
         s.valid = fits
         if fits:
@@ -484,7 +476,7 @@ cdef class TunFast:
                 memcpy(s.onlink[i].net, <const char*>network_bytes, length)
                 memcpy(s.onlink[i].mask, <const char*>mask_bytes, length)
             s.n_onlink = len(on_link)
-        tl_store_release(&s.seq, seq + 1)
+        store_release(&s.seq, seq + 1)
 
     def counters(self) -> dict:
         cdef tl_state* st = &self.st
