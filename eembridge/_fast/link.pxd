@@ -19,6 +19,10 @@
 #   tap_link_init (taplink.pxd)  a TAP with IFF_VNET_HDR (offload on): a virtio_net_hdr
 #                            per read and write, TCP packets of up to 64 KB cut into
 #                            frames (GSO) and consecutive segments merged (GRO).
+#   TunFast.install (tunlink.pyx)  the TUN link: IP packets to and from a TUN with the
+#                            Ethernet header taken off or put on in C when a snapshot of
+#                            eembridge.core.l3's state decides it; the rest handed to the
+#                            link's pump thread. Its fd is an epoll descriptor (two sources).
 # A link with no descriptor of its own (an in-process stack) sets deliver / fill to its
 # functions, ctx to its state, and fd to an eventfd it makes readable when fill() has
 # frames; it installs the table in RxPath.state.link / TxPath.state.link (datapath.pxd)
