@@ -28,28 +28,30 @@ a little-endian double, then the frame or packet):
   the pump holds it and solicits, or drops it, as from_host says, and fill returns
   LINK_REFUSED (call again).
 
-The decisions are taken from a snapshot of the Translator's state (publish, from the
-pump or whoever changed it) under a seqlock: the event thread reads it without the GIL
-and, on a torn read, takes the slow path, which is always right. Times compare as in
-Python (now - seen < max_age in doubles), so the differential test
-(tests/test_tunlink_diff.py) can hold C and the Translator to the same outputs and
-counters on every input.
+The decisions are taken from a snapshot of the Translator's state, which the pump
+publishes after every change (Translator.on_change) under a seqlock: the event thread
+reads it without the GIL and, on a torn read, takes the slow path, which is always
+right. Times compare as in Python (now - seen < max_age in doubles), so the
+differential test (tests/test_tunlink_diff.py) holds C and the Translator to the same
+outputs, counters and state on every input.
 
-Ordering. Device -> host, the only frames on the channel that still make a TUN packet
-are UDP to port 68 with the DHCP client on, and frames met during a torn read: those may
-reach the TUN after packets that arrived after them. Host -> device, packets handed off
-are sent (if ever) by the pump, behind the pump's frames C reads first; a packet C reads
-while the pump's answer to a neighbour (released packets) is not yet in the socket or
-the snapshot goes ahead of them only if the snapshot already resolves it, i.e. once the
-pump published after queueing them (the pump publishes after sending). While the pump
-has a backlog it closes the TUN to C (tun_open, and its epoll interest) so nothing
-overtakes it. When the link switches to C (install_fast_path) the pump may have read a few TUN
-packets C overtakes.
+Ordering. Device -> host: a packet goes to the TUN from C at once, or from the pump when
+C handed the whole frame over (UDP to port 68 with the DHCP client on, a torn read, no
+snapshot yet or one too large to mirror); only those can reach the TUN behind packets
+that arrived after them. Host -> device: C reads the pump's frames before the TUN, and
+the pump publishes only after it queued what a change released (held packets), so a
+packet C resolves by a new neighbour entry does not overtake the held ones in the
+socket. Held packets the socket had no room for wait in the pump's backlog: meanwhile
+the pump closes the TUN to C (tun_open, and the TUN's epoll interest). A handed-off
+packet goes out, if at all, after those C resolved meanwhile (other destinations). At the
+switch to C (install_fast_path) the pump and C may both read the TUN for a moment.
 
 Readiness: `fd` is an epoll descriptor holding the bridge's end of the socketpair and,
 once installed and while open, the TUN; poll(2) sees it readable when either is. A pump
 that died shuts its end: the bridge's end reads EOF, leaves the epoll set (no busy
-loop) and the bridge thread, which polls that end itself, stops the bridge.
+loop) and the bridge thread, which polls that end itself, stops the bridge. A failed
+TUN read is counted (the link's read_errors) and fill returns LINK_ERROR; a deleted TUN
+stays readable in the epoll set until the pump, which sees its POLLERR, stops the bridge.
 """
 
 from libc.errno cimport errno, EAGAIN

@@ -330,6 +330,7 @@ class TunLink:
             chan_view = memoryview(bytearray(FAST_HEADER.size + max(len(frame_buf),
                                                                      len(packet_buf))))
         reading_tun = True
+        writing = False  # waiting for room in the socket (POLLOUT)
         c_mode = False
         next_refresh = 0.0
         while True:
@@ -344,14 +345,18 @@ class TunLink:
                 reading_tun = False
                 poller.modify(tun_fd, 0)  # its errors still say the TUN is gone
             blocked = bool(self._backlog)
-            if c_mode and blocked == self._tun_open:
-                self._give_tun(tun_fd, not blocked)
-                poller.modify(sock_fd, select.POLLIN | (select.POLLOUT if blocked else 0))
-            elif not c_mode and blocked == reading_tun:  # backlog: stop reading the TUN
+            if c_mode:  # backlog: the TUN is closed to C (_publish_if_changed), wait for room
+                self._publish_if_changed()
+                if not blocked and not self._tun_open:
+                    self._open_tun(tun_fd)
+                if blocked != writing:
+                    writing = blocked
+                    poller.modify(sock_fd, select.POLLIN | (select.POLLOUT if blocked else 0))
+            elif blocked == reading_tun:  # backlog: stop reading the TUN, wait for room
                 reading_tun = not blocked
+                writing = blocked
                 poller.modify(tun_fd, select.POLLIN if reading_tun else 0)
                 poller.modify(sock_fd, select.POLLIN | (select.POLLOUT if blocked else 0))
-            self._publish_if_changed()
             deadline = min(d for d in (next_refresh, translator.next_deadline(), dhcp_deadline)
                            if d is not None)
             timeout = max(0, int((deadline - now) * 1000) + 1)
@@ -428,25 +433,30 @@ class TunLink:
             self._wake()  # (addresses added, a static neighbour): the pump publishes
 
     def _publish_if_changed(self) -> None:
-        if self._c_mode and self._dirty:
+        """A new snapshot for C if the translator changed. While frames wait in the
+        backlog (the socket full) C reads no TUN packet, which a newer snapshot could
+        send ahead of them: closed in the epoll set before the snapshot says so, so C is
+        never woken for a TUN it may not read (it would spin)."""
+        if not self._c_mode:
+            return
+        if self._backlog and self._tun_open:
+            self._epoll.modify(self.tun.fileno(), 0)
+            self._tun_open = False
+            self._dirty = True
+        if self._dirty:
             self._dirty = False
             self._fast.publish(**self.translator.decisive_state(), dhcp=self.dhcp is not None,
                                tun_open=self._tun_open)
 
-    def _give_tun(self, tun_fd: int, open_: bool) -> None:
-        """Let C read the TUN, or not while the pump has a backlog (which goes first).
-        Closed in the epoll set before the snapshot says so, opened after: C is never
-        woken for a TUN it may not read (it would spin)."""
-        if not open_:
-            self._epoll.modify(tun_fd, 0)
-        self._tun_open = open_
+    def _open_tun(self, tun_fd: int) -> None:
+        """C may read the TUN again: the snapshot says so before the epoll set wakes it."""
+        self._tun_open = True
         self._dirty = True
         self._publish_if_changed()
-        if open_:
-            try:
-                self._epoll.modify(tun_fd, select.EPOLLIN)
-            except FileNotFoundError:
-                self._epoll.register(tun_fd, select.EPOLLIN)
+        try:
+            self._epoll.modify(tun_fd, select.EPOLLIN)
+        except FileNotFoundError:
+            self._epoll.register(tun_fd, select.EPOLLIN)
 
     def _from_kernel(self, tun_fd: int, view: memoryview) -> None:
         now = time.monotonic()
