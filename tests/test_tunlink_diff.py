@@ -369,3 +369,17 @@ def test_a_neighbour_that_aged_is_not_used_before_the_pump_ticks():
         assert fast.fast.counters()["handoffs"] == 1
     finally:
         fast.close()
+
+
+def test_a_tun_not_given_to_c_is_not_read():
+    """Until the pump opens it (installed, no backlog), the TUN is the pump's alone."""
+    fast = Fast(make_translator(True, False, False), dhcp=False)
+    try:
+        fast.fast.publish(**fast.t.decisive_state(), dhcp=False, tun_open=False)
+        fast.tun_kernel.send(ipv4("10.0.0.1", "8.8.8.8", b"wait"))
+        assert fast.fast.fill(1000.0) == (None, False)
+        fast.publish()  # given to C
+        frame, handed_off = fast.fast.fill(1000.0)
+        assert frame is not None and frame[:6] == BOARD_MAC and not handed_off
+    finally:
+        fast.close()

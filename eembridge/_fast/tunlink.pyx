@@ -43,8 +43,8 @@ the pump publishes only after it queued what a change released (held packets), s
 packet C resolves by a new neighbour entry does not overtake the held ones in the
 socket. Held packets the socket had no room for wait in the pump's backlog: meanwhile
 the pump closes the TUN to C (tun_open, and the TUN's epoll interest). A handed-off
-packet goes out, if at all, after those C resolved meanwhile (other destinations). At the
-switch to C (install_fast_path) the pump and C may both read the TUN for a moment.
+packet goes out, if at all, after those C resolved meanwhile (other destinations). The
+TUN is never read by both: the pump stops reading it before it opens it to C.
 
 Readiness: `fd` is an epoll descriptor holding the bridge's end of the socketpair and,
 once installed and while open, the TUN; poll(2) sees it readable when either is. A pump
@@ -126,7 +126,7 @@ cdef struct tl_snap:
     int have_peer
     int fixed_peer
     int dhcp  # UDP to port 68 goes to the pump (its DHCP client)
-    int tun_open  # 0: the pump has a backlog; C reads no TUN packet
+    int tun_open  # 0: C reads no TUN packet (the pump's still, or its backlog goes first)
     double max_age
     double confirm_every
     int n_table, n_static, n_onlink, n_bcast, n_pending
@@ -357,10 +357,10 @@ cdef Py_ssize_t tl_fill(eng_link* link, unsigned char* dst, Py_ssize_t room) noe
     elif n < 0 and errno != EAGAIN:
         return link_read_failed(link)
     seq = load_acquire(&s.seq)
-    if not (seq & 1) and s.valid and not s.tun_open:
+    if not (seq & 1) and not s.tun_open:
         tl_fence_acquire()
         if load_relaxed(&s.seq) == seq:
-            return LINK_DRAINED  # the pump's backlog goes first
+            return LINK_DRAINED  # not C's yet, or the pump's backlog goes first
     n = read(st.tun_fd, p, room - ETH)
     if n < 0:
         return link_read_failed(link)
@@ -449,6 +449,7 @@ cdef class TunFast:
         store_release(&s.seq, seq)  # odd: readers take the slow path
         tl_fence_release()
         s.valid = fits
+        s.tun_open = tun_open
         if fits:
             memcpy(s.host_mac, <const char*>host_mac, 6)
             s.have_peer = peer_mac is not None
@@ -456,7 +457,6 @@ cdef class TunFast:
                 memcpy(s.peer_mac, <const char*>(<bytes>peer_mac), 6)
             s.fixed_peer = fixed_peer
             s.dhcp = dhcp
-            s.tun_open = tun_open
             s.max_age = max_age
             s.confirm_every = confirm_every
             for i, (ip, mac, seen) in enumerate(table):
