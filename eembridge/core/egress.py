@@ -17,16 +17,19 @@ at once. It lets through only what answers the host or asks the stack itself:
   ICMP echo requests and other queries, IP fragments (a non-first fragment carries no
   ports to judge by), other protocols and ethertypes.
 
-UDP flows. With a `--forward udp:` libslirp cannot run restricted (it would drop the
-forward's replies too), so this filter alone keeps the board off the host: a datagram
-from the board passes only if it answers a flow a forwarded client started. libslirp
-delivers a client's datagram from the address and port it was sent from, the loopback
-address translated to the gateway's (socket.c: sorecvfrom, sotranslate_in), and sends the
-board's datagrams from the forwarded port out of the forward's own socket to wherever
-they are addressed, the gateway's address translated back to loopback (udp.c: udp_input,
-sosendto). So `learn` sees every frame the stack sends the board and keeps, for each
-datagram to a forwarded port, the flow (board address and port, client address and
-port); `check` passes a datagram of the board only along a flow it holds, reversed.
+UDP flows. With a `--forward udp:` libslirp cannot run restricted: restricted, it drops
+every datagram of the board before looking for the forward's socket (udp.c: udp_input),
+and it has no narrower mode (its guest forwards are TCP only). So this filter alone
+keeps the board off the host: a datagram from the board passes only if it answers a
+flow a forwarded client started. libslirp delivers a client's datagram from the address
+and port it was sent from, the loopback address translated to the gateway's (socket.c:
+sorecvfrom, sotranslate_in), and sends the board's datagrams from the forwarded port out
+of the forward's own socket to wherever they are addressed, an address of the board's
+network translated to loopback and the DNS address to the host's resolver (udp_input;
+socket.c: sosendto, sotranslate_out). So `learn` sees every frame the stack sends the
+board and keeps, for each datagram to a forwarded port, the flow (board address and
+port, client address and port); `check` passes a datagram of the board only along a
+flow it holds, reversed.
 A flow lives UDP_FLOW_TIMEOUT after the client's last datagram, RFC 4787's NAT mapping
 timer (REQ-5: two minutes at the least, five recommended), refreshed by the client's
 datagrams only (its REQ-6 outbound refresh): the board's answers do not keep their own
