@@ -43,8 +43,8 @@ States (RFC 2131 figure 5)::
     RENEWING, REBINDING --ACK--> BOUND (a renewal)
     REQUESTING, REBOOTING, RENEWING, REBINDING --NAK--> SELECTING (address dropped)
     REQUESTING, REBOOTING --no answer after REQUEST_TRIES--> SELECTING
-    any --lease expired--> the address is dropped (lost); BOUND, RENEWING, REBINDING
-        go to SELECTING, the others stay where they are
+    any --lease expired--> the address is dropped (lost); BOUND, RENEWING, REBINDING,
+        REBOOTING go to SELECTING, the others stay where they are
     any --carrier off--> OFF (the lease is kept until it expires; a replug asks for it
         again with REBOOTING, the server may NAK it: a different board)
 
@@ -256,7 +256,8 @@ class DhcpClient:
         if self.lease is not None and self._expired(now):
             self.counts["lost"] += 1
             actions += self._drop("expired")
-            if self.state in (State.BOUND, State.RENEWING, State.REBINDING):
+            # REBOOTING too: it was asking for the lease now gone, and has nothing to ask for.
+            if self.state in (State.BOUND, State.RENEWING, State.REBINDING, State.REBOOTING):
                 return actions + self._discover(now, "lease expired")
         if self._next is None or now < self._next:
             return actions
