@@ -7,6 +7,7 @@ no static address: everything the TUN gets comes from dnsmasq through the transl
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from eembridge.core.dhcp import Route
 from eembridge.link.netns import iproute, link_index
 from eembridge.link.tun import DHCP_ROUTE_METRIC
 
@@ -333,6 +335,13 @@ def test_classless_routes_replace_the_router_and_go_with_the_lease(dhcp_rig):
     assert tun_routes(rig) == [("10.98.0.0/16", board, DHCP_ROUTE_METRIC),
                                ("192.0.2.0/24", None, DHCP_ROUTE_METRIC)]
     assert default_routes(rig) == []
+    # A renewal (or a replug) whose ACK brings other routes: the old ones go, the new come.
+    tun, lease = rig.bridge.tap, rig.bridge.tap.dhcp.lease
+    other = dataclasses.replace(lease, classless=(Route("10.97.0.0/16", board),))
+    tun._configure(other, lease)
+    assert tun_routes(rig) == [("10.97.0.0/16", board, DHCP_ROUTE_METRIC)]
+    tun._configure(lease, other)  # back to what the client holds, for its expiry below
+    assert len(tun_routes(rig)) == 2 and tun.dhcp_counters["config_errors"] == 0
     with open("/etc/resolv.conf", "rb") as before:
         resolv = before.read()
     server.stop()
