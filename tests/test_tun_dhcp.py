@@ -332,9 +332,13 @@ def test_classless_routes_replace_the_router_and_go_with_the_lease(dhcp_rig):
     assert section["router"] is None
     assert section["routes"] == [f"10.98.0.0/16 via {board}", "192.0.2.0/24"]
     assert section["dns"] == [board, "192.0.2.53"] and section["domain"] == "board.test"
+    # The pump puts the routes on just after the address wait_bound waited for.
+    wait_for(lambda: len(tun_routes(rig)) == 2, 5, "the lease's routes")
     assert tun_routes(rig) == [("10.98.0.0/16", board, DHCP_ROUTE_METRIC),
                                ("192.0.2.0/24", None, DHCP_ROUTE_METRIC)]
     assert default_routes(rig) == []
+    table = _rendered(rig.bridge.stats())
+    assert f"dhcp:dns  {board}, 192.0.2.53" in table and "dhcp:domain  board.test" in table
     # A renewal (or a replug) whose ACK brings other routes: the old ones go, the new come.
     tun, lease = rig.bridge.tap, rig.bridge.tap.dhcp.lease
     other = dataclasses.replace(lease, classless=(Route("10.97.0.0/16", board),))
@@ -354,3 +358,17 @@ def test_classless_routes_replace_the_router_and_go_with_the_lease(dhcp_rig):
     assert section["routes"] == [] and tun_routes(rig) == []
     with open("/etc/resolv.conf", "rb") as after:
         assert after.read() == resolv
+
+
+def _rendered(snapshot: dict[str, Any]) -> str:
+    """`eembridge stats`'s table of a snapshot as text, each row's cells two spaces apart."""
+    import io
+
+    from rich.console import Console
+
+    from eembridge.cli.stats import render
+
+    out = io.StringIO()
+    Console(file=out, width=400, color_system=None).print(render("eemtest", snapshot))
+    return "\n".join("  ".join(c.strip() for c in line.split("│") if c.strip())
+                     for line in out.getvalue().splitlines())

@@ -345,6 +345,7 @@ def test_tun_link_takes_the_boards_dhcp_lease_with_its_routes_and_dns(tun: BootR
     assert section["routes"] == [f"{env['DHCP_ROUTE']} via {env['PEER_IP']}"], section
     assert section["dns"] == [env["PEER_IP"]] and section["domain"] == env["DHCP_DOMAIN"], section
     routes = tun.read("dhcp_routes.txt").splitlines()
+    assert any(f"src {env['HOST_IP']}" in line for line in routes), routes  # the address
     assert any(line.startswith(f"{env['DHCP_ROUTE']} via {env['PEER_IP']} ") and
                f"metric {DHCP_ROUTE_METRIC}" in line for line in routes), routes
     assert not any(line.startswith("default") for line in routes), routes

@@ -19,6 +19,9 @@
 TUN=eemtun0
 SOCK=/tmp/eembridge-$TUN.sock  # guest tmpfs: UNIX sockets do not work on the 9p rwdir
 PEER_LL=fe80::ee:2  # a second link-local address on the peer: only an NS can find it
+# A second IPv4 address on the peer, which only an ARP request can find: the DHCP exchange
+# may have had the peer ARP for the host already, and the translator learn $PEER_IP then.
+PEER_IP2=169.254.77.3
 XFER_MB=4
 DHCP_ROUTE=10.99.0.0/16  # option 121's one route, through the board
 DHCP_DOMAIN=board.test
@@ -43,10 +46,11 @@ ip -n "$PEER_NS" neigh flush dev "$PEER_IF"
 ip netns exec "$PEER_NS" sysctl -qw "net.ipv6.conf.$PEER_IF.disable_ipv6=0"
 ip addr flush dev "$HOST_IF" 2>/dev/null  # cdc_eem's netdev, if it took an address again
 
-# leased NAME: the TUN has $HOST_IP from the lease; `ip route` of the TUN in NAME.txt.
-leased() { ip -4 addr show dev "$TUN" 2>/dev/null | grep -q "inet $HOST_IP/24 "; }
-# bound N: the bridge's log says BOUND N times (a lease, or a lease asked for again).
-bound() { [ "$(grep -c -- '-> BOUND' "$RW/bridge.log")" -ge "$1" ]; }
+# leased: the lease's route is on the TUN (it goes on after the address, which its router
+# is reached through).
+leased() { ip -4 route show dev "$TUN" 2>/dev/null | grep -q "^$DHCP_ROUTE via $PEER_IP "; }
+# rebound: the bridge's log says the lease kept over an unplug was ACKed again.
+rebound() { grep -q "REBOOTING -> BOUND" "$RW/bridge.log"; }
 
 # The board's DHCP server: one address to hand out, $HOST_IP, so that the checks below
 # know it; no ping before the offer (dnsmasq's 3 s check is tested on the host).
@@ -74,12 +78,13 @@ ip -4 route show dev "$TUN" > "$RW/dhcp_routes.txt" 2>&1
 echo "DHCP_ROUTE=$DHCP_ROUTE DHCP_DOMAIN=$DHCP_DOMAIN" > "$RW/dhcp_env.txt"
 ip -6 addr show dev "$TUN" scope link > "$RW/tun_ll.txt" 2>&1
 HOST_LL=$(awk '/inet6 fe80/ {sub("/.*", "", $2); print $2; exit}' "$RW/tun_ll.txt")
-echo "TUN=$TUN HOST_LL=$HOST_LL PEER_LL=$PEER_LL" > "$RW/tun_env.txt"
+echo "TUN=$TUN HOST_LL=$HOST_LL PEER_LL=$PEER_LL PEER_IP2=$PEER_IP2" > "$RW/tun_env.txt"
 ip link show "$TUN" > "$RW/tun_link.txt" 2>&1
 
 # 1. IPv4 both ways, nobody knowing anybody: the host's ping makes the translator ARP
-#    for the peer; then the peer forgets the host and has to ask the translator.
-ping -c 3 -i 0.2 -W 2 "$PEER_IP" > "$RW/ping4_h2p.txt" 2>&1
+#    for the peer's $PEER_IP2; then the peer forgets the host and has to ask the translator.
+ip -n "$PEER_NS" addr add "$PEER_IP2/24" dev "$PEER_IF"
+ping -c 3 -i 0.2 -W 2 "$PEER_IP2" > "$RW/ping4_h2p.txt" 2>&1
 echo $? > "$RW/ping4_h2p.rc"
 neigh neigh4_after_h2p 4
 ip -n "$PEER_NS" neigh flush dev "$PEER_IF"
@@ -119,7 +124,7 @@ bash "$INTEROP/gadget.sh" replug
 wait_until 60 carrier_is "$TUN" 1
 echo $? > "$RW/tun_carrier_on.rc"
 stamp tun_replugged
-wait_until 30 bound 2  # the lease kept over the unplug is asked for again
+wait_until 30 rebound
 echo $? > "$RW/tun_rebound.rc"
 stamp tun_rebound
 ip -4 route show dev "$TUN" > "$RW/dhcp_routes_replug.txt" 2>&1
@@ -134,6 +139,7 @@ stamp tun_replug_done
 kill -TERM $BRIDGE 2>/dev/null
 bridge_exit $BRIDGE tun_exit
 ip -n "$PEER_NS" addr del "$PEER_LL/64" dev "$PEER_IF" 2>/dev/null
+ip -n "$PEER_NS" addr del "$PEER_IP2/24" dev "$PEER_IF" 2>/dev/null
 ip netns exec "$PEER_NS" sysctl -qw "net.ipv6.conf.$PEER_IF.disable_ipv6=1"
 kill -TERM $DNSMASQ 2>/dev/null
 timeout 10 tail --pid=$DNSMASQ -f /dev/null || kill -KILL $DNSMASQ 2>/dev/null
