@@ -323,19 +323,23 @@ def test_classless_routes_replace_the_router_and_go_with_the_lease(dhcp_rig):
     router (dnsmasq sends its own address) makes no default route, and they go with the
     lease. The DNS server and domain are shown in stats, nothing else is done with them."""
     def options(board: str) -> tuple[str, ...]:
-        return (f"--dhcp-option=121,10.98.0.0/16,{board},192.0.2.0/24,0.0.0.0",
+        # 198.51.100.0/24's router is reached through the on-link 192.0.2.0/24 given after it.
+        return (f"--dhcp-option=121,10.98.0.0/16,{board},198.51.100.0/24,192.0.2.1,"
+                "192.0.2.0/24,0.0.0.0",
                 f"--dhcp-option=6,{board},192.0.2.53", "--dhcp-option=15,board.test")
 
     rig, server = dhcp_rig(options, dhcp_time_scale=20.0)
     board = rig.device_ip
     section = wait_bound(rig)
     assert section["router"] is None
-    assert section["routes"] == [f"10.98.0.0/16 via {board}", "192.0.2.0/24"]
+    assert section["routes"] == [f"10.98.0.0/16 via {board}", "198.51.100.0/24 via 192.0.2.1",
+                                 "192.0.2.0/24"]
     assert section["dns"] == [board, "192.0.2.53"] and section["domain"] == "board.test"
     # The pump puts the routes on just after the address wait_bound waited for.
-    wait_for(lambda: len(tun_routes(rig)) == 2, 5, "the lease's routes")
+    wait_for(lambda: len(tun_routes(rig)) == 3, 5, "the lease's routes")
     assert tun_routes(rig) == [("10.98.0.0/16", board, DHCP_ROUTE_METRIC),
-                               ("192.0.2.0/24", None, DHCP_ROUTE_METRIC)]
+                               ("192.0.2.0/24", None, DHCP_ROUTE_METRIC),
+                               ("198.51.100.0/24", "192.0.2.1", DHCP_ROUTE_METRIC)]
     assert default_routes(rig) == []
     table = _rendered(rig.bridge.stats())
     assert f"dhcp:dns  {board}, 192.0.2.53" in table and "dhcp:domain  board.test" in table
@@ -345,7 +349,7 @@ def test_classless_routes_replace_the_router_and_go_with_the_lease(dhcp_rig):
     tun._configure(other, lease)
     assert tun_routes(rig) == [("10.97.0.0/16", board, DHCP_ROUTE_METRIC)]
     tun._configure(lease, other)  # back to what the client holds, for its expiry below
-    assert len(tun_routes(rig)) == 2 and tun.dhcp_counters["config_errors"] == 0
+    assert len(tun_routes(rig)) == 3 and tun.dhcp_counters["config_errors"] == 0
     with open("/etc/resolv.conf", "rb") as before:
         resolv = before.read()
     server.stop()

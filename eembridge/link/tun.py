@@ -46,6 +46,7 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,7 @@ CARRIER_WAIT = 0.5  # seconds set_carrier(True) waits for the kernel to mark the
 # of DHCP on a LAN, NetworkManager's, are 100 to 600): a board should not take over the
 # host's traffic because it offers itself as a router; it is there if nothing else is.
 DHCP_ROUTE_METRIC = 1024
+RT_SCOPE_LINK = 253
 
 
 class Tun(Tap):
@@ -407,7 +409,7 @@ class TunLink:
             self.dhcp_counters["config_errors"] += 1
             log.error("dhcp on %s: cannot remove %s: %s", self.name, lease.interface, exc)
 
-    def _routes(self, command: str, routes: Any) -> None:
+    def _routes(self, command: str, routes: Sequence[dhcp.Route]) -> None:
         """Add ("replace") or remove ("del") the lease's routes, at DHCP_ROUTE_METRIC. A
         route the kernel refuses to add is counted and the others still go in; one
         already gone at "del" is not an error."""
@@ -417,7 +419,10 @@ class TunLink:
             with iproute(self.tun.netns) as ipr:
                 index = link_index(ipr, self.name)
                 for route in routes:
-                    via = {} if route.router == dhcp.ON_LINK else {"gateway": route.router}
+                    # Scope link for an on-link route, as `ip route` gives one: the kernel
+                    # takes a router only through a route of that scope.
+                    via = {"scope": RT_SCOPE_LINK} if route.router == dhcp.ON_LINK else \
+                        {"gateway": route.router}
                     try:
                         ipr.route(command, dst=route.destination, oif=index,
                                   priority=DHCP_ROUTE_METRIC, **via)
