@@ -29,8 +29,11 @@ With --dhcp the pump also runs eembridge.core.dhcp's client: its frames go to th
 as the translator's do, UDP to port 68 from the board goes to it instead of the TUN
 (nothing on the host could listen there: the TUN has no link layer for a DHCP client),
 and it learns of replugs from `set_carrier`. Its actions are carried out here: the
-lease's address and prefix on the TUN, the offered router as a default route of
-metric DHCP_ROUTE_METRIC, both removed when the lease is lost; one log line per state.
+lease's address and prefix on the TUN, its routes (eembridge.core.dhcp.Lease.routes:
+option 121's, or a default route through option 3's router) at metric
+DHCP_ROUTE_METRIC, all removed when the lease is lost; one log line per state. Its DNS
+servers and domain are only shown (stats section dhcp): the host's resolver is left
+alone.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +69,7 @@ CARRIER_WAIT = 0.5  # seconds set_carrier(True) waits for the kernel to mark the
 # of DHCP on a LAN, NetworkManager's, are 100 to 600): a board should not take over the
 # host's traffic because it offers itself as a router; it is there if nothing else is.
 DHCP_ROUTE_METRIC = 1024
+RT_SCOPE_LINK = 253
 
 
 class Tun(Tap):
@@ -383,28 +388,50 @@ class TunLink:
     def _configure(self, lease: dhcp.Lease, previous: dhcp.Lease | None) -> None:
         if previous is not None and previous.interface != lease.interface:
             self._deconfigure(previous)
+        elif previous is not None:  # a renewal or a replug may bring other routes
+            self._routes("del", [r for r in previous.routes if r not in lease.routes])
         try:
             self.tun.add_address(lease.interface)
-            if lease.router is not None:
-                self._default_route("replace", lease.router)
         except (OSError, NetlinkError, TapError) as exc:
             self.dhcp_counters["config_errors"] += 1
-            log.error("dhcp on %s: cannot configure %s (router %s): %s", self.name,
-                      lease.interface, lease.router, exc)
+            log.error("dhcp on %s: cannot configure %s: %s", self.name, lease.interface, exc)
+            return
+        # On-link routes first: a later route's router may be reachable only through one.
+        self._routes("replace", sorted(lease.routes, key=lambda r: r.router != dhcp.ON_LINK))
 
     def _deconfigure(self, lease: dhcp.Lease) -> None:
-        try:
-            if lease.router is not None:
-                self._default_route("del", lease.router)
-        except (OSError, NetlinkError):
-            pass  # the kernel took it with the address, or it was never there
+        # The kernel takes a route with the address its router was reached by, but not an
+        # on-link one, nor one whose router is outside the lease's prefix.
+        self._routes("del", lease.routes)
         try:
             self.tun.del_address(lease.interface)
         except (OSError, NetlinkError) as exc:
             self.dhcp_counters["config_errors"] += 1
             log.error("dhcp on %s: cannot remove %s: %s", self.name, lease.interface, exc)
 
-    def _default_route(self, command: str, router: str) -> None:
-        with iproute(self.tun.netns) as ipr:
-            ipr.route(command, dst="0.0.0.0/0", gateway=router, oif=link_index(ipr, self.name),
-                      priority=DHCP_ROUTE_METRIC)
+    def _routes(self, command: str, routes: Sequence[dhcp.Route]) -> None:
+        """Add ("replace") or remove ("del") the lease's routes, at DHCP_ROUTE_METRIC. A
+        route the kernel refuses to add is counted and the others still go in; one
+        already gone at "del" is not an error."""
+        if not routes:
+            return
+        try:
+            with iproute(self.tun.netns) as ipr:
+                index = link_index(ipr, self.name)
+                for route in routes:
+                    # Scope link for an on-link route, as `ip route` gives one: the kernel
+                    # takes a router only through a route of that scope.
+                    via = {"scope": RT_SCOPE_LINK} if route.router == dhcp.ON_LINK else \
+                        {"gateway": route.router}
+                    try:
+                        ipr.route(command, dst=route.destination, oif=index,
+                                  priority=DHCP_ROUTE_METRIC, **via)
+                    except NetlinkError as exc:
+                        if command != "del":
+                            self.dhcp_counters["config_errors"] += 1
+                            log.error("dhcp on %s: cannot add route %s: %s", self.name, route,
+                                      exc.args[-1])
+        except (OSError, NetlinkError) as exc:  # the TUN itself is gone
+            if command != "del":
+                self.dhcp_counters["config_errors"] += 1
+                log.error("dhcp on %s: cannot add routes: %s", self.name, exc)
