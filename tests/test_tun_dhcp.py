@@ -376,3 +376,43 @@ def _rendered(snapshot: dict[str, Any]) -> str:
     Console(file=out, width=400, color_system=None).print(render("eemtest", snapshot))
     return "\n".join("  ".join(c.strip() for c in line.split("│") if c.strip())
                      for line in out.getvalue().splitlines())
+
+
+def test_a_route_the_host_has_already_is_left_alone(dhcp_rig):
+    """The lease's route to a destination the host already reaches at the same metric
+    through another interface is not added over it: the user's route stays, before, during
+    and after the lease, and the conflict is counted and logged."""
+    from eembridge.link.netns import unique_name
+
+    dummy = unique_name("eemrt", 14)  # and its veth peer, one more letter
+    with iproute() as ipr:
+        ipr.link("add", ifname=dummy, kind="veth", peer=dummy + "p")  # no dummy module here
+        try:
+            index = link_index(ipr, dummy)
+            ipr.link("set", index=index, state="up")
+            ipr.link("set", index=link_index(ipr, dummy + "p"), state="up")
+            ipr.route("add", dst="10.96.0.0/16", oif=index, priority=DHCP_ROUTE_METRIC)
+
+            def dummy_routes() -> list[str]:
+                return [f"{r.get_attr('RTA_DST')}/{r['dst_len']}"
+                        for r in ipr.route("dump", family=2, oif=index, table=254)
+                        if r.get_attr("RTA_PRIORITY") == DHCP_ROUTE_METRIC]
+
+            rig, server = dhcp_rig(lambda board: (
+                f"--dhcp-option=121,10.96.0.0/16,{board},10.95.0.0/16,{board}",))
+            board = rig.device_ip
+            wait_bound(rig)
+            wait_for(lambda: tun_routes(rig), 5, "the lease's routes")
+            assert tun_routes(rig) == [("10.95.0.0/16", board, DHCP_ROUTE_METRIC)]
+            assert dummy_routes() == ["10.96.0.0/16"]
+            tun = rig.bridge.tap
+            assert tun.dhcp_counters["route_conflicts"] == 1
+            assert tun.dhcp_counters["config_errors"] == 0
+            # A renewal puts the same routes on again: ours are kept, not a conflict.
+            tun._configure(tun.dhcp.lease, tun.dhcp.lease)
+            assert tun.dhcp_counters["route_conflicts"] == 2  # the user's, once more
+            assert tun_routes(rig) == [("10.95.0.0/16", board, DHCP_ROUTE_METRIC)]
+            tun._deconfigure(tun.dhcp.lease)
+            assert tun_routes(rig) == [] and dummy_routes() == ["10.96.0.0/16"]
+        finally:
+            ipr.link("del", index=link_index(ipr, dummy))

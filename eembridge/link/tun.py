@@ -39,6 +39,7 @@ alone.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 import select
@@ -112,7 +113,7 @@ class TunLink:
         self.dhcp = dhcp.DhcpClient(host_mac) if dhcp_client else None
         self._dhcp_scale = dhcp_time_scale
         self._carrier_events: deque[bool] = deque()
-        self.dhcp_counters = {"config_errors": 0}
+        self.dhcp_counters = {"config_errors": 0, "route_conflicts": 0}
         self._bridge_end, self._pump_end = frame_socketpair()
         self.pump_counters = {"tun_write_errors": 0, "tun_read_errors": 0,
                               "backlog_dropped": 0, "pump_wakeups": 0}
@@ -397,7 +398,7 @@ class TunLink:
             log.error("dhcp on %s: cannot configure %s: %s", self.name, lease.interface, exc)
             return
         # On-link routes first: a later route's router may be reachable only through one.
-        self._routes("replace", sorted(lease.routes, key=lambda r: r.router != dhcp.ON_LINK))
+        self._routes("add", sorted(lease.routes, key=lambda r: r.router != dhcp.ON_LINK))
 
     def _deconfigure(self, lease: dhcp.Lease) -> None:
         # The kernel takes a route with the address its router was reached by, but not an
@@ -409,10 +410,27 @@ class TunLink:
             self.dhcp_counters["config_errors"] += 1
             log.error("dhcp on %s: cannot remove %s: %s", self.name, lease.interface, exc)
 
+    def _route_exists(self, ipr: Any, index: int, route: dhcp.Route) -> None:
+        """The kernel has a route to route.destination at our metric already: ours (a
+        renewal, a replug), or another interface's, which stays."""
+        network = ipaddress.ip_network(route.destination)
+        holders = {r.get_attr("RTA_OIF") for r in ipr.route(
+            "dump", family=2, table=254, dst_len=network.prefixlen)
+            if r.get_attr("RTA_PRIORITY") == DHCP_ROUTE_METRIC
+            and (r.get_attr("RTA_DST") or "0.0.0.0") == str(network.network_address)}
+        if index not in holders:
+            self.dhcp_counters["route_conflicts"] += 1
+            log.warning("dhcp on %s: the host has a route to %s at metric %d already, "
+                        "through another interface: left as it is, the lease's is not added",
+                        self.name, route.destination, DHCP_ROUTE_METRIC)
+
     def _routes(self, command: str, routes: Sequence[dhcp.Route]) -> None:
-        """Add ("replace") or remove ("del") the lease's routes, at DHCP_ROUTE_METRIC. A
+        """Add ("add") or remove ("del") the lease's routes, at DHCP_ROUTE_METRIC. A
         route the kernel refuses to add is counted and the others still go in; one
-        already gone at "del" is not an error."""
+        already gone at "del" is not an error. A route the host already has to the same
+        destination at the same metric through another interface is the user's: it is
+        left as it is (route_conflicts), never replaced; one already ours (a renewal) is
+        kept."""
         if not routes:
             return
         try:
@@ -427,7 +445,9 @@ class TunLink:
                         ipr.route(command, dst=route.destination, oif=index,
                                   priority=DHCP_ROUTE_METRIC, **via)
                     except NetlinkError as exc:
-                        if command != "del":
+                        if command == "add" and exc.code == errno.EEXIST:
+                            self._route_exists(ipr, index, route)
+                        elif command != "del":
                             self.dhcp_counters["config_errors"] += 1
                             log.error("dhcp on %s: cannot add route %s: %s", self.name, route,
                                       exc.args[-1])
