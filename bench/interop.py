@@ -42,6 +42,7 @@ from guest import GuestError, run_in_guest  # noqa: E402
 
 # Runs inside the guest. measure TAG: iperf3 both ways ROUNDS times, then ping.
 SCRIPT = r"""
+trap 'echo "run.sh line $LINENO failed: $BASH_COMMAND" >&2' ERR  # set -e ends it: say where
 . $INTEROP/lib.sh
 bash $INTEROP/gadget.sh up {speed} > $RW/env.txt
 . $RW/env.txt
@@ -95,7 +96,8 @@ bridge_run() {{  # TAG "ENV=VALUE ..." "OPTIONS": measure through eembridge star
         sleep 0.1
         read -r c 2>/dev/null < /sys/class/net/eem0/carrier || c=
     done
-    ping -c 3 -i 0.2 -W 2 $PEER_IP > /dev/null  # ARP and warm-up, not measured
+    # ARP (both ends may have to ask: the board's cache was flushed) and warm-up, not measured
+    wait_until 30 ping -c 1 -W 1 $PEER_IP > /dev/null || {{ echo "no ping reply through $tag in 30 s"; exit 1; }}
     if [ {profile} = 1 ]; then  # sample the bridge's threads while it is measured
         py-spy record --pid $BRIDGE --rate 100 --format raw --threads --nonblocking \
             --output $RW/$tag-profile.txt > $RW/$tag-py-spy.log 2>&1 &
