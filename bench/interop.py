@@ -121,6 +121,7 @@ user_run() {{  # TAG "ENV=VALUE ..." "OPTIONS": the same through eembridge --lin
     SOCK=/tmp/eembridge-user/stats.sock
     nobody_start $RW/$tag.log env $envs python3 -m eembridge --ip $HOST_IP/24 --peer $PEER_IP         --serial $SERIAL --forward tcp:5211:5201 --forward tcp:$SHA_PORT:$SHA_PORT         --stats-socket $SOCK {bridge_args} $opts
     BRIDGE=$NOBODY_PID
+    grep -E '^(Uid|CapEff):' /proc/$BRIDGE/status > $RW/$tag-status.txt  # nobody, no capability
     end=$((SECONDS + 120))
     until bridge_connected; do
         kill -0 $BRIDGE || {{ echo "eembridge ($tag) exited before it had the device"; exit 1; }}
@@ -348,6 +349,13 @@ def main() -> int:
                  f"{e['ping_ms']['min'] / k['ping_ms']['min']:.2f}x" if e["ping_ms"] else "– | –")
         print(f"| ratio {tag}/cdc_eem | {e['h2p_mbps'] / k['h2p_mbps']:.2f}x | "
               f"{e['p2h_mbps'] / k['p2h_mbps']:.2f}x | {pings} | |")
+    tap = out.get("eembridge")
+    for tag in tags if isinstance(tap, dict) else []:  # the other links against the TAP link
+        e = out[tag]
+        assert isinstance(e, dict) and isinstance(tap, dict)
+        if tag != "eembridge":
+            print(f"| ratio {tag}/eembridge (TAP) | {e['h2p_mbps'] / tap['h2p_mbps']:.2f}x | "
+                  f"{e['p2h_mbps'] / tap['p2h_mbps']:.2f}x | | | |")
     print(f"\nGuest CPU during the best run of each direction ({args.cpus} vCPUs; busy % of all, CPU ms "
           "per MB moved, whole guest; ratio = cost per MB against cdc_eem's)")
     print("| path | host→peer busy % | host→peer CPU ms/MB | of it bridge user+sys "
