@@ -445,7 +445,7 @@ def echo_frames(bridge: Bridge, echo: Echo, count: int) -> dict[str, float]:
             answered += 1
     seconds = time.perf_counter() - start
     return {"frames_per_s": answered / seconds, "mb_per_s": answered * echo.size / seconds / 1e6,
-            "lost": lost}
+            "answered": answered, "lost": lost}
 
 
 def measure_link(link: str, nbytes: int, mtu: int, max_packet: int,
@@ -466,39 +466,49 @@ def measure_link(link: str, nbytes: int, mtu: int, max_packet: int,
         with Bridge(sim.connect, options) as bridge:
             if not bridge.connected.wait(10):
                 raise BenchError(f"{link}: the bridge did not connect to the simulated device")
-            row: dict[str, float] = {}
             if kind == "frames":
                 assert options.mac is not None
+                # The board's kernel answers the echoes: it must know where the host is.
                 subprocess.run(["ip", "-n", sim.namespace, "neigh", "replace", host_ip, "lladdr",
                                 options.mac, "dev", sim.network.name, "nud", "permanent"],
                                check=True, capture_output=True)
                 echo = Echo(options.mac, host_ip, sim.mac, board_ip, mtu)
-                echo_frames(bridge, echo, 200)  # warm-up
-                count = max(1000, nbytes // echo.size)
-                cpu = thread_cpu()
-                result = echo_frames(bridge, echo, count)
-                spent = {k: v - cpu[k] for k, v in thread_cpu().items()}
-                moved = 2 * count * echo.size / 1e6  # MB, both ways
-                row.update({"down_mb_s": result["mb_per_s"], "up_mb_s": result["mb_per_s"],
-                            "frames_per_s": result["frames_per_s"], "lost": result["lost"],
-                            "bridge_cpu_ms_per_mb": 1000 * spent["bridge"] / moved,
-                            "device_cpu_ms_per_mb": 1000 * spent["device"] / moved})
-                return row
+                return measure_echo(bridge, echo, max(1000, nbytes // echo.size))
             via = {d: ("127.0.0.1", port) for d, port in forwards.items()}
-            warm = 1 << 20
-            tcp_transfer(sim.namespace, board_ip, "down", warm, sha256[warm], via.get("down"))
-            spent = {"bridge": 0.0, "device": 0.0}
-            for direction in ("down", "up"):
-                cpu = thread_cpu()
-                seconds = tcp_transfer(sim.namespace, board_ip, direction, nbytes, sha256[nbytes],
-                                       via.get(direction))
-                for k, v in thread_cpu().items():
-                    spent[k] += v - cpu[k]
-                row[f"{direction}_mb_s"] = nbytes / seconds / 1e6
-            moved = 2 * nbytes / 1e6
-            row["bridge_cpu_ms_per_mb"] = 1000 * spent["bridge"] / moved
-            row["device_cpu_ms_per_mb"] = 1000 * spent["device"] / moved
-            return row
+            return measure_tcp(sim.namespace, board_ip, nbytes, sha256, via)
+
+
+def measure_tcp(namespace: str, board_ip: str, nbytes: int, sha256: dict[int, str],
+                via: dict[str, tuple[str, int]]) -> dict[str, float]:
+    """A 1 MB warm-up, then nbytes down and nbytes up."""
+    warm = 1 << 20
+    tcp_transfer(namespace, board_ip, "down", warm, sha256[warm], via.get("down"))
+    row: dict[str, float] = {}
+    spent = {"bridge": 0.0, "device": 0.0}
+    for direction in ("down", "up"):
+        cpu = thread_cpu()
+        seconds = tcp_transfer(namespace, board_ip, direction, nbytes, sha256[nbytes],
+                               via.get(direction))
+        for k, v in thread_cpu().items():
+            spent[k] += v - cpu[k]
+        row[f"{direction}_mb_s"] = nbytes / seconds / 1e6
+    return {**row, **_cpu_per_mb(spent, 2 * nbytes)}
+
+
+def measure_echo(bridge: Bridge, echo: Echo, count: int) -> dict[str, float]:
+    """200 echoes of warm-up, then count: the same MB/s each way."""
+    echo_frames(bridge, echo, 200)
+    cpu = thread_cpu()
+    result = echo_frames(bridge, echo, count)
+    spent = {k: v - cpu[k] for k, v in thread_cpu().items()}
+    return {"down_mb_s": result["mb_per_s"], "up_mb_s": result["mb_per_s"],
+            "frames_per_s": result["frames_per_s"], "lost": result["lost"],
+            **_cpu_per_mb(spent, 2 * int(result["answered"]) * echo.size)}
+
+
+def _cpu_per_mb(spent: dict[str, float], nbytes: int) -> dict[str, float]:
+    return {f"{whose}_cpu_ms_per_mb": 1000 * seconds / (nbytes / 1e6)
+            for whose, seconds in spent.items()}
 
 
 def run_links(links: list[str], rounds: int, nbytes: int, mtu: int,
