@@ -121,13 +121,14 @@ user_run() {{  # TAG "ENV=VALUE ..." "OPTIONS": the same through eembridge --lin
     SOCK=/tmp/eembridge-user/stats.sock
     nobody_start $RW/$tag.log env $envs python3 -m eembridge --ip $HOST_IP/24 --peer $PEER_IP         --serial $SERIAL --forward tcp:5211:5201 --forward tcp:$SHA_PORT:$SHA_PORT         --stats-socket $SOCK {bridge_args} $opts
     BRIDGE=$NOBODY_PID
-    grep -E '^(Uid|CapEff):' /proc/$BRIDGE/status > $RW/$tag-status.txt  # nobody, no capability
     end=$((SECONDS + 120))
     until bridge_connected; do
         kill -0 $BRIDGE || {{ echo "eembridge ($tag) exited before it had the device"; exit 1; }}
         [ $SECONDS -lt $end ] || {{ echo "eembridge ($tag) had no device after 120 s"; exit 1; }}
         sleep 0.5
     done
+    # Now, not at the start: until setpriv has exec'd, the process is still root's unshare.
+    grep -E '^(Uid|CapEff):' /proc/$BRIDGE/status > $RW/$tag-status.txt  # nobody, no capability
     measure $tag 5211
     stats $tag-stats
     kill -TERM $BRIDGE
