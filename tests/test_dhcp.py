@@ -70,12 +70,18 @@ def parse(frame: bytes) -> Sent:
 
 def reply(to: Sent, kind: int, yiaddr: str = OFFERED, *, lease: int = 120, t1: int | None = None,
           t2: int | None = None, router: str | None = SERVER, xid: int | None = None,
-          chaddr: bytes = MAC) -> bytes:
-    """The server's answer to `to` as an IPv4 packet (UDP 67 -> 68)."""
+          chaddr: bytes = MAC, classless: bytes | None = None, dns: list[str] | None = None,
+          domain: str | None = None) -> bytes:
+    """The server's answer to `to` as an IPv4 packet (UDP 67 -> 68). classless: the
+    value of option 121, written raw (pyroute2 cannot encode it)."""
     options: dict = {"message_type": kind, "server_id": SERVER, "lease_time": lease,
                      "subnet_mask": "255.255.255.0"}
     if router:
         options["router"] = [router]
+    if dns:
+        options["name_server"] = dns
+    if domain:
+        options["domain_name"] = domain
     if t1 is not None:
         options["renewal_time"] = t1
     if t2 is not None:
@@ -86,7 +92,21 @@ def reply(to: Sent, kind: int, yiaddr: str = OFFERED, *, lease: int = 120, t1: i
     msg = dhcp4msg({"op": 2, "xid": to.msg["xid"] if xid is None else xid, "yiaddr": yiaddr,
                     "chaddr": chaddr.hex(":"), "options": options})
     payload = msg.encode().buf
+    if classless is not None and kind != 6:
+        assert payload[-1] == 255  # END: option 121 goes before it
+        payload = payload[:-1] + bytes([121, len(classless)]) + classless + b"\xff"
     return dhcp.udp_ipv4(SERVER, "255.255.255.255", 67, 68, payload)
+
+
+def rfc3442(routes: list[tuple[str, str]]) -> bytes:
+    """Option 121's value for (network, router) pairs, as RFC 3442 section 3 lays it out:
+    the width, the significant octets of the destination, the router."""
+    out = b""
+    for network, router in routes:
+        net = ipaddress.IPv4Network(network)
+        out += bytes([net.prefixlen]) + net.network_address.packed[:(net.prefixlen + 7) // 8]
+        out += ipaddress.IPv4Address(router).packed
+    return out
 
 
 def sends(actions: list) -> list[Sent]:
@@ -268,6 +288,19 @@ def test_a_lease_that_expires_while_unplugged_is_lost_and_replug_discovers():
     assert [s.kind for s in sends(c.carrier(True, 200.0))] == ["DISCOVER"]
 
 
+def test_a_lease_that_expires_while_rebooting_unanswered_starts_over():
+    """A replug with time left on the lease, a server that does not answer until it runs
+    out: the client looks for a new one (it had raised on the next REQUEST, lease gone)."""
+    c = client()
+    bound(c, lease=120)
+    c.carrier(False, 1.0)
+    assert sends(c.carrier(True, 30.0))[0].kind == "REQUEST" and c.state == State.REBOOTING
+    actions = c.tick(120.0)  # expiry and the next retransmission both due
+    assert [a.reason for a in only(actions, Deconfigure)] == ["expired"]
+    assert [s.kind for s in sends(actions)] == ["DISCOVER"] and c.state == State.SELECTING
+    assert c.lease is None and c.counts["lost"] == 1
+
+
 def test_discover_backs_off_to_every_16_seconds():
     c = client()
     c.carrier(True, 0.0)
@@ -394,3 +427,102 @@ def test_any_payload_to_port_68_is_counted_never_raised(payload, state):
     assert c.state.name.lower() == state or actions
     changed = {k for k in c.counts if c.counts[k] != before[k]}
     assert changed <= {"malformed", "ignored"} and len(changed) == 1
+
+
+# --- option 121 (RFC 3442), DNS servers and domain ------------------------------------------
+
+def test_the_client_asks_for_classless_routes_dns_and_domain():
+    (discover,) = sends(client().carrier(True, 0.0))
+    asked = discover.msg["options"]["parameter_list"]
+    assert {1, 3, 6, 15, 121} <= set(asked)
+    assert asked.index(121) < asked.index(3)  # RFC 3442 section 4
+
+
+def test_classless_routes_replace_the_router_and_dns_is_only_shown():
+    c = client()
+    routes = [("10.0.0.0/8", "192.168.7.254"), ("0.0.0.0/0", SERVER), ("172.16.5.0/24", "0.0.0.0")]
+    (discover,) = sends(c.carrier(True, 0.0))
+    options = {"classless": rfc3442(routes), "dns": [SERVER, "9.9.9.9"], "domain": "board.lan"}
+    (request,) = sends(c.receive(reply(discover, 2, **options), SERVER_MAC, 0.0))
+    actions = c.receive(reply(request, 5, router="192.168.7.99", **options), SERVER_MAC, 0.1)
+    (configure,) = only(actions, Configure)
+    lease = configure.lease
+    # RFC 3442: with option 121 the Router option is ignored, 121's own default route kept.
+    assert lease.router is None
+    assert [(r.destination, r.router) for r in lease.routes] == routes
+    assert (lease.dns, lease.domain) == ((SERVER, "9.9.9.9"), "board.lan")
+    snapshot = c.snapshot(0.1)
+    assert snapshot["routes"] == ["10.0.0.0/8 via 192.168.7.254", f"0.0.0.0/0 via {SERVER}",
+                                  "172.16.5.0/24"]
+    assert snapshot["dns"] == [SERVER, "9.9.9.9"] and snapshot["domain"] == "board.lan"
+    (changed,) = only(actions, Changed)
+    assert "route 10.0.0.0/8 via 192.168.7.254" in changed.reason
+    assert "dns 192.168.7.1 9.9.9.9" in changed.reason and "domain board.lan" in changed.reason
+    assert c.counts["bad_routes"] == 0
+    # Without option 121 the router is the default route, as before.
+    c = client()
+    lease = bound(c)
+    assert [(r.destination, r.router) for r in lease.routes] == [("0.0.0.0/0", SERVER)]
+    assert (lease.dns, lease.domain) == ((), None)
+    assert c.snapshot(0.0)["routes"] == [f"0.0.0.0/0 via {SERVER}"]
+
+
+def test_a_renewal_with_other_routes_carries_both_route_sets():
+    c = client()
+    bound(c, classless=rfc3442([("10.1.0.0/16", SERVER)]), t1=10)
+    (renew,) = sends(c.tick(c.next_deadline()))
+    actions = c.receive(reply(renew, 5, classless=rfc3442([("10.2.0.0/16", SERVER)])),
+                        SERVER_MAC, 11.0)
+    (configure,) = only(actions, Configure)
+    assert [r.destination for r in configure.previous.routes] == ["10.1.0.0/16"]
+    assert [r.destination for r in configure.lease.routes] == ["10.2.0.0/16"]
+
+
+@pytest.mark.parametrize("value", [
+    b"",  # empty
+    bytes([33, 10, 0, 0, 0, 0, 192, 168, 7, 1]),  # width over 32
+    bytes([24, 10, 1, 2, 192, 168]),  # cut short in the router
+    bytes([8, 10, 192, 168, 7, 1, 16, 10]),  # a good route, then one cut short
+])
+def test_a_malformed_option_121_is_ignored_whole_and_counted(value):
+    c = client()
+    lease = bound(c, classless=value)
+    assert [(r.destination, r.router) for r in lease.routes] == [("0.0.0.0/0", SERVER)]
+    assert lease.router == SERVER and c.counts["bad_routes"] == 1
+    assert c.snapshot(0.0)["bad_routes"] == 1
+
+
+def test_destination_bits_past_the_width_are_cleared():
+    # 10.1.2.3/8 as a careless server might write it: the significant octet is 10.
+    assert dhcp.classless_routes(list(bytes([12, 10, 0x1F, 1, 2, 3, 4]))) == (
+        dhcp.Route("10.16.0.0/12", "1.2.3.4"),)
+
+
+routes_strategy = st.lists(st.tuples(
+    st.builds(lambda a, w: str(ipaddress.IPv4Network((a, w), strict=False)),
+              st.integers(0, 2**32 - 1), st.integers(0, 32)),
+    st.builds(lambda a: str(ipaddress.IPv4Address(a)), st.integers(0, 2**32 - 1))),
+    min_size=1, max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(routes_strategy)
+def test_any_route_list_round_trips_through_option_121(routes):
+    decoded = dhcp.classless_routes(list(rfc3442(routes)))
+    assert decoded is not None
+    assert [(r.destination, r.router) for r in decoded] == routes
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=255))
+def test_any_option_121_binds_with_its_routes_or_the_router(value):
+    """Whatever the bytes, the ACK binds: with option 121's routes when they decode (the
+    router then ignored), else the router's default route and bad_routes counted."""
+    c = client()
+    lease = bound(c, classless=value)
+    decoded = dhcp.classless_routes(list(value))
+    if decoded:
+        assert lease.routes == decoded and lease.router is None and c.counts["bad_routes"] == 0
+    else:
+        assert [(r.destination, r.router) for r in lease.routes] == [("0.0.0.0/0", SERVER)]
+        assert c.counts["bad_routes"] == 1

@@ -7,6 +7,7 @@ no static address: everything the TUN gets comes from dnsmasq through the transl
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from eembridge.core.dhcp import Route
 from eembridge.link.netns import iproute, link_index
 from eembridge.link.tun import DHCP_ROUTE_METRIC
 
@@ -77,15 +79,16 @@ def dhcp_rig(tmp_path):
     servers: list[Dnsmasq] = []
     with sim_rigs() as make_rig:
 
-        def make(dnsmasq_args: tuple[str, ...] = (), ping_check: bool = False,
-                 **bridge_options: Any):
+        def make(dnsmasq_args: Any = (), ping_check: bool = False, **bridge_options: Any):
+            """dnsmasq_args: a tuple, or a function of the board's address giving one."""
             holder: dict[str, Dnsmasq] = {}
 
             def before_bridge(sim: Any, network: ipaddress.IPv4Network) -> None:
                 server = Dnsmasq(sim.namespace, sim.network.name, network,
                                  tmp_path / f"leases{len(servers)}")
                 servers.append(server)
-                holder["server"] = server.start(10, 20, *dnsmasq_args, ping_check=ping_check)
+                args = dnsmasq_args(str(network[1])) if callable(dnsmasq_args) else dnsmasq_args
+                holder["server"] = server.start(10, 20, *args, ping_check=ping_check)
 
             rig = make_rig({}, static_neighbour=False, link="tun", dhcp=True, addresses=[],
                            before_bridge=before_bridge, **bridge_options)
@@ -302,3 +305,114 @@ def test_dhcp_in_a_config_file_is_checked_the_same_way(tmp_path):
     config.write_text('[defaults]\ndhcp = true\nlink = "tun"\naddresses = ["10.1.1.2/24"]\n')
     bad = _eembridge("--sim", "--config", str(config))
     assert bad.returncode == 2 and "drop --ip 10.1.1.2/24" in bad.stderr.splitlines()[-1]
+
+
+def tun_routes(rig: Any) -> list[tuple[str, str | None, int]]:
+    """(destination, gateway or None, metric) of the IPv4 unicast routes the bridge put on
+    the TUN (not the kernel's own prefix route for the address)."""
+    with iproute() as ipr:
+        index = link_index(ipr, rig.bridge.tap.tun.name)
+        return sorted((f"{r.get_attr('RTA_DST') or '0.0.0.0'}/{r['dst_len']}",
+                       r.get_attr("RTA_GATEWAY"), r.get_attr("RTA_PRIORITY"))
+                      for r in ipr.route("dump", family=2, oif=index, table=254)
+                      if r["proto"] != 2)  # RTPROT_KERNEL: the address's prefix route
+
+
+def test_classless_routes_replace_the_router_and_go_with_the_lease(dhcp_rig):
+    """Option 121 (RFC 3442): its routes go on the TUN at DHCP_ROUTE_METRIC, option 3's
+    router (dnsmasq sends its own address) makes no default route, and they go with the
+    lease. The DNS server and domain are shown in stats, nothing else is done with them."""
+    def options(board: str) -> tuple[str, ...]:
+        # 198.51.100.0/24's router is reached through the on-link 192.0.2.0/24 given after it.
+        return (f"--dhcp-option=121,10.98.0.0/16,{board},198.51.100.0/24,192.0.2.1,"
+                "192.0.2.0/24,0.0.0.0",
+                f"--dhcp-option=6,{board},192.0.2.53", "--dhcp-option=15,board.test")
+
+    rig, server = dhcp_rig(options, dhcp_time_scale=20.0)
+    board = rig.device_ip
+    section = wait_bound(rig)
+    assert section["router"] is None
+    assert section["routes"] == [f"10.98.0.0/16 via {board}", "198.51.100.0/24 via 192.0.2.1",
+                                 "192.0.2.0/24"]
+    assert section["dns"] == [board, "192.0.2.53"] and section["domain"] == "board.test"
+    # The pump puts the routes on just after the address wait_bound waited for.
+    wait_for(lambda: len(tun_routes(rig)) == 3, 5, "the lease's routes")
+    assert tun_routes(rig) == [("10.98.0.0/16", board, DHCP_ROUTE_METRIC),
+                               ("192.0.2.0/24", None, DHCP_ROUTE_METRIC),
+                               ("198.51.100.0/24", "192.0.2.1", DHCP_ROUTE_METRIC)]
+    assert default_routes(rig) == []
+    table = _rendered(rig.bridge.stats())
+    assert f"dhcp:dns  {board}, 192.0.2.53" in table and "dhcp:domain  board.test" in table
+    # A renewal (or a replug) whose ACK brings other routes: the old ones go, the new come.
+    tun, lease = rig.bridge.tap, rig.bridge.tap.dhcp.lease
+    other = dataclasses.replace(lease, classless=(Route("10.97.0.0/16", board),))
+    tun._configure(other, lease)
+    assert tun_routes(rig) == [("10.97.0.0/16", board, DHCP_ROUTE_METRIC)]
+    tun._configure(lease, other)  # back to what the client holds, for its expiry below
+    assert len(tun_routes(rig)) == 3 and tun.dhcp_counters["config_errors"] == 0
+    with open("/etc/resolv.conf", "rb") as before:
+        resolv = before.read()
+    server.stop()
+
+    def lost() -> dict[str, Any] | None:
+        now = rig.bridge.stats()["dhcp"]
+        return now if now["lost"] >= 1 and not tun_addresses(rig) else None
+
+    section = wait_for(lost, 20, "the lease to expire and its address to go")
+    assert section["routes"] == [] and tun_routes(rig) == []
+    with open("/etc/resolv.conf", "rb") as after:
+        assert after.read() == resolv
+
+
+def _rendered(snapshot: dict[str, Any]) -> str:
+    """`eembridge stats`'s table of a snapshot as text, each row's cells two spaces apart."""
+    import io
+
+    from rich.console import Console
+
+    from eembridge.cli.stats import render
+
+    out = io.StringIO()
+    Console(file=out, width=400, color_system=None).print(render("eemtest", snapshot))
+    return "\n".join("  ".join(c.strip() for c in line.split("│") if c.strip())
+                     for line in out.getvalue().splitlines())
+
+
+def test_a_route_the_host_has_already_is_left_alone(dhcp_rig):
+    """The lease's route to a destination the host already reaches at the same metric
+    through another interface is not added over it: the user's route stays, before, during
+    and after the lease, and the conflict is counted and logged."""
+    from eembridge.link.netns import unique_name
+
+    dummy = unique_name("eemrt", 14)  # and its veth peer, one more letter
+    with iproute() as ipr:
+        ipr.link("add", ifname=dummy, kind="veth", peer=dummy + "p")  # no dummy module here
+        try:
+            index = link_index(ipr, dummy)
+            ipr.link("set", index=index, state="up")
+            ipr.link("set", index=link_index(ipr, dummy + "p"), state="up")
+            ipr.route("add", dst="10.96.0.0/16", oif=index, priority=DHCP_ROUTE_METRIC)
+
+            def dummy_routes() -> list[str]:
+                return [f"{r.get_attr('RTA_DST')}/{r['dst_len']}"
+                        for r in ipr.route("dump", family=2, oif=index, table=254)
+                        if r.get_attr("RTA_PRIORITY") == DHCP_ROUTE_METRIC]
+
+            rig, server = dhcp_rig(lambda board: (
+                f"--dhcp-option=121,10.96.0.0/16,{board},10.95.0.0/16,{board}",))
+            board = rig.device_ip
+            wait_bound(rig)
+            wait_for(lambda: tun_routes(rig), 5, "the lease's routes")
+            assert tun_routes(rig) == [("10.95.0.0/16", board, DHCP_ROUTE_METRIC)]
+            assert dummy_routes() == ["10.96.0.0/16"]
+            tun = rig.bridge.tap
+            assert tun.dhcp_counters["route_conflicts"] == 1
+            assert tun.dhcp_counters["config_errors"] == 0
+            # A renewal puts the same routes on again: ours are kept, not a conflict.
+            tun._configure(tun.dhcp.lease, tun.dhcp.lease)
+            assert tun.dhcp_counters["route_conflicts"] == 2  # the user's, once more
+            assert tun_routes(rig) == [("10.95.0.0/16", board, DHCP_ROUTE_METRIC)]
+            tun._deconfigure(tun.dhcp.lease)
+            assert tun_routes(rig) == [] and dummy_routes() == ["10.96.0.0/16"]
+        finally:
+            ipr.link("del", index=link_index(ipr, dummy))

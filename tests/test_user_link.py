@@ -200,10 +200,8 @@ def _udp_echo_once(address: str, port: int, ready: queue.Queue[bool]) -> None:
         sock.sendto(data[::-1], peer)
 
 
-def test_a_udp_forward_reaches_the_board_and_its_reply_comes_back(user_rig):
-    """The board's reply leaves from the forwarded port: egress lets it through."""
-    host_port = free_port()
-    rig = user_rig(forwards=[f"udp:{host_port}:{BOARD_PORT}"])
+def _udp_echo_through_the_forward(rig, host_port: int) -> None:
+    """A host client's datagram to the forward, the board's echo from the forwarded port."""
     ready: queue.Queue[bool] = queue.Queue()
     with nsmod.NetnsThread(rig.sim.namespace, _udp_echo_once, rig.device_ip, BOARD_PORT,
                            ready):
@@ -212,7 +210,17 @@ def test_a_udp_forward_reaches_the_board_and_its_reply_comes_back(user_rig):
             client.settimeout(10)
             client.sendto(b"datagram", ("127.0.0.1", host_port))
             assert client.recv(2048) == b"margatad"
-    assert rig.bridge.stats()["user"]["refused_udp"] == 0
+
+
+def test_a_udp_forward_reaches_the_board_and_its_reply_comes_back(user_rig):
+    """The board's reply leaves from the forwarded port to the client's flow: egress lets
+    it through."""
+    host_port = free_port()
+    rig = user_rig(forwards=[f"udp:{host_port}:{BOARD_PORT}"])
+    _udp_echo_through_the_forward(rig, host_port)
+    _udp_echo_through_the_forward(rig, host_port)  # a second flow, from a new client port
+    user = rig.bridge.stats()["user"]
+    assert user["refused_udp"] == 0 and user["udp_flows_learned"] == 2, user
 
 
 def test_the_forward_listens_on_loopback_only(user_rig):
@@ -233,8 +241,10 @@ def _connect_from_board(address: str, port: int) -> str:
         return f"failed: {exc}"
 
 
-def _udp_from_board(address: str, port: int) -> None:
+def _udp_from_board(address: str, port: int, source: tuple[str, int] | None = None) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        if source is not None:
+            sock.bind(source)
         sock.sendto(b"out", (address, port))
 
 
@@ -249,6 +259,31 @@ def test_the_board_cannot_reach_the_host_without_nat(user_rig):
     wait_for(lambda: rig.bridge.stats()["user"]["refused_udp"] >= 1, 5, "the UDP refusal")
     user = rig.bridge.stats()["user"]
     assert user["refused_tcp"] >= 1 and user["resets_sent"] >= 1, user
+
+
+@pytest.mark.parametrize("nat", [False, True], ids=["no-nat", "nat"])
+def test_a_udp_forward_lets_the_board_answer_its_client_and_no_one_else(user_rig, nat):
+    """From the forwarded port, after a client's flow, to the gateway at another host
+    loopback port: refused and counted without --nat (slirp runs unrestricted for the
+    forward, so the filter alone stands between the board and the host's loopback);
+    carried with --nat."""
+    host_port = free_port()
+    rig = user_rig(forwards=[f"udp:{host_port}:{BOARD_PORT}"], nat=nat)
+    _udp_echo_through_the_forward(rig, host_port)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as bystander:
+        bystander.bind(("127.0.0.1", 0))
+        run_in_netns(rig.sim.namespace, _udp_from_board, rig.host_ip,
+                     bystander.getsockname()[1], (rig.device_ip, BOARD_PORT))
+        if nat:
+            bystander.settimeout(10)
+            assert bystander.recv(64) == b"out"
+            return
+        wait_for(lambda: rig.bridge.stats()["user"]["refused_udp"] >= 1, 5, "the UDP refusal")
+        bystander.setblocking(False)
+        with pytest.raises(BlockingIOError):  # refused at the filter: it never reached slirp
+            bystander.recv(64)
+    _udp_echo_through_the_forward(rig, host_port)  # the forward's own flows still pass
+    assert rig.bridge.stats()["user"]["refused_udp"] == 1
 
 
 def test_with_nat_the_board_reaches_a_host_listener_intact(user_rig):

@@ -38,6 +38,12 @@ keeps the GIL out of the data path. Anything else is judged by egress.check with
 its replies (resets) go back to the board. Slirp's own `restricted` mode is the second
 wall: even what egress passes cannot leave for the host or its networks.
 
+With a `--forward udp:` libslirp runs unrestricted and the policy alone guards: it lets
+the board's datagrams through only along flows a forwarded client started, which it learns
+from the frames slirp sends the board. send_packet hands it those frames only,
+datagrams to a forwarded UDP port (_forwarded_datagram, held to core.egress's
+forwarded_datagram by tests/test_egress.py), taking the GIL for them and nothing else.
+
 Every callback checks nothing but its opaque pointer, which is always our `State`;
 callbacks that need Python (guest_error, egress) take the GIL and hand any exception to
 `State.error`, which ends `run` and is raised from it.
@@ -125,6 +131,8 @@ cdef struct State:
     Timer *timers
     size_t max_frame
     PyObject *egress         # core.egress.Egress, or NULL with --nat; a reference held
+    bint udp_forwarded       # any forwarded UDP port: send_packet shows egress its datagrams
+    uint8_t udp_forwards[8192]  # the forwarded UDP ports, one bit each
     PyObject *error          # the exception that ended run; a reference held
     Counters counters
 
@@ -178,8 +186,53 @@ cdef bint _to_bridge(State *st, const void *buf, size_t n) noexcept nogil:
         waited = ready <= 0 or not waits[0].revents & POLLOUT
 
 
+cdef bint _forwarded_datagram(const uint8_t *frame, size_t n,
+                              const uint8_t *forwards) noexcept nogil:
+    """An IPv4 datagram (or its first fragment) to a forwarded port: core.egress's
+    forwarded_datagram, without the GIL."""
+    cdef size_t header
+    cdef unsigned int port
+    if n < ETH_HLEN + 20 or frame[12] != 0x08 or frame[13] != 0x00:
+        return False
+    header = (frame[ETH_HLEN] & 0x0F) * 4
+    if frame[ETH_HLEN] >> 4 != 4 or header < 20 or frame[ETH_HLEN + 9] != 17:
+        return False
+    if n < ETH_HLEN + header + 8 or (frame[ETH_HLEN + 6] & 0x1F) or frame[ETH_HLEN + 7]:
+        return False  # short, or a later fragment (an offset)
+    port = frame[ETH_HLEN + header + 2] << 8 | frame[ETH_HLEN + header + 3]
+    return (forwards[port >> 3] >> (port & 7)) & 1
+
+
+cdef int _port_bits(object ports, uint8_t *bits) except -1:
+    memset(bits, 0, 8192)
+    for port in ports:
+        if not 0 <= port <= 0xFFFF:
+            raise ValueError(f"UDP port {port} is not from 0 to 65535")
+        bits[<unsigned int>port >> 3] |= 1 << (<unsigned int>port & 7)
+    return 0
+
+
+def forwarded_datagram(const uint8_t[:] frame, ports) -> bool:
+    """_forwarded_datagram for tests: held to core.egress.forwarded_datagram."""
+    cdef uint8_t bits[8192]
+    _port_bits(ports, bits)
+    return _forwarded_datagram(&frame[0], frame.shape[0], bits) if frame.shape[0] else False
+
+
+cdef void _egress_learns(State *st, const void *frame, size_t n) noexcept with gil:
+    cdef object view
+    try:
+        view = PyMemoryView_FromMemory(<char *>frame, n, PyBUF_READ)
+        (<object>st.egress).learn(view)
+        view.release()
+    except BaseException as exc:
+        _fail(st, exc)
+
+
 cdef ssize_t _send_packet(const void *buf, size_t n, void *opaque) noexcept nogil:
     cdef State *st = <State *>opaque
+    if st.udp_forwarded and _forwarded_datagram(<const uint8_t *>buf, n, st.udp_forwards):
+        _egress_learns(st, buf, n)  # before the board can answer it
     if not _to_bridge(st, buf, n):
         st.stopping = True
         return -1
@@ -454,7 +507,8 @@ cdef class Stack:
                  bytes nameserver6, int mtu, bint restricted, bint dns, object egress=None):
         """restricted: slirp carries nothing from the board to the host or its networks
         (forwards still work); dns: slirp's nameserver address answers from the host's
-        resolver; egress: core.egress.Egress judging the board's frames, or None."""
+        resolver; egress: core.egress.Egress judging the board's frames and learning the
+        flows of its udp_forwards from the frames towards the board, or None."""
         cdef SlirpConfig cfg
         memset(&cfg, 0, sizeof(SlirpConfig))
         cfg.version = 4
@@ -477,6 +531,8 @@ cdef class Stack:
         if egress is not None:
             Py_XINCREF(<PyObject *>egress)
             self.st.egress = <PyObject *>egress
+            _port_bits(egress.udp_forwards, self.st.udp_forwards)
+            self.st.udp_forwarded = bool(egress.udp_forwards)
         self.st.slirp = slirp_new(&cfg, &CALLBACKS, &self.st)
         if self.st.slirp == NULL:
             raise OSError("libslirp refused its configuration")

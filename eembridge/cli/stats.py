@@ -105,8 +105,8 @@ def render(tap: str, s: dict[str, Any]) -> Any:
     link += [(f"user:{k}", v) for k, v in (s.get("user") or {}).items()
              if v or k.startswith("refused")]
     # --dhcp: the state and lease always, counters once they are not zero.
-    link += [(f"dhcp:{k}", "-" if v is None else v) for k, v in (s.get("dhcp") or {}).items()
-             if v or k in ("state", "address", "expires_in")]
+    link += [(f"dhcp:{k}", "-" if v is None else ", ".join(v) if isinstance(v, list) else v)
+             for k, v in (s.get("dhcp") or {}).items() if v or k in ("state", "address", "expires_in")]
     for i in range(max(len(rx), len(tx), len(link))):
         row: list[str] = []
         for cells in (rx, tx, link):

@@ -12,9 +12,22 @@ As eembridge.core.linkpolicy: no I/O, no thread, no clock. The caller reports wh
 happened with the time it happened (`carrier(on, now)`, `receive(packet, now)`,
 `tick(now)`) and carries out, in order, the actions each call returns: `Send` (an
 Ethernet frame for the board), `Configure` (put the lease's address, prefix and
-router on the interface; drop the previous lease's address if it differs), `Deconfigure`
-(take the address away) and `Changed` (the state changed: one log line).
-`next_deadline()` says when `tick` has work.
+routes on the interface; drop the previous lease's address and the routes it no longer
+has), `Deconfigure` (take the address and routes away) and `Changed` (the state changed:
+one log line). `next_deadline()` says when `tick` has work.
+
+Routes (`Lease.routes`): the classless static routes of option 121 (RFC 3442) when the
+server gives them, and then the router of option 3 is ignored, as RFC 3442 requires
+(a default route is one of the 121 routes if the server wants one); otherwise a default
+route through option 3's first router. A route whose router is 0.0.0.0 is on the link.
+An option 121 that does not decode is ignored whole (counted `bad_routes`) and option 3
+used instead: half a route table could send traffic where the server did not mean it to.
+
+DNS servers (option 6) and the domain name (option 15) are taken into the lease and
+shown (the log line, `snapshot()`: stats section dhcp) but not used: the host's resolver
+is the user's (NetworkManager, systemd-resolved or a hand-written resolv.conf), and a
+bridge that rewrote it for a board could break the host's name resolution whenever a
+board is plugged in. A tool that wants them reads them from `eembridge stats --json`.
 
 The messages are pyroute2.dhcp's (dhcp4msg encodes and decodes them; its `messages`
 module builds DISCOVER and the REQUESTs of RFC 2131 4.3.2 and 4.3.6), and so are the
@@ -30,8 +43,8 @@ States (RFC 2131 figure 5)::
     RENEWING, REBINDING --ACK--> BOUND (a renewal)
     REQUESTING, REBOOTING, RENEWING, REBINDING --NAK--> SELECTING (address dropped)
     REQUESTING, REBOOTING --no answer after REQUEST_TRIES--> SELECTING
-    any --lease expired--> the address is dropped (lost); BOUND, RENEWING, REBINDING
-        go to SELECTING, the others stay where they are
+    any --lease expired--> the address is dropped (lost); BOUND, RENEWING, REBINDING,
+        REBOOTING go to SELECTING, the others stay where they are
     any --carrier off--> OFF (the lease is kept until it expires; a replug asks for it
         again with REBOOTING, the server may NAK it: a different board)
 
@@ -65,7 +78,10 @@ from .offload import ones_sum
 
 CLIENT_PORT, SERVER_PORT = 68, 67
 UDP = 17
-PARAMETERS = (Option.SUBNET_MASK, Option.ROUTER, Option.LEASE_TIME, Option.RENEWAL_TIME,
+# Option 121 before option 3: RFC 3442 asks clients that support it to request it, and
+# servers (dnsmasq among them) send only what is asked for.
+PARAMETERS = (Option.SUBNET_MASK, Option.CLASSLESS_STATIC_ROUTE, Option.ROUTER,
+              Option.NAME_SERVER, Option.DOMAIN_NAME, Option.LEASE_TIME, Option.RENEWAL_TIME,
               Option.REBINDING_TIME, Option.SERVER_ID)
 RETRY_FIRST = 1.0  # seconds before the first retransmission; doubled up to RETRY_MAX
 RETRY_MAX = 16.0
@@ -91,24 +107,56 @@ COUNTERS = (
     "restarts",  # REQUESTING or REBOOTING gave up unanswered (back to SELECTING)
     "ignored",  # DHCP replies for another client, another exchange, or a state not asking
     "malformed",  # UDP to port 68 that does not decode as a DHCP reply
+    "bad_routes",  # ACKs whose option 121 did not decode: ignored, option 3 used
 )
+
+ON_LINK = "0.0.0.0"  # a route's router when the destination is on the link (RFC 3442)
+
+
+@dataclass(frozen=True)
+class Route:
+    destination: str  # "a.b.c.d/n"
+    router: str  # ON_LINK: no router, the destination is on the link
+
+    def __str__(self) -> str:
+        return self.destination + ("" if self.router == ON_LINK else f" via {self.router}")
 
 
 @dataclass(frozen=True)
 class Lease:
     address: str
     prefix: int
-    router: str | None
+    router: str | None  # option 3's first router; None when absent or option 121 is given
     server_id: str
     server_mac: bytes
     obtained: float  # when the REQUEST that got it was first sent (RFC 2131 4.4.1)
     lease_time: float | None  # None: infinite
     t1: float | None
     t2: float | None
+    classless: tuple[Route, ...] = ()  # option 121
+    dns: tuple[str, ...] = ()  # option 6, shown only: see the theory of operation
+    domain: str | None = None  # option 15, likewise
 
     @property
     def interface(self) -> str:
         return f"{self.address}/{self.prefix}"
+
+    @property
+    def routes(self) -> tuple[Route, ...]:
+        """The routes to put on the interface: option 121's, or the default route through
+        option 3's router."""
+        if self.classless:
+            return self.classless
+        return () if self.router is None else (Route("0.0.0.0/0", self.router),)
+
+    def describe(self) -> str:
+        """Its routes, DNS servers and domain, for the log line (empty when none)."""
+        parts = [f"route {route}" for route in self.routes]
+        if self.dns:
+            parts.append("dns " + " ".join(self.dns))
+        if self.domain:
+            parts.append(f"domain {self.domain}")
+        return ", ".join(parts)
 
     def at(self, offset: float | None) -> float | None:
         return None if offset is None else self.obtained + offset
@@ -208,7 +256,8 @@ class DhcpClient:
         if self.lease is not None and self._expired(now):
             self.counts["lost"] += 1
             actions += self._drop("expired")
-            if self.state in (State.BOUND, State.RENEWING, State.REBINDING):
+            # REBOOTING too: it was asking for the lease now gone, and has nothing to ask for.
+            if self.state in (State.BOUND, State.RENEWING, State.REBINDING, State.REBOOTING):
                 return actions + self._discover(now, "lease expired")
         if self._next is None or now < self._next:
             return actions
@@ -244,6 +293,9 @@ class DhcpClient:
         return {"state": self.state.name.lower(),
                 "address": lease.interface if lease else None,
                 "router": lease.router if lease else None,
+                "routes": [str(route) for route in lease.routes] if lease else [],
+                "dns": list(lease.dns) if lease else [],
+                "domain": lease.domain if lease else None,
                 "server": lease.server_id if lease else None,
                 "expires_in": None if expires is None else round(max(0.0, expires - now), 1),
                 **self.counts}
@@ -287,6 +339,8 @@ class DhcpClient:
         renewing = self.state in (State.RENEWING, State.REBINDING)
         self.counts["renewals" if renewing else "leases"] += 1
         previous, lease = self.lease, _lease(ack, server_mac, self._first_sent)
+        if lease.classless == () and "classless_static_route" in ack["options"]:
+            self.counts["bad_routes"] += 1
         self.lease = lease
         self._next = lease.at(lease.t1)
         verb = "renewed" if renewing else "bound"
@@ -294,8 +348,10 @@ class DhcpClient:
         actions: list[Action] = [Configure(lease, previous)]
         if previous is None or previous.address != lease.address or not renewing:
             actions.append(self._announce(lease.address))
+        extra = lease.describe()
         return [*actions, self._change(State.BOUND, f"{verb} {lease.interface} from "
-                                                    f"{lease.server_id}, lease {expiry}")]
+                                                    f"{lease.server_id}, lease {expiry}"
+                                                    + (f"; {extra}" if extra else ""))]
 
     def _announce(self, address: str) -> Send:
         """The new address's owner, to the board (RFC 2131 4.4.1, as an RFC 5227 ARP
@@ -431,10 +487,41 @@ def _lease(ack: dhcp4msg, server_mac: bytes, obtained: float) -> Lease:
     else:  # RFC 2132 3.3 lets a client assume its address class's mask
         first = int(ack["yiaddr"].split(".")[0])
         prefix = 8 if first < 128 else 16 if first < 192 else 24
+    classless = classless_routes(options.get("classless_static_route")) or ()
     routers = options.get("router") or []
-    return Lease(address=ack["yiaddr"], prefix=prefix, router=routers[0] if routers else None,
+    # RFC 3442: with option 121 the client MUST ignore the Router option.
+    router = routers[0] if routers and not classless else None
+    dns = options.get("name_server") or []
+    domain = options.get("domain_name")
+    return Lease(address=ack["yiaddr"], prefix=prefix, router=router,
                  server_id=options.get("server_id") or "255.255.255.255", server_mac=server_mac,
-                 obtained=obtained, lease_time=lease_time, t1=t1, t2=t2)
+                 obtained=obtained, lease_time=lease_time, t1=t1, t2=t2, classless=classless,
+                 dns=tuple(dns) if isinstance(dns, list) else (),
+                 domain=domain if isinstance(domain, str) and domain else None)
+
+
+def classless_routes(value: object) -> tuple[Route, ...] | None:
+    """Option 121's routes (RFC 3442), from the bytes pyroute2 leaves undecoded (a list of
+    ints: it has no codec for the option). None when absent, empty or malformed: a width
+    over 32, a descriptor cut short. Bits of the destination past its width are cleared,
+    as the kernel would refuse the route otherwise."""
+    if not isinstance(value, list) or not value:
+        return None
+    data = bytes(value)
+    routes: list[Route] = []
+    at = 0
+    while at < len(data):
+        width = data[at]
+        significant = (width + 7) // 8
+        end = at + 1 + significant + 4
+        if width > 32 or end > len(data):
+            return None
+        destination = data[at + 1:at + 1 + significant].ljust(4, b"\0")
+        network = ipaddress.IPv4Network((destination, width), strict=False)
+        router = ipaddress.IPv4Address(data[end - 4:end])
+        routes.append(Route(str(network), str(router)))
+        at = end
+    return tuple(routes)
 
 
 def _pyroute2_lease(lease: Lease) -> object:

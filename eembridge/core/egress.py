@@ -9,19 +9,42 @@ at once. It lets through only what answers the host or asks the stack itself:
 
 * ARP, and IPv4/IPv6 packets that are not a start: TCP segments other than a bare SYN
   (the rest of a connection the board did not start is answered by the stack with a
-  reset), UDP from a forwarded board port to the stack's address (the board's replies
-  on a `--forward udp:` flow), DHCP requests (slirp's own server leases the board its address), ICMP errors
-  and echo replies, and on IPv6 the neighbour discovery messages.
+  reset), UDP answering a `--forward udp:` flow (below), DHCP requests (slirp's own
+  server leases the board its address), ICMP errors and echo replies, and on IPv6 the
+  neighbour discovery messages.
 * Refused, each counted by kind: a SYN (answered with a TCP reset, so the board's
   connect() fails at once with "connection refused" instead of timing out), other UDP,
   ICMP echo requests and other queries, IP fragments (a non-first fragment carries no
   ports to judge by), other protocols and ethertypes.
+
+UDP flows. With a `--forward udp:` libslirp cannot run restricted: restricted, it drops
+every datagram of the board before looking for the forward's socket (udp.c: udp_input),
+and it has no narrower mode (its guest forwards are TCP only). So this filter alone
+keeps the board off the host: a datagram from the board passes only if it answers a
+flow a forwarded client started. libslirp delivers a client's datagram from the address
+and port it was sent from, the loopback address translated to the gateway's (socket.c:
+sorecvfrom, sotranslate_in), and sends the board's datagrams from the forwarded port out
+of the forward's own socket to wherever they are addressed, an address of the board's
+network translated to loopback and the DNS address to the host's resolver (udp_input;
+socket.c: sosendto, sotranslate_out). So `learn` sees every frame the stack sends the
+board and keeps, for each datagram to a forwarded port, the flow (board address and
+port, client address and port); `check` passes a datagram of the board only along a
+flow it holds, reversed.
+A flow lives UDP_FLOW_TIMEOUT after the client's last datagram, RFC 4787's NAT mapping
+timer (REQ-5: two minutes at the least, five recommended), refreshed by the client's
+datagrams only (its REQ-6 outbound refresh): the board's answers do not keep their own
+permission open once the client is silent and its port may be another program's. At
+most UDP_FLOW_LIMIT flows; a new one then pushes out the least recently refreshed.
+Learned, expired and evicted flows are counted. Forwards are IPv4 (slirp_add_hostfwd
+binds 127.0.0.1), so are the flows; the board's IPv6 UDP is refused.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 
 from .offload import ones_sum
 
@@ -33,24 +56,65 @@ ICMP_PASSED = frozenset((0, 3, 11, 12))  # echo reply, unreachable, time exceede
 ICMPV6_PASSED = frozenset((129, 133, 134, 135, 136, 137))  # echo reply, NDP; < 128: errors
 DHCP_CLIENT, DHCP_SERVER = 68, 67
 
+UDP_FLOW_TIMEOUT = 300.0  # seconds; see the module's docstring
+UDP_FLOW_LIMIT = 1024
+
 COUNTERS = ("refused_tcp", "refused_udp", "refused_icmp", "refused_fragments",
-            "refused_other", "resets_sent")
+            "refused_other", "resets_sent", "udp_flows_learned", "udp_flows_expired",
+            "udp_flows_evicted")
 
 
 class Egress:
-    """check(frame) -> (pass it on, frames to send back to the board)."""
+    """check(frame) -> (pass it on, frames to send back to the board); learn(frame) for
+    each frame the stack sends the board."""
 
-    def __init__(self, *, nat: bool, udp_reply_ports: Iterable[int] = (),
-                 gateway: bytes = b"") -> None:
-        """udp_reply_ports: the board's forwarded UDP ports; their replies pass when they go
-        to `gateway` (the stack's IPv4 address, where forwarded datagrams come from)."""
+    def __init__(self, *, nat: bool, udp_forwards: Iterable[int] = (),
+                 clock: Callable[[], float] = time.monotonic,
+                 flow_timeout: float = UDP_FLOW_TIMEOUT, flow_limit: int = UDP_FLOW_LIMIT) -> None:
+        """udp_forwards: the board's forwarded UDP ports, whose flows `learn` keeps."""
         self.nat = nat
-        self.udp_reply_ports = frozenset(udp_reply_ports)
-        self.gateway = gateway
+        self.udp_forwards = frozenset(udp_forwards)
+        self.clock, self.flow_timeout, self.flow_limit = clock, flow_timeout, flow_limit
+        # flow (forwarded_datagram's key) -> when its client last sent; least recent first
+        self._flows: OrderedDict[bytes, float] = OrderedDict()
         self.counts = dict.fromkeys(COUNTERS, 0)
 
     def counters(self) -> dict[str, int]:
         return dict(self.counts)
+
+    def learn(self, frame: bytes | bytearray | memoryview) -> None:
+        """A frame the stack sends the board: a forwarded client's datagram starts or
+        refreshes its flow."""
+        flow = forwarded_datagram(frame, self.udp_forwards)
+        if flow is None:
+            return
+        now = self.clock()
+        self._expire(now)
+        if flow in self._flows:
+            self._flows.move_to_end(flow)
+        else:
+            self.counts["udp_flows_learned"] += 1
+            if len(self._flows) >= self.flow_limit:
+                self._flows.popitem(last=False)
+                self.counts["udp_flows_evicted"] += 1
+        self._flows[flow] = now
+
+    def _expire(self, now: float) -> None:
+        while self._flows:
+            flow, seen = next(iter(self._flows.items()))
+            if now - seen < self.flow_timeout:
+                return
+            del self._flows[flow]
+            self.counts["udp_flows_expired"] += 1
+
+    def _answers_a_flow(self, frame: memoryview, header: int) -> bool:
+        """An IPv4 datagram of the board back along a flow it holds."""
+        ip, udp = frame[ETH_HLEN:], frame[ETH_HLEN + header:]
+        if header < 20 or struct.unpack_from("!H", udp, 0)[0] not in self.udp_forwards:
+            return False
+        self._expire(self.clock())
+        return bytes(ip[12:16]) + bytes(udp[0:2]) + bytes(ip[16:20]) + bytes(udp[2:4]) \
+            in self._flows
 
     def check(self, frame: bytes | bytearray | memoryview) -> tuple[bool, list[bytes]]:
         if self.nat:
@@ -100,10 +164,9 @@ class Egress:
             return True, []
         if protocol == UDP:
             if len(l4) >= 8:
-                source, destination = struct.unpack_from("!HH", l4, 0)
-                reply = (source in self.udp_reply_ports and not v6
-                         and bytes(frame[ETH_HLEN + 16:ETH_HLEN + 20]) == self.gateway)
-                if reply or (source, destination) == (DHCP_CLIENT, DHCP_SERVER):
+                if struct.unpack_from("!HH", l4, 0) == (DHCP_CLIENT, DHCP_SERVER):
+                    return True, []
+                if not v6 and self._answers_a_flow(frame, header):
                     return True, []
             return self._refuse("refused_udp")
         if protocol in (ICMP, ICMPV6) and len(l4) >= 1:
@@ -112,6 +175,26 @@ class Egress:
                 return True, []
             return self._refuse("refused_icmp")
         return self._refuse("refused_other")
+
+
+def forwarded_datagram(frame: bytes | bytearray | memoryview,
+                       forwards: frozenset[int]) -> bytes | None:
+    """The flow of a frame towards the board if it is an IPv4 datagram (or its first
+    fragment) to a forwarded port: board address and port, client address and port, as
+    they are in the frame. _fast/slirp.pyx picks the same frames without the GIL."""
+    frame = memoryview(frame)
+    if len(frame) < ETH_HLEN + 20 or frame[12:14] != b"\x08\x00":
+        return None
+    ip = frame[ETH_HLEN:]
+    header = (ip[0] & 0x0F) * 4
+    if ip[0] >> 4 != 4 or header < 20 or ip[9] != UDP or len(ip) < header + 8:
+        return None
+    if struct.unpack_from("!H", ip, 6)[0] & 0x1FFF:  # a later fragment: no ports in it
+        return None
+    udp = ip[header:]
+    if struct.unpack_from("!H", udp, 2)[0] not in forwards:
+        return None
+    return bytes(ip[16:20]) + bytes(udp[2:4]) + bytes(ip[12:16]) + bytes(udp[0:2])
 
 
 def _reset(frame: memoryview, header: int, v6: bool) -> bytes:

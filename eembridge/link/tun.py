@@ -38,13 +38,17 @@ With --dhcp the pump also runs eembridge.core.dhcp's client: its frames go to th
 as the translator's do, UDP to port 68 from the board goes to it instead of the TUN
 (nothing on the host could listen there: the TUN has no link layer for a DHCP client),
 and it learns of replugs from `set_carrier`. Its actions are carried out here: the
-lease's address and prefix on the TUN, the offered router as a default route of
-metric DHCP_ROUTE_METRIC, both removed when the lease is lost; one log line per state.
+lease's address and prefix on the TUN, its routes (eembridge.core.dhcp.Lease.routes:
+option 121's, or a default route through option 3's router) at metric
+DHCP_ROUTE_METRIC, all removed when the lease is lost; one log line per state. Its DNS
+servers and domain are only shown (stats section dhcp): the host's resolver is left
+alone.
 """
 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 import select
@@ -52,6 +56,7 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +86,7 @@ CARRIER_WAIT = 0.5  # seconds set_carrier(True) waits for the kernel to mark the
 # of DHCP on a LAN, NetworkManager's, are 100 to 600): a board should not take over the
 # host's traffic because it offers itself as a router; it is there if nothing else is.
 DHCP_ROUTE_METRIC = 1024
+RT_SCOPE_LINK = 253
 # The fast path's channel to the pump: room for a burst of handed-over frames and
 # packets while the pump is busy (what does not fit is counted, fast_*_lost).
 CHANNEL_BUFFER = 1 << 20
@@ -106,8 +112,9 @@ def merged_counters(translator: dict[str, int], fast: dict[str, int]) -> dict[st
     out["to_device_frames"] += fast["to_device_frames"]
     out.update(fast_to_host_packets=fast["to_host_packets"],
                fast_to_device_frames=fast["to_device_frames"], fast_notes=fast["notes"],
-               fast_notes_lost=fast["note_errors"], fast_slow_frames=fast["slow_frames"], fast_handoffs=fast["handoffs"],
-               fast_handoffs_lost=fast["handoff_errors"], fast_torn_reads=fast["torn"])
+               fast_notes_lost=fast["note_errors"], fast_slow_frames=fast["slow_frames"],
+               fast_handoffs=fast["handoffs"], fast_handoffs_lost=fast["handoff_errors"],
+               fast_torn_reads=fast["torn"])
     return out
 
 
@@ -151,7 +158,7 @@ class TunLink:
         self.dhcp = dhcp.DhcpClient(host_mac) if dhcp_client else None
         self._dhcp_scale = dhcp_time_scale
         self._carrier_events: deque[bool] = deque()
-        self.dhcp_counters = {"config_errors": 0}
+        self.dhcp_counters = {"config_errors": 0, "route_conflicts": 0}
         self._bridge_end, self._pump_end = frame_socketpair()
         self._fast: Any = None
         self._c_mode = False  # installed: C reads the TUN, the pump the channel
@@ -544,28 +551,69 @@ class TunLink:
     def _configure(self, lease: dhcp.Lease, previous: dhcp.Lease | None) -> None:
         if previous is not None and previous.interface != lease.interface:
             self._deconfigure(previous)
+        elif previous is not None:  # a renewal or a replug may bring other routes
+            self._routes("del", [r for r in previous.routes if r not in lease.routes])
         try:
             self.tun.add_address(lease.interface)
-            if lease.router is not None:
-                self._default_route("replace", lease.router)
         except (OSError, NetlinkError, TapError) as exc:
             self.dhcp_counters["config_errors"] += 1
-            log.error("dhcp on %s: cannot configure %s (router %s): %s", self.name,
-                      lease.interface, lease.router, exc)
+            log.error("dhcp on %s: cannot configure %s: %s", self.name, lease.interface, exc)
+            return
+        # On-link routes first: a later route's router may be reachable only through one.
+        self._routes("add", sorted(lease.routes, key=lambda r: r.router != dhcp.ON_LINK))
 
     def _deconfigure(self, lease: dhcp.Lease) -> None:
-        try:
-            if lease.router is not None:
-                self._default_route("del", lease.router)
-        except (OSError, NetlinkError):
-            pass  # the kernel took it with the address, or it was never there
+        # The kernel takes a route with the address its router was reached by, but not an
+        # on-link one, nor one whose router is outside the lease's prefix.
+        self._routes("del", lease.routes)
         try:
             self.tun.del_address(lease.interface)
         except (OSError, NetlinkError) as exc:
             self.dhcp_counters["config_errors"] += 1
             log.error("dhcp on %s: cannot remove %s: %s", self.name, lease.interface, exc)
 
-    def _default_route(self, command: str, router: str) -> None:
-        with iproute(self.tun.netns) as ipr:
-            ipr.route(command, dst="0.0.0.0/0", gateway=router, oif=link_index(ipr, self.name),
-                      priority=DHCP_ROUTE_METRIC)
+    def _route_exists(self, ipr: Any, index: int, route: dhcp.Route) -> None:
+        """The kernel has a route to route.destination at our metric already: ours (a
+        renewal, a replug), or another interface's, which stays."""
+        network = ipaddress.ip_network(route.destination)
+        holders = {r.get_attr("RTA_OIF") for r in ipr.route(
+            "dump", family=2, table=254, dst_len=network.prefixlen)
+            if r.get_attr("RTA_PRIORITY") == DHCP_ROUTE_METRIC
+            and (r.get_attr("RTA_DST") or "0.0.0.0") == str(network.network_address)}
+        if index not in holders:
+            self.dhcp_counters["route_conflicts"] += 1
+            log.warning("dhcp on %s: the host has a route to %s at metric %d already, "
+                        "through another interface: left as it is, the lease's is not added",
+                        self.name, route.destination, DHCP_ROUTE_METRIC)
+
+    def _routes(self, command: str, routes: Sequence[dhcp.Route]) -> None:
+        """Add ("add") or remove ("del") the lease's routes, at DHCP_ROUTE_METRIC. A
+        route the kernel refuses to add is counted and the others still go in; one
+        already gone at "del" is not an error. A route the host already has to the same
+        destination at the same metric through another interface is the user's: it is
+        left as it is (route_conflicts), never replaced; one already ours (a renewal) is
+        kept."""
+        if not routes:
+            return
+        try:
+            with iproute(self.tun.netns) as ipr:
+                index = link_index(ipr, self.name)
+                for route in routes:
+                    # Scope link for an on-link route, as `ip route` gives one: the kernel
+                    # takes a router only through a route of that scope.
+                    via = {"scope": RT_SCOPE_LINK} if route.router == dhcp.ON_LINK else \
+                        {"gateway": route.router}
+                    try:
+                        ipr.route(command, dst=route.destination, oif=index,
+                                  priority=DHCP_ROUTE_METRIC, **via)
+                    except NetlinkError as exc:
+                        if command == "add" and exc.code == errno.EEXIST:
+                            self._route_exists(ipr, index, route)
+                        elif command != "del":
+                            self.dhcp_counters["config_errors"] += 1
+                            log.error("dhcp on %s: cannot add route %s: %s", self.name, route,
+                                      exc.args[-1])
+        except (OSError, NetlinkError) as exc:  # the TUN itself is gone
+            if command != "del":
+                self.dhcp_counters["config_errors"] += 1
+                log.error("dhcp on %s: cannot add routes: %s", self.name, exc)

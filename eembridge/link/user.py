@@ -29,11 +29,16 @@ gateway address) is refused unless `--nat`, twice: eembridge.core.egress judges 
 board's frames first (counted by kind; a SYN is answered with a reset so connect() fails
 at once), and the stack runs `restricted` (libslirp carries nothing the board starts,
 whatever passes the filter). Except with a `--forward udp:`: a restricted libslirp drops
-every datagram from the board, the forward's replies too, so then the filter alone
-guards, and what it lets through from the board's forwarded UDP port to the gateway
-address reaches the host's loopback at the port it names (not only the forward's client). Without --nat slirp's DNS forwarder is off too (it would
-ask the host's resolvers for the board). With --nat, slirp's NAT carries everything and
-the gateway address is the host's loopback.
+every datagram from the board, the forward's replies too, so then the stack runs
+unrestricted and the filter alone guards. It passes the board's UDP only back along a
+flow a forwarded client started: learnt from the client's datagrams as slirp sends them
+to the board, kept five minutes after the client's last one, at most 1024 (core.egress
+says why). So the board answers the forward's clients and reaches no other port of the
+host's loopback, nor the host's network; nothing else the filter passes is carried out
+by an unrestricted libslirp either (a TCP segment of no connection gets a reset, ICMP
+errors and echo replies end in the stack). Without --nat slirp's DNS forwarder is off
+too (it would ask the host's resolvers for the board). With --nat, slirp's NAT carries
+everything and the gateway address is the host's loopback.
 
 Known limit, measured on the simulated device: libslirp's TCP (4.4BSD's: no SACK, a
 retransmission timeout of a second or more) recovers a lost frame slowly where it is the
@@ -101,7 +106,7 @@ class UserLink(FramePump):
         self.forwards = list(forwards)
         self.nat = nat
         udp_ports = [f.board_port for f in self.forwards if f.protocol == "udp"]
-        self.egress = Egress(nat=nat, udp_reply_ports=udp_ports, gateway=gateway.ip.packed)
+        self.egress = Egress(nat=nat, udp_forwards=udp_ports)
         self._stack = Stack(
             network=gateway.network.network_address.packed,
             netmask=gateway.network.netmask.packed, host=gateway.ip.packed,

@@ -15,6 +15,11 @@ stats() {
     echo $? > "$RW/$1.rc"
 }
 
+# bridge_connected: the bridge at control socket $SOCK has the device (its stats say so).
+bridge_connected() {
+    printf '{"cmd": "stats"}\n' | timeout 5 nc -N -U "$SOCK" 2>/dev/null | grep -q '"connected": true'
+}
+
 # wait_until SECONDS CMD...: retry CMD until it succeeds (0) or SECONDS have passed (1).
 wait_until() {
     local end=$((SECONDS + $1))
@@ -106,4 +111,29 @@ xfer() {
     t1=$(date +%s.%N)
     echo "$t0 $t1" > "$RW/$name.span"
     awk -v a="$t1" -v b="$t0" 'BEGIN {printf "%.3f\n", a - b}' > "$RW/$name.seconds"
+}
+
+# nobody_start LOG CMD...: start CMD in the background as nobody:nogroup with no
+# capability at all, its output in LOG, its pid in NOBODY_PID (CMD's own: unshare, sh and
+# setpriv each exec the next). The host's Python lives under /root (mode 0700): in a
+# private mount namespace a world-readable tmpfs covers /root, holding only .pyenv.
+nobody_start() {
+    local log=$1
+    shift
+    mkdir -p /tmp/pyenv-stash
+    unshare --mount --propagation private sh -c '
+        mount --bind /root/.pyenv /tmp/pyenv-stash && mount -t tmpfs -o mode=755 tmpfs /root &&
+        mkdir /root/.pyenv && mount --bind /tmp/pyenv-stash /root/.pyenv &&
+        HOME=/tmp exec setpriv --reuid=nobody --regid=nogroup --clear-groups --inh-caps=-all \
+            --bounding-set=-all --no-new-privs "$@"' sh "$@" > "$log" 2>&1 &
+    NOBODY_PID=$!
+}
+
+# node_to_nogroup: the gadget's device node now (a replug gives it a new number), given
+# to group nogroup as a udev rule (GROUP="nogroup", MODE="0660") would; prints its path.
+# Needs USB_PATH (gadget.sh's env.txt).
+node_to_nogroup() {
+    local node
+    node=$(printf '/dev/bus/usb/%03d/%03d' "$(cat "$USB_PATH/busnum")" "$(cat "$USB_PATH/devnum")")
+    chgrp nogroup "$node" && chmod 0660 "$node" && echo "$node"
 }

@@ -7,6 +7,10 @@ Runs inside the guest (host side in the root netns, peer side via
     tcpxfer.py connect 169.254.77.2 5001 --recv        # host receives, prints sha256
     tcpxfer.py expect 8388608                          # sha256 the sender must produce
 
+`serve --ready` first prints {"listening": PORT} once it listens, so a caller can start
+the other end without polling (bench/bridge.py: through a forward, a connection made
+before the board listens is accepted by the forwarder, then reset).
+
 The payload is random.Random(seed).randbytes(n), so both ends and the checker agree
 without shipping the data.
 """
@@ -32,9 +36,10 @@ def pump(sock: socket.socket, send: int | None, seed: int) -> dict[str, object]:
     """Send `send` bytes then half-close, or (send is None) receive until EOF."""
     digest = hashlib.sha256()
     total = 0
+    view = memoryview(payload(send, seed)) if send is not None else None  # not timed
     start = time.monotonic()
     if send is not None:
-        view = memoryview(payload(send, seed))
+        assert view is not None
         for off in range(0, send, CHUNK):
             piece = view[off:off + CHUNK]
             sock.sendall(piece)
@@ -63,6 +68,7 @@ def main() -> int:
         else:
             p.add_argument("--port", type=int, required=True)
             p.add_argument("--bind", default="0.0.0.0")
+            p.add_argument("--ready", action="store_true", help='print {"listening": PORT} first')
         g = p.add_mutually_exclusive_group(required=True)
         g.add_argument("--send", type=int, metavar="N")
         g.add_argument("--recv", action="store_true")
@@ -77,6 +83,8 @@ def main() -> int:
         return 0
     if args.mode == "serve":
         with socket.create_server((args.bind, args.port)) as srv:
+            if args.ready:
+                print(json.dumps({"listening": srv.getsockname()[1]}), flush=True)
             sock, _ = srv.accept()
     else:
         deadline = time.monotonic() + args.retry

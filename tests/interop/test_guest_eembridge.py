@@ -7,7 +7,8 @@ gets everything on a composite gadget (ACM before EEM, so discovery cannot assum
 interface 0) including unplug/replug from the UDC mid-transfer; SuperSpeed and full
 speed get the core: detach, ping, TCP both ways by SHA-256, EEM Echo, give-back.
 After the high-speed checks the same boot runs tests/interop/tun_checks.sh: a second
-bridge with `--link tun` (no static neighbour on either side), ARP and NDP learned, TCP
+bridge with `--link tun --dhcp` (no static neighbour on either side, the address leased
+from dnsmasq on the gadget's side with a classless route), ARP and NDP learned, TCP
 both ways by SHA-256, an unplug and replug from the UDC, SIGTERM; then
 tests/interop/user_checks.sh: a third bridge with `--link user` as nobody with no
 capability, the board's TCP server reached through forwarded localhost ports, by SHA-256
@@ -328,6 +329,45 @@ def test_tun_link_traffic_flows_again_after_a_replug(tun: BootResults) -> None:
 
 
 @TUN_BOOT
+def test_tun_link_takes_the_boards_dhcp_lease_with_its_routes_and_dns(tun: BootResults) -> None:
+    """dnsmasq on f_eem's interface leased HOST_IP with an option 121 route, a DNS server
+    and a domain; every TUN check above ran on that address."""
+    from eembridge.link.tun import DHCP_ROUTE_METRIC
+
+    tun.rc("dnsmasq_up")
+    tun.rc("tun_leased")
+    env = tun_env(tun)
+    section = tun.json("stats_arp.json")["dhcp"]  # the first snapshot, taken once bound
+    assert section["state"] == "bound" and section["address"] == f"{env['HOST_IP']}/24", section
+    assert section["server"] == env["PEER_IP"] and section["leases"] == 1, section
+    # RFC 3442: with option 121 the router of option 3 (dnsmasq sends its own) is ignored.
+    assert section["router"] is None, section
+    assert section["routes"] == [f"{env['DHCP_ROUTE']} via {env['PEER_IP']}"], section
+    assert section["dns"] == [env["PEER_IP"]] and section["domain"] == env["DHCP_DOMAIN"], section
+    routes = tun.read("dhcp_routes.txt").splitlines()
+    assert any(f"src {env['HOST_IP']}" in line for line in routes), routes  # the address
+    assert any(line.startswith(f"{env['DHCP_ROUTE']} via {env['PEER_IP']} ") and
+               f"metric {DHCP_ROUTE_METRIC}" in line for line in routes), routes
+    assert not any(line.startswith("default") for line in routes), routes
+    assert "DHCPACK" in tun.read("dnsmasq.log")
+
+
+@TUN_BOOT
+def test_tun_link_asks_for_its_lease_again_after_a_replug(tun: BootResults) -> None:
+    tun.rc("tun_rebound")
+    env = tun_env(tun)
+    before = tun.json("stats_arp.json")["dhcp"]
+    section = tun.json("stats_replug.json")["dhcp"]
+    # The same board back: the kept lease asked for again (REBOOTING) and ACKed, no DISCOVER.
+    assert section["state"] == "bound" and section["address"] == f"{env['HOST_IP']}/24", section
+    assert section["leases"] == 2 and section["naks"] == 0, section
+    assert section["discovers"] == before["discovers"], (before, section)
+    assert "REBOOTING -> BOUND" in tun.read("bridge.log")
+    assert any(line.startswith(f"{env['DHCP_ROUTE']} via ")
+               for line in tun.read("dhcp_routes_replug.txt").splitlines())
+
+
+@TUN_BOOT
 def test_tun_link_sigterm_exits_cleanly(tun: BootResults) -> None:
     assert tun.read("tun_exit.rc") == "0", tun.read("bridge.log")[-2000:]
 
@@ -336,7 +376,8 @@ def tun_env(tun: BootResults) -> dict[str, str]:
     """HOST_IP and the rest of the gadget's facts, with what tun_checks.sh found."""
     env = dict(line.split("=", 1) for line in
                (tun.dir.parent / "env.txt").read_text().splitlines() if "=" in line)
-    env.update(word.split("=", 1) for word in tun.read("tun_env.txt").split())
+    for name in ("tun_env.txt", "dhcp_env.txt"):
+        env.update(word.split("=", 1) for word in tun.read(name).split())
     return env
 
 

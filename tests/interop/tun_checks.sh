@@ -6,14 +6,26 @@
 #   RW=DIR GADGET_ENV=FILE tun_checks.sh     FILE: the env.txt gadget.sh up wrote
 #
 # No static neighbour on either side: the peer's kernel and the bridge's translator
-# (eembridge/core/l3.py) learn each other by ARP and NDP. Checks: IPv4 ping both ways,
-# IPv6 link-local ping both ways, TCP both ways by SHA-256, an unplug + replug from the
-# UDC after which ping and TCP work again, SIGTERM. The counters come from the control
-# socket through nc (no Python start-up, 4-10 s each under TCG).
+# (eembridge/core/l3.py) learn each other by ARP and NDP. No static address either: the
+# board serves DHCP as a Linux gadget image does (dnsmasq on its f_eem interface, handing
+# out $HOST_IP with a classless static route, a DNS server and a domain) and the bridge
+# runs `--dhcp`; every check below runs on the leased address. (One bridge for both: a
+# second start costs 25-60 s of Python and USB set-up under TCG.) Checks: the lease (address,
+# option 121 route at metric 1024, DNS and domain in stats), IPv4 ping both ways, IPv6
+# link-local ping both ways, TCP both ways by SHA-256, an unplug + replug from the UDC
+# after which the lease is asked for again (REBOOTING) and ping and TCP work again,
+# SIGTERM. The counters come from the control socket through nc (no Python start-up,
+# 4-10 s each under TCG).
 TUN=eemtun0
 SOCK=/tmp/eembridge-$TUN.sock  # guest tmpfs: UNIX sockets do not work on the 9p rwdir
 PEER_LL=fe80::ee:2  # a second link-local address on the peer: only an NS can find it
+# A second IPv4 address on the peer, which only an ARP request can find: the DHCP exchange
+# may have had the peer ARP for the host already, and the translator learn $PEER_IP then.
+PEER_IP2=169.254.77.3
 XFER_MB=4
+DHCP_ROUTE=10.99.0.0/16  # option 121's one route, through the board
+DHCP_DOMAIN=board.test
+LEASES=/tmp/eembridge-dhcp.leases  # guest tmpfs, removed at the end
 
 set -uo pipefail  # not -e: every step records its own exit code
 # shellcheck source=lib.sh
@@ -34,20 +46,45 @@ ip -n "$PEER_NS" neigh flush dev "$PEER_IF"
 ip netns exec "$PEER_NS" sysctl -qw "net.ipv6.conf.$PEER_IF.disable_ipv6=0"
 ip addr flush dev "$HOST_IF" 2>/dev/null  # cdc_eem's netdev, if it took an address again
 
-python3 -m eembridge --link tun --tap "$TUN" --ip "$HOST_IP/24" --serial "$SERIAL" \
+# leased: the lease's route is on the TUN (it goes on after the address, which its router
+# is reached through).
+leased() { ip -4 route show dev "$TUN" 2>/dev/null | grep -q "^$DHCP_ROUTE via $PEER_IP "; }
+# rebound: the bridge's log says the lease kept over an unplug was ACKed again.
+rebound() { grep -q "REBOOTING -> BOUND" "$RW/bridge.log"; }
+
+# The board's DHCP server: one address to hand out, $HOST_IP, so that the checks below
+# know it; no ping before the offer (dnsmasq's 3 s check is tested on the host).
+rm -f "$LEASES"
+ip netns exec "$PEER_NS" dnsmasq --no-daemon --conf-file=/dev/null --port=0 --pid-file= \
+    --log-dhcp --interface="$PEER_IF" --bind-interfaces --dhcp-authoritative --no-ping \
+    --dhcp-leasefile="$LEASES" --dhcp-range="$HOST_IP,$HOST_IP,255.255.255.0,2m" \
+    --dhcp-option="121,$DHCP_ROUTE,$PEER_IP" --dhcp-option="6,$PEER_IP" \
+    --dhcp-option="15,$DHCP_DOMAIN" > "$RW/dnsmasq.log" 2>&1 &
+DNSMASQ=$!
+wait_until 20 grep -q "sockets bound" "$RW/dnsmasq.log"
+echo $? > "$RW/dnsmasq_up.rc"
+stamp dnsmasq_up
+
+python3 -m eembridge --link tun --tap "$TUN" --dhcp --serial "$SERIAL" \
     --stats-socket "$SOCK" -v > "$RW/bridge.log" 2>&1 &
 BRIDGE=$!
 bridge_up $BRIDGE "$TUN" 120 > "$RW/tun_up.txt"
 echo $? > "$RW/tun_up.rc"
 stamp tun_up
+wait_until 30 leased
+echo $? > "$RW/tun_leased.rc"
+stamp tun_leased
+ip -4 route show dev "$TUN" > "$RW/dhcp_routes.txt" 2>&1
+echo "DHCP_ROUTE=$DHCP_ROUTE DHCP_DOMAIN=$DHCP_DOMAIN" > "$RW/dhcp_env.txt"
 ip -6 addr show dev "$TUN" scope link > "$RW/tun_ll.txt" 2>&1
 HOST_LL=$(awk '/inet6 fe80/ {sub("/.*", "", $2); print $2; exit}' "$RW/tun_ll.txt")
-echo "TUN=$TUN HOST_LL=$HOST_LL PEER_LL=$PEER_LL" > "$RW/tun_env.txt"
+echo "TUN=$TUN HOST_LL=$HOST_LL PEER_LL=$PEER_LL PEER_IP2=$PEER_IP2" > "$RW/tun_env.txt"
 ip link show "$TUN" > "$RW/tun_link.txt" 2>&1
 
 # 1. IPv4 both ways, nobody knowing anybody: the host's ping makes the translator ARP
-#    for the peer; then the peer forgets the host and has to ask the translator.
-ping -c 3 -i 0.2 -W 2 "$PEER_IP" > "$RW/ping4_h2p.txt" 2>&1
+#    for the peer's $PEER_IP2; then the peer forgets the host and has to ask the translator.
+ip -n "$PEER_NS" addr add "$PEER_IP2/24" dev "$PEER_IF"
+ping -c 3 -i 0.2 -W 2 "$PEER_IP2" > "$RW/ping4_h2p.txt" 2>&1
 echo $? > "$RW/ping4_h2p.rc"
 neigh neigh4_after_h2p 4
 ip -n "$PEER_NS" neigh flush dev "$PEER_IF"
@@ -87,6 +124,10 @@ bash "$INTEROP/gadget.sh" replug
 wait_until 60 carrier_is "$TUN" 1
 echo $? > "$RW/tun_carrier_on.rc"
 stamp tun_replugged
+wait_until 30 rebound
+echo $? > "$RW/tun_rebound.rc"
+stamp tun_rebound
+ip -4 route show dev "$TUN" > "$RW/dhcp_routes_replug.txt" 2>&1
 ping -c 3 -i 0.2 -W 2 "$PEER_IP" > "$RW/tun_replug_ping.txt" 2>&1
 echo $? > "$RW/tun_replug_ping.rc"
 xfer tun_replug_h2p h2p "$PEER_NS" "$PEER_IP" 5013 1
@@ -98,6 +139,12 @@ stamp tun_replug_done
 kill -TERM $BRIDGE 2>/dev/null
 bridge_exit $BRIDGE tun_exit
 ip -n "$PEER_NS" addr del "$PEER_LL/64" dev "$PEER_IF" 2>/dev/null
+ip -n "$PEER_NS" addr del "$PEER_IP2/24" dev "$PEER_IF" 2>/dev/null
 ip netns exec "$PEER_NS" sysctl -qw "net.ipv6.conf.$PEER_IF.disable_ipv6=1"
+kill -TERM $DNSMASQ 2>/dev/null
+timeout 10 tail --pid=$DNSMASQ -f /dev/null || kill -KILL $DNSMASQ 2>/dev/null
+wait $DNSMASQ 2>/dev/null
+cp "$LEASES" "$RW/dhcp.leases" 2>/dev/null
+rm -f "$LEASES"
 stamp tun_done
 true

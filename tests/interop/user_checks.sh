@@ -24,16 +24,11 @@ set -uo pipefail  # not -e: every step records its own exit code
 . "${GADGET_ENV:?the env.txt of gadget.sh up}"
 stamp user_start
 
-connected() {
-    printf '{"cmd": "stats"}\n' | timeout 5 nc -N -U "$SOCK" 2>/dev/null | grep -q '"connected": true'
-}
 interfaces() { ip -o link show | awk -F': ' '{print $2}' | sort; }
 listeners() { ss -Hltn | awk '{print $4}' | sort; }
 
-# The device node now (tun_checks.sh replugged the gadget: a new device number), given
-# to group nogroup as a udev rule (GROUP="nogroup", MODE="0660") would.
-NODE=$(printf '/dev/bus/usb/%03d/%03d' "$(cat "$USB_PATH/busnum")" "$(cat "$USB_PATH/devnum")")
-chgrp nogroup "$NODE" && chmod 0660 "$NODE"
+# The device node now (tun_checks.sh replugged the gadget: a new device number).
+NODE=$(node_to_nogroup)
 ls -l "$NODE" > "$RW/node.txt" 2>&1
 mkdir -p "$SOCK_DIR" && chown nobody:nogroup "$SOCK_DIR"
 
@@ -43,21 +38,14 @@ ip addr flush dev "$HOST_IF" 2>/dev/null  # cdc_eem's netdev: its address is the
 interfaces > "$RW/interfaces_before.txt"
 listeners > "$RW/listeners_before.txt"
 
-# nobody, no capability. The host's Python lives under /root (mode 0700): in a private
-# mount namespace a world-readable tmpfs covers /root, holding only .pyenv. unshare and
-# sh exec, so $! is the bridge itself.
-mkdir -p /tmp/pyenv-stash
-unshare --mount --propagation private sh -c '
-    mount --bind /root/.pyenv /tmp/pyenv-stash && mount -t tmpfs -o mode=755 tmpfs /root &&
-    mkdir /root/.pyenv && mount --bind /tmp/pyenv-stash /root/.pyenv &&
-    HOME=/tmp exec setpriv --reuid=nobody --regid=nogroup --clear-groups --inh-caps=-all \
-        --bounding-set=-all --no-new-privs "$@"' sh \
+# nobody, no capability (lib.sh's nobody_start).
+nobody_start "$RW/bridge.log" \
     python3 -m eembridge --link user --ip "$HOST_IP/24" --peer "$PEER_IP" --serial "$SERIAL" \
     --forward "tcp:$PORT_H2P:$PORT_H2P" --forward "tcp:$PORT_P2H:$PORT_P2H" \
-    --stats-socket "$SOCK" -v > "$RW/bridge.log" 2>&1 &
-BRIDGE=$!
+    --stats-socket "$SOCK" -v
+BRIDGE=$NOBODY_PID
 echo "$BRIDGE" > "$RW/bridge.pid"
-wait_until 120 connected
+wait_until 120 bridge_connected
 echo $? > "$RW/user_up.rc"
 stamp user_up
 grep -E '^(Uid|Gid|Groups|CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs):' \
