@@ -176,7 +176,10 @@ def _run_schedule(native: bool, monkeypatch: pytest.MonkeyPatch) -> dict[str, An
         while not up or up[-1] != markers[-1]:
             assert time.monotonic() < deadline, "the OUT markers did not arrive"
             up += network.received(1, timeout=0.5)
-        stats = bridge.stats()
+        # The device passed the last marker on before its transfer's completion reached
+        # the bridge: wait for that completion, or the last frame may not be counted yet.
+        stats = wait_for(lambda: (s := bridge.stats())["out_transfers_queued"] == 0 and s, 10,
+                         "the last OUT transfer's completion")
         return {"down": down, "up": up, "bridge": stats["bridge"],
                 "drop_reasons": stats["drop_reasons"], "in_errors": stats["in_errors"],
                 "rx": stats["rx"], "tx": stats["tx"], "rx_path": stats["rx_path"],
