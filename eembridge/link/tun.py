@@ -62,6 +62,7 @@ from typing import Any
 
 import pytun
 from pyroute2 import NetlinkError
+from pyroute2.netlink.rtnl import rt_scope
 
 from ..core import dhcp
 from ..core.l3 import Translator, link_local, stable_mac
@@ -86,7 +87,6 @@ CARRIER_WAIT = 0.5  # seconds set_carrier(True) waits for the kernel to mark the
 # of DHCP on a LAN, NetworkManager's, are 100 to 600): a board should not take over the
 # host's traffic because it offers itself as a router; it is there if nothing else is.
 DHCP_ROUTE_METRIC = 1024
-RT_SCOPE_LINK = 253
 # The fast path's channel to the pump: room for a burst of handed-over frames and
 # packets while the pump is busy (what does not fit is counted, fast_*_lost).
 CHANNEL_BUFFER = 1 << 20
@@ -601,7 +601,7 @@ class TunLink:
                 for route in routes:
                     # Scope link for an on-link route, as `ip route` gives one: the kernel
                     # takes a router only through a route of that scope.
-                    via = {"scope": RT_SCOPE_LINK} if route.router == dhcp.ON_LINK else \
+                    via = {"scope": rt_scope["link"]} if route.router == dhcp.ON_LINK else \
                         {"gateway": route.router}
                     try:
                         ipr.route(command, dst=route.destination, oif=index,
